@@ -1,0 +1,44 @@
+"""Shared fixtures: a fresh SAE_LAB_HOME per test, and small toy datasets."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+@pytest.fixture
+def lab_home(tmp_path, monkeypatch) -> Path:
+    """A fresh, empty SAE_LAB_HOME; engines of earlier tests are forgotten."""
+    from sae_core import db
+
+    home = tmp_path / "lab"
+    home.mkdir()
+    monkeypatch.setenv("SAE_LAB_HOME", str(home))
+    db.dispose_engines()
+    yield home
+    db.dispose_engines()
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for child processes: the repo importable, one thread per process (2-core machines)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def toy_path(tmp_path_factory) -> Path:
+    """A small toy set: 16k tokens, d_in 32, 64 ground-truth features."""
+    from sae_core.data import write_toy
+
+    path = tmp_path_factory.mktemp("toy") / "toy.safetensors"
+    write_toy(path, tokens=16384, d_in=32, features=64, seed=0)
+    return path
