@@ -1,0 +1,340 @@
+"""Sparse autoencoder architectures, their training losses, and SAELens-format save/load.
+
+Shapes follow SAELens: W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc [d_sae], b_dec [d_in],
+threshold [d_sae] (jumprelu, and batchtopk once saved). Inputs are centred by b_dec before encoding.
+
+Training runs on inputs scaled by `input_scale` (so E‖x‖² ≈ d_in whatever the model); `save` folds that
+scale into the weights, so the files on disk work on raw activations with normalize_activations "none".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+SAE_LENS_VERSION = "6.0.0"  # the SAELens on-disk format we write
+WEIGHTS_FILE = "sae_weights.safetensors"
+CFG_FILE = "cfg.json"
+SPARSITY_FILE = "sparsity.safetensors"
+BATCHTOPK_THRESHOLD_DECAY = 0.99  # EMA of the smallest selected activation per batch
+
+
+@dataclass
+class StepOutput:
+    """What one training forward pass produces (all tensors; no host sync here)."""
+
+    loss: torch.Tensor  # scalar to backprop
+    x_hat: torch.Tensor  # [B, d_in] reconstruction
+    recon_loss: torch.Tensor  # mean over tokens of ‖x − x̂‖²
+    sparsity_loss: torch.Tensor  # L1 (standard) or L0 (jumprelu) penalty term, 0 otherwise
+    aux_loss: torch.Tensor  # AuxK loss (topk/batchtopk), 0 otherwise
+    l0: torch.Tensor  # mean active latents per token
+    fired_counts: torch.Tensor  # [d_sae] tokens of this batch on which each latent fired
+
+
+class SparseAutoencoder(nn.Module):
+    def __init__(
+        self,
+        architecture: str,
+        d_in: int,
+        d_sae: int,
+        k: int | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        jumprelu_init_threshold: float = 0.001,
+        jumprelu_bandwidth: float = 0.001,
+    ):
+        super().__init__()
+        if architecture in ("topk", "batchtopk") and not k:
+            raise ValueError(f"architecture {architecture!r} needs k")
+        self.architecture = architecture
+        self.d_in, self.d_sae, self.k = d_in, d_sae, k
+        self.bandwidth = jumprelu_bandwidth
+        factory = {"dtype": dtype, "device": device}
+        self.W_dec = nn.Parameter(torch.empty(d_sae, d_in, **factory))
+        self.W_enc = nn.Parameter(torch.empty(d_in, d_sae, **factory))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae, **factory))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, **factory))
+        if architecture == "jumprelu":
+            self.log_threshold = nn.Parameter(torch.full((d_sae,), math.log(jumprelu_init_threshold), **factory))
+        if architecture == "batchtopk":
+            # Learned during training as an EMA; used at inference (and saved as jumprelu threshold).
+            self.register_buffer("batch_threshold", torch.zeros((), **factory))
+        # Not a weight: the factor applied to raw inputs during training; folded in at save.
+        self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device))
+        self.reset_parameters()
+
+    @classmethod
+    def from_config(cls, cfg, d_in: int, device: torch.device | str | None = None) -> SparseAutoencoder:
+        return cls(
+            cfg.architecture,
+            d_in,
+            cfg.d_sae,
+            cfg.k if cfg.architecture in ("topk", "batchtopk") else None,
+            dtype=getattr(torch, cfg.dtype),
+            device=device,
+            jumprelu_init_threshold=cfg.jumprelu_init_threshold,
+            jumprelu_bandwidth=cfg.jumprelu_bandwidth,
+        )
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.W_dec)
+        normalize_decoder_rows(self.W_dec)
+        self.W_enc.copy_(self.W_dec.t())  # encoder starts as the decoder's transpose
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    @property
+    def threshold(self) -> torch.Tensor | None:
+        if self.architecture == "jumprelu":
+            # A loaded SAE keeps the saved threshold bit for bit (exp(log(t)) may differ by an ulp).
+            loaded = getattr(self, "loaded_threshold", None)
+            return loaded if loaded is not None else self.log_threshold.exp()
+        if self.architecture == "batchtopk":
+            return self.batch_threshold.expand(self.d_sae)
+        return None
+
+    # -- inference (dense latents), identical to what SAELens computes on the saved files
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.to(self.W_enc.dtype) - self.b_dec) @ self.W_enc + self.b_enc  # [B, d_sae]
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.pre_activations(x)
+        if self.architecture == "standard":
+            return pre.relu()
+        if self.architecture == "topk":
+            vals, idx = pre.topk(self.k, dim=-1)
+            return torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
+        return pre.relu() * (pre > self.threshold)  # jumprelu, and batchtopk at inference
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z @ self.W_dec + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    # -- training
+    def training_step(
+        self,
+        x: torch.Tensor,
+        *,
+        sparsity_coefficient: float = 0.0,
+        dead_mask: torch.Tensor | None = None,
+        aux_k: int = 0,
+        aux_coefficient: float = 0.0,
+    ) -> StepOutput:
+        """Forward pass and loss on a (scaled) batch x [B, d_in]."""
+        pre = self.pre_activations(x)
+        zero = pre.new_zeros(())
+        aux = zero
+        if self.architecture == "standard":
+            z = pre.relu()
+            x_hat = self.decode(z)
+            # L1 weighted by decoder row norms, so shrinking the decoder cannot buy sparsity.
+            sparsity = (z * self.W_dec.norm(dim=1)).sum(-1).mean()
+            active = z > 0
+        elif self.architecture == "jumprelu":
+            threshold = self.log_threshold.exp()
+            z = JumpReLU.apply(pre, threshold, self.bandwidth)
+            x_hat = self.decode(z)
+            sparsity = HeavisideStep.apply(pre, threshold, self.bandwidth).sum(-1).mean()
+            active = z > 0
+        elif self.architecture == "topk":
+            vals, idx = pre.topk(self.k, dim=-1, sorted=False)
+            vals = vals.relu()
+            x_hat = sparse_decode(vals, idx, self.W_dec) + self.b_dec
+            sparsity = zero
+            active = torch.zeros_like(pre, dtype=torch.bool).scatter_(-1, idx, vals > 0)
+        else:  # batchtopk: the k × B largest activations of the whole batch
+            z = batch_topk(pre.relu(), self.k)
+            x_hat = self.decode(z)
+            sparsity = zero
+            active = z > 0
+            self._update_batch_threshold(z, active)
+        if self.architecture in ("topk", "batchtopk") and dead_mask is not None and aux_k > 0:
+            aux = aux_coefficient * self._aux_k_loss(x, x_hat, pre, dead_mask, aux_k)
+        recon = (x_hat - x).pow(2).sum(-1).mean()
+        loss = recon + sparsity_coefficient * sparsity + aux
+        return StepOutput(
+            loss=loss,
+            x_hat=x_hat,
+            recon_loss=recon,
+            sparsity_loss=sparsity,
+            aux_loss=aux,
+            l0=active.sum(-1).float().mean(),
+            fired_counts=active.sum(0),
+        )
+
+    def _aux_k_loss(self, x, x_hat, pre, dead_mask, aux_k) -> torch.Tensor:
+        """AuxK (Gao et al. 2024): the top dead latents reconstruct the residual of the live ones.
+
+        Normalised by the number of tokens only, so the loss is the same whether a batch is
+        split across ranks or not."""
+        residual = (x - x_hat).detach()
+        k_aux = min(aux_k, self.d_sae)
+        masked = pre.masked_fill(~dead_mask, -torch.inf)
+        vals, idx = masked.topk(k_aux, dim=-1, sorted=False)
+        vals = torch.where(torch.isfinite(vals), vals.relu(), torch.zeros_like(vals))
+        aux_hat = sparse_decode(vals, idx, self.W_dec)
+        return (aux_hat - residual).pow(2).sum(-1).mean()
+
+    @torch.no_grad()
+    def _update_batch_threshold(self, z: torch.Tensor, active: torch.Tensor) -> None:
+        smallest = torch.where(active, z, torch.full_like(z, torch.inf)).min()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(smallest, op=torch.distributed.ReduceOp.MIN)
+        if torch.isfinite(smallest):
+            first = self.batch_threshold == 0
+            blended = BATCHTOPK_THRESHOLD_DECAY * self.batch_threshold + (1 - BATCHTOPK_THRESHOLD_DECAY) * smallest
+            self.batch_threshold.copy_(torch.where(first, smallest, blended))
+
+    @torch.no_grad()
+    def project_decoder_grad(self) -> None:
+        """Remove from each decoder row's gradient its component along the row (rows stay unit norm)."""
+        if self.W_dec.grad is not None:
+            rows = self.W_dec
+            parallel = (self.W_dec.grad * rows).sum(-1, keepdim=True)
+            self.W_dec.grad.sub_(parallel * rows)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        normalize_decoder_rows(self.W_dec)
+
+    # -- files
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        """Weights for raw (unscaled) inputs, in SAELens names."""
+        s = float(self.input_scale)
+        tensors = {
+            "W_enc": self.W_enc.detach() * s,
+            "b_enc": self.b_enc.detach().clone(),
+            "W_dec": self.W_dec.detach() / s,
+            "b_dec": self.b_dec.detach() / s,
+        }
+        if self.threshold is not None:
+            tensors["threshold"] = self.threshold.detach().clone()
+        return {name: t.contiguous().cpu() for name, t in tensors.items()}
+
+    def saved_architecture(self) -> str:
+        return "jumprelu" if self.architecture == "batchtopk" else self.architecture
+
+
+def normalize_decoder_rows(W_dec: torch.Tensor) -> None:
+    W_dec.div_(W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+
+def sparse_decode(vals: torch.Tensor, idx: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """Σ_j vals[b, j] · W_dec[idx[b, j]] without a dense [B, d_sae] tensor. vals/idx: [B, k]."""
+    return F.embedding_bag(idx, W_dec, per_sample_weights=vals.to(W_dec.dtype), mode="sum")
+
+
+def batch_topk(acts: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k × B largest entries of acts [B, d_sae] across the whole batch."""
+    flat = acts.flatten()
+    vals, idx = flat.topk(k * acts.shape[0], sorted=False)
+    return torch.zeros_like(flat).scatter_(0, idx, vals).view_as(acts)
+
+
+def _rectangle(x: torch.Tensor) -> torch.Tensor:
+    return ((x > -0.5) & (x < 0.5)).to(x.dtype)
+
+
+class JumpReLU(torch.autograd.Function):
+    """z = pre · H(pre − θ); θ gets a straight-through gradient through a rectangle kernel of width ε."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_pre = grad * (pre > threshold)
+        grad_threshold = (-(threshold / eps) * _rectangle((pre - threshold) / eps) * grad).sum(0)
+        return grad_pre, grad_threshold, None
+
+
+class HeavisideStep(torch.autograd.Function):
+    """H(pre − θ) for the L0 penalty; straight-through gradient to θ only (Rajamanoharan et al. 2024)."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_threshold = (-(1.0 / eps) * _rectangle((pre - threshold) / eps) * grad).sum(0)
+        return torch.zeros_like(pre), grad_threshold, None
+
+
+# ---------------------------------------------------------------------------------------------
+# SAELens on-disk format
+
+
+def sae_lens_cfg(sae: SparseAutoencoder, dtype: str = "float32", extra_meta: dict | None = None) -> dict:
+    cfg = {
+        "architecture": sae.saved_architecture(),
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "dtype": dtype,
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+    }
+    if sae.architecture == "topk":
+        cfg["k"] = sae.k
+    meta = {"sae_lens_version": SAE_LENS_VERSION, "sae_lens_training_version": SAE_LENS_VERSION}
+    # SAELens 6 reads `meta`; `metadata` is kept as well for readers that look for that name.
+    cfg["meta"] = dict(meta)
+    cfg["metadata"] = {
+        **meta,
+        "trained_with": "sae_lab",
+        "trained_architecture": sae.architecture,
+        **(extra_meta or {}),
+    }
+    return cfg
+
+
+def save(sae: SparseAutoencoder, out_dir: str | Path, dtype: str = "float32", extra_meta: dict | None = None) -> None:
+    """Write cfg.json and sae_weights.safetensors (weights folded for raw inputs)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {n: t.to(getattr(torch, dtype)) for n, t in sae.export_tensors().items()}
+    save_file(tensors, str(out / WEIGHTS_FILE))
+    (out / CFG_FILE).write_text(json.dumps(sae_lens_cfg(sae, dtype, extra_meta), indent=2))
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
+    """Read an SAE written by `save` (or any SAELens standard/topk/jumprelu folder)."""
+    path = Path(path)
+    cfg = json.loads((path / CFG_FILE).read_text())
+    tensors = load_file(str(path / WEIGHTS_FILE), device=str(device))
+    arch = cfg["architecture"]
+    if arch not in ("standard", "topk", "jumprelu"):
+        raise ValueError(f"{path}: architecture {arch!r} is not one of standard, topk, jumprelu")
+    dtype = tensors["W_enc"].dtype
+    sae = SparseAutoencoder(arch, int(cfg["d_in"]), int(cfg["d_sae"]), cfg.get("k"), dtype=dtype, device=device)
+    with torch.no_grad():
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            getattr(sae, name).copy_(tensors[name])
+        if arch == "jumprelu":
+            sae.log_threshold.copy_(tensors["threshold"].clamp_min(1e-30).log())
+            sae.register_buffer("loaded_threshold", tensors["threshold"].clone())
+    sae.eval()
+    return sae
