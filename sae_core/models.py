@@ -6,6 +6,7 @@ Times are Unix seconds (float, UTC) so every process agrees without time zones.
 
 from __future__ import annotations
 
+from sqlalchemy import Index
 from sqlmodel import Field, SQLModel
 
 JOB_STATUSES = ("queued", "starting", "running", "completed", "failed", "cancelled")
@@ -23,6 +24,10 @@ class SchemaInfo(SQLModel, table=True):
 
 
 class Job(SQLModel, table=True):
+    """One training run. Lifecycle: queued -> starting (GPUs reserved by the launcher) -> running
+    (processes exist) -> completed | failed | cancelled. Only the launcher moves a job out of
+    starting/running; a queued job may be cancelled by anyone."""
+
     __tablename__ = "job"
     id: int | None = Field(default=None, primary_key=True)
     name: str = ""
@@ -31,7 +36,9 @@ class Job(SQLModel, table=True):
     gpu_ids: str = ""  # "0,1" (NVML / PCI-bus indices); "" for a CPU job
     cpu_procs: int | None = None  # number of gloo processes for a CPU job
     status: str = Field(default="queued", index=True)
-    pid: int | None = None  # torchrun's pid
+    # The job's process-group leader: a small wrapper (sae_core.jobwrap) whose child is torchrun.
+    # Its exit code lands in <out_dir>/logs/exit_code, so a re-adopted job's outcome is known.
+    pid: int | None = None
     pid_start_time: float | None = None  # psutil create_time of that pid: pid alone can be reused
     exit_code: int | None = None
     error: str | None = None  # root-cause summary for failed jobs
@@ -44,14 +51,33 @@ class Job(SQLModel, table=True):
     last_step: int = 0  # progress, updated by the metrics sink
     tokens_per_s: float | None = None
     cancel_requested: bool = False  # set by the app/CLI, acted on by the daemon
+    # v2: when SIGTERM was sent for a cancel, so the grace period survives a launcher restart
+    term_sent_at: float | None = None
+    # v2: time of the last metrics flush (a stalled job shows as a growing gap)
+    last_metric_at: float | None = None
+
+    @property
+    def gpu_list(self) -> list[int]:
+        return [int(g) for g in self.gpu_ids.split(",") if g.strip()]
+
+    @property
+    def world_size(self) -> int:
+        """Processes the job runs: one per GPU, or cpu_procs gloo processes."""
+        return len(self.gpu_list) or (self.cpu_procs or 1)
+
+    @property
+    def is_cpu_job(self) -> bool:
+        return not self.gpu_list
 
 
 class MetricPoint(SQLModel, table=True):
     """One metrics record of a job (written by rank 0 every log_every steps)."""
 
     __tablename__ = "metric_point"
+    # v2: (job_id, step) serves both "rows of a job" and "rows of a job in step order".
+    __table_args__ = (Index("ix_metric_point_job_step", "job_id", "step"),)
     id: int | None = Field(default=None, primary_key=True)
-    job_id: int = Field(foreign_key="job.id", index=True)
+    job_id: int = Field(foreign_key="job.id")
     step: int
     tokens: int
     loss: float | None = None
