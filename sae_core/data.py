@@ -620,8 +620,8 @@ class ToyGenerator:
         features: int,
         seed: int,
         *,
-        mean_active: float = 4.0,
-        freq_decades: float = 2.0,
+        mean_active: float = 3.0,
+        freq_decades: float = 1.5,
         noise_norm: float = 0.05,
     ):
         _check_toy_args(1, d_in, features, seed)
