@@ -357,8 +357,9 @@ def _child_failed_summary(stderr_text: str) -> str | None:
 
 def root_cause(log_dir: Path, exit_code: int | None) -> str:
     """A one-paragraph reason a job failed, best source first:
-    per-rank error files (first failing rank) > torchrun's copied error file > torchrun's
-    failure report in stderr (signals) > how torchrun itself ended > the log tail."""
+    per-rank error files (first failing rank) > torchrun's copied error file > train's error.txt
+    (refused before training) > torchrun's failure report in stderr (signals) > how torchrun
+    itself ended > the log tail."""
     log_dir = Path(log_dir)
     errors = _rank_error_files(log_dir)
     if errors:
@@ -366,6 +367,11 @@ def root_cause(log_dir: Path, exit_code: int | None) -> str:
         return f"rank {rank}: {message}"[:2000]
     with contextlib.suppress(OSError, ValueError):
         message = _error_message(json.loads((log_dir / ERROR_FILE).read_text()))
+        if message:
+            return message[:2000]
+    with contextlib.suppress(OSError):
+        # train's refusal before training (bad config or data): rank 0 writes it, all ranks exit 2.
+        message = (log_dir.parent / "error.txt").read_text().strip()
         if message:
             return message[:2000]
     tail = _tail(log_dir / "stderr.log", max_lines=400, max_chars=64_000)

@@ -276,10 +276,11 @@ def claim_runnable(
     with db.read_session(engine) as session:  # cheap early-out without the write lock
         if session.exec(select(Job.id).where(Job.status == "queued").limit(1)).first() is None:
             return []
-    now = time.time() if now is None else now
     with db.write_session(engine) as session:
         queued = session.exec(select(Job).where(Job.status == "queued").order_by(Job.id)).all()
         active = session.exec(select(Job).where(Job.status.in_(ACTIVE_STATUSES))).all()
+        # Read the clock only now, holding the write lock: started_at must not predate the claim.
+        now = time.time() if now is None else now
         chosen = plan_starts(queued, active, cpu_budget, now, reserve_after_s)
         for job in chosen:
             job.status = "starting"
