@@ -608,9 +608,9 @@ def _check_toy_args(tokens: int, d_in: int, features: int, seed: int) -> None:
 class ToyGenerator:
     """Activations that are sparse non-negative combinations of known unit directions, plus small noise.
 
-    Feature i fires independently on each token with probability p_i; the p_i are log-uniform over
-    `freq_decades` decades (a few common features, many rare ones) and scaled so that about `mean_active`
-    features fire per token. A firing has an Exponential(1) magnitude. Noise is Gaussian with expected norm
+    In a chunk of n tokens feature i fires Binomial(n, p_i) times on uniformly random tokens (two firings on one
+    token merge, so its firing frequency is about p_i); the p_i are log-uniform over `freq_decades` decades (a few
+    common features, many rare ones), scaled so that about `mean_active` features fire per token. A firing has an Exponential(1) magnitude. Noise is Gaussian with expected norm
     `noise_norm`. Chunk `i` is generated from its own seed, so any chunk can be regenerated on its own.
     """
 
