@@ -204,10 +204,12 @@ def current_scenario() -> dict:
     path = os.environ.get(SCENARIO_ENV)
     if not path:
         raise RuntimeError(f"fake_pynvml has no scenario: call set_scenario() or set {SCENARIO_ENV} to a JSON file")
-    mtime = os.stat(path).st_mtime_ns
-    if _state["file"] != path or _state["file_mtime"] != mtime:
+    st = os.stat(path)
+    # write_scenario replaces the file, so the inode changes even when two writes share an mtime tick.
+    version = (st.st_ino, st.st_mtime_ns, st.st_size)
+    if _state["file"] != path or _state["file_mtime"] != version:
         _state["scenario"] = json.loads(Path(path).read_text())
-        _state["file"], _state["file_mtime"] = path, mtime
+        _state["file"], _state["file_mtime"] = path, version
     return _state["scenario"]
 
 
