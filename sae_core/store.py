@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pandas as pd
-from sqlalchemy import func
+from sqlalchemy import func, text
 from sqlalchemy.engine import Engine
 from sqlmodel import select
 
@@ -458,19 +458,32 @@ def metric_count(job_id: int, engine: Engine | None = None) -> int:
 
 def metrics_frame(job_id: int, max_points: int | None = None, engine: Engine | None = None) -> pd.DataFrame:
     """A job's metrics in step order: columns METRIC_COLUMNS (`peak_mem` a per-rank list, `peak_mem_max`
-    its max). With `max_points`, evenly thinned, always keeping the first and the last row."""
-    with db.read_session(_engine(engine)) as session:
-        rows = session.exec(
-            select(MetricPoint).where(MetricPoint.job_id == job_id).order_by(MetricPoint.step, MetricPoint.id)
-        ).all()
-    if max_points is not None and len(rows) > max_points >= 2:
-        last = len(rows) - 1
-        keep = sorted({round(i * last / (max_points - 1)) for i in range(max_points)})
-        rows = [rows[i] for i in keep]
+    its max). With `max_points`, evenly thinned, always keeping the first and the last row.
+
+    The thinning happens in SQL (row numbers over the (job_id, step) index), and rows come back as
+    plain tuples: a 100k-step job's chart must not build 100k ORM objects on every page refresh."""
+    columns = ("step", "tokens", *METRIC_FIELDS, "time", "peak_mem_json")
+    select_cols = ", ".join(columns)
+    engine = _engine(engine)
+    with engine.connect() as conn:
+        n = metric_count(job_id, engine) if max_points is not None else 0
+        if max_points is not None and n > max_points >= 2:
+            last = n - 1
+            keep = sorted({round(i * last / (max_points - 1)) for i in range(max_points)})
+            query = text(
+                f"SELECT {select_cols} FROM metric_point WHERE id IN ("
+                " SELECT id FROM (SELECT id, ROW_NUMBER() OVER (ORDER BY step, id) - 1 AS rn"
+                "  FROM metric_point WHERE job_id = :job) WHERE rn IN (SELECT value FROM json_each(:keep)))"
+                " ORDER BY step, id"
+            )
+            rows = conn.execute(query, {"job": job_id, "keep": json.dumps(keep)}).fetchall()
+        else:
+            query = text(f"SELECT {select_cols} FROM metric_point WHERE job_id = :job ORDER BY step, id")
+            rows = conn.execute(query, {"job": job_id}).fetchall()
     records = []
     for row in rows:
-        peak = json.loads(row.peak_mem_json or "[]")
-        record = {name: getattr(row, name) for name in ("step", "tokens", *METRIC_FIELDS, "time")}
+        record = dict(zip(columns, row, strict=True))
+        peak = json.loads(record.pop("peak_mem_json") or "[]")
         record["peak_mem"] = peak
         record["peak_mem_max"] = max((p for p in peak if p is not None), default=None)
         records.append(record)
