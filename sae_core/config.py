@@ -44,9 +44,7 @@ class TrainConfig(BaseModel):
     l1_warmup_steps: int | None = Field(
         None, ge=0, description="Steps over which the sparsity penalty ramps up from 0; default 5% of total_steps."
     )
-    batch_size: int = Field(
-        4096, gt=0, description="GLOBAL tokens per optimizer step, split evenly across ranks."
-    )
+    batch_size: int = Field(4096, gt=0, description="GLOBAL tokens per optimizer step, split evenly across ranks.")
     total_steps: int = Field(gt=0, description="Optimizer steps to train.")
     lr: float | None = Field(
         None, gt=0, lt=1, description="Adam learning rate; default 2e-4 / sqrt(d_sae / 2**14) (Gao et al. 2024)."
@@ -58,13 +56,15 @@ class TrainConfig(BaseModel):
     seed: int = Field(0, ge=0, description="Seed for initialisation and data order.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Dtype the weights are stored in.")
     autocast: Literal["bf16"] | None = Field(None, description="null or 'bf16': bf16 autocast for matmuls on CUDA.")
-    checkpoint_every: int = Field(1000, gt=0, description="Steps between checkpoints (one is always written at the end).")
+    checkpoint_every: int = Field(
+        1000, gt=0, description="Steps between checkpoints (one is always written at the end)."
+    )
     keep_checkpoints: int = Field(3, gt=0, description="How many recent checkpoints are kept.")
     log_every: int = Field(10, gt=0, description="Steps between metric records.")
     holdout_tokens: int = Field(4096, ge=0, description="Rows kept out of training for evaluation.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu.")
     aux_k: int | None = Field(
-        None, gt=0, description="Latents used by the AuxK loss on dead latents (topk/batchtopk); default min(512, d_sae/2)."
+        None, gt=0, description="Dead latents used by the AuxK loss (topk/batchtopk); default min(512, d_in/2)."
     )
     aux_k_coefficient: float = Field(1 / 32, ge=0, description="Weight of the AuxK loss.")
     dead_tokens_window: int = Field(
@@ -108,9 +108,10 @@ class TrainConfig(BaseModel):
     def effective_l1_warmup_steps(self) -> int:
         return self.l1_warmup_steps if self.l1_warmup_steps is not None else self.total_steps // 20
 
-    @property
-    def effective_aux_k(self) -> int:
-        return self.aux_k if self.aux_k is not None else max(1, min(512, self.d_sae // 2))
+    def effective_aux_k(self, d_in: int) -> int:
+        """AuxK width: Gao et al. use 512 for large models; d_in/2 keeps small ones from decoding more
+        dead latents per token than there are input dimensions."""
+        return self.aux_k if self.aux_k is not None else max(1, min(512, d_in // 2))
 
     def per_rank_batch(self, world_size: int) -> int:
         """Tokens each rank processes per step; the global batch must split evenly."""

@@ -131,8 +131,15 @@ class SparseAutoencoder(nn.Module):
         dead_mask: torch.Tensor | None = None,
         aux_k: int = 0,
         aux_coefficient: float = 0.0,
+        reference: bool = False,
     ) -> StepOutput:
-        """Forward pass and loss on a (scaled) batch x [B, d_in]."""
+        """Forward pass and loss on a (scaled) batch x [B, d_in].
+
+        `dead_mask` None means "no latent can be dead now" (the trainer knows this without a host sync
+        most steps), which skips AuxK. `reference=True` runs the plain dense TopK path that the sparse
+        fast path is tested against."""
+        if self.architecture == "topk" and not reference:
+            return self._topk_step(x, dead_mask, aux_k, aux_coefficient)
         pre = self.pre_activations(x)
         zero = pre.new_zeros(())
         aux = zero
@@ -148,12 +155,12 @@ class SparseAutoencoder(nn.Module):
             x_hat = self.decode(z)
             sparsity = HeavisideStep.apply(pre, threshold, self.bandwidth).sum(-1).mean()
             active = z > 0
-        elif self.architecture == "topk":
+        elif self.architecture == "topk":  # dense reference of _topk_step
             vals, idx = pre.topk(self.k, dim=-1, sorted=False)
-            vals = vals.relu()
-            x_hat = sparse_decode(vals, idx, self.W_dec) + self.b_dec
+            z = torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
+            x_hat = self.decode(z)
             sparsity = zero
-            active = torch.zeros_like(pre, dtype=torch.bool).scatter_(-1, idx, vals > 0)
+            active = z > 0
         else:  # batchtopk: the k × B largest activations of the whole batch
             z = batch_topk(pre.relu(), self.k)
             x_hat = self.decode(z)
@@ -161,8 +168,8 @@ class SparseAutoencoder(nn.Module):
             active = z > 0
             self._update_batch_threshold(z, active)
         if self.architecture in ("topk", "batchtopk") and dead_mask is not None and aux_k > 0:
-            aux = aux_coefficient * self._aux_k_loss(x, x_hat, pre, dead_mask, aux_k)
-        recon = (x_hat - x).pow(2).sum(-1).mean()
+            aux = aux_coefficient * self._aux_k_loss_dense(x, x_hat, pre, dead_mask, aux_k)
+        recon = (x_hat - x).square().sum(-1).mean()
         loss = recon + sparsity_coefficient * sparsity + aux
         return StepOutput(
             loss=loss,
@@ -174,18 +181,40 @@ class SparseAutoencoder(nn.Module):
             fired_counts=active.sum(0),
         )
 
-    def _aux_k_loss(self, x, x_hat, pre, dead_mask, aux_k) -> torch.Tensor:
-        """AuxK (Gao et al. 2024): the top dead latents reconstruct the residual of the live ones.
+    def _topk_step(self, x, dead_mask, aux_k, aux_coefficient) -> StepOutput:
+        """TopK without any dense [B, d_sae] tensor in the backward pass: the encoder's only dense
+        work is its forward matmul; decoder and encoder gradients touch the k active latents per row."""
+        vals, idx, pre = topk_encode(x - self.b_dec, self.W_enc, self.b_enc, self.k)
+        vals = vals.relu()
+        x_hat = sparse_decode(vals, idx, self.W_dec) + self.b_dec
+        recon = (x_hat - x).square().sum(-1).mean()
+        aux = recon.new_zeros(())
+        if dead_mask is not None and aux_k > 0:
+            masked = pre.masked_fill(~dead_mask, -torch.inf)
+            aux_idx = masked.topk(min(aux_k, self.d_sae), dim=-1, sorted=False).indices
+            aux_vals = SelectedPreActivations.apply(x - self.b_dec, self.W_enc, self.b_enc, pre, aux_idx)
+            aux_vals = torch.where(dead_mask[aux_idx], aux_vals.relu(), torch.zeros_like(aux_vals))
+            aux = aux_coefficient * _aux_from_residual(
+                sparse_decode(aux_vals, aux_idx, self.W_dec), x, x_hat, dead_mask
+            )
+        active = vals > 0
+        counts = torch.bincount(idx.flatten(), weights=active.flatten().to(x.dtype), minlength=self.d_sae)
+        return StepOutput(
+            loss=recon + aux,
+            x_hat=x_hat,
+            recon_loss=recon,
+            sparsity_loss=recon.new_zeros(()),
+            aux_loss=aux,
+            l0=active.sum(-1).float().mean(),
+            fired_counts=counts.round().to(torch.int64),
+        )
 
-        Normalised by the number of tokens only, so the loss is the same whether a batch is
-        split across ranks or not."""
-        residual = (x - x_hat).detach()
-        k_aux = min(aux_k, self.d_sae)
+    def _aux_k_loss_dense(self, x, x_hat, pre, dead_mask, aux_k) -> torch.Tensor:
         masked = pre.masked_fill(~dead_mask, -torch.inf)
-        vals, idx = masked.topk(k_aux, dim=-1, sorted=False)
-        vals = torch.where(torch.isfinite(vals), vals.relu(), torch.zeros_like(vals))
-        aux_hat = sparse_decode(vals, idx, self.W_dec)
-        return (aux_hat - residual).pow(2).sum(-1).mean()
+        vals, idx = masked.topk(min(aux_k, self.d_sae), dim=-1, sorted=False)
+        vals = torch.where(dead_mask[idx], vals.relu(), torch.zeros_like(vals))
+        aux_z = torch.zeros_like(pre).scatter_(-1, idx, vals)
+        return _aux_from_residual(aux_z @ self.W_dec, x, x_hat, dead_mask)
 
     @torch.no_grad()
     def _update_batch_threshold(self, z: torch.Tensor, active: torch.Tensor) -> None:
@@ -227,13 +256,89 @@ class SparseAutoencoder(nn.Module):
         return "jumprelu" if self.architecture == "batchtopk" else self.architecture
 
 
+def _aux_from_residual(aux_hat, x, x_hat, dead_mask) -> torch.Tensor:
+    """AuxK (Gao et al. 2024): the top dead latents reconstruct the residual of the live ones.
+
+    Normalised by the number of tokens only, so the loss is the same whether a batch is split
+    across ranks or not; multiplied by "any latent dead" on the device so that a caller's
+    conservative guess costs time, never exactness."""
+    residual = (x - x_hat).detach()
+    return (aux_hat - residual).pow(2).sum(-1).mean() * dead_mask.any()
+
+
 def normalize_decoder_rows(W_dec: torch.Tensor) -> None:
     W_dec.div_(W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
 
 def sparse_decode(vals: torch.Tensor, idx: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
     """Σ_j vals[b, j] · W_dec[idx[b, j]] without a dense [B, d_sae] tensor. vals/idx: [B, k]."""
-    return F.embedding_bag(idx, W_dec, per_sample_weights=vals.to(W_dec.dtype), mode="sum")
+    return SparseDecode.apply(vals, idx, W_dec)
+
+
+def topk_encode(x_cent: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int):
+    """(values [B, k], indices [B, k], pre-activations [B, d_sae] without grad) of the TopK encoder."""
+    with torch.no_grad():
+        pre = torch.addmm(b_enc.to(x_cent.dtype), x_cent, W_enc.to(x_cent.dtype))  # [B, d_sae]: the floor
+        idx = pre.topk(k, dim=-1, sorted=False).indices
+    return SelectedPreActivations.apply(x_cent, W_enc, b_enc, pre, idx), idx, pre
+
+
+class SelectedPreActivations(torch.autograd.Function):
+    """pre[b, idx[b, j]] with gradients that touch only the selected (row, latent) pairs.
+
+    d/dW_enc[:, i] = Σ x_cent[b] g[b, j] over idx[b, j] = i; d/db_enc likewise; d/dx_cent[b] =
+    Σ_j g[b, j] W_enc[:, idx[b, j]]. Cost O(B·k·d_in) instead of two dense O(B·d_in·d_sae) matmuls."""
+
+    @staticmethod
+    def forward(ctx, x_cent, W_enc, b_enc, pre, idx):
+        ctx.save_for_backward(x_cent, W_enc, idx)
+        return pre.gather(1, idx)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_cent, W_enc, idx = ctx.saved_tensors
+        batch, k = idx.shape
+        flat_idx = idx.flatten()
+        g = grad.to(W_enc.dtype)  # [B, k]
+        grad_x = grad_W = grad_b = None
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(W_enc.shape[1], dtype=W_enc.dtype, device=W_enc.device).index_add_(
+                0, flat_idx, g.flatten()
+            )
+        if ctx.needs_input_grad[1]:
+            contributions = (g.unsqueeze(-1) * x_cent.to(W_enc.dtype).unsqueeze(1)).reshape(
+                batch * k, -1
+            )  # [B·k, d_in]
+            grad_W_t = torch.zeros(W_enc.shape[1], W_enc.shape[0], dtype=W_enc.dtype, device=W_enc.device)
+            grad_W = grad_W_t.index_add_(0, flat_idx, contributions).t()
+        if ctx.needs_input_grad[0]:
+            # Fused gather-scale-sum over the k selected encoder columns: no [B, k, d_in] temporary.
+            columns = W_enc.t().contiguous()  # [d_sae, d_in], one cheap copy
+            grad_x = F.embedding_bag(idx, columns, per_sample_weights=g, mode="sum").to(x_cent.dtype)
+        return grad_x, grad_W, grad_b, None, None
+
+
+class SparseDecode(torch.autograd.Function):
+    """x̂[b] = Σ_j vals[b, j] W_dec[idx[b, j]], forward and backward in O(B·k·d_in)."""
+
+    @staticmethod
+    def forward(ctx, vals, idx, W_dec):
+        ctx.save_for_backward(vals, idx, W_dec)
+        return F.embedding_bag(idx, W_dec, per_sample_weights=vals.to(W_dec.dtype), mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad):
+        vals, idx, W_dec = ctx.saved_tensors
+        batch, k = idx.shape
+        g = grad.to(W_dec.dtype)  # [B, d_in]
+        grad_vals = grad_W = None
+        if ctx.needs_input_grad[0]:
+            rows = F.embedding(idx, W_dec)  # [B, k, d_in], a contiguous gather
+            grad_vals = torch.bmm(rows, g.unsqueeze(-1)).squeeze(-1).to(vals.dtype)
+        if ctx.needs_input_grad[2]:
+            contributions = (vals.to(W_dec.dtype).unsqueeze(-1) * g.unsqueeze(1)).reshape(batch * k, -1)
+            grad_W = torch.zeros_like(W_dec).index_add_(0, idx.flatten(), contributions)
+        return grad_vals, None, grad_W
 
 
 def batch_topk(acts: torch.Tensor, k: int) -> torch.Tensor:

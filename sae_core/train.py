@@ -31,6 +31,8 @@ from .evaluation import evaluate
 from .metrics import MetricsSink, default_sinks
 from .sae import SparseAutoencoder
 
+DEAD_CHECK_EVERY = 16  # steps between host reads of the oldest dead-latent counter
+
 # ---------------------------------------------------------------------------------------------
 # Distributed environment
 
@@ -147,6 +149,7 @@ class Trainer:
         self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.int64, device=env.device)
         self.fire_counts = torch.zeros(d_sae, dtype=torch.int64, device=env.device)
         self.step = 0
+        self._aux_from_step = 0  # before this step no latent can be dead (see dead_mask_for_step)
         self.tokens = 0
         self.elapsed = 0.0  # training seconds before this process (for tokens/s after resume)
         if resume_from is not None:
@@ -177,13 +180,13 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.step, cfg)
         x = self.next_batch()
-        dead = self.tokens_since_fired >= cfg.dead_tokens_window
+        dead = self.dead_mask_for_step()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.autocast == "bf16" and x.is_cuda):
             out = self.forward(
                 x,
                 sparsity_coefficient=sparsity_coefficient(self.step, cfg),
                 dead_mask=dead,
-                aux_k=cfg.effective_aux_k,
+                aux_k=cfg.effective_aux_k(self.sae.d_in),
                 aux_coefficient=cfg.aux_k_coefficient,
             )
         self.optimizer.zero_grad(set_to_none=True)
@@ -197,6 +200,23 @@ class Trainer:
         self.step += 1
         self.tokens += cfg.batch_size
         return {"x": x, "out": out}
+
+    def dead_mask_for_step(self) -> torch.Tensor | None:
+        """The dead-latent mask, or None while no latent can be dead yet (AuxK is then skipped).
+
+        A latent is dead once `tokens_since_fired` reaches the window, which takes at least
+        (window − oldest counter) / batch more steps. Reading the oldest counter is a host sync,
+        so it is done at most every DEAD_CHECK_EVERY steps; the result never depends on when it
+        is done (AuxK itself multiplies by "any dead" on the device)."""
+        if self.step < self._aux_from_step:
+            return None
+        if self.step % DEAD_CHECK_EVERY == 0 or self._aux_from_step == 0:
+            oldest = int(self.tokens_since_fired.max())
+            safe_steps = -(-(self.cfg.dead_tokens_window - oldest) // self.cfg.batch_size)
+            if safe_steps > 0:
+                self._aux_from_step = self.step + safe_steps
+                return None
+        return self.tokens_since_fired >= self.cfg.dead_tokens_window
 
     @torch.no_grad()
     def _track_firing(self, counts: torch.Tensor) -> None:

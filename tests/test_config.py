@@ -19,7 +19,7 @@ def test_minimal_config_gets_working_defaults():
     assert cfg.batch_size == 4096 and cfg.device == "auto" and cfg.autocast is None
     assert cfg.effective_lr == pytest.approx(2e-4 / (64 / 2**14) ** 0.5)
     assert cfg.effective_lr_warmup_steps == 1 and cfg.effective_lr_decay_steps == 20
-    assert cfg.effective_aux_k == 32
+    assert cfg.effective_aux_k(768) == 384 and cfg.effective_aux_k(4096) == 512
 
 
 @pytest.mark.parametrize(

@@ -184,3 +184,24 @@ def test_save_load_round_trip_encodes_identically(tmp_path, arch, x):
     # Training-time view (scaled input) and the saved SAE on raw input agree up to the scale.
     if arch in ("standard", "jumprelu", "topk"):
         assert_close(model.encode(raw * 2.5), loaded.encode(raw), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("d_in", "d_sae", "k", "batch"), [(8, 32, 1, 5), (12, 40, 3, 16), (33, 130, 17, 64)])
+@pytest.mark.parametrize("with_dead", [False, True])
+def test_sparse_topk_fast_path_matches_the_dense_reference(d_in, d_sae, k, batch, with_dead):
+    torch.manual_seed(d_sae)
+    model = SparseAutoencoder("topk", d_in, d_sae, k, dtype=torch.float64)
+    with torch.no_grad():
+        model.b_dec.normal_(0, 0.3)
+        model.b_enc.normal_(0, 0.3)
+    x = torch.randn(batch, d_in, dtype=torch.float64)
+    dead = (torch.arange(d_sae) % 4 == 1) if with_dead else None
+    kwargs = {"dead_mask": dead, "aux_k": 6, "aux_coefficient": 0.25}
+    fast = model.training_step(x, **kwargs)
+    reference = model.training_step(x, reference=True, **kwargs)
+    for field in ("loss", "x_hat", "recon_loss", "aux_loss", "l0"):
+        assert_close(getattr(fast, field), getattr(reference, field), msg=field)
+    assert torch.equal(fast.fired_counts, reference.fired_counts)
+    fast_grads, ref_grads = grads_of(fast.loss, model), grads_of(reference.loss, model)
+    for name, g in fast_grads.items():
+        assert_close(g, ref_grads[name], msg=name)

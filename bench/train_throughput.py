@@ -1,0 +1,137 @@
+"""Training throughput vs the unavoidable encoder matmul, measured in the same run.
+
+Toy set, d_in 128, d_sae 1024, k 8, global batch 4096 (issue 2 §9 / issue 6). Prints tokens/s, the mean
+step time, the time of one [batch × d_in] @ [d_in × d_sae] matmul, and their ratio; then FVU and mmcs
+after the run so speed changes can be checked for quality. CUDA configurations run where a GPU exists.
+
+    .venv/bin/python bench/train_throughput.py [--steps 60] [--threads 2] [--cuda-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sae_core.config import TrainConfig  # noqa: E402
+from sae_core.data import check_dataset, write_toy  # noqa: E402
+from sae_core.evaluation import evaluate  # noqa: E402
+from sae_core.train import DistEnv, Trainer  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_floor(batch: int, d_in: int, d_sae: int, device: torch.device, dtype=torch.float32, reps: int = 30) -> float:
+    """Median seconds of the encoder's forward matmul [batch × d_in] @ [d_in × d_sae]."""
+    x = torch.randn(batch, d_in, device=device, dtype=dtype)
+    w = torch.randn(d_in, d_sae, device=device, dtype=dtype)
+    times = []
+    for _ in range(reps + 3):
+        sync(device)
+        start = time.perf_counter()
+        x @ w
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[3:])
+
+
+def measure(cfg: TrainConfig, device: torch.device, steps: int, warmup: int = 5) -> dict:
+    data = check_dataset(cfg)
+    trainer = Trainer(cfg, Path(tempfile.mkdtemp()), DistEnv(device=device), data)
+    trainer.sinks = []
+    for _ in range(warmup):
+        trainer.train_step()
+    step_times = []
+    for _ in range(steps):
+        sync(device)
+        start = time.perf_counter()
+        trainer.train_step()
+        sync(device)
+        step_times.append(time.perf_counter() - start)
+    dtype = torch.bfloat16 if cfg.autocast == "bf16" else torch.float32
+    floor = matmul_floor(cfg.batch_size, data.d_in, cfg.d_sae, device, dtype)
+    step = statistics.mean(step_times)
+    figures = evaluate(trainer.sae, data, trainer.batches.holdout_rows(), device)
+    return {
+        "tokens_per_s": cfg.batch_size / step,
+        "step_ms": step * 1e3,
+        "floor_ms": floor * 1e3,
+        "ratio": step / floor,
+        "fvu": figures.get("fvu"),
+        "mmcs": figures.get("mmcs"),
+    }
+
+
+def report(label: str, result: dict) -> None:
+    print(
+        f"{label:<44} {result['tokens_per_s']:>12,.0f} tok/s  step {result['step_ms']:8.2f} ms  "
+        f"matmul {result['floor_ms']:7.3f} ms  ratio {result['ratio']:5.2f}x  "
+        f"fvu {result['fvu']:.4f}  mmcs {result['mmcs']:.3f}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cuda-only", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp())
+    toy = tmp / "toy.safetensors"
+    write_toy(toy, tokens=4096 * (args.steps + 10) + 8192, d_in=128, features=1024, seed=0)
+    base = dict(
+        activation_source=str(toy),
+        architecture="topk",
+        d_sae=1024,
+        k=8,
+        batch_size=4096,
+        total_steps=args.steps + 10,
+        holdout_tokens=8192,
+        log_every=10**6,
+        checkpoint_every=10**6,
+    )
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} timed steps")
+    if not args.cuda_only:
+        report(
+            "cpu topk d_in128 d_sae1024 k8 B4096",
+            measure(TrainConfig(**base, device="cpu"), torch.device("cpu"), args.steps),
+        )
+    if not torch.cuda.is_available():
+        print("no CUDA device: CUDA configurations not run")
+        return
+    print(f"cuda: {torch.cuda.get_device_name(0)}")
+    for d_sae in (16384, 65536):
+        for batch in (4096, 16384):
+            for autocast in (None, "bf16"):
+                cuda_toy = tmp / "toy2304.safetensors"
+                if not cuda_toy.exists():
+                    write_toy(cuda_toy, tokens=16384 * 40 + 8192, d_in=2304, features=4096, seed=0)
+                cfg = TrainConfig(
+                    **{
+                        **base,
+                        "activation_source": str(cuda_toy),
+                        "d_sae": d_sae,
+                        "k": 64,
+                        "batch_size": batch,
+                        "total_steps": 40,
+                    },
+                    autocast=autocast,
+                    device="cuda",
+                )
+                label = f"cuda topk d_in2304 d_sae{d_sae} k64 B{batch} {autocast or 'fp32'}"
+                report(label, measure(cfg, torch.device("cuda"), steps=20))
+
+
+if __name__ == "__main__":
+    main()
