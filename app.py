@@ -1,7 +1,82 @@
-"""SAE Lab web app (landing page; the full router arrives with the pages)."""
+"""SAE Lab web app: access gate, sidebar (launcher, lab folder, GPUs) and the page router.
+
+Run with `streamlit run app.py` (or `make run`). Pages live in pages/ and are thin views
+over sae_core; nothing here talks to NVML or starts training directly.
+"""
+
+from __future__ import annotations
+
+import os
+import time
 
 import streamlit as st
 
-st.set_page_config(page_title="SAE Lab", layout="wide")
-st.title("SAE Lab")
-st.write("Train sparse autoencoders on language-model activations across the GPUs of this workstation.")
+from sae_core import db, history, launcher, paths, ui_support
+
+st.set_page_config(page_title="SAE Lab", page_icon=":material/neurology:", layout="wide")
+
+
+def _secret(name: str):
+    return st.secrets.get(name)
+
+
+def password_gate() -> None:
+    """When SAE_LAB_PASSWORD is set, nothing renders until this browser session has given it."""
+    expected = ui_support.configured_password(os.environ, _secret)
+    if expected is None or st.session_state.get("authenticated"):
+        return
+    st.title("SAE Lab")
+    with st.form("login", border=False):
+        given = st.text_input("Password", type="password", key="login_password")
+        submitted = st.form_submit_button("Enter", type="primary")
+    if submitted:
+        if ui_support.password_matches(given or "", expected):
+            st.session_state["authenticated"] = True
+            st.rerun()
+        st.error("Wrong password.")
+    st.stop()
+
+
+def start_launcher() -> None:
+    st.session_state["launcher_started"] = launcher.ensure_daemon(paths.lab_home())
+
+
+def sidebar() -> None:
+    home = paths.lab_home()
+    engine = db.get_engine(home)  # first run: creates lab.db and its tables
+    # Start the daemon once per browser session; after that only the button starts it,
+    # so a launcher stopped on purpose is not restarted on every rerun.
+    if "launcher_autostart" not in st.session_state:
+        st.session_state["launcher_autostart"] = True
+        start_launcher()
+    status = launcher.daemon_status(home)
+    with st.sidebar:
+        st.markdown("**Launcher**")
+        if status.running and status.healthy:
+            st.markdown(ui_support.badge(f"running · pid {status.pid}", "green"))
+        elif status.running:
+            st.markdown(ui_support.badge("not responding", "orange"))
+            st.caption(status.message)
+        else:
+            st.markdown(ui_support.badge("not running", "red"))
+            st.caption("Queued jobs start only while the launcher runs.")
+            st.button("Start launcher", key="start_launcher", on_click=start_launcher, icon=":material/play_arrow:")
+        probe = history.latest_probe(engine)
+        st.markdown("**GPUs**")
+        st.caption(ui_support.gpu_summary(probe, now=time.time()))
+        st.markdown("**SAE_LAB_HOME**")
+        st.code(str(home), language=None)
+
+
+password_gate()
+sidebar()
+navigation = st.navigation(
+    [
+        st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
+        st.Page("pages/monitor.py", title="Monitor", icon=":material/monitoring:"),
+        st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
+        st.Page("pages/jobs.py", title="Jobs", icon=":material/list_alt:"),
+        st.Page("pages/saes.py", title="SAEs", icon=":material/download:"),
+    ]
+)
+navigation.run()

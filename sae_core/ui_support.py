@@ -534,12 +534,19 @@ def load_snippets(sae_dir: Path) -> tuple[str, str]:
 STALE_AFTER_S = 30.0
 
 
+def no_gpu_reason(probe: Any) -> str:
+    """Why a probe has no GPUs: NVML's own reason, or that the driver answered with none."""
+    if probe is None:
+        return "the launcher's GPU sampler has not reported yet"
+    return probe.reason or "the NVIDIA driver reports no devices"
+
+
 def gpu_summary(probe: Any, now: float | None = None) -> str:
     """One line for the sidebar from the sampler's latest probe (None: nothing sampled yet)."""
     if probe is None:
         return "No GPU sample yet: the launcher's sampler records one every second once it runs."
     if not probe.gpus:
-        line = f"No NVIDIA GPU found: {probe.reason or 'no reason given'}. Jobs run as CPU processes."
+        line = f"No NVIDIA GPU found: {no_gpu_reason(probe)}. Jobs run as CPU processes."
     else:
         names: dict[str, int] = {}
         for gpu in probe.gpus:
@@ -744,10 +751,11 @@ def path_mtime(path: str | Path) -> float:
         return 0.0
 
 
-def breakdown_frame(breakdown: Mapping[str, int]) -> pd.DataFrame:
-    """Memory estimate parts, largest first, with readable sizes."""
-    items = sorted(breakdown.items(), key=lambda kv: -kv[1])
-    return pd.DataFrame({"part": [k for k, _ in items], "memory": [format_bytes(v) for _, v in items]})
+def breakdown_frame(breakdown: Mapping[str, int], labels: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """Memory estimate terms, largest first, with readable names and sizes; zero terms are left out."""
+    items = sorted(((k, v) for k, v in breakdown.items() if v), key=lambda kv: -kv[1])
+    labels = labels or {}
+    return pd.DataFrame({"part": [labels.get(k, k) for k, _ in items], "memory": [format_bytes(v) for _, v in items]})
 
 
 def parse_job_param(value: str | None) -> int | None:

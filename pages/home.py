@@ -1,0 +1,48 @@
+"""Home: what SAE Lab is, where its files live, and a one-click toy dataset for a first run."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from sae_core import data, paths, ui_support
+
+st.title("SAE Lab")
+st.write(
+    "Train sparse autoencoders on language-model activations across the GPUs of this workstation: "
+    "watch the GPUs on **Monitor**, queue a run on **Train**, follow it on **Jobs**, and download "
+    "the result on **SAEs**. Runs keep going when this page is closed."
+)
+
+datasets_dir = paths.datasets_dir()
+datasets = ui_support.list_datasets(datasets_dir)
+
+st.subheader("Datasets")
+if datasets:
+    st.write(f"{len(datasets)} activation set(s) in `{datasets_dir}`:")
+    st.markdown("\n".join(f"- `{p.name}`" for p in datasets))
+else:
+    st.info(
+        f"No activation sets in `{datasets_dir}` yet. Put `.safetensors` / `.npy` files (or shard folders) "
+        "there, or create a small toy set to try SAE Lab in a minute."
+    )
+
+toy = ui_support.TOY_DEFAULTS
+toy_path = datasets_dir / ui_support.TOY_FILE_NAME
+if not toy_path.exists():
+    st.caption(
+        f"Toy set: {toy['tokens']:,} tokens of d_in {toy['d_in']}, built from {toy['features']} sparse "
+        "ground-truth features, so the trained SAE can be scored against them."
+    )
+    if st.button("Create toy dataset", key="create_toy", type="primary", icon=":material/add:"):
+        with st.spinner("Writing the toy dataset…"):
+            data.write_toy(toy_path, **toy)
+        st.success(f"Created `{toy_path}`.")
+        st.page_link("pages/train.py", label="Train an SAE on it", icon=":material/arrow_forward:")
+
+st.subheader("Command line")
+st.code(
+    "python -m sae_core gpus                      # GPUs, their processes, host figures\n"
+    "python -m sae_core submit --config cfg.json --gpus 0,1\n"
+    "python -m sae_core jobs                      # the same queue as the Jobs page",
+    language="bash",
+)

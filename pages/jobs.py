@@ -1,0 +1,171 @@
+"""Jobs: the queue (refreshing itself) and one job in detail: live curves, logs, cancel/resume, downloads."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import streamlit as st
+
+from sae_core import store, ui_support
+from sae_core.models import LIVE_STATUSES
+
+TABLE_LIMIT = 500
+CHART_POINTS = 1000
+STATUS_COLOURS = {
+    "queued": "gray",
+    "starting": "blue",
+    "running": "blue",
+    "completed": "green",
+    "failed": "red",
+    "cancelled": "orange",
+}
+
+
+@st.fragment(run_every=2)
+def jobs_table() -> None:
+    table = ui_support.jobs_table(store.list_jobs(limit=TABLE_LIMIT), time.time())
+    st.dataframe(
+        table,
+        hide_index=True,
+        width="stretch",
+        height=min(420, 38 + 35 * len(table)),
+        column_config={
+            "Progress": st.column_config.ProgressColumn("Progress", min_value=0.0, max_value=1.0, format="percent"),
+            "Submitted": st.column_config.DatetimeColumn("Submitted", format="YYYY-MM-DD HH:mm"),
+        },
+    )
+
+
+def pick_job(jobs) -> int:
+    """The job shown below: from ?job=ID (links from Train), then the picker; kept in the URL."""
+    options = [job.id for job in jobs]
+    labels = {job.id: f"#{job.id} · {job.name} · {job.status}" for job in jobs}
+    wanted = ui_support.parse_job_param(st.query_params.get("job"))
+    pending = st.session_state.pop("jobs_pick_pending", None)
+    if pending is not None:
+        wanted = pending
+    if wanted is not None and wanted != st.session_state.get("jobs_url_seen"):
+        st.session_state["jobs_url_seen"] = wanted
+        if wanted not in options and store.get_job(wanted) is not None:
+            options.insert(0, wanted)
+        if wanted in options:
+            st.session_state["jobs_pick"] = wanted
+    if st.session_state.get("jobs_pick") not in options:
+        st.session_state["jobs_pick"] = options[0]
+    picked = st.selectbox("Job", options, key="jobs_pick", format_func=lambda i: labels.get(i, f"#{i}"))
+    st.query_params["job"] = str(picked)
+    st.session_state["jobs_url_seen"] = picked
+    return picked
+
+
+def actions(job) -> None:
+    c1, c2, _ = st.columns([1, 1, 4])
+    if job.status in LIVE_STATUSES and c1.button("Cancel job", key="job_cancel", icon=":material/cancel:"):
+        try:
+            store.request_cancel(job.id)
+        except store.JobError as exc:
+            st.error(str(exc))
+        else:
+            st.toast(f"Cancel requested for job {job.id}.")
+            st.rerun()
+    if job.status in ("failed", "cancelled") and c2.button("Resume", key="job_resume", icon=":material/replay:"):
+        try:
+            new = store.resume_job(job.id, submitted_by=st.session_state.get("user_name", ""))
+        except store.JobError as exc:
+            st.error(str(exc))
+        else:
+            st.session_state["jobs_pick_pending"] = new.id
+            st.rerun(scope="app")
+
+
+def downloads(job) -> None:
+    out_dir = Path(job.out_dir)
+    c1, c2 = st.columns(2)
+    if ui_support.is_trained_sae(out_dir):
+        zip_path = out_dir / ui_support.ZIP_NAME
+        if ui_support.zip_is_current(zip_path, out_dir):
+            # Deferred data: the zip is opened only when the button is clicked, never on a rerun.
+            c1.download_button(
+                f"Download SAE ({ui_support.format_bytes(zip_path.stat().st_size)} zip)",
+                data=ui_support.file_reader(zip_path),
+                file_name=f"sae-job-{job.id}.zip",
+                mime="application/zip",
+                on_click="ignore",
+                key="job_download_zip",
+                icon=":material/download:",
+            )
+        elif c1.button("Prepare SAE download", key="job_prepare_zip", icon=":material/folder_zip:"):
+            with st.spinner("Packing cfg.json, weights, sparsity and eval into a zip…"):
+                ui_support.build_sae_zip(out_dir)
+            st.rerun()
+    else:
+        c1.caption("The SAE files appear here when the job completes.")
+    c2.download_button(
+        "Metrics CSV",
+        data=lambda: ui_support.metrics_csv(store.metrics_frame(job.id)),
+        file_name=f"metrics-job-{job.id}.csv",
+        mime="text/csv",
+        on_click="ignore",
+        key="job_download_csv",
+        icon=":material/table:",
+    )
+
+
+def job_detail(job_id: int, was_live: bool) -> None:
+    job = store.get_job(job_id)
+    if job is None:
+        st.warning(f"Job {job_id} no longer exists.")
+        return
+    if was_live and job.status not in LIVE_STATUSES:
+        st.rerun(scope="app")  # it just finished: stop the timer, refresh the table and buttons
+    st.markdown(
+        f"### {job.name} {ui_support.badge(job.status, STATUS_COLOURS.get(job.status, 'gray'))}",
+    )
+    now = time.time()
+    cols = st.columns(5)
+    cols[0].metric("Step", f"{job.last_step:,} / {job.total_steps:,}")
+    cols[1].metric("Tokens/s", ui_support.format_rate(job.tokens_per_s).removesuffix(" tok/s"))
+    eta = ui_support.job_eta_seconds(job.status, job.started_at, job.last_step, job.total_steps, now)
+    cols[2].metric("ETA", ui_support.format_duration(eta))
+    cols[3].metric("Runs on", ui_support.gpus_label(job.gpu_ids, job.cpu_procs))
+    cols[4].metric("Submitted by", job.submitted_by or "—")
+    if job.error:
+        st.error(job.error, icon=":material/error:")
+    actions(job)
+
+    metrics = store.metrics_frame(job.id, max_points=CHART_POINTS)
+    if metrics.empty:
+        st.caption("No metrics yet: rank 0 records them every log_every steps once training runs.")
+    else:
+        st.vega_lite_chart(ui_support.metrics_long(metrics), ui_support.metrics_spec(), width="stretch")
+        peaks = ui_support.peak_memory_by_rank(metrics)
+        if not peaks.empty:
+            st.markdown("**Peak memory per rank**")
+            st.dataframe(peaks[["rank", "peak"]], hide_index=True)
+
+    log_tab, config_tab, files_tab = st.tabs(["Log", "Config", "Downloads"])
+    with log_tab:
+        for name in ("stdout.log", "stderr.log"):
+            text = ui_support.tail_text(Path(job.out_dir) / "logs" / name)
+            st.caption(f"{name} (last lines)")
+            st.code(text or "(empty)", language=None)
+    with config_tab:
+        st.json(json.loads(job.config_json), expanded=True)
+    with files_tab:
+        downloads(job)
+
+
+st.title("Jobs")
+jobs = store.list_jobs(limit=TABLE_LIMIT)
+if not jobs:
+    st.info("No jobs yet.")
+    st.page_link("pages/train.py", label="Queue one on the Train page", icon=":material/arrow_forward:")
+    st.stop()
+
+jobs_table()
+job_id = pick_job(jobs)
+selected = next((job for job in jobs if job.id == job_id), None) or store.get_job(job_id)
+live = selected is not None and selected.status in LIVE_STATUSES
+st.fragment(job_detail, run_every=2 if live else None)(job_id, live)

@@ -1,0 +1,96 @@
+"""Monitor: every GPU live, from the launcher's sampler history in SQLite (never NVML per viewer)."""
+
+from __future__ import annotations
+
+import time
+
+import streamlit as st
+
+from sae_core import db, history, ui_support
+
+WINDOWS = ["5m", "1h", "24h", "7d"]
+CARD_COLUMNS = 4
+
+st.title("Monitor")
+left, right = st.columns([3, 2], vertical_alignment="bottom")
+window = left.segmented_control("Window", WINDOWS, default="5m", key="monitor_window") or "5m"
+aggregate = right.toggle("Aggregated view (all GPUs together)", key="monitor_aggregate")
+
+
+def gpu_card(gpu, series) -> None:
+    with st.container(border=True):
+        st.markdown(f"**GPU {gpu.index}** · {gpu.name}")
+        if gpu.error:
+            st.error(gpu.error)
+        users = ui_support.gpu_users(gpu)
+        badges = [ui_support.badge(u, "violet" if u.startswith("job") else "orange") for u in users]
+        st.markdown(" ".join(badges) or ui_support.badge("idle", "gray"))
+        st.markdown(ui_support.memory_bar_html(gpu.memory_used, gpu.memory_total), unsafe_allow_html=True)
+        st.caption(
+            f"Util {ui_support.format_percent(gpu.util_gpu)} · "
+            f"{'—' if gpu.temperature is None else f'{gpu.temperature:.0f} °C'} · "
+            f"{ui_support.power_label(gpu.power_w, gpu.power_limit_w)}"
+        )
+        st.vega_lite_chart(series[series["gpu"] == gpu.index], ui_support.gpu_history_spec(), width="stretch")
+
+
+def aggregated_card(gpus, series) -> None:
+    totals = ui_support.aggregate_now(gpus)
+    with st.container(border=True):
+        st.markdown(f"**All {len(gpus)} GPUs**")
+        cols = st.columns(3)
+        cols[0].metric("Mean utilization", ui_support.format_percent(totals["util_gpu"]))
+        cols[1].metric(
+            "Memory used",
+            f"{ui_support.format_bytes(totals['memory_used'])} / {ui_support.format_bytes(totals['memory_total'])}",
+        )
+        cols[2].metric("Power", ui_support.power_label(totals["power_w"], totals["power_limit_w"]))
+        st.markdown(ui_support.memory_bar_html(totals["memory_used"], totals["memory_total"]), unsafe_allow_html=True)
+        st.vega_lite_chart(series, ui_support.gpu_history_spec(height=220), width="stretch")
+
+
+def host_section(engine, probe) -> None:
+    st.subheader("Host")
+    host = probe.host
+    cols = st.columns(3)
+    cols[0].metric("CPU", ui_support.format_percent(host.cpu_percent))
+    cols[1].metric("RAM", f"{ui_support.format_bytes(host.ram_used)} / {ui_support.format_bytes(host.ram_total)}")
+    cols[2].metric("Last sample", f"{max(0.0, time.time() - probe.t):.0f} s ago")
+    host_series = ui_support.host_history_long(history.query_host(engine, window))
+    if not host_series.empty:
+        st.vega_lite_chart(host_series, ui_support.host_history_spec(), width="stretch")
+
+
+@st.fragment(run_every=2)
+def live() -> None:
+    engine = db.get_engine()
+    probe = history.latest_probe(engine)
+    if probe is None:
+        st.info(
+            "No sample yet. The launcher's GPU sampler records one every second; "
+            "start the launcher from the sidebar if it is not running."
+        )
+        return
+    if not probe.gpus:
+        st.warning(f"No NVIDIA GPU found: {ui_support.no_gpu_reason(probe)}")
+        host_section(engine, probe)
+        return
+    series = ui_support.gpu_history_long(history.query_series(engine, window, aggregate))
+    if aggregate:
+        aggregated_card(probe.gpus, series)
+    else:
+        width = min(CARD_COLUMNS, len(probe.gpus))
+        for row_start in range(0, len(probe.gpus), width):
+            for col, gpu in zip(st.columns(width), probe.gpus[row_start : row_start + width], strict=False):
+                with col:
+                    gpu_card(gpu, series)
+    st.subheader("Processes")
+    processes = ui_support.process_frame(probe)
+    if processes.empty:
+        st.caption("No process is using a GPU.")
+    else:
+        st.dataframe(processes, hide_index=True, width="stretch")
+    host_section(engine, probe)
+
+
+live()

@@ -1,0 +1,72 @@
+"""SAEs: every trained SAE under SAE_LAB_HOME, its figures, firing frequencies, download and load snippets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from sae_core import paths, ui_support
+
+st.title("Trained SAEs")
+home = paths.lab_home()
+saes = ui_support.find_trained_saes(home)
+if not saes:
+    st.info(f"No trained SAE under `{home}` yet (a folder with cfg.json and sae_weights.safetensors).")
+    st.page_link("pages/train.py", label="Train one", icon=":material/arrow_forward:")
+    st.stop()
+
+sae_dir: Path = st.selectbox(
+    "SAE", saes, key="saes_pick", format_func=lambda p: str(p.relative_to(home)) if p.is_relative_to(home) else str(p)
+)
+cfg = ui_support.read_json(sae_dir / "cfg.json")
+figures = ui_support.read_json(sae_dir / "eval.json")
+log10_freq = ui_support.read_log10_frequency(sae_dir / "sparsity.safetensors")
+
+cols = st.columns(4)
+cols[0].metric("Architecture", str(cfg.get("metadata", {}).get("trained_architecture") or cfg.get("architecture", "?")))
+cols[1].metric("d_in → d_sae", f"{cfg.get('d_in', '?')} → {cfg.get('d_sae', '?')}")
+cols[2].metric("k", str(cfg.get("k", "—")))
+cols[3].metric("dtype", str(cfg.get("dtype", "?")))
+if figures:
+    st.markdown("**Evaluation** (held-out tokens)")
+    shown = ui_support.eval_figures(figures)
+    cols = st.columns(max(1, len(shown)))
+    for col, (label, value) in zip(cols, shown.items(), strict=False):
+        col.metric(label, value)
+else:
+    st.caption("No eval.json beside this SAE.")
+
+st.markdown("**Feature firing frequency**")
+if log10_freq is None:
+    st.caption("No sparsity.safetensors beside this SAE.")
+else:
+    dead = ui_support.dead_latents(log10_freq)
+    st.caption(f"{dead:,} of {len(log10_freq):,} latents never fired on the training tokens (dead).")
+    histogram = ui_support.firing_histogram(log10_freq)
+    if not histogram.empty:
+        st.vega_lite_chart(histogram, ui_support.firing_histogram_spec(), width="stretch")
+
+st.markdown("**Download**")
+zip_path = sae_dir / ui_support.ZIP_NAME
+if ui_support.zip_is_current(zip_path, sae_dir):
+    st.download_button(
+        f"Download SAE ({ui_support.format_bytes(zip_path.stat().st_size)} zip)",
+        data=ui_support.file_reader(zip_path),  # opened only on click
+        file_name=f"{sae_dir.name}-sae.zip",
+        mime="application/zip",
+        on_click="ignore",
+        key="saes_download",
+        icon=":material/download:",
+    )
+elif st.button("Prepare download", key="saes_prepare", icon=":material/folder_zip:"):
+    with st.spinner("Packing the SAE into a zip…"):
+        ui_support.build_sae_zip(sae_dir)
+    st.rerun()
+
+st.markdown("**Load it in Python**")
+ours, sae_lens = ui_support.load_snippets(sae_dir)
+st.code(ours, language="python")
+st.code(sae_lens, language="python")
+with st.expander("cfg.json"):
+    st.json(cfg)

@@ -1,0 +1,239 @@
+"""Train: the run's settings, where it runs (GPUs with a memory estimate, or CPU processes), and Submit."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from sae_core import availability, data, db, history, memory, paths, store, ui_support
+from sae_core.config import ARCHITECTURES, ConfigError
+
+OTHER_PATH = "Other path…"
+
+
+@st.cache_resource(ttl=60, max_entries=16, show_spinner=False)
+def open_dataset(path: str, key: str, mtime: float):
+    """Memory-maps the set (header reads only); `mtime` in the key re-opens a rewritten file."""
+    return data.open_activations(path, key)
+
+
+def dataset_widgets() -> tuple[str, object | None, list[str]]:
+    """The chosen activation source, the opened set (for d_in and rows) and any problem with it."""
+    names = [p.name for p in ui_support.list_datasets(paths.datasets_dir())]
+    choice = st.selectbox("Dataset", [*names, OTHER_PATH], key="train_dataset", help="Sets in SAE_LAB_HOME/datasets")
+    typed = st.text_input(
+        "…or the path of an activation file / shard folder",
+        key="train_dataset_path",
+        placeholder="/data/acts/layer12",
+        disabled=choice != OTHER_PATH,
+    )
+    source = str(paths.datasets_dir() / choice) if choice != OTHER_PATH else (typed or "").strip()
+    if not source:
+        return "", None, []
+    try:
+        dataset = open_dataset(source, "activations", ui_support.path_mtime(source))
+    except data.DatasetError as exc:
+        return source, None, [f"dataset: {exc}"]
+    st.caption(dataset.describe())
+    return source, dataset, []
+
+
+def model_widgets(d_in: int | None) -> ui_support.FormValues:
+    arch = st.selectbox("Architecture", ARCHITECTURES, index=ARCHITECTURES.index("topk"), key="train_arch")
+    c1, c2 = st.columns(2)
+    size_mode = c1.radio(
+        "Size by",
+        ["d_sae", "expansion"],
+        key="train_size_mode",
+        horizontal=True,
+        format_func={"d_sae": "d_sae", "expansion": "expansion factor × d_in"}.get,
+    )
+    if size_mode == "d_sae":
+        d_sae = c2.number_input("d_sae (latents)", value=4096, step=1024, key="train_d_sae")
+        expansion = None
+    else:
+        expansion = c2.number_input("Expansion factor", value=8.0, step=1.0, key="train_expansion")
+        d_sae = None
+        if d_in:
+            c2.caption(f"d_sae = {expansion:g} × {d_in} = {round(expansion * d_in):,}")
+    if arch in ("topk", "batchtopk"):
+        k = st.number_input("k (active latents per token)", value=32, step=1, key="train_k")
+        l1 = None
+    else:
+        label = "L0 coefficient" if arch == "jumprelu" else "L1 coefficient"
+        l1 = st.number_input(label, value=5.0, step=0.5, format="%g", key="train_l1")
+        k = None
+    c1, c2 = st.columns(2)
+    batch = c1.number_input("Global batch (tokens per step)", value=4096, step=512, key="train_batch")
+    steps = c2.number_input("Steps", value=1000, step=100, key="train_steps")
+    c1, c2, c3 = st.columns(3)
+    lr = c1.text_input("Learning rate", key="train_lr", placeholder="auto: 2e-4/√(d_sae/16384)")
+    warmup = c2.text_input("Warm-up steps", key="train_warmup", placeholder="auto: 1% of steps")
+    decay = c3.text_input("Decay steps (linear to 0)", key="train_decay", placeholder="auto: last 20%")
+    c1, c2, c3 = st.columns(3)
+    dtype = c1.selectbox("Weights dtype", ["float32", "bfloat16"], key="train_dtype")
+    autocast = c2.checkbox("bf16 autocast (CUDA)", key="train_autocast")
+    ckpt = c3.number_input("Checkpoint every (steps)", value=1000, step=100, key="train_ckpt")
+    return ui_support.FormValues(
+        activation_source="",
+        architecture=arch,
+        size_mode=size_mode,
+        d_sae=d_sae,
+        expansion_factor=expansion,
+        d_in=d_in,
+        k=k,
+        l1_coefficient=l1,
+        batch_size=batch,
+        total_steps=steps,
+        lr=lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=decay,
+        dtype=dtype,
+        autocast=autocast,
+        checkpoint_every=ckpt,
+    )
+
+
+def recommend(statuses, required: int, count: int) -> None:
+    picks = availability.recommend(required, count, statuses)
+    for status in statuses:
+        st.session_state[f"gpu_pick_{status.index}"] = status.index in picks
+    st.session_state["train_recommend_note"] = (
+        None
+        if len(picks) == count
+        else f"Only {len(picks)} GPU(s) are free with room for {ui_support.format_bytes(required)}."
+    )
+
+
+def per_gpu_bytes(cfg, world: int, d_in: int | None) -> int | None:
+    """The estimate for `world` GPUs, or None while the config, dataset or batch split is not valid."""
+    if cfg is None or d_in is None or cfg.batch_size % world:
+        return None
+    return memory.estimate(cfg, world, d_in=d_in).total_bytes
+
+
+def gpu_selector(statuses, cfg, d_in: int | None) -> list[int]:
+    """One row per GPU; busy or too-full GPUs cannot be ticked. Returns the ticked indices."""
+    ticked_before = [s.index for s in statuses if st.session_state.get(f"gpu_pick_{s.index}")]
+    required = per_gpu_bytes(cfg, max(1, len(ticked_before)), d_in)
+    chosen = []
+    for s in statuses:
+        row = ui_support.gpu_choice(
+            s.index,
+            s.name,
+            s.memory_used,
+            s.memory_total,
+            s.memory_free,
+            s.util_gpu,
+            s.reason if s.busy else None,
+            required,
+        )
+        key = f"gpu_pick_{s.index}"
+        if not row.selectable and st.session_state.get(key):
+            st.session_state[key] = False  # a GPU that became busy/too full is unticked, not silently used
+        with st.container(border=True):
+            c1, c2 = st.columns([2, 3], vertical_alignment="center")
+            picked = c1.checkbox(f"GPU {s.index}", key=key, disabled=not row.selectable)
+            c1.caption(f"{s.name} · util {ui_support.format_percent(s.util_gpu)}")
+            badges = []
+            if row.busy_reason:
+                badges.append(ui_support.badge(f"Busy: {row.busy_reason}", "orange"))
+            if row.low_memory:
+                badges.append(ui_support.badge(f"Low memory: {ui_support.format_bytes(s.memory_free)} free", "red"))
+            if badges:
+                c2.markdown(" ".join(badges))
+            c2.markdown(ui_support.memory_bar_html(s.memory_used, s.memory_total), unsafe_allow_html=True)
+        if picked and row.selectable:
+            chosen.append(s.index)
+    if cfg is not None and d_in is not None:
+        c1, c2 = st.columns([1, 2], vertical_alignment="bottom")
+        count = c1.number_input("How many", min_value=1, max_value=len(statuses), value=1, key="train_gpu_count")
+        need = per_gpu_bytes(cfg, count, d_in) or required
+        c2.button(
+            "Recommend",
+            key="train_recommend",
+            on_click=recommend,
+            args=(statuses, need or 0, count),
+            icon=":material/auto_awesome:",
+        )
+        if note := st.session_state.get("train_recommend_note"):
+            st.caption(note)
+    return chosen
+
+
+def estimate_panel(cfg, world: int, d_in: int) -> None:
+    estimate = memory.estimate(cfg, world, d_in=d_in)
+    st.metric("Estimated memory per GPU", ui_support.format_bytes(estimate.total_bytes))
+    st.caption(f"{world} rank(s) × {estimate.per_rank_batch:,} tokens per rank per step")
+    st.caption(f"Peak during: {estimate.peak_phase}")
+    st.dataframe(ui_support.breakdown_frame(estimate.breakdown, memory.TERM_LABELS), hide_index=True, width="stretch")
+
+
+st.title("Train an SAE")
+engine = db.get_engine()
+probe = history.latest_probe(engine)
+has_gpus = probe is not None and bool(probe.gpus)
+form_col, place_col = st.columns([3, 2], gap="large")
+
+with form_col:
+    source, dataset, errors = dataset_widgets()
+    d_in = dataset.d_in if dataset is not None else None
+    values = model_widgets(d_in)
+    values.activation_source = source
+    values.device = "auto" if has_gpus else "cpu"
+    c1, c2 = st.columns(2)
+    job_name = c1.text_input("Job name", key="train_name", placeholder="e.g. l12-topk-16k")
+    user = c2.text_input("Your name", key="train_user", value=st.session_state.get("user_name", ""))
+    st.session_state["user_name"] = user  # survives leaving the page (widget state does not)
+
+cfg, config_errors = ui_support.form_to_config(values)
+errors += config_errors
+if not user.strip():
+    errors.append("your name: enter it so colleagues can see whose job this is")
+
+with place_col:
+    st.subheader("Where it runs")
+    if has_gpus:
+        statuses = availability.gpu_statuses(engine=engine, probe=probe)
+        gpu_ids = gpu_selector(statuses, cfg, d_in)
+        cpu_procs = None
+        world = max(1, len(gpu_ids))
+        if not gpu_ids:
+            errors.append("GPUs: tick at least one free GPU (or press Recommend)")
+        elif cfg is not None and d_in is not None:
+            errors += availability.validate(gpu_ids, cfg, statuses)  # busy, memory, batch split
+    else:
+        st.caption(f"No NVIDIA GPU ({ui_support.no_gpu_reason(probe)}): the job runs as CPU processes (gloo).")
+        cpu_procs = int(st.number_input("CPU processes", min_value=1, max_value=64, value=2, key="train_cpu_procs"))
+        gpu_ids, world = [], cpu_procs
+    if cfg is not None and not gpu_ids:
+        errors += ui_support.world_size_errors(cfg, world)
+    if cfg is not None and dataset is not None and not errors:
+        try:  # rows vs batch + holdout; the NaN/Inf scan waits for Submit
+            data.check_dataset(cfg, world, scan_values=False)
+        except (data.DatasetError, ConfigError) as exc:
+            errors.append(f"dataset: {exc}")
+    if cfg is not None and not ui_support.world_size_errors(cfg, world):
+        if has_gpus and d_in is not None:
+            estimate_panel(cfg, world, d_in)
+        else:
+            st.caption(f"{world} process(es) × {cfg.batch_size // world:,} tokens each per step")
+
+    for message in errors:
+        st.error(message, icon=":material/error:")
+    if st.button("Submit", key="train_submit", type="primary", disabled=bool(errors), icon=":material/send:"):
+        try:
+            with st.spinner("Checking the activations…"):
+                data.check_dataset(cfg, world, scan_values=dataset.nbytes <= ui_support.SCAN_ON_SUBMIT_BYTES)
+            job = store.submit_job(cfg, gpu_ids, cpu_procs, name=job_name, submitted_by=user.strip(), engine=engine)
+        except (data.DatasetError, store.JobError, ConfigError) as exc:
+            st.error(str(exc), icon=":material/error:")
+        else:
+            st.session_state["train_submitted"] = job.id
+    if job_id := st.session_state.get("train_submitted"):
+        st.success(f"Job {job_id} queued.")
+        st.page_link(
+            "pages/jobs.py",
+            label=f"Open job {job_id}",
+            query_params={"job": str(job_id)},
+            icon=":material/arrow_forward:",
+        )
