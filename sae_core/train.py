@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import checkpoint
 from . import sae as sae_mod
 from .config import ConfigError, TrainConfig
-from .data import DatasetError, RankBatches, check_dataset
+from .data import DatasetError, Prefetcher, RankBatches, check_dataset
 from .evaluation import evaluate
 from .metrics import MetricsSink, default_sinks
 from .sae import SparseAutoencoder
@@ -157,6 +157,8 @@ class Trainer:
         else:
             first = self.data.read(self.batches.peek_global_rows()).to(env.device)
             init_from_data(self.sae, first, cfg.b_dec_init)
+        # Reads batch n+1 from disk while batch n trains; its state is what the loop has consumed.
+        self.reader = Prefetcher(data, self.batches, pin_memory=env.device.type == "cuda")
         self.model = self.sae
         self.forward = _TrainForward(self.sae)
         if dist.is_initialized() and env.world_size > 1:
@@ -171,8 +173,7 @@ class Trainer:
 
     # -- one optimizer step
     def next_batch(self) -> torch.Tensor:
-        rows = self.batches.next_rows()
-        x = self.data.read(rows).to(self.env.device, non_blocking=True)
+        x = self.reader.next().to(self.env.device, non_blocking=True)
         return x * self.sae.input_scale
 
     def train_step(self) -> dict[str, torch.Tensor]:
@@ -292,7 +293,7 @@ class Trainer:
             "step": self.step,
             "tokens": self.tokens,
             "elapsed": elapsed,
-            "data": self.batches.state_dict(),
+            "data": self.reader.state_dict(),
             "optimizer": self._optim_meta,
             "config": json.loads(self.cfg.to_json()),
         }
@@ -336,6 +337,7 @@ class Trainer:
             if self.step % cfg.checkpoint_every == 0 or is_last:
                 self.save_checkpoint(self.elapsed + time.perf_counter() - start)
         train_seconds = self.elapsed + time.perf_counter() - start
+        self.reader.close()
         return self.finish(train_seconds)
 
     def log(self, x, out, tokens_per_s: float, eta_s: float) -> None:
