@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -286,11 +287,16 @@ _SECONDARY_MARKERS = (
     "Connection closed by peer",
     "Connection reset by peer",
     "remote worker crashing",
+    "remote worker hanging",
     "SignalException",
     "got signal",
     "KeyboardInterrupt",
     "Broken pipe",
 )
+
+
+def _is_secondary(message: str) -> bool:
+    return any(marker in message for marker in _SECONDARY_MARKERS)
 
 
 def _error_message(data: dict) -> str:
@@ -311,8 +317,7 @@ def _rank_error_files(log_dir: Path) -> list[tuple[bool, float, int, str]]:
         except (OSError, ValueError, AttributeError):
             continue
         if message:
-            secondary = any(marker in message for marker in _SECONDARY_MARKERS)
-            found.append((secondary, mtime, rank, message))
+            found.append((_is_secondary(message), mtime, rank, message))
     return sorted(found)
 
 
@@ -328,56 +333,94 @@ def _tail(path: Path, max_lines: int = 15, max_chars: int = 1500) -> str:
     return "\n".join(lines[-max_lines:])[-max_chars:]
 
 
-def _child_failed_summary(stderr_text: str) -> str | None:
-    """From torchrun's ChildFailedError report: 'rank R (pid P) was killed by SIGKILL' or its message."""
-    _, sep, root = stderr_text.rpartition("Root Cause (first observed failure):")
+@dataclass
+class _ReportedFailure:
+    rank: str
+    exitcode: int
+    traceback: str
+    is_root: bool
+
+
+def _torchrun_failures(stderr_text: str) -> list[_ReportedFailure]:
+    """The failures listed in torchrun's last ChildFailedError report (its root cause flagged)."""
+    _, sep, report = stderr_text.rpartition("ChildFailedError")
     if not sep:
-        return None
-    fields: dict[str, str] = {}
-    for line in root.splitlines():
-        key, colon, value = line.strip().partition(":")
-        if colon and key.strip() in ("rank", "exitcode", "traceback") and key.strip() not in fields:
-            fields[key.strip()] = value.strip()
-    if "exitcode" not in fields:
-        return None
-    rank = fields.get("rank", "?").split(" ")[0]
-    code_text = fields["exitcode"].split(" ")[0]
-    try:
-        code = int(code_text)
-    except ValueError:
-        return None
-    if code < 0:
+        return []
+    _, _, root_part = report.partition("Root Cause (first observed failure):")
+    failures = []
+    for block in re.split(r"^\s*\[\d+\]:\s*$", report, flags=re.MULTILINE)[1:]:
+        fields: dict[str, str] = {}
+        for line in block.splitlines():
+            key, colon, value = line.strip().partition(":")
+            if colon and key.strip() in ("rank", "exitcode", "traceback") and key.strip() not in fields:
+                fields[key.strip()] = value.strip()
+        try:
+            code = int(fields.get("exitcode", "").split(" ")[0])
+        except ValueError:
+            continue
+        rank = fields.get("rank", "?").split(" ")[0]
+        failures.append(
+            _ReportedFailure(rank, code, fields.get("traceback", ""), bool(root_part) and block in root_part)
+        )
+    return failures
+
+
+def _describe_reported(failure: _ReportedFailure) -> str:
+    if failure.exitcode < 0:
         hint = ""
-        if -code == signal.SIGKILL:
+        if -failure.exitcode == signal.SIGKILL:
             hint = " (SIGKILL comes from a person, or from the host's out-of-memory killer: check `dmesg`)"
-        return f"rank {rank} was killed by {_signal_name(-code)}{hint}"
-    detail = fields.get("traceback", "")
-    return f"rank {rank} exited with code {code}" + (f": {detail}" if detail and "To enable" not in detail else "")
+        return f"rank {failure.rank} was killed by {_signal_name(-failure.exitcode)}{hint}"
+    detail = failure.traceback if "To enable traceback" not in failure.traceback else ""
+    return f"rank {failure.rank} exited with code {failure.exitcode}" + (f": {detail}" if detail else "")
+
+
+def _killed_rank(failures: list[_ReportedFailure]) -> _ReportedFailure | None:
+    """A rank that died of a signal other than torchrun's own SIGTERM teardown (root cause first)."""
+    killed = [f for f in failures if f.exitcode < 0 and -f.exitcode != signal.SIGTERM]
+    return next((f for f in killed if f.is_root), killed[0] if killed else None)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace").strip()
+    except OSError:
+        return ""
 
 
 def root_cause(log_dir: Path, exit_code: int | None) -> str:
     """A one-paragraph reason a job failed, best source first:
-    per-rank error files (first failing rank) > torchrun's copied error file > train's error.txt
-    (refused before training) > torchrun's failure report in stderr (signals) > how torchrun
-    itself ended > the log tail."""
+    1. a rank's own exception (per-rank error files; the first one written, never an error a rank
+       raised only because a peer vanished, like gloo's "Connection reset by peer");
+    2. a rank killed by a signal (torchrun's failure report: signals leave no error file);
+    3. train's error.txt (refused before training: bad config or data);
+    4. a peer-vanished error, torchrun's report, how torchrun itself ended, and last the log tail."""
     log_dir = Path(log_dir)
     errors = _rank_error_files(log_dir)
+    primary = [e for e in errors if not e[0]]
+    if primary:
+        _, _, rank, message = primary[0]
+        return f"rank {rank}: {message}"[:2000]
+    copied = ""
+    with contextlib.suppress(OSError, ValueError):
+        copied = _error_message(json.loads((log_dir / ERROR_FILE).read_text()))
+    if copied and not _is_secondary(copied):
+        return copied[:2000]  # torchrun's copy of its root cause, when the per-rank files are gone
+    failures = _torchrun_failures(_tail(log_dir / "stderr.log", max_lines=2000, max_chars=200_000))
+    killed = _killed_rank(failures)
+    if killed is not None:
+        return _describe_reported(killed)
+    refused = _read_text(log_dir.parent / "error.txt")
+    if refused:
+        return refused[:2000]
     if errors:
         _, _, rank, message = errors[0]
         return f"rank {rank}: {message}"[:2000]
-    with contextlib.suppress(OSError, ValueError):
-        message = _error_message(json.loads((log_dir / ERROR_FILE).read_text()))
-        if message:
-            return message[:2000]
-    with contextlib.suppress(OSError):
-        # train's refusal before training (bad config or data): rank 0 writes it, all ranks exit 2.
-        message = (log_dir.parent / "error.txt").read_text().strip()
-        if message:
-            return message[:2000]
-    tail = _tail(log_dir / "stderr.log", max_lines=400, max_chars=64_000)
-    summary = _child_failed_summary(tail)
-    if summary:
-        return summary
+    if copied:
+        return copied[:2000]
+    root = next((f for f in failures if f.is_root), failures[0] if failures else None)
+    if root is not None:
+        return _describe_reported(root)
     if exit_code is not None and exit_code < 0:
         return f"torchrun was killed by {_signal_name(-exit_code)}"
     short_tail = _tail(log_dir / "stderr.log")

@@ -18,8 +18,8 @@ import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 from sqlalchemy import func, text
 from sqlalchemy.engine import Engine
 from sqlmodel import select
@@ -27,6 +27,9 @@ from sqlmodel import select
 from . import db, paths
 from .config import ConfigError, TrainConfig
 from .models import ACTIVE_STATUSES, FINAL_STATUSES, JOB_STATUSES, Job, MetricPoint
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # A queued job that has waited this long keeps later jobs off its GPUs (see plan_starts).
 RESERVE_AFTER_S = 600.0
@@ -138,7 +141,8 @@ def validate_submission(
     cfg: TrainConfig, gpu_ids: Sequence[int] | str | None, cpu_procs: int | None, statuses=None
 ) -> list[str]:
     """Everything checked before a job is queued: placement, the dataset (data.check_dataset) and the
-    GPU selection (availability.validate). Returns the problems; empty means it may be queued."""
+    GPU selection (availability.validate against `statuses_for_queueing()`: a GPU that another SAE
+    Lab job holds is fine, the job waits for it). Returns the problems; empty means it may be queued."""
     try:
         gpus = check_placement(cfg, gpu_ids, cpu_procs)
     except (JobError, ConfigError) as exc:
@@ -156,8 +160,29 @@ def validate_submission(
     if gpus:
         from . import availability
 
+        if statuses is None:
+            statuses = statuses_for_queueing()
         problems += availability.validate(gpus, cfg, statuses=statuses)
     return problems
+
+
+def statuses_for_queueing(engine: Engine | None = None) -> list:
+    """GPU statuses as seen by a job queued now: GPUs held by SAE Lab jobs are NOT busy (the queue
+    waits for them), and the memory their ranks use counts as free (it is freed before this job
+    starts). Foreign processes, lost GPUs and MIG still make a GPU unusable. -> list[GpuStatus]"""
+    from . import availability, gpus, history
+
+    engine = _engine(engine)
+    probe = history.latest_probe(engine)
+    if probe is None or time.time() - probe.t > availability.SNAPSHOT_MAX_AGE_S:
+        probe = gpus.probe(gpus.job_of_pid_from_store(engine))
+    statuses = availability.statuses_from(probe, holders={})
+    for status in statuses:
+        info = probe.gpu(status.index)
+        ours = sum(p.gpu_memory or 0 for p in (info.processes or []) if p.job_id is not None) if info else 0
+        if ours and status.memory_free is not None:
+            status.memory_free += ours
+    return statuses
 
 
 # --------------------------------------------------------------------------- queries
@@ -487,6 +512,8 @@ def metrics_frame(job_id: int, max_points: int | None = None, engine: Engine | N
         record["peak_mem"] = peak
         record["peak_mem_max"] = max((p for p in peak if p is not None), default=None)
         records.append(record)
+    import pandas as pd  # imported here: the daemon and the ranks never need it
+
     return pd.DataFrame.from_records(records, columns=list(METRIC_COLUMNS))
 
 
@@ -596,6 +623,7 @@ __all__ = [
     "require_job",
     "resume_job",
     "resumable_checkpoint",
+    "statuses_for_queueing",
     "submit_job",
     "validate_submission",
 ]

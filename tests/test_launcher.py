@@ -159,6 +159,48 @@ def test_root_cause_of_a_killed_rank_from_torchruns_report(tmp_path):
     assert message.startswith("rank 1 was killed by SIGKILL") and "out-of-memory killer" in message
 
 
+# Shape of torchrun 2.13's report after `kill -9` of rank 1: rank 0 then died in gloo (and was
+# SIGTERMed by torchrun's teardown), torchrun names rank 1 as the root cause.
+KILLED_RANK_1_REPORT = """
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+sae_core.train FAILED
+------------------------------------------------------------
+Failures:
+[1]:
+  time      : 2026-11-21_07:32:00
+  host      : localhost
+  rank      : 0 (local_rank: 0)
+  exitcode  : -15 (pid: 15511)  (SIGTERM)
+  error_file: /lab/jobs/1/logs/torchrun/1_x/attempt_0/0/error.json
+  traceback : Traceback (most recent call last):
+    File "/work/main/sae_core/train.py", line 194, in train_step
+      out.loss.backward()
+  RuntimeError: [pair.cc:537] Read error [127.0.0.1]:44953: Connection reset by peer.
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-11-21_07:32:00
+  host      : localhost
+  rank      : 1 (local_rank: 1)
+  exitcode  : -9 (pid: 15512)  (SIGKILL)
+  error_file: <N/A>
+  traceback : Signal 9 (SIGKILL) received by PID 15512
+============================================================
+"""
+
+
+def test_a_killed_rank_outranks_the_peer_errors_it_caused(tmp_path):
+    logs = tmp_path / "logs"
+    rank_error(logs, 0, "RuntimeError: [pair.cc:537] Read error [127.0.0.1]:44953: Connection reset by peer. "
+               "This is typically caused by a remote worker hanging", mtime=100.0)  # fmt: skip
+    (logs / "stderr.log").write_text(KILLED_RANK_1_REPORT)
+    assert launcher.root_cause(logs, 1).startswith("rank 1 was killed by SIGKILL")
+    # without torchrun's report, the peer's error is still better than nothing
+    (logs / "stderr.log").write_text("")
+    assert launcher.root_cause(logs, 1).startswith("rank 0: RuntimeError: [pair.cc:537] Read error")
+
+
 def test_root_cause_of_a_killed_torchrun_and_the_log_tail(tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()

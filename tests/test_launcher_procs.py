@@ -1,0 +1,346 @@
+"""The launcher with real processes: daemon, torchrun (gloo on the CPU), cancel, failures, recovery, resume.
+
+Every test ends by checking with psutil that no process of its jobs is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from sae_core import cli_jobs, launcher, store
+from sae_core.config import TrainConfig
+from sae_core.models import ACTIVE_STATUSES, FINAL_STATUSES
+from tests.conftest import subprocess_env
+
+pytestmark = pytest.mark.slow
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def write_cfg(directory: Path, toy_path: Path, name: str = "cfg.json", **overrides) -> Path:
+    cfg = {
+        "activation_source": str(toy_path),
+        "d_sae": 64,
+        "k": 4,
+        "batch_size": 256,
+        "total_steps": 30,
+        "log_every": 10,
+        "checkpoint_every": 10,
+        "holdout_tokens": 1024,
+        "device": "cpu",
+        "b_dec_init": "mean",
+        **overrides,
+    }
+    path = directory / name
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.05):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def wait_status(job_id: int, statuses, timeout: float = 120):
+    statuses = (statuses,) if isinstance(statuses, str) else tuple(statuses)
+
+    def reached():
+        job = store.get_job(job_id)
+        return job if job.status in statuses else None
+
+    return wait_for(reached, timeout, f"job {job_id} to be {'/'.join(statuses)}")
+
+
+def home_processes(home: Path) -> list[psutil.Process]:
+    """Live processes started for this lab home (jobs and daemons), found by their environment."""
+    found = []
+    for proc in psutil.process_iter():
+        if proc.pid == os.getpid():
+            continue
+        try:
+            env = proc.environ()
+            if env.get("SAE_LAB_HOME") == str(home) and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def job_processes_left(job_id: int, home: Path) -> list[psutil.Process]:
+    return [p for p in home_processes(home) if _env(p).get("SAE_LAB_JOB_ID") == str(job_id)]
+
+
+def _env(proc: psutil.Process) -> dict:
+    try:
+        return proc.environ()
+    except (psutil.Error, OSError):
+        return {}
+
+
+def rank_process(job_id: int, home: Path, local_rank: int) -> psutil.Process:
+    for proc in job_processes_left(job_id, home):
+        env = _env(proc)
+        if env.get("LOCAL_RANK") == str(local_rank) and "sae_core.train" in " ".join(proc.cmdline()):
+            return proc
+    raise AssertionError(f"no rank {local_rank} process of job {job_id}")
+
+
+class Daemon:
+    """`python -m sae_core serve` as a child of the test, in a session of its own like the real one."""
+
+    def __init__(self, home: Path, env: dict, args: list[str]):
+        self.home, self.env, self.args = home, env, args
+        self.proc: subprocess.Popen | None = None
+        self.log = home / "test_daemon.log"
+
+    def start(self) -> Daemon:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "sae_core", "serve", *self.args],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        wait_for(lambda: launcher.daemon_status(self.home).pid == self.proc.pid, 60, "the daemon to start")
+        return self
+
+    def kill9(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(30)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def lab(lab_home):
+    """The lab home plus a way to start daemons; anything left of the home is killed afterwards."""
+    daemons: list[Daemon] = []
+
+    def start_daemon(*extra: str, env: dict | None = None) -> Daemon:
+        args = ["--interval", "0.2", "--grace", "3", *extra]
+        if "--sample-interval" not in extra:
+            args += ["--sample-interval", "0"]
+        daemon = Daemon(lab_home, env or subprocess_env(SAE_LAB_HOME=str(lab_home)), args).start()
+        daemons.append(daemon)
+        return daemon
+
+    yield lab_home, start_daemon
+    for daemon in daemons:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+    leftovers = home_processes(lab_home)
+    for proc in leftovers:
+        proc.kill()
+    psutil.wait_procs(leftovers, timeout=10)
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "sae_core", *args],
+        env=env or subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def submit_cpu(cfg: Path, procs: int, *extra: str) -> int:
+    """`submit` in this process (the CLI's own code; a subprocess would only add start-up time)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli_jobs.cli_submit(["--config", str(cfg), "--cpu-procs", str(procs), "--json", "--no-daemon", *extra])
+    assert code == 0
+    return json.loads(out.getvalue())["id"]
+
+
+def load_weights(out_dir: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(out_dir) / "sae_weights.safetensors"))
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_two_rank_job_completes_with_metrics_and_a_loadable_sae(lab, toy_path, tmp_path):
+    home, _ = lab
+    cfg = write_cfg(tmp_path, toy_path, total_steps=30, log_every=10)
+    # no --no-daemon: submit starts the launcher itself (ensure_daemon)
+    result = cli("submit", "--config", str(cfg), "--cpu-procs", "2", "--name", "two ranks")
+    assert result.returncode == 0, result.stderr
+    assert "queued job 1" in result.stdout and "starting one" in result.stderr
+    status = launcher.daemon_status(home)
+    assert status.running
+
+    job = wait_status(1, FINAL_STATUSES)
+    assert job.status == "completed", job.error
+    assert job.exit_code == 0 and job.started_at <= job.finished_at and job.pid_start_time >= job.created_at - 1
+    frame = store.metrics_frame(job.id)
+    assert frame["step"].tolist() == [10, 20, 30]  # one row per log_every
+    assert len(frame["peak_mem"].iloc[-1]) == 2  # one figure per rank
+    assert job.last_step == 30 and job.tokens_per_s > 0
+
+    from sae_core import sae as sae_mod
+
+    model = sae_mod.load(job.out_dir)
+    assert (model.d_in, model.d_sae) == (32, 64)
+    logs = cli("logs", str(job.id))
+    assert logs.returncode == 0 and "step 30/30" in logs.stdout
+    assert job_processes_left(job.id, home) == []
+
+    # the detached daemon stops cleanly on SIGTERM
+    os.kill(status.pid, signal.SIGTERM)
+    wait_for(lambda: not launcher.daemon_status(home).running, 30, "the daemon to stop")
+
+
+def test_kill_9_of_one_rank_fails_the_job_fast_with_the_cause(lab, toy_path, tmp_path):
+    home, start_daemon = lab
+    start_daemon()
+    cfg = write_cfg(tmp_path, toy_path, total_steps=100_000, log_every=20, checkpoint_every=100_000)
+    job_id = submit_cpu(cfg, 2)
+    wait_for(lambda: store.get_job(job_id).last_step > 0, 120, "training to start")
+
+    rank_process(job_id, home, 1).kill()
+    killed_at = time.time()
+    job = wait_status(job_id, ("failed", "completed", "cancelled"), timeout=30)
+    detect_s = job.finished_at - killed_at
+    print(f"\nkill -9 of rank 1 -> failed in {detect_s:.2f} s")
+    assert job.status == "failed"
+    assert detect_s < 10
+    assert "rank 1" in job.error and "SIGKILL" in job.error, job.error
+    assert job_processes_left(job_id, home) == []
+    assert store.live_gpu_holders() == {} and store.list_jobs(ACTIVE_STATUSES) == []
+
+
+def test_errors_in_the_worker_become_the_failure_message(lab, toy_path, tmp_path):
+    home, start_daemon = lab
+    start_daemon()
+    # (a) a config the worker refuses (submitted past the CLI's checks, as a stale or hand-written row would be)
+    bad = TrainConfig.from_json_file(write_cfg(tmp_path, toy_path, device="cuda"))
+    refused = store.submit_job(bad, None, 1)
+    # (b) an exception inside training: resuming from a checkpoint whose tensors are garbage
+    base = store.submit_job(TrainConfig.from_json_file(write_cfg(tmp_path, toy_path, name="ok.json")), None, 1)
+    store.request_cancel(base.id)
+    ckpt = Path(base.out_dir) / "checkpoints" / "step_000000010"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.safetensors").write_bytes(b"\x00garbage")
+    (ckpt / "state.json").write_text("{}")
+    (ckpt / "COMPLETE").write_text("10")
+    crashing = store.resume_job(base.id)
+
+    refused = wait_status(refused.id, ("failed", "completed"))
+    assert refused.status == "failed"
+    assert "device: 'cuda' was asked for but no CUDA device is visible" in refused.error
+    crashing = wait_status(crashing.id, ("failed", "completed"))
+    assert crashing.status == "failed"
+    assert crashing.error.startswith("rank 0: ") and "Error" in crashing.error.splitlines()[0], crashing.error
+    for job_id in (refused.id, crashing.id):
+        assert job_processes_left(job_id, home) == []
+
+
+def test_cancel_with_no_daemon_running_stops_the_job_from_the_cli(lab, toy_path, tmp_path):
+    home, start_daemon = lab
+    cfg = write_cfg(tmp_path, toy_path, total_steps=100_000, log_every=20, checkpoint_every=50)
+    job_id = submit_cpu(cfg, 2)
+    daemon = start_daemon("--once")  # starts the job and exits: nobody watches it now
+    assert daemon.proc.wait(30) == 0
+    assert not launcher.daemon_status(home).running
+    wait_for(lambda: store.get_job(job_id).last_step >= 50, 120, "a checkpoint")
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli_jobs.cli_cancel([str(job_id), "--grace", "3"]) == 0
+    assert "no launcher running: stopped job" in out.getvalue()
+    job = store.get_job(job_id)
+    assert job.status == "cancelled" and job.error == "cancelled on request"
+    assert job_processes_left(job_id, home) == []
+    assert (Path(job.out_dir) / "checkpoints").is_dir() and list(
+        (Path(job.out_dir) / "checkpoints").glob("step_*/COMPLETE")
+    )
+
+
+def test_daemon_kill_9_then_restart_readopts_a_live_job_and_fails_a_lost_one(lab, toy_path, tmp_path):
+    home, start_daemon = lab
+    first = start_daemon()
+    cfg = write_cfg(tmp_path, toy_path, total_steps=200, log_every=20, checkpoint_every=1000)
+    job_id = submit_cpu(cfg, 1)
+    wait_for(lambda: store.get_job(job_id).last_step > 0, 120, "training to start")
+    # Freeze the job while no launcher runs, so it cannot finish before the next daemon is up.
+    tree = job_processes_left(job_id, home)
+    for proc in tree:
+        proc.suspend()
+    first.kill9()
+    second = start_daemon()
+    wait_for(lambda: f"job {job_id}: re-adopted" in second.log_text(), 30, "re-adoption")
+    for proc in tree:
+        proc.resume()
+    job = wait_status(job_id, ("completed", "failed", "cancelled"))
+    assert job.status == "completed", job.error
+    assert job.exit_code == 0 and store.metrics_frame(job_id)["step"].iloc[-1] == 200
+    assert job_processes_left(job_id, home) == []
+
+    # Now kill the daemon AND every process of a running job: the next daemon must settle it.
+    lost_id = submit_cpu(write_cfg(tmp_path, toy_path, "long.json", total_steps=100_000, log_every=20), 1)
+    wait_for(lambda: store.get_job(lost_id).last_step > 0, 120, "training to start")
+    second.kill9()
+    victims = job_processes_left(lost_id, home)
+    for proc in victims:
+        proc.kill()
+    psutil.wait_procs(victims, timeout=10)
+    start_daemon()
+    job = wait_status(lost_id, ("failed", "completed", "cancelled"), timeout=30)
+    assert (job.status, job.error) == ("failed", launcher.LOST_MESSAGE)
+    assert job_processes_left(lost_id, home) == []
+
+
+def test_resume_of_a_cancelled_job_ends_with_the_weights_of_an_uninterrupted_run(lab, toy_path, tmp_path):
+    home, start_daemon = lab
+    start_daemon()
+    cfg = write_cfg(tmp_path, toy_path, total_steps=400, log_every=50, checkpoint_every=50)
+    reference_id = submit_cpu(cfg, 1, "--name", "reference")
+    cancelled_id = submit_cpu(cfg, 1, "--name", "to cancel")  # the CPU budget (2 cores) runs both at once
+    checkpoints = Path(store.get_job(cancelled_id).out_dir) / "checkpoints"
+    wait_for(lambda: list(checkpoints.glob("step_*/COMPLETE")), 120, "the first checkpoint", poll=0.01)
+    cancelled, message = cli_jobs.cancel(cancelled_id, wait_s=30)  # in-process: no CLI start-up delay
+    assert cancelled.status == "cancelled", message
+    assert cancelled.last_step < 400, "the job finished before the cancel: nothing to resume"
+    assert job_processes_left(cancelled_id, home) == []
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli_jobs.cli_resume([str(cancelled_id), "--json", "--no-daemon"]) == 0
+    resumed_id = json.loads(out.getvalue())["id"]
+    resumed = wait_status(resumed_id, ("completed", "failed"))
+    reference = wait_status(reference_id, ("completed", "failed"))
+    assert (resumed.status, reference.status) == ("completed", "completed"), (resumed.error, reference.error)
+    assert resumed.resumed_from == cancelled_id
+    stdout_log = (Path(resumed.out_dir) / "logs" / "stdout.log").read_text()
+    assert "step 50/400" not in stdout_log  # it continued, it did not start over
+
+    got, want = load_weights(resumed.out_dir), load_weights(reference.out_dir)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert (got[name] == want[name]).all(), f"{name} differs after resume"
