@@ -13,7 +13,9 @@ import pytest
 from sae_core import cli_jobs, store
 from sae_core.config import TrainConfig
 from tests.fakes import fake_pynvml as fake
-from tests.fakes.fixtures import fake_gpus  # noqa: F401  (fixture)
+from tests.fakes import fixtures
+
+fake_gpus = fixtures.fake_gpus  # the fake-NVML fixture, registered in this module
 
 
 def write_cfg(tmp_path, toy_path, **overrides):
