@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -117,7 +117,18 @@ class Probe:
         return next((g for g in self.gpus if g.index == index), None)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain JSON-able data (hand-written: dataclasses.asdict deep-copies and costs a
+        millisecond per probe, which the sampler pays every second)."""
+        out = _shallow(self)
+        out["host"] = _shallow(self.host)
+        out["gpus"] = []
+        for g in self.gpus:
+            info = _shallow(g)
+            info["processes"] = None if g.processes is None else [_shallow(p) for p in g.processes]
+            info["mig_devices"] = [_shallow(m) for m in g.mig_devices]
+            out["gpus"].append(info)
+        out["topology"] = None if self.topology is None else [list(row) for row in self.topology]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> Probe:
@@ -138,6 +149,10 @@ class Probe:
             driver_version=data.get("driver_version"),
             topology=data.get("topology"),
         )
+
+
+def _shallow(obj: Any) -> dict:
+    return {f.name: getattr(obj, f.name) for f in fields(obj)}
 
 
 def _known(cls: type, data: dict) -> dict:
@@ -446,7 +461,9 @@ def _attribute_processes(gpus: Iterable[GpuInfo], job_of_pid: JobOfPid | None) -
             facts = process_facts(proc.pid)
             if facts is not None:
                 proc.user, proc.command = facts.user, facts.command
-            if job_of_pid is not None:
+            if isinstance(job_of_pid, JobOfPidFromStore):
+                proc.job_id = job_of_pid.job_of(facts)  # the facts just read: no second /proc lookup
+            elif job_of_pid is not None:
                 proc.job_id = job_of_pid(proc.pid)
     for pid in [p for p in _proc_cache if p not in seen]:
         del _proc_cache[pid]  # keep the cache to the processes currently on GPUs
@@ -464,10 +481,10 @@ class JobOfPidFromStore:
         }
 
     def __call__(self, pid: int) -> int | None:
-        if not self.by_pid:
-            return None
-        facts = process_facts(pid)
-        if facts is None:
+        return self.job_of(process_facts(pid)) if self.by_pid else None
+
+    def job_of(self, facts: _ProcFacts | None) -> int | None:
+        if facts is None or not self.by_pid:
             return None
         for ancestor_pid, ancestor_started in facts.lineage:
             entry = self.by_pid.get(ancestor_pid)
@@ -478,15 +495,14 @@ class JobOfPidFromStore:
 
 def job_of_pid_from_store(engine: Any) -> JobOfPidFromStore:
     """Read the live jobs once; the returned callable maps a pid to its job id (or None)."""
-    from sqlmodel import select
+    from sqlalchemy import select
 
-    from . import db
     from .models import LIVE_STATUSES, Job
 
-    with db.read_session(engine) as session:
-        rows = session.exec(
-            select(Job.id, Job.pid, Job.pid_start_time).where(Job.status.in_(LIVE_STATUSES), Job.pid.is_not(None))
-        ).all()
+    # A Core query on a plain connection: the sampler runs this every second.
+    query = select(Job.id, Job.pid, Job.pid_start_time).where(Job.status.in_(LIVE_STATUSES), Job.pid.is_not(None))
+    with engine.connect() as conn:
+        rows = conn.execute(query).all()
     return JobOfPidFromStore({job_id: (pid, started) for job_id, pid, started in rows})
 
 

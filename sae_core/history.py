@@ -6,8 +6,9 @@ probes NVML once and writes, in one short write transaction: a `gpu_sample` row 
 details without calling NVML per viewer).
 
 Retention (`compact`, run about once a minute, not every tick):
-- raw rows for the last hour (`RAW_KEEP_S`);
-- older rows become per-minute mean and max (`gpu_minute`, `host_sample` with resolution 'minute');
+- every complete minute is summarised as per-minute mean and max (`gpu_minute`, `host_sample`
+  with resolution 'minute');
+- raw rows are kept for the last hour (`RAW_KEEP_S`, plus a minute), for the 5 min / 1 h views;
 - per-minute rows older than 7 days (`MINUTE_KEEP_S`) are deleted.
 Eight GPUs at 1 Hz thus keep ~29k raw + ~81k minute rows, whatever the uptime.
 
@@ -143,20 +144,26 @@ def write_probe(engine: Engine, result: gpus.Probe) -> None:
     upsert = sqlite_insert(Snapshot).values(key=SNAPSHOT_KEY, t=result.t, payload=payload)
     upsert = upsert.on_conflict_do_update(index_elements=["key"], set_={"t": result.t, "payload": payload})
     with db.write_session(engine) as session:
+        conn = session.connection()  # Core executemany: the ORM's bulk path costs more than the rows
         if gpu_rows:
-            session.execute(insert(GpuSample), gpu_rows)
-        session.execute(insert(HostSample), [host_row])
-        session.execute(upsert)
+            conn.execute(insert(GpuSample.__table__), gpu_rows)
+        conn.execute(insert(HostSample.__table__), [host_row])
+        conn.execute(upsert)
 
 
 def compact(engine: Engine, now: float, raw_keep_s: float = RAW_KEEP_S, minute_keep_s: float = MINUTE_KEEP_S) -> None:
-    """Raw rows older than `raw_keep_s` become per-minute rows; minute rows past `minute_keep_s` go.
+    """Every complete minute not yet summarised becomes per-minute rows; raw rows older than
+    `raw_keep_s` and minute rows older than `minute_keep_s` go.
 
-    The cutoff is a whole minute, so a minute is always compacted from all of its samples at once,
-    and at least a minute beyond `raw_keep_s`, so an hour-long window always reads raw rows."""
-    cutoff = math.floor((now - raw_keep_s) / 60.0) * 60.0 - 60.0
-    oldest = now - minute_keep_s
-    params = {"cutoff": cutoff, "oldest": oldest}
+    Minutes are summarised as soon as they end (raw rows stay an hour for the fine-grained views),
+    so a long window reads minute rows plus at most a minute or two of raw rows. A minute is always
+    summarised from all of its samples at once: the sampler compacts right after its own write."""
+    params = {
+        "current": math.floor(now / 60.0) * 60.0,  # start of the minute still being sampled
+        # raw rows are kept a minute beyond raw_keep_s, so an hour-long window always reads raw rows
+        "raw_cutoff": math.floor((now - raw_keep_s) / 60.0) * 60.0 - 60.0,
+        "oldest": now - minute_keep_s,
+    }
     with db.write_session(engine) as session:
         session.execute(
             text(
@@ -164,24 +171,30 @@ def compact(engine: Engine, now: float, raw_keep_s: float = RAW_KEEP_S, minute_k
                 " mem_total, temperature_mean, temperature_max, power_w_mean, power_w_max)"
                 " SELECT CAST(t / 60 AS INTEGER) * 60.0 AS minute, gpu_index, AVG(util_gpu), MAX(util_gpu),"
                 " AVG(mem_used), MAX(mem_used), MAX(mem_total), AVG(temperature), MAX(temperature),"
-                " AVG(power_w), MAX(power_w)"
-                " FROM gpu_sample WHERE t < :cutoff GROUP BY minute, gpu_index"
+                " AVG(power_w), MAX(power_w) FROM gpu_sample"
+                f" WHERE t >= ({_GPU_SUMMARISED_UNTIL}) AND t < :current GROUP BY minute, gpu_index"
             ),
             params,
         )
-        session.execute(text("DELETE FROM gpu_sample WHERE t < :cutoff"), params)
+        session.execute(text("DELETE FROM gpu_sample WHERE t < :raw_cutoff"), params)
         session.execute(text("DELETE FROM gpu_minute WHERE t < :oldest"), params)
         session.execute(
             text(
                 "INSERT INTO host_sample (t, resolution, cpu_percent, cpu_percent_max, ram_used, ram_total)"
                 " SELECT CAST(t / 60 AS INTEGER) * 60.0 AS minute, 'minute', AVG(cpu_percent),"
                 " MAX(COALESCE(cpu_percent_max, cpu_percent)), CAST(AVG(ram_used) AS INTEGER), MAX(ram_total)"
-                " FROM host_sample WHERE resolution = 'raw' AND t < :cutoff GROUP BY minute"
+                f" FROM host_sample WHERE resolution = 'raw' AND t >= ({_HOST_SUMMARISED_UNTIL}) AND t < :current"
+                " GROUP BY minute"
             ),
             params,
         )
-        session.execute(text("DELETE FROM host_sample WHERE resolution = 'raw' AND t < :cutoff"), params)
+        session.execute(text("DELETE FROM host_sample WHERE resolution = 'raw' AND t < :raw_cutoff"), params)
         session.execute(text("DELETE FROM host_sample WHERE resolution = 'minute' AND t < :oldest"), params)
+
+
+# The end of the last summarised minute (-1e18 when none): raw rows from there on are not in minute rows yet.
+_GPU_SUMMARISED_UNTIL = "SELECT COALESCE(MAX(t) + 60.0, -1e18) FROM gpu_minute"
+_HOST_SUMMARISED_UNTIL = "SELECT COALESCE(MAX(t) + 60.0, -1e18) FROM host_sample WHERE resolution = 'minute'"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,24 +237,24 @@ SERIES_COLUMNS = ["t", *_PER_GPU_COLUMNS[1:]]
 
 
 def _gpu_points_sql(width: float) -> str:
-    """The points of a range: raw rows (as they are for sub-minute buckets, else first reduced to one
-    row per minute so each minute weighs the same as a compacted minute row) and minute rows."""
+    """The points of a range. Sub-minute buckets read raw rows (kept for the hour such windows span);
+    coarser buckets read minute rows plus the raw rows of minutes not summarised yet, reduced to
+    one row per minute, so every minute weighs the same."""
     if width < 60:
-        raw = (
+        return (
             "SELECT t, gpu_index, util_gpu, util_gpu, mem_used, mem_used, mem_total, temperature, power_w"
             " FROM gpu_sample WHERE t >= :start AND t <= :now"
-        )
-    else:
-        raw = (
-            "SELECT CAST(t / 60 AS INTEGER) * 60.0 AS minute, gpu_index, AVG(util_gpu), MAX(util_gpu),"
-            " AVG(mem_used), MAX(mem_used), MAX(mem_total), AVG(temperature), AVG(power_w)"
-            " FROM gpu_sample WHERE t >= :start AND t <= :now GROUP BY minute, gpu_index"
         )
     minute = (
         "SELECT t, gpu_index, util_gpu_mean, util_gpu_max, mem_used_mean, mem_used_max, mem_total,"
         " temperature_mean, power_w_mean FROM gpu_minute WHERE t >= :start AND t <= :now"
     )
-    return f"{raw} UNION ALL {minute}"
+    recent = (
+        "SELECT CAST(t / 60 AS INTEGER) * 60.0 AS minute, gpu_index, AVG(util_gpu), MAX(util_gpu),"
+        " AVG(mem_used), MAX(mem_used), MAX(mem_total), AVG(temperature), AVG(power_w) FROM gpu_sample"
+        f" WHERE t >= MAX(:start, ({_GPU_SUMMARISED_UNTIL})) AND t <= :now GROUP BY minute, gpu_index"
+    )
+    return f"{minute} UNION ALL {recent}"
 
 
 def _per_gpu_sql(width: float) -> str:
@@ -290,16 +303,23 @@ HOST_COLUMNS = ["t", "cpu_percent", "cpu_percent_max", "ram_used", "ram_total"]
 
 
 def _host_sql(width: float) -> str:
-    # Raw rows reduced per minute (or kept per sample for sub-minute buckets), then the minute rows.
-    point = "t" if width < 60 else "CAST(t / 60 AS INTEGER) * 60.0"
+    """Like `_gpu_points_sql`: raw rows for sub-minute buckets, else minute rows + unsummarised minutes."""
+    if width < 60:
+        points = (
+            "SELECT t, cpu_percent, COALESCE(cpu_percent_max, cpu_percent), ram_used, ram_total FROM host_sample"
+            " WHERE resolution = 'raw' AND t >= :start AND t <= :now"
+        )
+    else:
+        points = (
+            "SELECT t, cpu_percent, cpu_percent_max, ram_used, ram_total FROM host_sample"
+            " WHERE resolution = 'minute' AND t >= :start AND t <= :now"
+            " UNION ALL"
+            " SELECT CAST(t / 60 AS INTEGER) * 60.0 AS minute, AVG(cpu_percent),"
+            " MAX(COALESCE(cpu_percent_max, cpu_percent)), AVG(ram_used), MAX(ram_total) FROM host_sample"
+            f" WHERE resolution = 'raw' AND t >= MAX(:start, ({_HOST_SUMMARISED_UNTIL})) AND t <= :now GROUP BY minute"
+        )
     return (
-        "WITH pts(t, c, c_max, r, rt) AS ("
-        f" SELECT {point} AS point, AVG(cpu_percent), MAX(COALESCE(cpu_percent_max, cpu_percent)),"
-        "  AVG(ram_used), MAX(ram_total) FROM host_sample"
-        "  WHERE resolution = 'raw' AND t >= :start AND t <= :now GROUP BY point"
-        " UNION ALL"
-        " SELECT t, cpu_percent, cpu_percent_max, ram_used, ram_total FROM host_sample"
-        "  WHERE resolution = 'minute' AND t >= :start AND t <= :now)"
+        f"WITH pts(t, c, c_max, r, rt) AS ({points})"
         " SELECT CAST(t / :width AS INTEGER) AS b, AVG(c), MAX(c_max), AVG(r), MAX(rt) FROM pts GROUP BY b ORDER BY b"
     )
 

@@ -135,7 +135,7 @@ def test_interval_must_be_positive(engine):
 
 
 # --------------------------------------------------------------------------- retention
-def test_raw_rows_become_minutes_after_an_hour_and_go_after_seven_days(engine):
+def test_minutes_are_summarised_raw_rows_go_after_an_hour_minutes_after_seven_days(engine):
     # Two hours of 5-second samples on two GPUs; GPU 1 at twice GPU 0's utilization.
     rows = [raw(T0 + s, g, util=(s % 60) * (g + 1), mem=(g + 1) * GiB) for s in range(0, 7200, 5) for g in (0, 1)]
     add_raw(engine, rows)
@@ -150,8 +150,8 @@ def test_raw_rows_become_minutes_after_an_hour_and_go_after_seven_days(engine):
     cutoff = math.floor((now - history.RAW_KEEP_S) / 60) * 60 - 60  # a minute of slack beyond the hour
     kept_minutes = (now - cutoff) / 60
     assert counts["gpu_sample"] == 2 * kept_minutes * 12  # raw rows of the last hour (+ slack) stay
-    assert counts["gpu_minute"] == 2 * (cutoff - T0) / 60  # every older minute, per GPU
-    assert counts["host_raw"] == kept_minutes * 12 and counts["host_minute"] == (cutoff - T0) / 60
+    assert counts["gpu_minute"] == 2 * 120  # every complete minute is summarised, raw or not
+    assert counts["host_raw"] == kept_minutes * 12 and counts["host_minute"] == 120
     with db.read_session(engine) as session:
         first = session.exec(select(GpuMinute).where(GpuMinute.t == T0, GpuMinute.gpu_index == 1)).one()
     utils = [(s % 60) * 2 for s in range(0, 60, 5)]
@@ -184,7 +184,7 @@ def test_eight_days_of_sampling_keep_an_hour_raw_and_a_week_of_minutes(engine, f
     assert len(raw_times) == 2 * 4  # this hour's and the previous hour's two ticks, per GPU
     # nothing older than 7 days (pruning runs with compaction, at most a minute late)
     assert min(minute_times) >= clock.t - history.MINUTE_KEEP_S - history.COMPACT_EVERY_S
-    assert len(minute_times) == 2 * (7 * 24 - 1)  # one minute row per hour per GPU, a week's worth
+    assert len(minute_times) == 2 * 7 * 24  # one summarised minute per hour per GPU, a week's worth
 
 
 # --------------------------------------------------------------------------- queries
@@ -195,6 +195,7 @@ def fill_week(engine, n_gpus: int = 8, now: float = T0 + 7 * DAY) -> float:
         engine, [minute(t, g, util=50) for t in range(int(now - 7 * DAY), int(raw_start), 60) for g in range(n_gpus)]
     )
     add_raw(engine, [raw(raw_start + s, g, util=50) for s in range(3600) for g in range(n_gpus)])
+    history.compact(engine, now)  # the last hour's complete minutes are summarised too
     return now
 
 
@@ -248,6 +249,16 @@ def test_in_a_bucket_each_minute_weighs_the_same_raw_or_compacted(engine):
     point = series[series["t"] == pd.Timestamp(start, unit="s", tz="UTC")].iloc[0]
     assert point["util_gpu"] == pytest.approx(20.0)  # (10 + 10 + 40) / 3, not dominated by 60 raw samples
     assert point["util_gpu_max"] == 40.0
+
+
+def test_summarising_minutes_does_not_change_long_views(engine):
+    add_raw(engine, [raw(T0 + s, g, util=(s * 7 + g) % 100, mem=s * 1000) for s in range(1800) for g in (0, 1)])
+    now = T0 + 1830
+    before = history.query_series(engine, "24h", False, now=now)
+    history.compact(engine, now)
+    assert history.row_counts(engine) == {"gpu_sample": 3600, "gpu_minute": 60, "host_raw": 0, "host_minute": 0}
+    after = history.query_series(engine, "24h", False, now=now)
+    pd.testing.assert_frame_equal(before, after, rtol=1e-12)  # each minute counted once, same values
 
 
 def test_unknown_window_is_refused(engine):

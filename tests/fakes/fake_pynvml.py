@@ -198,8 +198,10 @@ def reset() -> None:
     _state.update(scenario=None, file=None, file_mtime=None, initialized=False, init_calls=0)
 
 
-def current_scenario() -> dict:
-    if _state["scenario"] is not None and _state["file"] is None:
+def current_scenario(reload: bool = False) -> dict:
+    """The scenario in force. The file is checked for changes only when `reload` (nvmlInit and
+    nvmlDeviceGetCount, i.e. once per probe), not on every NVML call."""
+    if _state["scenario"] is not None and (_state["file"] is None or not reload):
         return _state["scenario"]
     path = os.environ.get(SCENARIO_ENV)
     if not path:
@@ -256,7 +258,7 @@ def _memory_used(spec: dict) -> int:
 # ---------------------------------------------------------------------------------------------
 def nvmlInit() -> None:
     _state["init_calls"] += 1
-    error = current_scenario().get("init_error")
+    error = current_scenario(reload=True).get("init_error")
     if error:
         raise NVMLError(_INIT_ERRORS[error])
     _state["initialized"] = True
@@ -272,7 +274,8 @@ def nvmlSystemGetDriverVersion() -> str:
 
 
 def nvmlDeviceGetCount() -> int:
-    return len(_gpus())
+    _gpus()
+    return len(current_scenario(reload=True)["gpus"])
 
 
 def nvmlDeviceGetHandleByIndex(index: int) -> _Handle:
