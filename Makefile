@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PORT ?= 8501
 
-.PHONY: run test install lint bench clean
+.PHONY: run test install lint bench clean saelens-check
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,3 +30,9 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# SAELens compatibility: loads our saved SAEs with sae_lens (heavy deps, so a side environment).
+saelens-check: install
+	$(PYTHON) -m venv --system-site-packages .venv-saelens
+	.venv-saelens/bin/pip install -q torch==2.13.0 sae-lens
+	.venv-saelens/bin/python -m pytest -q tests/test_sae_lens_compat.py tests/test_sae.py
