@@ -29,7 +29,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import pandas as pd
 from sqlalchemy import insert, text
@@ -432,7 +431,7 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__: list[Any] = [
+__all__ = [
     "Sampler",
     "write_probe",
     "compact",
