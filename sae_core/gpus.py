@@ -12,11 +12,14 @@ ours; `torch.cuda` sees neither. Rules kept here:
   `tests.fakes.fake_pynvml`, which keeps the real error classes, so the code below is what runs on a
   real machine.
 
-Index order. NVML numbers GPUs in PCI bus order; CUDA by default numbers the fastest first. The
-index shown everywhere in SAE Lab is the NVML one. A job is started with CUDA_DEVICE_ORDER=PCI_BUS_ID
-and CUDA_VISIBLE_DEVICES set by `cuda_visible_devices()` to the GPUs' UUIDs: a UUID names one
-physical GPU whatever the ordering, so "GPU 1" on the page is the GPU the job uses even if an
-environment overrides the order; indices are the fallback when NVML has no UUID.
+Index order. The index shown everywhere in SAE Lab (pages, Job.gpu_ids, the CLI) is NVML's, which
+in practice is PCI bus order (nvidia-smi's numbering). CUDA by default numbers the fastest GPU
+first, so a job must be started with CUDA_DEVICE_ORDER=PCI_BUS_ID and CUDA_VISIBLE_DEVICES naming
+its GPUs. `cuda_visible_devices()` gives their UUIDs: a UUID names one physical GPU whatever the
+ordering, and stays right even if the launcher itself runs under an outer CUDA_VISIBLE_DEVICES or
+NVML's enumeration differs from bus order (NVML does not promise a stable order). Indices, with
+PCI_BUS_ID order, name the same GPUs when every GPU is visible; they are the fallback when NVML has
+no UUID. MIG instances are listed under their GPU; a GPU in MIG mode is not offered for jobs.
 """
 
 from __future__ import annotations
