@@ -21,6 +21,15 @@ _LAZY = {
     "Prefetcher": "sae_core.data",
     "write_toy": "sae_core.data",
     "evaluate": "sae_core.evaluation",
+    "probe": "sae_core.gpus",
+    "Probe": "sae_core.gpus",
+    "estimate": "sae_core.memory",
+    "MemoryEstimate": "sae_core.memory",
+    "gpu_statuses": "sae_core.availability",
+    "recommend": "sae_core.availability",
+    "validate": "sae_core.availability",
+    "query_series": "sae_core.history",
+    "Sampler": "sae_core.history",
 }
 
 __all__ = ["TrainConfig", "ConfigError", *_LAZY]
