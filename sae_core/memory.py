@@ -27,7 +27,8 @@ bench/memory_accuracy.py on a CUDA GPU — see bench/RESULTS.md):
   * the optimizer step: foreach Adam allocates one temporary the size of the parameters;
   * b_dec initialisation: the first GLOBAL batch in float64 (x, x·scale, Weiszfeld temporaries),
     about 20 bytes per element of [batch_size, d_in] on every rank, before Adam states exist;
-  * evaluation on rank 0: an fp32 copy of the SAE plus a 4096-token chunk through it.
+  * evaluation on rank 0 (after gradients and Adam state are freed): an fp32 copy of the SAE plus a
+    4096-token chunk through it.
 - allocator_headroom: the caching allocator reserves more than it hands out (block rounding,
   cached segments of other sizes): a fraction of the peak, ALLOCATOR_HEADROOM.
 - cuda_context: CUDA context, kernels and libraries outside PyTorch's allocator, CUDA_CONTEXT_BYTES.
@@ -163,10 +164,10 @@ def step_activation_terms(cfg: TrainConfig, d_in: int, batch: int) -> dict[str, 
     }
 
 
-def _eval_extra(cfg: TrainConfig, d_in: int) -> int:
+def _eval_extra(cfg: TrainConfig, d_in: int, batch: int) -> int:
     if cfg.holdout_tokens <= 0:
         return 0
-    chunk = min(EVAL_CHUNK_TOKENS, cfg.holdout_tokens)
+    chunk = min(EVAL_CHUNK_TOKENS, cfg.holdout_tokens, batch)  # the trainer never evaluates more than a batch
     fp32_copy = parameter_count(cfg.architecture, d_in, cfg.d_sae) * 4 + 4 * cfg.d_sae
     return fp32_copy + _EVAL_BM[cfg.architecture] * chunk * cfg.d_sae + 3 * 4 * chunk * d_in
 
@@ -221,7 +222,8 @@ def estimate(cfg: TrainConfig, world_size: int, d_in: int | None = None) -> Memo
         "optimizer step": held + previous_batch + params,  # foreach Adam's sqrt(exp_avg_sq) temporary
         # b_dec init runs before any gradient or Adam state exists
         "b_dec initialisation": params + persistent["latent_statistics"] + _init_extra(cfg, d_in),
-        "evaluation (rank 0)": held + previous_batch + _eval_extra(cfg, d_in),
+        # the trainer frees gradients and Adam state before evaluating
+        "evaluation (rank 0)": params + persistent["latent_statistics"] + _eval_extra(cfg, d_in, batch),
     }
     peak_phase = max(phases, key=lambda name: phases[name])
     breakdown = {"cuda_context": CUDA_CONTEXT_BYTES, "nccl_buffers": NCCL_BYTES if world_size > 1 else 0}

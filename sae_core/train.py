@@ -338,6 +338,7 @@ class Trainer:
                 self.save_checkpoint(self.elapsed + time.perf_counter() - start)
         train_seconds = self.elapsed + time.perf_counter() - start
         self.reader.close()
+        del result  # the last batch and its outputs
         return self.finish(train_seconds)
 
     def log(self, x, out, tokens_per_s: float, eta_s: float) -> None:
@@ -358,8 +359,14 @@ class Trainer:
     def finish(self, train_seconds: float) -> dict:
         """Rank 0 evaluates on the holdout and writes the SAE; every rank returns the eval figures."""
         figures = {}
+        # The final checkpoint holds the optimizer; freeing gradients and Adam state here keeps the
+        # evaluation below the training step's memory peak.
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.state.clear()
         if self.env.is_main:
-            figures = evaluate(self.sae, self.data, self.batches.holdout_rows(), self.env.device)
+            figures = evaluate(
+                self.sae, self.data, self.batches.holdout_rows(), self.env.device, chunk=min(4096, self.per_rank_batch)
+            )
             figures.update(
                 dead_fraction=float((self.tokens_since_fired >= self.cfg.dead_tokens_window).float().mean()),
                 tokens_per_s=self.tokens / max(train_seconds, 1e-9),

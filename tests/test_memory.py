@@ -115,15 +115,11 @@ def test_bf16_weights_halve_the_exact_terms_and_autocast_adds_copies():
 
 
 def test_the_peak_moment_is_named():
-    # A small batch through a wide SAE: rank 0's evaluation chunk of 4096 tokens is the peak.
+    # A small batch through a wide SAE: evaluation runs in chunks no larger than the batch, after the
+    # optimizer state is freed, so it stays below the training step.
     wide = memory.estimate(make_cfg(architecture="standard", d_sae=65536, batch_size=512), 1, d_in=2048)
-    assert wide.peak_phase == "evaluation (rank 0)" and wide.breakdown["other_peak_excess"] > 0
-    assert (
-        memory.estimate(
-            make_cfg(architecture="standard", d_sae=65536, batch_size=512, holdout_tokens=0), 1, d_in=2048
-        ).peak_phase
-        != "evaluation (rank 0)"
-    )
+    assert wide.peak_phase != "evaluation (rank 0)"
+    assert wide.phases["evaluation (rank 0)"] < wide.phases["training step"]
     # A huge global batch over many GPUs: every rank inits b_dec from the whole first batch in fp64.
     init = memory.estimate(make_cfg(d_sae=4096, batch_size=262144, holdout_tokens=0), 8, d_in=4096)
     assert init.peak_phase == "b_dec initialisation"
