@@ -61,7 +61,7 @@ def pick_job(jobs) -> int:
 
 
 def actions(job) -> None:
-    c1, c2, _ = st.columns([1, 1, 4])
+    c1, c2, c3, c4 = st.columns([1, 1, 2, 2], vertical_alignment="center")
     if job.status in LIVE_STATUSES and c1.button("Cancel job", key="job_cancel", icon=":material/cancel:"):
         try:
             store.request_cancel(job.id)
@@ -78,11 +78,11 @@ def actions(job) -> None:
         else:
             st.session_state["jobs_pick_pending"] = new.id
             st.rerun(scope="app")
+    downloads(job, c3, c4)
 
 
-def downloads(job) -> None:
+def downloads(job, c1, c2) -> None:
     out_dir = Path(job.out_dir)
-    c1, c2 = st.columns(2)
     if ui_support.is_trained_sae(out_dir):
         zip_path = out_dir / ui_support.ZIP_NAME
         if ui_support.zip_is_current(zip_path, out_dir):
@@ -101,7 +101,7 @@ def downloads(job) -> None:
                 ui_support.build_sae_zip(out_dir)
             st.rerun()
     else:
-        c1.caption("The SAE files appear here when the job completes.")
+        c1.caption("The SAE download appears when the job completes.")
     c2.download_button(
         "Metrics CSV",
         data=lambda: ui_support.metrics_csv(store.metrics_frame(job.id)),
@@ -145,7 +145,7 @@ def job_detail(job_id: int, was_live: bool) -> None:
             st.markdown("**Peak memory per rank**")
             st.dataframe(peaks[["rank", "peak"]], hide_index=True)
 
-    log_tab, config_tab, files_tab = st.tabs(["Log", "Config", "Downloads"])
+    log_tab, config_tab = st.tabs(["Log", "Config"])
     with log_tab:
         for name in ("stdout.log", "stderr.log"):
             text = ui_support.tail_text(Path(job.out_dir) / "logs" / name)
@@ -153,8 +153,6 @@ def job_detail(job_id: int, was_live: bool) -> None:
             st.code(text or "(empty)", language=None)
     with config_tab:
         st.json(json.loads(job.config_json), expanded=True)
-    with files_tab:
-        downloads(job)
 
 
 st.title("Jobs")
