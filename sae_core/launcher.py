@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import logging
 import os
@@ -479,12 +480,27 @@ def terminate_job(job: Job, home: Path, grace_s: float = GRACE_S, engine=None) -
 # =========================================================================== the daemon
 
 
+def torch_build_has_cuda() -> bool | None:
+    """Read torch/version.py without importing torch: a CPU-only build says `cuda = None`."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.origin:
+        return None
+    try:
+        text = Path(spec.origin).with_name("version.py").read_text()
+    except OSError:
+        return None
+    match = re.search(r"^cuda\s*(?::[^=]*)?=\s*(.+)$", text, re.MULTILINE)
+    return None if match is None else match.group(1).strip() != "None"
+
+
 def cuda_available(python: str = sys.executable) -> bool:
-    """Whether a job can use CUDA here. Asked in a child process so the daemon never loads CUDA.
-    SAE_LAB_CUDA=0/1 overrides."""
+    """Whether a job can use CUDA here. A CPU-only torch build answers at once; otherwise a child
+    process asks torch (so the daemon itself never loads CUDA). SAE_LAB_CUDA=0/1 overrides."""
     forced = os.environ.get("SAE_LAB_CUDA")
     if forced in ("0", "1"):
         return forced == "1"
+    if python == sys.executable and torch_build_has_cuda() is False:
+        return False
     env = dict(os.environ, PYTORCH_NVML_BASED_CUDA_CHECK="1")
     try:
         result = subprocess.run(

@@ -282,3 +282,13 @@ def test_daemon_status_from_its_file(tmp_path):
     assert not launcher.daemon_status(tmp_path, now=101.0).running  # the pid now belongs to someone else
     (tmp_path / "daemon.json").write_text(json.dumps({**info, "stopped_at": 150.0}))
     assert not launcher.daemon_status(tmp_path, now=101.0).running
+
+
+def test_cuda_detection_reads_the_torch_build_and_honours_the_override(monkeypatch):
+    import torch
+
+    assert launcher.torch_build_has_cuda() == (torch.version.cuda is not None)
+    monkeypatch.setenv("SAE_LAB_CUDA", "1")
+    assert launcher.cuda_available() is True
+    monkeypatch.setenv("SAE_LAB_CUDA", "0")
+    assert launcher.cuda_available() is False

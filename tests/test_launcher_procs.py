@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from sae_core import cli_jobs, launcher, store
+from sae_core import cli_jobs, db, launcher, store
 from sae_core.config import TrainConfig
 from sae_core.models import ACTIVE_STATUSES, FINAL_STATUSES
 from tests.conftest import subprocess_env
@@ -285,35 +285,33 @@ def test_cancel_with_no_daemon_running_stops_the_job_from_the_cli(lab, toy_path,
 def test_daemon_kill_9_then_restart_readopts_a_live_job_and_fails_a_lost_one(lab, toy_path, tmp_path):
     home, start_daemon = lab
     first = start_daemon()
-    cfg = write_cfg(tmp_path, toy_path, total_steps=200, log_every=20, checkpoint_every=1000)
-    job_id = submit_cpu(cfg, 1)
-    wait_for(lambda: store.get_job(job_id).last_step > 0, 120, "training to start")
-    # Freeze the job while no launcher runs, so it cannot finish before the next daemon is up.
-    tree = job_processes_left(job_id, home)
-    for proc in tree:
+    live_id = submit_cpu(write_cfg(tmp_path, toy_path, total_steps=200, log_every=20, checkpoint_every=1000), 1)
+    lost_id = submit_cpu(write_cfg(tmp_path, toy_path, "long.json", total_steps=100_000, log_every=20), 1)
+    for job_id in (live_id, lost_id):  # both run at once (CPU budget = 2 cores)
+        wait_for(lambda job_id=job_id: store.get_job(job_id).last_step > 0, 120, f"job {job_id} to train")
+    # Freeze the live job while no launcher runs, so it cannot finish before the next daemon is up.
+    frozen = job_processes_left(live_id, home)
+    for proc in frozen:
         proc.suspend()
     first.kill9()
-    second = start_daemon()
-    wait_for(lambda: f"job {job_id}: re-adopted" in second.log_text(), 30, "re-adoption")
-    for proc in tree:
-        proc.resume()
-    job = wait_status(job_id, ("completed", "failed", "cancelled"))
-    assert job.status == "completed", job.error
-    assert job.exit_code == 0 and store.metrics_frame(job_id)["step"].iloc[-1] == 200
-    assert job_processes_left(job_id, home) == []
-
-    # Now kill the daemon AND every process of a running job: the next daemon must settle it.
-    lost_id = submit_cpu(write_cfg(tmp_path, toy_path, "long.json", total_steps=100_000, log_every=20), 1)
-    wait_for(lambda: store.get_job(lost_id).last_step > 0, 120, "training to start")
-    second.kill9()
+    # The other job loses every process too (its wrapper included: no exit code is ever recorded).
     victims = job_processes_left(lost_id, home)
     for proc in victims:
         proc.kill()
     psutil.wait_procs(victims, timeout=10)
-    start_daemon()
-    job = wait_status(lost_id, ("failed", "completed", "cancelled"), timeout=30)
-    assert (job.status, job.error) == ("failed", launcher.LOST_MESSAGE)
-    assert job_processes_left(lost_id, home) == []
+
+    second = start_daemon()
+    wait_for(lambda: f"job {live_id}: re-adopted" in second.log_text(), 30, "re-adoption")
+    lost = wait_status(lost_id, FINAL_STATUSES, timeout=30)
+    assert (lost.status, lost.error) == ("failed", launcher.LOST_MESSAGE)
+    assert store.get_job(live_id).status == "running"
+    for proc in frozen:
+        proc.resume()
+    job = wait_status(live_id, FINAL_STATUSES)
+    assert job.status == "completed", job.error
+    assert job.exit_code == 0 and store.metrics_frame(live_id)["step"].iloc[-1] == 200
+    for job_id in (live_id, lost_id):
+        assert job_processes_left(job_id, home) == []
 
 
 def test_resume_of_a_cancelled_job_ends_with_the_weights_of_an_uninterrupted_run(lab, toy_path, tmp_path):
@@ -344,3 +342,67 @@ def test_resume_of_a_cancelled_job_ends_with_the_weights_of_an_uninterrupted_run
     assert got.keys() == want.keys()
     for name in want:
         assert (got[name] == want[name]).all(), f"{name} differs after resume"
+
+
+# Four processes race to submit; each job is tiny (2 steps). Pattern per process, rotated by its number:
+# 16 one-GPU jobs and 4 two-GPU jobs onto the 2 fake GPUs.
+SUBMITTER = r"""
+import contextlib, io, json, sys
+from sae_core import cli_jobs
+me, cfg = int(sys.argv[1]), sys.argv[2]
+pattern = ["0", "1", "0,1", "1", "0"]
+ids = []
+for i in range(5):
+    gpus = pattern[(i + me) % 5]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli_jobs.cli_submit(["--config", cfg, "--gpus", gpus, "--json", "--no-daemon", "--name", f"p{me}-{i}"])
+    assert code == 0, code
+    ids.append(json.loads(out.getvalue())["id"])
+print(json.dumps(ids))
+"""
+
+
+def test_twenty_racing_submissions_on_two_fake_gpus_run_once_each_without_sharing(lab, toy_path, tmp_path):
+    from tests.fakes import fake_pynvml as fake
+    from tests.test_store_concurrency import held_intervals_overlap
+
+    home, start_daemon = lab
+    scenario = fake.write_scenario(tmp_path / "gpus.json", n_gpus=2)
+    env = subprocess_env(SAE_LAB_HOME=str(home), **fake.env_for(scenario))
+    cfg = write_cfg(tmp_path, toy_path, total_steps=2, log_every=1, checkpoint_every=2)
+    start_daemon("--sample-interval", "1", env=env)  # the GPU sampler runs in the daemon too
+    submitters = [
+        subprocess.Popen(
+            [sys.executable, "-c", SUBMITTER, str(n), str(cfg)], env=env, stdout=subprocess.PIPE, text=True
+        )
+        for n in range(4)
+    ]
+    submitted = []
+    for proc in submitters:
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0
+        submitted += json.loads(out)
+    assert sorted(submitted) == list(range(1, 21))
+
+    def all_final():
+        jobs = store.list_jobs()
+        return jobs if all(j.status in FINAL_STATUSES for j in jobs) else None
+
+    jobs = wait_for(all_final, 240, "all 20 jobs to end", poll=0.5)
+    assert [j.status for j in jobs] == ["completed"] * 20, [(j.id, j.status, j.error) for j in jobs]
+    assert sorted(len(j.gpu_list) for j in jobs) == [1] * 16 + [2] * 4
+    assert held_intervals_overlap(jobs) == []
+    span = max(j.finished_at for j in jobs) - min(j.created_at for j in jobs)
+    mean_run = sum(j.finished_at - j.started_at for j in jobs) / len(jobs)
+    print(f"\n20 jobs on 2 fake GPUs: {span:.1f} s from first submission to last finish, {mean_run:.1f} s per job")
+    for job in jobs:
+        # ran exactly once: one start, one training run, its process started inside its reservation
+        stdout_log = (Path(job.out_dir) / "logs" / "stdout.log").read_text()
+        assert stdout_log.count("done: ") == 1
+        assert len((Path(job.out_dir) / "metrics.jsonl").read_text().splitlines()) == 3  # steps 1, 2 + done
+        assert job.started_at - 1 <= job.pid_start_time <= job.finished_at
+        assert job_processes_left(job.id, home) == []
+    from sae_core import history
+
+    assert history.row_counts(db.get_engine(home))["gpu_sample"] > 0
