@@ -431,11 +431,12 @@ def root_cause(log_dir: Path, exit_code: int | None) -> str:
 
 def outcome(job: Job, exit_code: int | None, log_dir: Path) -> tuple[str, str | None]:
     """(final status, error message) of a job whose processes are gone."""
+    finished = exit_code == 0 and (Path(job.out_dir) / "eval.json").is_file()
+    if finished:
+        return "completed", None  # even if a cancel arrived: it came too late to stop anything
     if job.cancel_requested:
         return "cancelled", "cancelled on request"
     if exit_code == 0:
-        if (Path(job.out_dir) / "eval.json").is_file():
-            return "completed", None
         return "failed", "training exited with code 0 but wrote no eval.json"
     if exit_code is None:
         return "failed", LOST_MESSAGE

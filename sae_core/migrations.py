@@ -59,8 +59,18 @@ def current_version(conn: Connection) -> int | None:
     return int(row[0])
 
 
+def _up_to_date(engine: Engine) -> bool:
+    """Read-only check, so that a process opening a current file never waits for the write lock."""
+    with engine.connect() as conn:
+        with conn.begin():
+            missing = set(SQLModel.metadata.tables) - set(inspect(conn).get_table_names())
+            return not missing and current_version(conn) == SCHEMA_VERSION
+
+
 def upgrade(engine: Engine) -> int:
     """Bring the file to SCHEMA_VERSION (creating it if empty); returns the version it had (None -> 0)."""
+    if _up_to_date(engine):
+        return SCHEMA_VERSION
     with engine.connect() as conn:
         conn.info["write"] = True
         try:

@@ -392,7 +392,11 @@ def resume_job(job_id: int, submitted_by: str = "", engine: Engine | None = None
     old = require_job(job_id, engine)
     if old.status not in ("failed", "cancelled"):
         raise JobError(f"job {job_id} is {old.status}; only failed or cancelled jobs can be resumed")
-    if resumable_checkpoint(old) is None:
+    # A resume that died before its first checkpoint continues from its own source's checkpoint.
+    source = old
+    while resumable_checkpoint(source) is None and source.resumed_from is not None:
+        source = require_job(source.resumed_from, engine)
+    if resumable_checkpoint(source) is None:
         raise JobError(f"job {job_id} has no complete checkpoint in {old.out_dir}/checkpoints to resume from")
     cfg = TrainConfig.model_validate_json(old.config_json)
     return submit_job(
@@ -401,7 +405,7 @@ def resume_job(job_id: int, submitted_by: str = "", engine: Engine | None = None
         old.cpu_procs if old.is_cpu_job else None,
         name=f"{old.name} (resumed)" if not old.name.endswith("(resumed)") else old.name,
         submitted_by=submitted_by or old.submitted_by,
-        resumed_from=job_id,
+        resumed_from=source.id,
         engine=engine,
     )
 

@@ -221,6 +221,7 @@ def test_outcome_of_ended_jobs(tmp_path):
     assert launcher.outcome(job, None, logs) == ("failed", launcher.LOST_MESSAGE)
     job.cancel_requested = True
     assert launcher.outcome(job, -15, logs) == ("cancelled", "cancelled on request")
+    assert launcher.outcome(job, 0, logs) == ("completed", None)  # the cancel came after the end
 
 
 # --------------------------------------------------------------------------- jobwrap

@@ -180,6 +180,10 @@ def test_resume_needs_a_failed_or_cancelled_job_with_a_complete_checkpoint(lab_h
     assert resumed.resumed_from == j.id and resumed.status == "queued"
     assert resumed.gpu_list == [1] and resumed.name == "base (resumed)" and resumed.submitted_by == "ada"
     assert resumed.config_json == j.config_json
+    # a resume that fails before its own first checkpoint is resumed from the checkpoint it started from
+    store.finish_job(resumed.id, "failed", 1, "boom")
+    again = store.resume_job(resumed.id)
+    assert again.resumed_from == j.id and again.name == "base (resumed)"
 
 
 # --------------------------------------------------------------------------- metrics
