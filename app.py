@@ -65,7 +65,7 @@ def sidebar() -> None:
         st.markdown("**GPUs**")
         st.caption(ui_support.gpu_summary(probe, now=time.time()))
         st.markdown("**SAE_LAB_HOME**")
-        st.code(str(home), language=None)
+        st.caption(f"`{home}`")
 
 
 password_gate()

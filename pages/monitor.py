@@ -24,14 +24,19 @@ def gpu_card(gpu, series) -> None:
             st.error(gpu.error)
         users = ui_support.gpu_users(gpu)
         badges = [ui_support.badge(u, "violet" if u.startswith("job") else "orange") for u in users]
-        st.markdown(" ".join(badges) or ui_support.badge("idle", "gray"))
+        st.markdown(" ".join(badges) or ui_support.badge("no processes", "gray"))
         st.markdown(ui_support.memory_bar_html(gpu.memory_used, gpu.memory_total), unsafe_allow_html=True)
         st.caption(
             f"Util {ui_support.format_percent(gpu.util_gpu)} · "
             f"{'—' if gpu.temperature is None else f'{gpu.temperature:.0f} °C'} · "
             f"{ui_support.power_label(gpu.power_w, gpu.power_limit_w)}"
         )
-        st.vega_lite_chart(series[series["gpu"] == gpu.index], ui_support.gpu_history_spec(), width="stretch")
+        st.vega_lite_chart(
+            series[series["gpu"] == gpu.index],
+            ui_support.gpu_history_spec(),
+            width="stretch",
+            height=ui_support.GPU_CARD_CHART_HEIGHT,
+        )
 
 
 def aggregated_card(gpus, series) -> None:
@@ -46,7 +51,7 @@ def aggregated_card(gpus, series) -> None:
         )
         cols[2].metric("Power", ui_support.power_label(totals["power_w"], totals["power_limit_w"]))
         st.markdown(ui_support.memory_bar_html(totals["memory_used"], totals["memory_total"]), unsafe_allow_html=True)
-        st.vega_lite_chart(series, ui_support.gpu_history_spec(height=220), width="stretch")
+        st.vega_lite_chart(series, ui_support.gpu_history_spec(), width="stretch", height=ui_support.WIDE_CHART_HEIGHT)
 
 
 def host_section(engine, probe) -> None:
@@ -58,7 +63,9 @@ def host_section(engine, probe) -> None:
     cols[2].metric("Last sample", f"{max(0.0, time.time() - probe.t):.0f} s ago")
     host_series = ui_support.host_history_long(history.query_host(engine, window))
     if not host_series.empty:
-        st.vega_lite_chart(host_series, ui_support.host_history_spec(), width="stretch")
+        st.vega_lite_chart(
+            host_series, ui_support.host_history_spec(), width="stretch", height=ui_support.WIDE_CHART_HEIGHT
+        )
 
 
 @st.fragment(run_every=2)

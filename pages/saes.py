@@ -45,7 +45,9 @@ else:
     st.caption(f"{dead:,} of {len(log10_freq):,} latents never fired on the training tokens (dead).")
     histogram = ui_support.firing_histogram(log10_freq)
     if not histogram.empty:
-        st.vega_lite_chart(histogram, ui_support.firing_histogram_spec(), width="stretch")
+        st.vega_lite_chart(
+            histogram, ui_support.firing_histogram_spec(), width="stretch", height=ui_support.WIDE_CHART_HEIGHT
+        )
 
 st.markdown("**Download**")
 zip_path = sae_dir / ui_support.ZIP_NAME

@@ -603,8 +603,8 @@ def gpu_history_long(series: pd.DataFrame) -> pd.DataFrame:
         {
             "t": series["t"],
             "gpu": series["gpu"],
-            "utilization %": series["util_gpu"],
-            "memory %": series["mem_used"] / series["mem_total"].where(series["mem_total"] > 0) * 100,
+            "util %": series["util_gpu"],
+            "mem %": series["mem_used"] / series["mem_total"].where(series["mem_total"] > 0) * 100,
         }
     )
     long = frame.melt(id_vars=["t", "gpu"], var_name="metric", value_name="value")
@@ -638,20 +638,36 @@ def power_label(power_w: float | None, limit_w: float | None) -> str:
 # attached by st.vega_lite_chart.
 
 
-GPU_SERIES = ("utilization %", "memory %")
+def _detached(chart) -> dict:
+    """The chart's spec without data: Altair fills in an empty placeholder dataset (and a facet needs
+    a named one), which would hide the frame given to st.vega_lite_chart. Its default 300 px view
+    config goes too, so Streamlit's theme applies."""
+    spec = chart.to_dict()
+    for key in ("data", "datasets", "config"):
+        spec.pop(key, None)
+    return spec
+
+
+GPU_SERIES = ("util %", "mem %")
 HOST_SERIES = ("CPU %", "RAM %")
 
 
-def gpu_history_spec(height: int = 110) -> dict:
-    return copy.deepcopy(_percent_lines_spec(height, GPU_SERIES))
+# Heights are given to st.vega_lite_chart (the whole chart, axes and legend included), not put in
+# the spec: Streamlit fits a spec height to the outer box, which squeezes a small chart's plot to nothing.
+GPU_CARD_CHART_HEIGHT = 170
+WIDE_CHART_HEIGHT = 260
 
 
-def host_history_spec(height: int = 140) -> dict:
-    return copy.deepcopy(_percent_lines_spec(height, HOST_SERIES))
+def gpu_history_spec() -> dict:
+    return copy.deepcopy(_percent_lines_spec(GPU_SERIES))
+
+
+def host_history_spec() -> dict:
+    return copy.deepcopy(_percent_lines_spec(HOST_SERIES))
 
 
 @functools.cache
-def _percent_lines_spec(height: int, series: tuple[str, ...]) -> dict:
+def _percent_lines_spec(series: tuple[str, ...]) -> dict:
     import altair as alt
 
     chart = (
@@ -664,13 +680,12 @@ def _percent_lines_spec(height: int, series: tuple[str, ...]) -> dict:
                 "metric:N",
                 title=None,
                 scale=alt.Scale(domain=list(series), range=["#10b981", "#6366f1"]),
-                legend=alt.Legend(orient="bottom", direction="horizontal"),
+                legend=alt.Legend(orient="top", direction="horizontal", labelLimit=120),
             ),
             tooltip=[alt.Tooltip("t:T", format="%Y-%m-%d %H:%M:%S"), "metric:N", alt.Tooltip("value:Q", format=".0f")],
         )
-        .properties(height=height)
     )
-    return chart.to_dict()
+    return _detached(chart)
 
 
 def metrics_spec(columns: int = 3) -> dict:
@@ -695,9 +710,7 @@ def _metrics_spec(columns: int) -> dict:
         .facet(facet=alt.Facet("metric:N", title=None, sort=list(CHART_METRICS)), columns=columns)
         .resolve_scale(y="independent")
     )
-    spec = chart.to_dict()
-    spec.pop("data", None)
-    return spec
+    return _detached(chart)
 
 
 def firing_histogram_spec() -> dict:
@@ -717,9 +730,8 @@ def _firing_histogram_spec() -> dict:
             y=alt.Y("latents:Q", title="latents"),
             tooltip=["log10_freq_start:Q", "log10_freq_end:Q", "latents:Q"],
         )
-        .properties(height=220)
     )
-    return chart.to_dict()
+    return _detached(chart)
 
 
 def host_history_long(frame: pd.DataFrame) -> pd.DataFrame:

@@ -380,9 +380,9 @@ def test_gpu_history_long_memory_in_percent():
     t = pd.to_datetime([0, 1], unit="s", utc=True)
     series = pd.DataFrame({"t": t, "gpu": [0, 0], "util_gpu": [10.0, None], "mem_used": [20, 40], "mem_total": [80, 0]})
     long = ui.gpu_history_long(series)
-    memory = long[long["metric"] == "memory %"]["value"].tolist()
+    memory = long[long["metric"] == "mem %"]["value"].tolist()
     assert memory == [25.0]  # a zero total gives no point rather than inf
-    assert long[long["metric"] == "utilization %"]["value"].tolist() == [10.0]
+    assert long[long["metric"] == "util %"]["value"].tolist() == [10.0]
 
 
 def test_gpu_summary_lines():

@@ -1,0 +1,191 @@
+"""Screenshots of every page for the README, taken with the same headless Chromium as the e2e test.
+
+A throwaway SAE_LAB_HOME gets a fake 8-GPU workstation (fake NVML: some GPUs busy with a foreign process,
+one nearly full) with 24 h of history, the toy dataset, one real 2-process CPU training run (so the Jobs
+and SAEs pages show real curves and a real SAE), a failed and a cancelled job. Then `streamlit run app.py`
+(which starts the launcher daemon) is photographed page by page.
+
+    .venv/bin/python bench/screenshots.py [--out docs/screenshots]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+VIEWPORT = {"width": 1440, "height": 1000}
+
+
+def workstation(me: int) -> dict:
+    from tests.fakes import fake_pynvml as fake
+
+    gib = fake.GiB
+    return fake.scenario(
+        n_gpus=8,
+        topology="dgx",
+        overrides={
+            0: {
+                "util_gpu": 97,
+                "memory_used": 61 * gib,
+                "temperature": 71,
+                "power_w": 612.0,
+                "processes": [fake.process(me, 60 * gib)],
+            },
+            1: {
+                "util_gpu": 95,
+                "memory_used": 61 * gib,
+                "temperature": 69,
+                "power_w": 598.0,
+                "processes": [fake.process(me, 60 * gib)],
+            },
+            2: {"util_gpu": 12, "memory_used": 58 * gib, "temperature": 45, "power_w": 160.0},
+            3: {
+                "util_gpu": 88,
+                "memory_used": 77 * gib,
+                "temperature": 66,
+                "power_w": 540.0,
+                "processes": [fake.process(me, 76 * gib)],
+            },
+            4: {"util_gpu": 0, "memory_used": 1 * gib},
+            5: {"util_gpu": 0, "memory_used": 1 * gib},
+        },
+    )
+
+
+def submit_jobs(home: Path) -> int:
+    from sae_core import store
+    from sae_core.config import TrainConfig
+
+    toy = str(home / "datasets" / "toy.safetensors")
+    good = TrainConfig(
+        activation_source=toy,
+        d_sae=512,
+        k=16,
+        total_steps=400,
+        batch_size=2048,
+        checkpoint_every=200,
+        log_every=5,
+        device="cpu",
+    )
+    job = store.submit_job(good, None, 2, name="toy-topk-512", submitted_by="ana")
+    bad = good.model_copy(update={"activation_source": str(home / "datasets" / "layer12")})
+    store.submit_job(bad, None, 2, name="l12-typo-in-path", submitted_by="bo")
+    cancelled = store.submit_job(good, None, 1, name="lr-sweep-3e-4", submitted_by="bo")
+    store.request_cancel(cancelled.id)
+    return job.id
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "screenshots")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    from playwright.sync_api import expect, sync_playwright
+    from ui_render import seed_history
+
+    from tests.fakes import fake_pynvml as fake
+    from tests.test_e2e_browser import CHROMIUM_ARGS, chromium_path, free_port, stop_everything, wait_healthy
+
+    tmp = Path(tempfile.mkdtemp(prefix="sae_lab_shots_"))
+    home = tmp / "lab"
+    home.mkdir()
+    scenario_file = fake.write_scenario(tmp / "gpus.json", workstation(os.getpid()))
+    env = dict(os.environ, SAE_LAB_HOME=str(home), OMP_NUM_THREADS="1", **fake.env_for(scenario_file))
+    env["PYTHONPATH"] = str(REPO)
+    env.pop("SAE_LAB_PASSWORD", None)
+    os.environ.update(SAE_LAB_HOME=str(home), **fake.env_for(scenario_file))
+
+    from sae_core import data, db, store, ui_support
+
+    engine = db.get_engine()
+    seed_history(engine, time.time())
+    data.write_toy(home / "datasets" / ui_support.TOY_FILE_NAME, **ui_support.TOY_DEFAULTS)
+    job_id = submit_jobs(home)
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            "app.py",
+            "--server.headless",
+            "true",
+            "--server.port",
+            str(port),
+            "--server.address",
+            "127.0.0.1",
+            "--browser.gatherUsageStats",
+            "false",
+            "--server.fileWatcherType",
+            "none",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=open(tmp / "streamlit.log", "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        wait_healthy(url, server)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport=VIEWPORT)
+            page.set_default_timeout(60_000)
+            page.goto(url)  # the first visit starts the launcher daemon
+            deadline = time.time() + 600
+            while store.get_job(job_id).status not in ("completed", "failed") and time.time() < deadline:
+                time.sleep(2)
+            print("training job:", store.get_job(job_id).status)
+
+            page.set_viewport_size({"width": 1440, "height": 1900})
+            page.goto(url + "/monitor")
+            page.get_by_text("1h", exact=True).first.click()
+            expect(page.get_by_text("GPU 7").first).to_be_visible()
+            time.sleep(3)
+            page.screenshot(path=args.out / "monitor.png", full_page=True)
+
+            page.set_viewport_size({"width": 1440, "height": 1900})
+            page.goto(url + "/train")
+            expect(page.get_by_text("Where it runs")).to_be_visible()
+            page.get_by_label("Your name").fill("ana")
+            page.get_by_label("Your name").press("Enter")
+            page.get_by_label("How many").fill("2")
+            page.get_by_label("How many").press("Enter")
+            time.sleep(1)
+            page.get_by_role("button", name="Recommend").click()
+            time.sleep(2)
+            page.screenshot(path=args.out / "train.png", full_page=True)
+
+            page.set_viewport_size({"width": 1440, "height": 1700})
+            page.goto(f"{url}/jobs?job={job_id}")
+            expect(page.locator("h3", has_text="toy-topk-512")).to_be_visible()
+            time.sleep(3)
+            page.screenshot(path=args.out / "jobs.png", full_page=True)
+
+            page.set_viewport_size({"width": 1440, "height": 1500})
+            page.goto(url + "/saes")
+            expect(page.get_by_text("Feature firing frequency")).to_be_visible()
+            time.sleep(2)
+            page.screenshot(path=args.out / "saes.png", full_page=True)
+            browser.close()
+    finally:
+        stop_everything(server, home)
+    print("screenshots in", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
