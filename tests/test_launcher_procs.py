@@ -119,7 +119,12 @@ class Daemon:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        wait_for(lambda: launcher.daemon_status(self.home).pid == self.proc.pid, 60, "the daemon to start")
+        # up when its status file names it (a --once daemon may already be done by then)
+        wait_for(
+            lambda: launcher.daemon_status(self.home).pid == self.proc.pid or self.proc.poll() is not None,
+            60,
+            "the daemon to start",
+        )
         return self
 
     def kill9(self) -> None:
@@ -300,9 +305,11 @@ def test_daemon_kill_9_then_restart_readopts_a_live_job_and_fails_a_lost_one(lab
         proc.kill()
     psutil.wait_procs(victims, timeout=10)
 
+    restarted = time.time()
     second = start_daemon()
     wait_for(lambda: f"job {live_id}: re-adopted" in second.log_text(), 30, "re-adoption")
     lost = wait_status(lost_id, FINAL_STATUSES, timeout=30)
+    print(f"\ndaemon restart -> lost job failed {lost.finished_at - restarted:.2f} s after the new daemon was started")
     assert (lost.status, lost.error) == ("failed", launcher.LOST_MESSAGE)
     assert store.get_job(live_id).status == "running"
     for proc in frozen:
@@ -322,8 +329,10 @@ def test_resume_of_a_cancelled_job_ends_with_the_weights_of_an_uninterrupted_run
     cancelled_id = submit_cpu(cfg, 1, "--name", "to cancel")  # the CPU budget (2 cores) runs both at once
     checkpoints = Path(store.get_job(cancelled_id).out_dir) / "checkpoints"
     wait_for(lambda: list(checkpoints.glob("step_*/COMPLETE")), 120, "the first checkpoint", poll=0.01)
+    asked = time.time()
     cancelled, message = cli_jobs.cancel(cancelled_id, wait_s=30)  # in-process: no CLI start-up delay
     assert cancelled.status == "cancelled", message
+    print(f"\ncancel -> cancelled (daemon, SIGTERM) in {cancelled.finished_at - asked:.2f} s")
     assert cancelled.last_step < 400, "the job finished before the cancel: nothing to resume"
     assert job_processes_left(cancelled_id, home) == []
 
@@ -344,21 +353,16 @@ def test_resume_of_a_cancelled_job_ends_with_the_weights_of_an_uninterrupted_run
         assert (got[name] == want[name]).all(), f"{name} differs after resume"
 
 
-# Four processes race to submit; each job is tiny (2 steps). Pattern per process, rotated by its number:
-# 16 one-GPU jobs and 4 two-GPU jobs onto the 2 fake GPUs.
+# Four processes race to submit (store.submit_job: the CLI's checks are tested on their own and would
+# only add a torch import per process); each job is tiny (2 steps). Pattern per process, rotated by
+# its number: 16 one-GPU jobs and 4 two-GPU jobs onto the 2 fake GPUs.
 SUBMITTER = r"""
-import contextlib, io, json, sys
-from sae_core import cli_jobs
-me, cfg = int(sys.argv[1]), sys.argv[2]
+import json, sys
+from sae_core import store
+from sae_core.config import TrainConfig
+me, cfg = int(sys.argv[1]), TrainConfig.from_json_file(sys.argv[2])
 pattern = ["0", "1", "0,1", "1", "0"]
-ids = []
-for i in range(5):
-    gpus = pattern[(i + me) % 5]
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = cli_jobs.cli_submit(["--config", cfg, "--gpus", gpus, "--json", "--no-daemon", "--name", f"p{me}-{i}"])
-    assert code == 0, code
-    ids.append(json.loads(out.getvalue())["id"])
+ids = [store.submit_job(cfg, pattern[(i + me) % 5], None, name=f"p{me}-{i}").id for i in range(5)]
 print(json.dumps(ids))
 """
 
