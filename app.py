@@ -1,7 +1,11 @@
 """SAE Lab web app: access gate, sidebar (launcher, lab folder, GPUs) and the page router.
 
-Run with `streamlit run app.py` (or `make run`). Pages live in pages/ and are thin views
+Run with `streamlit run app.py` (or `make run`). The pages live in views/ and are thin views
 over sae_core; nothing here talks to NVML or starts training directly.
+
+Why views/ and not pages/: Streamlit (1.67) treats a `pages/` folder beside the main script as a
+v1 multipage app whatever st.navigation says, and serves /jobs by running pages/jobs.py alone,
+skipping this script and so the password gate and the sidebar.
 """
 
 from __future__ import annotations
@@ -20,20 +24,29 @@ def _secret(name: str):
     return st.secrets.get(name)
 
 
-def password_gate() -> None:
-    """When SAE_LAB_PASSWORD is set, nothing renders until this browser session has given it."""
-    expected = ui_support.configured_password(os.environ, _secret)
-    if expected is None or st.session_state.get("authenticated"):
-        return
+def sign_in_page() -> None:
     st.title("SAE Lab")
     with st.form("login", border=False):
         given = st.text_input("Password", type="password", key="login_password")
         submitted = st.form_submit_button("Enter", type="primary")
     if submitted:
-        if ui_support.password_matches(given or "", expected):
+        if ui_support.password_matches(given or "", st.session_state["expected_password"]):
             st.session_state["authenticated"] = True
+            del st.session_state["expected_password"]
             st.rerun()
         st.error("Wrong password.")
+
+
+def password_gate() -> None:
+    """When SAE_LAB_PASSWORD is set, nothing renders until this browser session has given it.
+
+    The locked app still routes through st.navigation, with the sign-in page as its only page, so any
+    URL (/jobs, /train, ...) lands on the sign-in page."""
+    expected = ui_support.configured_password(os.environ, _secret)
+    if expected is None or st.session_state.get("authenticated"):
+        return
+    st.session_state["expected_password"] = expected
+    st.navigation([st.Page(sign_in_page, title="Sign in", icon=":material/lock:")], position="hidden").run()
     st.stop()
 
 
@@ -72,11 +85,11 @@ password_gate()
 sidebar()
 navigation = st.navigation(
     [
-        st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
-        st.Page("pages/monitor.py", title="Monitor", icon=":material/monitoring:"),
-        st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
-        st.Page("pages/jobs.py", title="Jobs", icon=":material/list_alt:"),
-        st.Page("pages/saes.py", title="SAEs", icon=":material/download:"),
+        st.Page("views/home.py", title="Home", icon=":material/home:", default=True),
+        st.Page("views/monitor.py", title="Monitor", icon=":material/monitoring:"),
+        st.Page("views/train.py", title="Train", icon=":material/model_training:"),
+        st.Page("views/jobs.py", title="Jobs", icon=":material/list_alt:"),
+        st.Page("views/saes.py", title="SAEs", icon=":material/download:"),
     ]
 )
 navigation.run()

@@ -211,12 +211,12 @@ def main(argv: list[str] | None = None) -> int:
             at = AppTest.from_file(app, default_timeout=60)
             at.session_state["monitor_window"] = window
             at.session_state["monitor_aggregate"] = aggregate
-            at.switch_page("pages/monitor.py")
+            at.switch_page("views/monitor.py")
             view = "aggregated" if aggregate else "per-GPU"
             rows.append(report(f"Monitor, 8 GPUs, {view}, window {window}", time_reruns(at, args.reruns)))
     at = AppTest.from_file(app, default_timeout=60)
     at.query_params["job"] = str(job_id)
-    at.switch_page("pages/jobs.py")
+    at.switch_page("views/jobs.py")
     rows.append(report(f"Jobs, {N_JOBS} jobs, running job with {N_STEPS // 1000}k steps", time_reruns(at, args.reruns)))
     worst = max(r["median_ms"] for r in rows)
     print(f"\nworst median: {worst:.1f} ms (budget 200 ms)")

@@ -68,7 +68,7 @@ def _big_sae(directory: Path) -> Path:
     return directory
 
 
-@pytest.mark.parametrize("page", ["pages/jobs.py", "pages/saes.py"])
+@pytest.mark.parametrize("page", ["views/jobs.py", "views/saes.py"])
 def test_offered_1gb_download_is_not_read_on_reruns(lab, page):  # noqa: F811
     job_id = lab.job("completed")
     _big_sae(Path(store.get_job(job_id).out_dir))

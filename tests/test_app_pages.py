@@ -104,7 +104,7 @@ def test_first_run_creates_the_database_and_offers_a_toy_dataset(lab):
     toy = lab.home / "datasets" / ui_support.TOY_FILE_NAME
     assert toy.is_file()
     assert "Created" in texts(at)
-    at.switch_page("pages/train.py").run()
+    at.switch_page("views/train.py").run()
     assert ui_support.TOY_FILE_NAME in at.selectbox(key="train_dataset").options
 
 
@@ -129,15 +129,13 @@ def test_launcher_started_once_per_session_then_by_button(lab):
     at = lab.page()
     assert lab.ensure_calls == 1
     assert "not running" in "\n".join(str(m.value) for m in at.sidebar.markdown)
-    start = at.sidebar.button(key="start_launcher")
     at.run()
     assert lab.ensure_calls == 1  # not on every rerun
     lab.daemon_running = True
-    start.click().run()
+    at.sidebar.button(key="start_launcher").click().run()
     no_exception(at)
     assert lab.ensure_calls == 2
-    # (AppTest drops the sidebar of st.navigation apps on reruns, so the new badge is read from a fresh session)
-    assert "running · pid 4242" in "\n".join(str(m.value) for m in lab.page().sidebar.markdown)
+    assert "running · pid 4242" in "\n".join(str(m.value) for m in at.sidebar.markdown)
 
 
 def test_no_password_configured_shows_the_app(lab):
@@ -163,22 +161,32 @@ def test_password_gate_wrong_then_right(lab, monkeypatch, source):
     at.button[0].click().run()
     no_exception(at)
     assert "Datasets" in texts(at)
-    at.switch_page("pages/jobs.py").run()  # asked once per session, not per page
+    at.switch_page("views/jobs.py").run()  # asked once per session, not per page
     assert at.title[0].value == "Jobs"
+
+
+def test_locked_app_serves_no_page_but_sign_in(lab, monkeypatch):
+    monkeypatch.setenv("SAE_LAB_PASSWORD", "s3cret")
+    lab.job("completed")
+    at = AppTest.from_file(APP, default_timeout=30)
+    at.switch_page("views/jobs.py").run()
+    no_exception(at)
+    assert [w.key for w in at.text_input] == ["login_password"]
+    assert "Jobs" not in [t.value for t in at.title] and not at.dataframe
 
 
 # --------------------------------------------------------------------------- monitor
 
 
 def test_monitor_before_any_sample(lab):
-    at = lab.page("pages/monitor.py")
+    at = lab.page("views/monitor.py")
     no_exception(at)
     assert "No sample yet" in texts(at)
 
 
 def test_monitor_without_gpus_shows_reason_and_host(lab):
     lab.sample(fake.no_driver())
-    at = lab.page("pages/monitor.py")
+    at = lab.page("views/monitor.py")
     no_exception(at)
     assert "No NVIDIA GPU found:" in texts(at)
     assert any(m.label == "CPU" for m in at.metric) and any(m.label == "RAM" for m in at.metric)
@@ -186,7 +194,7 @@ def test_monitor_without_gpus_shows_reason_and_host(lab):
 
 def test_monitor_one_gpu_card(lab):
     lab.sample(n_gpus=1, overrides={0: {"util_gpu": 87, "temperature": 64, "power_w": 350.0}})
-    at = lab.page("pages/monitor.py")
+    at = lab.page("views/monitor.py")
     no_exception(at)
     page = texts(at)
     assert "**GPU 0** · NVIDIA H100 80GB HBM3" in page and "**GPU 1**" not in page
@@ -204,7 +212,7 @@ def test_monitor_eight_gpus_with_jobs_processes_and_memory_colours(lab):
             3: {"memory_used": 60 * GiB},
         },
     )
-    at = lab.page("pages/monitor.py")
+    at = lab.page("views/monitor.py")
     no_exception(at)
     page = texts(at)
     for i in range(8):
@@ -220,7 +228,7 @@ def test_monitor_eight_gpus_with_jobs_processes_and_memory_colours(lab):
 
 def test_monitor_aggregated_view_and_windows(lab):
     lab.sample(n_gpus=8, util_gpu=50)
-    at = lab.page("pages/monitor.py")
+    at = lab.page("views/monitor.py")
     at.toggle(key="monitor_aggregate").set_value(True).run()
     no_exception(at)
     assert "**All 8 GPUs**" in texts(at) and "**GPU 0**" not in texts(at)
@@ -235,7 +243,7 @@ def test_monitor_aggregated_view_and_windows(lab):
 
 
 def test_jobs_page_empty(lab):
-    at = lab.page("pages/jobs.py")
+    at = lab.page("views/jobs.py")
     no_exception(at)
     assert "No jobs yet." in texts(at)
 
@@ -272,7 +280,7 @@ def test_jobs_table_and_detail_of_the_job_in_the_url(lab):
     (logs / "stdout.log").write_text("step 50/200 | 50,000 tok/s | loss 0.02\n")
     at = AppTest.from_file(APP, default_timeout=30)
     at.query_params["job"] = str(running)
-    at.switch_page("pages/jobs.py").run()
+    at.switch_page("views/jobs.py").run()
     no_exception(at)
     table = at.dataframe[0].value
     assert table["ID"].tolist() == [running, first]
@@ -293,7 +301,7 @@ def test_jobs_table_and_detail_of_the_job_in_the_url(lab):
 
 def test_cancel_a_running_job(lab):
     job_id = lab.job("running")
-    at = lab.page("pages/jobs.py")
+    at = lab.page("views/jobs.py")
     at.button(key="job_cancel").click().run()
     no_exception(at)
     assert store.get_job(job_id).cancel_requested
@@ -301,7 +309,7 @@ def test_cancel_a_running_job(lab):
 
 def test_cancel_a_queued_job_ends_it(lab):
     job_id = lab.job("queued")
-    at = lab.page("pages/jobs.py")
+    at = lab.page("views/jobs.py")
     at.button(key="job_cancel").click().run()
     no_exception(at)
     assert store.get_job(job_id).status == "cancelled"
@@ -311,7 +319,7 @@ def test_cancel_a_queued_job_ends_it(lab):
 def test_failed_job_shows_its_error_and_resume_explains_without_checkpoint(lab):
     job_id = lab.job("running")
     store.finish_job(job_id, "failed", exit_code=1, error="rank 1: CUDA out of memory")
-    at = lab.page("pages/jobs.py")
+    at = lab.page("views/jobs.py")
     assert "rank 1: CUDA out of memory" in texts(at)
     at.button(key="job_resume").click().run()
     no_exception(at)
@@ -335,7 +343,7 @@ def _fake_sae(directory: Path, d_sae: int = 64) -> Path:
 def test_completed_job_downloads_prepare_zip_then_offer_it(lab):
     job_id = lab.job("completed")
     out = _fake_sae(Path(store.get_job(job_id).out_dir))
-    at = lab.page("pages/jobs.py")
+    at = lab.page("views/jobs.py")
     no_exception(at)
     assert [b.key for b in at.get("download_button")] == ["job_download_csv"]
     at.button(key="job_prepare_zip").click().run()
@@ -348,14 +356,14 @@ def test_completed_job_downloads_prepare_zip_then_offer_it(lab):
 
 
 def test_saes_page_empty(lab):
-    at = lab.page("pages/saes.py")
+    at = lab.page("views/saes.py")
     no_exception(at)
     assert "No trained SAE" in texts(at)
 
 
 def test_saes_page_figures_histogram_snippets_download(lab):
     sae = _fake_sae(lab.home / "jobs" / "3")
-    at = lab.page("pages/saes.py")
+    at = lab.page("views/saes.py")
     no_exception(at)
     page = texts(at)
     assert "5 of 64 latents never fired" in page
@@ -382,7 +390,7 @@ def _toy(lab: Lab) -> Path:
 
 def _train(lab: Lab) -> AppTest:
     _toy(lab)
-    return lab.page("pages/train.py", user_name="ana")
+    return lab.page("views/train.py", user_name="ana")
 
 
 def _submit_errors(at: AppTest) -> list[str]:
@@ -515,8 +523,8 @@ def test_gpu_selection_validation_from_availability(lab):
 def test_your_name_is_remembered_across_pages(lab):
     lab.sample(fake.no_driver())
     _toy(lab)
-    at = lab.page("pages/train.py")
+    at = lab.page("views/train.py")
     at.text_input(key="train_user").input("bo").run()
-    at.switch_page("pages/monitor.py").run()
-    at.switch_page("pages/train.py").run()
+    at.switch_page("views/monitor.py").run()
+    at.switch_page("views/train.py").run()
     assert at.text_input(key="train_user").value == "bo"

@@ -75,6 +75,28 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 60) -> Non
     raise TimeoutError("streamlit did not become healthy")
 
 
+def start_streamlit(port: int, env: dict[str, str], log: Path) -> subprocess.Popen:
+    """`streamlit run app.py` on a loopback port, in its own process group (so it can be stopped whole)."""
+    argv = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true"]
+    argv += ["--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"]
+    # Module reloads on file change would re-declare the SQLModel tables mid-test.
+    argv += ["--server.fileWatcherType", "none"]
+    with open(log, "wb") as out:
+        return subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def lab_env(home: Path, tmp_path: Path, **extra: str) -> dict[str, str]:
+    """A fresh lab with no GPU, as on CI: the fake NVML says "no driver" even on a GPU machine, so jobs
+    are CPU jobs."""
+    from tests.fakes import fake_pynvml
+
+    fake = fake_pynvml.write_scenario(tmp_path / "gpus.json", fake_pynvml.no_driver())
+    env = subprocess_env(SAE_LAB_HOME=str(home), OMP_NUM_THREADS="1", **fake_pynvml.env_for(fake), **extra)
+    if "SAE_LAB_PASSWORD" not in extra:
+        env.pop("SAE_LAB_PASSWORD", None)
+    return env
+
+
 def processes_of(home: Path) -> list[psutil.Process]:
     """Processes working in this lab (the daemon runs in SAE_LAB_HOME; job ranks under jobs/<id>)."""
     found = []
@@ -120,42 +142,7 @@ def test_toy_dataset_cpu_job_to_completion_and_download(tmp_path):
     home.mkdir()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    from tests.fakes import fake_pynvml
-
-    fake = fake_pynvml.write_scenario(tmp_path / "gpus.json", fake_pynvml.no_driver())
-    env = subprocess_env(
-        SAE_LAB_HOME=str(home),
-        # No GPU here, as on CI: the fake NVML says "no driver" even on a GPU machine, so the job is a CPU job.
-        SAE_LAB_NVML_MODULE="tests.fakes.fake_pynvml",
-        SAE_LAB_FAKE_GPUS=str(fake),
-        OMP_NUM_THREADS="1",
-    )
-    env.pop("SAE_LAB_PASSWORD", None)
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "streamlit",
-            "run",
-            "app.py",
-            "--server.headless",
-            "true",
-            "--server.port",
-            str(port),
-            "--server.address",
-            "127.0.0.1",
-            "--browser.gatherUsageStats",
-            "false",
-            # Module reloads on file change would re-declare the SQLModel tables mid-test.
-            "--server.fileWatcherType",
-            "none",
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=open(tmp_path / "streamlit.log", "wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    server = start_streamlit(port, lab_env(home, tmp_path), tmp_path / "streamlit.log")
     try:
         wait_healthy(url, server)
         with sync_playwright() as pw:
@@ -210,3 +197,38 @@ def test_toy_dataset_cpu_job_to_completion_and_download(tmp_path):
 
     sae = load(tmp_path / "sae")
     assert (sae.d_in, sae.d_sae) == (64, 128)
+
+
+def test_password_gate_holds_for_every_url(tmp_path):
+    """With SAE_LAB_PASSWORD set, a deep link shows only the sign-in form until the password is given."""
+    chromium = require_browser()
+    from playwright.sync_api import expect, sync_playwright
+
+    home = tmp_path / "lab"
+    home.mkdir()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_streamlit(port, lab_env(home, tmp_path, SAE_LAB_PASSWORD="open sesame"), tmp_path / "streamlit.log")
+    try:
+        wait_healthy(url, server)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            page = browser.new_page()
+            page.set_default_timeout(30_000)
+            for path in ("/jobs", "/train", "/"):
+                page.goto(url + path)
+                expect(page.get_by_label("Password", exact=True)).to_be_visible()
+                assert page.get_by_role("heading", name="Jobs").count() == 0
+                assert page.get_by_text("Launcher", exact=True).count() == 0  # no sidebar either
+            page.get_by_label("Password", exact=True).fill("wrong")
+            button(page, "Enter").click()
+            expect(page.get_by_text("Wrong password.")).to_be_visible()
+            page.get_by_label("Password", exact=True).fill("open sesame")
+            button(page, "Enter").click()
+            expect(page.get_by_text("Launcher", exact=True)).to_be_visible()
+            page.get_by_role("link", name="Jobs").click()
+            expect(page.get_by_role("heading", name="Jobs")).to_be_visible()
+            browser.close()
+    finally:
+        stop_everything(server, home)
+    assert not processes_of(home)

@@ -159,7 +159,7 @@ st.title("Jobs")
 jobs = store.list_jobs(limit=TABLE_LIMIT)
 if not jobs:
     st.info("No jobs yet.")
-    st.page_link("pages/train.py", label="Queue one on the Train page", icon=":material/arrow_forward:")
+    st.page_link("views/train.py", label="Queue one on the Train page", icon=":material/arrow_forward:")
     st.stop()
 
 jobs_table()

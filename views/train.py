@@ -163,15 +163,52 @@ def gpu_selector(statuses, cfg, d_in: int | None) -> list[int]:
 def estimate_panel(cfg, world: int, d_in: int) -> None:
     estimate = memory.estimate(cfg, world, d_in=d_in)
     st.metric("Estimated memory per GPU", ui_support.format_bytes(estimate.total_bytes))
-    st.caption(f"{world} rank(s) × {estimate.per_rank_batch:,} tokens per rank per step")
-    st.caption(f"Peak during: {estimate.peak_phase}")
-    st.dataframe(ui_support.breakdown_frame(estimate.breakdown, memory.TERM_LABELS), hide_index=True, width="stretch")
+    st.caption(
+        f"{world} rank(s) × {estimate.per_rank_batch:,} tokens per rank per step · peak during {estimate.peak_phase}"
+    )
+    with st.expander("Breakdown"):
+        st.dataframe(
+            ui_support.breakdown_frame(estimate.breakdown, memory.TERM_LABELS), hide_index=True, width="stretch"
+        )
+
+
+def placement(engine, probe, cfg, d_in: int | None) -> tuple[list[int], int | None, int, list[str]]:
+    """GPU rows, or a number of CPU processes on a machine without GPUs → (gpu_ids, cpu_procs, world, errors)."""
+    if probe is not None and probe.gpus:
+        statuses = availability.gpu_statuses(engine=engine, probe=probe)
+        gpu_ids = gpu_selector(statuses, cfg, d_in)
+        if not gpu_ids:
+            return [], None, 1, ["GPUs: tick at least one free GPU (or press Recommend)"]
+        errors = availability.validate(gpu_ids, cfg, statuses) if cfg is not None and d_in is not None else []
+        return gpu_ids, None, len(gpu_ids), errors  # validate covers busy, memory and the batch split
+    st.caption(f"No NVIDIA GPU ({ui_support.no_gpu_reason(probe)}): the job runs as CPU processes (gloo).")
+    cpu_procs = int(st.number_input("CPU processes", min_value=1, max_value=64, value=2, key="train_cpu_procs"))
+    return [], cpu_procs, cpu_procs, ui_support.world_size_errors(cfg, cpu_procs) if cfg is not None else []
+
+
+def dataset_errors(cfg, dataset, world: int) -> list[str]:
+    """Rows vs one global batch + holdout (header only; the NaN/Inf scan waits for Submit)."""
+    try:
+        data.check_dataset(cfg, world, scan_values=False)
+    except (data.DatasetError, ConfigError) as exc:
+        return [f"dataset: {exc}"]
+    return []
+
+
+def submit(engine, cfg, dataset, world: int, gpu_ids: list[int], cpu_procs: int | None, name: str, user: str):
+    try:
+        with st.spinner("Checking the activations…"):
+            data.check_dataset(cfg, world, scan_values=dataset.nbytes <= ui_support.SCAN_ON_SUBMIT_BYTES)
+        job = store.submit_job(cfg, gpu_ids, cpu_procs, name=name, submitted_by=user, engine=engine)
+    except (data.DatasetError, store.JobError, ConfigError) as exc:
+        st.error(str(exc), icon=":material/error:")
+    else:
+        st.session_state["train_submitted"] = job.id
 
 
 st.title("Train an SAE")
 engine = db.get_engine()
 probe = history.latest_probe(engine)
-has_gpus = probe is not None and bool(probe.gpus)
 form_col, place_col = st.columns([3, 2], gap="large")
 
 with form_col:
@@ -179,11 +216,12 @@ with form_col:
     d_in = dataset.d_in if dataset is not None else None
     values = model_widgets(d_in)
     values.activation_source = source
-    values.device = "auto" if has_gpus else "cpu"
+    values.device = "auto" if probe is not None and probe.gpus else "cpu"
     c1, c2 = st.columns(2)
     job_name = c1.text_input("Job name", key="train_name", placeholder="e.g. l12-topk-16k")
     user = c2.text_input("Your name", key="train_user", value=st.session_state.get("user_name", ""))
     st.session_state["user_name"] = user  # survives leaving the page (widget state does not)
+    submit_box = st.container()
 
 cfg, config_errors = ui_support.form_to_config(values)
 errors += config_errors
@@ -192,47 +230,28 @@ if not user.strip():
 
 with place_col:
     st.subheader("Where it runs")
-    if has_gpus:
-        statuses = availability.gpu_statuses(engine=engine, probe=probe)
-        gpu_ids = gpu_selector(statuses, cfg, d_in)
-        cpu_procs = None
-        world = max(1, len(gpu_ids))
-        if not gpu_ids:
-            errors.append("GPUs: tick at least one free GPU (or press Recommend)")
-        elif cfg is not None and d_in is not None:
-            errors += availability.validate(gpu_ids, cfg, statuses)  # busy, memory, batch split
-    else:
-        st.caption(f"No NVIDIA GPU ({ui_support.no_gpu_reason(probe)}): the job runs as CPU processes (gloo).")
-        cpu_procs = int(st.number_input("CPU processes", min_value=1, max_value=64, value=2, key="train_cpu_procs"))
-        gpu_ids, world = [], cpu_procs
-    if cfg is not None and not gpu_ids:
-        errors += ui_support.world_size_errors(cfg, world)
-    if cfg is not None and dataset is not None and not errors:
-        try:  # rows vs batch + holdout; the NaN/Inf scan waits for Submit
-            data.check_dataset(cfg, world, scan_values=False)
-        except (data.DatasetError, ConfigError) as exc:
-            errors.append(f"dataset: {exc}")
-    if cfg is not None and not ui_support.world_size_errors(cfg, world):
-        if has_gpus and d_in is not None:
+    estimate_box = st.container()  # filled once the ticked GPUs are known
+    gpu_ids, cpu_procs, world, placement_errors = placement(engine, probe, cfg, d_in)
+errors += placement_errors
+if cfg is not None and dataset is not None and not errors:
+    errors += dataset_errors(cfg, dataset, world)
+
+with estimate_box:
+    if cfg is not None and d_in is not None and cfg.batch_size % world == 0:
+        if probe is not None and probe.gpus:
             estimate_panel(cfg, world, d_in)
         else:
             st.caption(f"{world} process(es) × {cfg.batch_size // world:,} tokens each per step")
 
+with submit_box:
     for message in errors:
         st.error(message, icon=":material/error:")
     if st.button("Submit", key="train_submit", type="primary", disabled=bool(errors), icon=":material/send:"):
-        try:
-            with st.spinner("Checking the activations…"):
-                data.check_dataset(cfg, world, scan_values=dataset.nbytes <= ui_support.SCAN_ON_SUBMIT_BYTES)
-            job = store.submit_job(cfg, gpu_ids, cpu_procs, name=job_name, submitted_by=user.strip(), engine=engine)
-        except (data.DatasetError, store.JobError, ConfigError) as exc:
-            st.error(str(exc), icon=":material/error:")
-        else:
-            st.session_state["train_submitted"] = job.id
+        submit(engine, cfg, dataset, world, gpu_ids, cpu_procs, job_name, user.strip())
     if job_id := st.session_state.get("train_submitted"):
         st.success(f"Job {job_id} queued.")
         st.page_link(
-            "pages/jobs.py",
+            "views/jobs.py",
             label=f"Open job {job_id}",
             query_params={"job": str(job_id)},
             icon=":material/arrow_forward:",

@@ -37,7 +37,7 @@ if not toy_path.exists():
         with st.spinner("Writing the toy dataset…"):
             data.write_toy(toy_path, **toy)
         st.success(f"Created `{toy_path}`.")
-        st.page_link("pages/train.py", label="Train an SAE on it", icon=":material/arrow_forward:")
+        st.page_link("views/train.py", label="Train an SAE on it", icon=":material/arrow_forward:")
 
 st.subheader("Command line")
 st.code(

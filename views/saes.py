@@ -13,7 +13,7 @@ home = paths.lab_home()
 saes = ui_support.find_trained_saes(home)
 if not saes:
     st.info(f"No trained SAE under `{home}` yet (a folder with cfg.json and sae_weights.safetensors).")
-    st.page_link("pages/train.py", label="Train one", icon=":material/arrow_forward:")
+    st.page_link("views/train.py", label="Train one", icon=":material/arrow_forward:")
     st.stop()
 
 sae_dir: Path = st.selectbox(
