@@ -327,6 +327,23 @@ def test_failed_job_shows_its_error_and_resume_explains_without_checkpoint(lab):
     assert len(store.list_jobs()) == 1
 
 
+def test_resume_a_cancelled_job_with_a_checkpoint_selects_the_new_job(lab):
+    import torch
+
+    from sae_core import checkpoint
+
+    job_id = lab.job("running")
+    store.finish_job(job_id, "cancelled", exit_code=-15, error="cancelled by ana")
+    checkpoint.save_checkpoint(store.get_job(job_id).out_dir, 100, {"w": torch.zeros(2)}, {"step": 100}, keep=1)
+    at = lab.page("views/jobs.py", user_name="bo")
+    at.button(key="job_resume").click().run()
+    no_exception(at)
+    new = store.list_jobs()[0]
+    assert new.id != job_id and new.resumed_from == job_id and new.status == "queued" and new.submitted_by == "bo"
+    assert at.selectbox(key="jobs_pick").value == new.id
+    assert at.query_params["job"] == [str(new.id)] or at.query_params["job"] == str(new.id)
+
+
 def _fake_sae(directory: Path, d_sae: int = 64) -> Path:
     from safetensors.numpy import save_file
 
