@@ -541,28 +541,30 @@ class SqliteMetricsSink:
         self.flush_interval_s = flush_interval_s
         self.close_timeout_s = close_timeout_s
         self._engine = engine if engine is not None else db.get_engine(home)
-        self._buffer: deque[MetricPoint] = deque(maxlen=max_buffer)
+        self._buffer: deque[dict] = deque(maxlen=max_buffer)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closing = threading.Event()
         self.flushes = 0
         self.failed_flushes = 0
+        self.dropped = 0  # malformed records
         self.last_error: str | None = None
+        self._close_deadline = math.inf
         self._thread = threading.Thread(target=self._run, name=f"metrics-sink-{job_id}", daemon=True)
         self._thread.start()
 
     def write(self, record: dict) -> None:
-        point = metric_point_from_record(self.job_id, record)
-        if point is None:
+        if "event" in record or record.get("step") is None:
             return
-        with self._lock:
-            self._buffer.append(point)
+        with self._lock:  # a shallow copy only: rows are built in the flush thread, off the training loop
+            self._buffer.append(dict(record))
 
     def flush(self) -> None:
         """Ask the background thread to write now (does not wait)."""
         self._wake.set()
 
     def close(self) -> None:
+        self._close_deadline = time.monotonic() + self.close_timeout_s
         self._closing.set()
         self._wake.set()
         self._thread.join(self.close_timeout_s)
@@ -571,37 +573,51 @@ class SqliteMetricsSink:
         with self._lock:
             return len(self._buffer)
 
-    def _take(self) -> list[MetricPoint]:
+    def _take(self) -> list[dict]:
         with self._lock:
             batch = list(self._buffer)
             self._buffer.clear()
         return batch
 
-    def _put_back(self, batch: list[MetricPoint]) -> None:
+    def _put_back(self, batch: list[dict]) -> None:
         with self._lock:
             self._buffer.extendleft(reversed(batch))
 
+    def _rows(self, batch: list[dict]) -> tuple[list[dict], list[MetricPoint]]:
+        """Valid records and their rows; a malformed record is dropped (it would fail every retry)."""
+        kept, points = [], []
+        for record in batch:
+            try:
+                point = metric_point_from_record(self.job_id, record)
+            except (TypeError, ValueError):
+                self.dropped += 1
+                continue
+            if point is not None:
+                kept.append(record)
+                points.append(point)
+        return kept, points
+
     def _run(self) -> None:
-        backoff = self.flush_interval_s
+        wait_s = self.flush_interval_s
         while True:
-            self._wake.wait(backoff)
+            self._wake.wait(wait_s)
             self._wake.clear()
             closing = self._closing.is_set()
-            batch = self._take()
-            if batch:
-                try:
-                    write_metric_points(self.job_id, batch, self._engine)
+            records, points = self._rows(self._take())
+            try:
+                write_metric_points(self.job_id, points, self._engine)
+                if points:
                     self.flushes += 1
-                    backoff = self.flush_interval_s
-                except Exception as exc:  # locked past the busy timeout, disk full...: keep and retry
-                    self.failed_flushes += 1
-                    self.last_error = f"{type(exc).__name__}: {exc}"
-                    self._put_back(batch)
-                    backoff = min(backoff * 2, 10.0)
-                    if closing:
-                        return
+                wait_s = self.flush_interval_s
+            except Exception as exc:  # locked past the busy timeout, disk full...: keep them and retry
+                self.failed_flushes += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                self._put_back(records)
+                wait_s = min(max(wait_s, 0.1) * 2, 10.0)
+                if closing and time.monotonic() < self._close_deadline:
+                    wait_s = 0.2
                     continue
-            if closing:
+            if closing and (not self.pending() or time.monotonic() >= self._close_deadline):
                 return
 
 

@@ -216,11 +216,13 @@ def test_sink_writes_rows_and_progress_and_ignores_events(lab_home):
         sink.write(record(step, unknown_key="ignored"))
     sink.write({"event": "done", "fvu": 0.1})
     sink.write({"tokens": 5})  # no step: not a metrics record
+    sink.write({**record(35), "step": "thirty-five"})  # malformed: dropped, never blocks the rows after it
     sink.close()
     frame = store.metrics_frame(j.id)
     assert frame["step"].tolist() == [10, 20, 30]
     assert frame["peak_mem"].iloc[0] == [100, 200] and frame["peak_mem_max"].iloc[0] == 200
     assert frame["aux_loss"].isna().all()
+    assert sink.dropped == 1
     stored = store.get_job(j.id)
     assert stored.last_step == 30 and stored.tokens_per_s == 1030.0 and stored.last_metric_at is not None
 
