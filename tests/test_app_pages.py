@@ -545,3 +545,13 @@ def test_your_name_is_remembered_across_pages(lab):
     at.switch_page("views/monitor.py").run()
     at.switch_page("views/train.py").run()
     assert at.text_input(key="train_user").value == "bo"
+
+
+def test_lost_gpu_is_shown_and_cannot_be_ticked(lab):
+    lab.sample(n_gpus=2, overrides={1: {"lost": "GpuIsLost"}})
+    at = _train(lab)
+    no_exception(at)
+    assert at.checkbox(key="gpu_pick_1").disabled and not at.checkbox(key="gpu_pick_0").disabled
+    at = lab.page("views/monitor.py")
+    no_exception(at)
+    assert any("GPU 1" in str(e.value) or "lost" in str(e.value).lower() for e in at.error), [e.value for e in at.error]

@@ -95,6 +95,7 @@ def downloads(job, c1, c2) -> None:
                 on_click="ignore",
                 key="job_download_zip",
                 icon=":material/download:",
+                help=f"On this machine: {zip_path} (for files too large for a browser download, copy it from there)",
             )
         elif c1.button("Prepare SAE download", key="job_prepare_zip", icon=":material/folder_zip:"):
             with st.spinner("Packing cfg.json, weights, sparsity and eval into a zip…"):

@@ -60,6 +60,7 @@ if ui_support.zip_is_current(zip_path, sae_dir):
         on_click="ignore",
         key="saes_download",
         icon=":material/download:",
+        help=f"On this machine: {zip_path} (for files too large for a browser download, copy it from there)",
     )
 elif st.button("Prepare download", key="saes_prepare", icon=":material/folder_zip:"):
     with st.spinner("Packing the SAE into a zip…"):

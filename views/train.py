@@ -111,53 +111,61 @@ def per_gpu_bytes(cfg, world: int, d_in: int | None) -> int | None:
     return memory.estimate(cfg, world, d_in=d_in).total_bytes
 
 
+def recommend_row(statuses, cfg, d_in: int | None, required: int | None) -> None:
+    if cfg is None or d_in is None:
+        return
+    c1, c2 = st.columns([1, 2], vertical_alignment="bottom")
+    count = c1.number_input("How many GPUs", min_value=1, max_value=len(statuses), value=1, key="train_gpu_count")
+    need = per_gpu_bytes(cfg, count, d_in) or required
+    c2.button(
+        "Recommend",
+        key="train_recommend",
+        on_click=recommend,
+        args=(statuses, need or 0, count),
+        icon=":material/auto_awesome:",
+        help="Tick the free GPUs with room for the estimate, closest together",
+    )
+    if note := st.session_state.get("train_recommend_note"):
+        st.caption(note)
+
+
+def gpu_row(status, required: int | None) -> bool:
+    """One GPU: checkbox (disabled when busy, lost or too full), badges, memory bar. True if ticked."""
+    row = ui_support.gpu_choice(
+        status.index,
+        status.name,
+        status.memory_used,
+        status.memory_total,
+        status.memory_free,
+        status.util_gpu,
+        None if status.available else (status.reason or "not available"),
+        required,
+    )
+    key = f"gpu_pick_{status.index}"
+    if not row.selectable and st.session_state.get(key):
+        st.session_state[key] = False  # a GPU that became busy/too full is unticked, not silently used
+    with st.container(border=True):
+        c1, c2 = st.columns([2, 3], vertical_alignment="center")
+        picked = c1.checkbox(f"GPU {status.index}", key=key, disabled=not row.selectable)
+        c1.caption(f"{status.name} · util {ui_support.format_percent(status.util_gpu)}")
+        badges = []
+        if row.busy_reason:
+            badges.append(ui_support.badge(f"Busy: {row.busy_reason}", "orange"))
+        if row.low_memory:
+            badges.append(ui_support.badge(f"Low memory: {ui_support.format_bytes(status.memory_free)} free", "red"))
+        if badges:
+            c2.markdown(" ".join(badges))
+        c2.markdown(ui_support.memory_bar_html(status.memory_used, status.memory_total), unsafe_allow_html=True)
+    return picked and row.selectable
+
+
 def gpu_selector(statuses, cfg, d_in: int | None) -> list[int]:
-    """One row per GPU; busy or too-full GPUs cannot be ticked. Returns the ticked indices."""
+    """Recommend, then one row per GPU. Returns the ticked (and tickable) indices."""
     ticked_before = [s.index for s in statuses if st.session_state.get(f"gpu_pick_{s.index}")]
+    # Low memory is judged against the estimate for the GPUs ticked so far (one when none is).
     required = per_gpu_bytes(cfg, max(1, len(ticked_before)), d_in)
-    chosen = []
-    for s in statuses:
-        row = ui_support.gpu_choice(
-            s.index,
-            s.name,
-            s.memory_used,
-            s.memory_total,
-            s.memory_free,
-            s.util_gpu,
-            s.reason if s.busy else None,
-            required,
-        )
-        key = f"gpu_pick_{s.index}"
-        if not row.selectable and st.session_state.get(key):
-            st.session_state[key] = False  # a GPU that became busy/too full is unticked, not silently used
-        with st.container(border=True):
-            c1, c2 = st.columns([2, 3], vertical_alignment="center")
-            picked = c1.checkbox(f"GPU {s.index}", key=key, disabled=not row.selectable)
-            c1.caption(f"{s.name} · util {ui_support.format_percent(s.util_gpu)}")
-            badges = []
-            if row.busy_reason:
-                badges.append(ui_support.badge(f"Busy: {row.busy_reason}", "orange"))
-            if row.low_memory:
-                badges.append(ui_support.badge(f"Low memory: {ui_support.format_bytes(s.memory_free)} free", "red"))
-            if badges:
-                c2.markdown(" ".join(badges))
-            c2.markdown(ui_support.memory_bar_html(s.memory_used, s.memory_total), unsafe_allow_html=True)
-        if picked and row.selectable:
-            chosen.append(s.index)
-    if cfg is not None and d_in is not None:
-        c1, c2 = st.columns([1, 2], vertical_alignment="bottom")
-        count = c1.number_input("How many", min_value=1, max_value=len(statuses), value=1, key="train_gpu_count")
-        need = per_gpu_bytes(cfg, count, d_in) or required
-        c2.button(
-            "Recommend",
-            key="train_recommend",
-            on_click=recommend,
-            args=(statuses, need or 0, count),
-            icon=":material/auto_awesome:",
-        )
-        if note := st.session_state.get("train_recommend_note"):
-            st.caption(note)
-    return chosen
+    recommend_row(statuses, cfg, d_in, required)
+    return [s.index for s in statuses if gpu_row(s, required)]
 
 
 def estimate_panel(cfg, world: int, d_in: int) -> None:
