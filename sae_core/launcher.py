@@ -14,6 +14,10 @@ know it yet and its leader is alive (pid AND process start time), finalize it if
 (exit code → status; root cause from torchrun's error files or the log tail; leftovers SIGKILLed
 first), advance a requested cancel (SIGTERM, grace period, SIGKILL) — then start runnable queued
 jobs, claimed in one BEGIN IMMEDIATE transaction (store.claim_runnable).
+
+One daemon per SAE_LAB_HOME: it holds SAE_LAB_HOME/launcher.lock (filelock) for its lifetime and
+writes SAE_LAB_HOME/daemon.json (pid, process start time, heartbeat) for daemon_status(). SIGTERM
+stops it cleanly; jobs keep running (own sessions) and are re-adopted by the next daemon.
 """
 
 from __future__ import annotations
@@ -610,6 +614,10 @@ class Launcher:
                 self._start(job)
             except Exception as exc:
                 log.exception("job %s: could not start", job.id)
+                # Popen may have succeeded before the failure (e.g. the database stayed locked):
+                # nothing of a job marked failed may keep running and holding its GPUs.
+                kill_job_processes(job, self.home)
+                self.tracked.pop(job.id, None)
                 store.finish_job(job.id, "failed", error=f"could not start: {type(exc).__name__}: {exc}")
 
     def _start(self, job: Job) -> None:
