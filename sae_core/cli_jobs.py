@@ -141,27 +141,6 @@ def cli_jobs(argv: list[str]) -> int:
 # --------------------------------------------------------------------------- cancel
 
 
-def cancel(job_id: int, grace_s: float = launcher.GRACE_S, wait_s: float = 0.0) -> tuple[Job, str]:
-    """Cancel a job from any process. Queued: cancelled at once. Live with a launcher running: the
-    launcher is asked (it SIGTERMs, waits the grace period, SIGKILLs). Live with NO launcher: this
-    process stops it itself — otherwise nobody would, and its GPUs would stay held."""
-    home = paths.lab_home()
-    job = store.request_cancel(job_id)
-    if job.status == "cancelled":
-        return job, f"job {job_id} cancelled (it had not started)"
-    if launcher.daemon_status(home).running:
-        message = f"cancel requested for job {job_id}; the launcher stops it"
-        deadline = time.time() + wait_s
-        while time.time() < deadline:
-            job = store.require_job(job_id)
-            if job.status in FINAL_STATUSES:
-                return job, f"job {job_id} {job.status}"
-            time.sleep(0.2)
-        return job, message
-    status = launcher.terminate_job(job, home, grace_s)
-    return store.require_job(job_id), f"no launcher running: stopped job {job_id} here; it is {status}"
-
-
 def cli_cancel(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m sae_core cancel", description="Cancel a job.")
     parser.add_argument("job_id", type=int)
@@ -175,7 +154,7 @@ def cli_cancel(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     try:
-        job, message = cancel(args.job_id, args.grace, args.wait)
+        job, message = launcher.cancel_job(args.job_id, grace_s=args.grace, wait_s=args.wait)
     except store.JobError as exc:
         return _reject(str(exc))
     if args.json:
@@ -254,4 +233,4 @@ def cli_logs(argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["cancel", "cli_cancel", "cli_jobs", "cli_logs", "cli_resume", "cli_submit", "format_jobs"]
+__all__ = ["cli_cancel", "cli_jobs", "cli_logs", "cli_resume", "cli_submit", "format_jobs"]

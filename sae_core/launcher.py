@@ -42,7 +42,7 @@ import psutil
 from filelock import FileLock, Timeout
 
 from . import db, paths, store
-from .models import ACTIVE_STATUSES, Job
+from .models import ACTIVE_STATUSES, FINAL_STATUSES, Job
 
 log = logging.getLogger("sae_core.launcher")
 
@@ -482,6 +482,28 @@ def terminate_job(job: Job, home: Path, grace_s: float = GRACE_S, engine=None) -
     return finalize_job(fresh, home, engine=engine)
 
 
+def cancel_job(job_id: int, home: Path | None = None, grace_s: float = GRACE_S, wait_s: float = 0.0) -> tuple[Job, str]:
+    """Cancel a job from any process (CLI, app). Queued: cancelled at once. Live with a launcher
+    running: the launcher is asked (SIGTERM, grace period, SIGKILL); with `wait_s`, wait for it.
+    Live with NO launcher: stopped here and now (terminate_job) — otherwise nobody would, and its
+    GPUs would stay held. Returns the job and a sentence for the person. Raises store.JobError."""
+    home = Path(home) if home is not None else paths.lab_home()
+    engine = db.get_engine(home)
+    job = store.request_cancel(job_id, engine=engine)
+    if job.status == "cancelled":
+        return job, f"job {job_id} cancelled (it had not started)"
+    if daemon_status(home).running:
+        deadline = time.time() + wait_s
+        while time.time() < deadline:
+            job = store.require_job(job_id, engine)
+            if job.status in FINAL_STATUSES:
+                return job, f"job {job_id} {job.status}"
+            time.sleep(0.2)
+        return job, f"cancel requested for job {job_id}; the launcher stops it"
+    status = terminate_job(job, home, grace_s, engine)
+    return store.require_job(job_id, engine), f"no launcher running: stopped job {job_id} here; it is {status}"
+
+
 # =========================================================================== the daemon
 
 
@@ -835,6 +857,7 @@ __all__ = [
     "Launcher",
     "LauncherError",
     "build_command",
+    "cancel_job",
     "cli_serve",
     "daemon_status",
     "ensure_daemon",

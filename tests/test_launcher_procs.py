@@ -330,7 +330,7 @@ def test_resume_of_a_cancelled_job_ends_with_the_weights_of_an_uninterrupted_run
     checkpoints = Path(store.get_job(cancelled_id).out_dir) / "checkpoints"
     wait_for(lambda: list(checkpoints.glob("step_*/COMPLETE")), 120, "the first checkpoint", poll=0.01)
     asked = time.time()
-    cancelled, message = cli_jobs.cancel(cancelled_id, wait_s=30)  # in-process: no CLI start-up delay
+    cancelled, message = launcher.cancel_job(cancelled_id, wait_s=30)  # in-process: no CLI start-up delay
     assert cancelled.status == "cancelled", message
     print(f"\ncancel -> cancelled (daemon, SIGTERM) in {cancelled.finished_at - asked:.2f} s")
     assert cancelled.last_step < 400, "the job finished before the cancel: nothing to resume"
