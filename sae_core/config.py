@@ -46,6 +46,12 @@ class TrainConfig(BaseModel):
     )
     batch_size: int = Field(4096, gt=0, description="GLOBAL tokens per optimizer step, split evenly across ranks.")
     total_steps: int = Field(gt=0, description="Optimizer steps to train.")
+    micro_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="Tokens per forward/backward on one rank; the per-rank batch is processed in chunks of this size "
+        "with gradients accumulated (one all-reduce per step). Default: the whole per-rank batch.",
+    )
     lr: float | None = Field(
         None, gt=0, lt=1, description="Adam learning rate; default 2e-4 / sqrt(d_sae / 2**14) (Gao et al. 2024)."
     )
@@ -122,7 +128,13 @@ class TrainConfig(BaseModel):
                 f"batch_size {self.batch_size} does not divide evenly across {world_size} ranks; "
                 f"choose a multiple of {world_size}"
             )
-        return self.batch_size // world_size
+        per_rank = self.batch_size // world_size
+        if self.micro_batch_size is not None and per_rank % self.micro_batch_size:
+            raise ConfigError(
+                f"micro_batch_size {self.micro_batch_size} does not divide the per-rank batch {per_rank} "
+                f"(batch_size {self.batch_size} over {world_size} ranks)"
+            )
+        return per_rank
 
     # -- construction helpers with person-readable errors
     @classmethod

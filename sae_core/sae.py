@@ -198,7 +198,9 @@ class SparseAutoencoder(nn.Module):
                 sparse_decode(aux_vals, aux_idx, self.W_dec), x, x_hat, dead_mask
             )
         active = vals > 0
-        counts = torch.bincount(idx.flatten(), weights=active.flatten().to(x.dtype), minlength=self.d_sae)
+        # scatter_add rather than bincount: bincount's output size depends on the data (a host sync on CUDA)
+        counts = torch.zeros(self.d_sae, dtype=torch.int64, device=x.device)
+        counts.scatter_add_(0, idx.flatten(), active.flatten().to(torch.int64))
         return StepOutput(
             loss=recon + aux,
             x_hat=x_hat,
@@ -206,7 +208,7 @@ class SparseAutoencoder(nn.Module):
             sparsity_loss=recon.new_zeros(()),
             aux_loss=aux,
             l0=active.sum(-1).float().mean(),
-            fired_counts=counts.round().to(torch.int64),
+            fired_counts=counts,
         )
 
     def _aux_k_loss_dense(self, x, x_hat, pre, dead_mask, aux_k) -> torch.Tensor:
@@ -221,10 +223,11 @@ class SparseAutoencoder(nn.Module):
         smallest = torch.where(active, z, torch.full_like(z, torch.inf)).min()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(smallest, op=torch.distributed.ReduceOp.MIN)
-        if torch.isfinite(smallest):
-            first = self.batch_threshold == 0
-            blended = BATCHTOPK_THRESHOLD_DECAY * self.batch_threshold + (1 - BATCHTOPK_THRESHOLD_DECAY) * smallest
-            self.batch_threshold.copy_(torch.where(first, smallest, blended))
+        # Branch-free on the device (no host sync): a batch with nothing active leaves the threshold as is.
+        first = self.batch_threshold == 0
+        blended = BATCHTOPK_THRESHOLD_DECAY * self.batch_threshold + (1 - BATCHTOPK_THRESHOLD_DECAY) * smallest
+        updated = torch.where(first, smallest, blended)
+        self.batch_threshold.copy_(torch.where(torch.isfinite(smallest), updated, self.batch_threshold))
 
     @torch.no_grad()
     def project_decoder_grad(self) -> None:

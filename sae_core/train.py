@@ -9,6 +9,7 @@ same SAE (up to float rounding).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -29,7 +30,7 @@ from .config import ConfigError, TrainConfig
 from .data import DatasetError, Prefetcher, RankBatches, check_dataset
 from .evaluation import evaluate
 from .metrics import MetricsSink, default_sinks
-from .sae import SparseAutoencoder
+from .sae import SparseAutoencoder, StepOutput
 
 DEAD_CHECK_EVERY = 16  # steps between host reads of the oldest dead-latent counter
 
@@ -122,6 +123,23 @@ def init_from_data(model: SparseAutoencoder, first_batch: torch.Tensor, method: 
         model.b_dec.copy_(geometric_median(x))
 
 
+def merge_outputs(outputs: list[StepOutput]) -> StepOutput:
+    """One StepOutput for equal-sized micro-batches (means averaged, counts summed; for logging)."""
+
+    def mean(name: str) -> torch.Tensor:
+        return torch.stack([getattr(o, name).detach().float() for o in outputs]).mean()
+
+    return StepOutput(
+        loss=mean("loss"),
+        x_hat=torch.cat([o.x_hat.detach() for o in outputs]),
+        recon_loss=mean("recon_loss"),
+        sparsity_loss=mean("sparsity_loss"),
+        aux_loss=mean("aux_loss"),
+        l0=mean("l0"),
+        fired_counts=torch.stack([o.fired_counts for o in outputs]).sum(0),
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Trainer
 
@@ -182,16 +200,14 @@ class Trainer:
             group["lr"] = learning_rate(self.step, cfg)
         x = self.next_batch()
         dead = self.dead_mask_for_step()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.autocast == "bf16" and x.is_cuda):
-            out = self.forward(
-                x,
-                sparsity_coefficient=sparsity_coefficient(self.step, cfg),
-                dead_mask=dead,
-                aux_k=cfg.effective_aux_k(self.sae.d_in),
-                aux_coefficient=cfg.aux_k_coefficient,
-            )
+        step_kwargs = {
+            "sparsity_coefficient": sparsity_coefficient(self.step, cfg),
+            "dead_mask": dead,
+            "aux_k": cfg.effective_aux_k(self.sae.d_in),
+            "aux_coefficient": cfg.aux_k_coefficient,
+        }
         self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        out = self.forward_backward(x, step_kwargs)
         self.sae.project_decoder_grad()
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.sae.parameters(), cfg.grad_clip)
@@ -201,6 +217,23 @@ class Trainer:
         self.step += 1
         self.tokens += cfg.batch_size
         return {"x": x, "out": out}
+
+    def forward_backward(self, x: torch.Tensor, step_kwargs: dict) -> StepOutput:
+        """Loss and gradients of the per-rank batch, in micro-batches when asked: gradients accumulate
+        locally (DDP's no_sync) and are all-reduced once, with the last chunk's backward."""
+        micro = self.cfg.micro_batch_size or len(x)
+        chunks = x.split(micro)
+        outputs = []
+        for i, chunk in enumerate(chunks):
+            last = i == len(chunks) - 1
+            sync = contextlib.nullcontext() if last or not hasattr(self.forward, "no_sync") else self.forward.no_sync()
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cfg.autocast == "bf16" and x.is_cuda)
+            with sync:
+                with autocast:
+                    out = self.forward(chunk, **step_kwargs)
+                (out.loss * (len(chunk) / len(x))).backward()  # mean over the whole per-rank batch
+            outputs.append(out)
+        return outputs[0] if len(outputs) == 1 else merge_outputs(outputs)
 
     def dead_mask_for_step(self) -> torch.Tensor | None:
         """The dead-latent mask, or None while no latent can be dead yet (AuxK is then skipped).

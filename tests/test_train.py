@@ -186,3 +186,36 @@ def test_topk_recovers_the_toy_features(tmp_path, toy_path):
     figures = json.loads((tmp_path / "quality" / "eval.json").read_text())
     assert figures["mmcs"] >= 0.9, figures
     assert figures["fvu"] < 0.2, figures
+
+
+def test_micro_batches_accumulate_to_the_whole_batch_gradient(tmp_path, toy_path):
+    from sae_core.data import check_dataset
+    from sae_core.train import DistEnv, Trainer
+
+    results = {}
+    for micro in (None, 64):
+        cfg = TrainConfig.from_json_file(write_config(tmp_path, toy_path, micro_batch_size=micro, total_steps=6))
+        (tmp_path / f"micro{micro}").mkdir()
+        trainer = Trainer(cfg, tmp_path / f"micro{micro}", DistEnv(), check_dataset(cfg))
+        trainer.sinks = []
+        for _ in range(6):
+            trainer.train_step()
+        results[micro] = {k: v.clone() for k, v in trainer.sae.state_dict().items()}
+    for name, tensor in results[None].items():
+        torch.testing.assert_close(results[64][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_micro_batch_must_divide_the_per_rank_batch(tmp_path, toy_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "run"
+    assert main(["--config", str(write_config(tmp_path, toy_path, micro_batch_size=100)), "--out", str(out)]) == 2
+    assert "micro_batch_size 100 does not divide the per-rank batch 128" in (out / "error.txt").read_text()
+
+
+@pytest.mark.slow
+def test_two_ranks_with_micro_batches_match_one_process(tmp_path, toy_path):
+    one = run_train(write_config(tmp_path, toy_path, total_steps=15), tmp_path / "one")
+    two = run_train(write_config(tmp_path, toy_path, total_steps=15, micro_batch_size=32), tmp_path / "two", nproc=2)
+    finish(one), finish(two)
+    for name, tensor in weights(tmp_path / "one").items():
+        torch.testing.assert_close(weights(tmp_path / "two")[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
