@@ -215,7 +215,8 @@ def estimate(cfg: TrainConfig, world_size: int, d_in: int | None = None) -> Memo
         "latent_statistics": latent_statistics_bytes(cfg),
     }
     held = sum(persistent.values())
-    activations = step_activation_terms(cfg, d_in, batch)
+    # activations live for one forward/backward: a micro-batch when gradients are accumulated
+    activations = step_activation_terms(cfg, d_in, cfg.micro_batch_size or batch)
     previous_batch = batch * d_in * (4 + dtype_bytes(cfg.dtype))  # x and x̂ kept by the loop
     phases = {
         "training step": held + sum(activations.values()),

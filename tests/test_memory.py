@@ -163,3 +163,12 @@ def test_cli_estimate_bad_input_exits_2_with_a_message(tmp_path, toy_path, capsy
 def test_cli_estimate_missing_config_file(tmp_path, capsys):
     assert memory.cli_estimate(["--config", str(tmp_path / "absent.json")]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+def test_micro_batches_shrink_the_activation_terms_only():
+    whole = memory.estimate(make_cfg(d_sae=32768, batch_size=8192), 1, d_in=768)
+    micro = memory.estimate(make_cfg(d_sae=32768, batch_size=8192, micro_batch_size=1024), 1, d_in=768)
+    assert micro.breakdown["activations_latents"] * 8 == pytest.approx(whole.breakdown["activations_latents"], rel=0.01)
+    for term in ("parameters", "gradients", "adam_states"):
+        assert micro.breakdown[term] == whole.breakdown[term]
+    assert micro.total_bytes < whole.total_bytes
