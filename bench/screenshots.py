@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             page.get_by_label("How many").press("Enter")
             time.sleep(1)
             page.get_by_role("button", name="Recommend").click()
+            page.mouse.move(0, 0)  # no hover tooltip in the picture
             time.sleep(2)
             page.screenshot(path=args.out / "train.png", full_page=True)
 
