@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -184,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             browser.close()
     finally:
         stop_everything(server, home)
+        shutil.rmtree(tmp, ignore_errors=True)
     print("screenshots in", args.out)
     return 0
 
