@@ -67,3 +67,46 @@ def link_bandwidth(pcie_gen: int | None, pcie_width: int | None, nvlinks: int = 
     if pcie_gen in PCIE_LANE_BYTES_PER_S and pcie_width:
         return PCIE_LANE_BYTES_PER_S[pcie_gen] * pcie_width * PCIE_EFFICIENCY
     return None
+
+
+# -- What the Train page shows next to the GPU selection ---------------------------------------------
+
+# Dense matmul rates (FLOP/s) by GPU name fragment: fp32 (no TF32) and bf16, vendor datasheet figures.
+# The compute estimate only sets the compute/communication ratio; a measured step time is better when known.
+MATMUL_RATES = {
+    "H200": (67e12, 989e12),
+    "H100": (60e12, 800e12),
+    "A100": (19.5e12, 312e12),
+    "L40": (90e12, 181e12),
+    "A6000": (38e12, 155e12),
+    "4090": (82e12, 165e12),
+    "V100": (15.7e12, 125e12),
+}
+DEFAULT_RATES = (20e12, 100e12)
+STEP_OVER_FLOOR = 2.0  # a TopK step costs ~2x its encoder matmul (issue 6 target; see bench/RESULTS.md)
+DENSE_STEP_OVER_FLOOR = 3.0  # forward + two backward matmuls for the dense architectures
+
+
+def estimate_compute_seconds(cfg, d_in: int, gpu_name: str = "") -> float:
+    """One optimizer step of the whole global batch on one GPU of `gpu_name`."""
+    fp32, bf16 = next((rates for key, rates in MATMUL_RATES.items() if key in gpu_name.upper()), DEFAULT_RATES)
+    rate = bf16 if cfg.autocast == "bf16" or cfg.dtype == "bfloat16" else fp32
+    over = STEP_OVER_FLOOR if cfg.architecture == "topk" else DENSE_STEP_OVER_FLOOR
+    return over * 2 * cfg.batch_size * d_in * cfg.d_sae / rate
+
+
+def gradient_bytes(cfg, d_in: int) -> int:
+    elements = 2 * d_in * cfg.d_sae + cfg.d_sae + d_in + (cfg.d_sae if cfg.architecture == "jumprelu" else 0)
+    return elements * (2 if cfg.dtype == "bfloat16" else 4)
+
+
+def speedup_labels(cfg, d_in: int, gpus, counts=(2, 4, 8)) -> list[str]:
+    """'2 GPUs: ≈1.8× tokens/s' for the counts that fit on this machine; `gpus` are GpuInfo-like rows."""
+    gpus = list(gpus)
+    usable = [n for n in counts if n <= len(gpus)]
+    if not usable:
+        return []
+    links = [link_bandwidth(g.pcie_gen, g.pcie_width) for g in gpus]
+    bandwidth = min((b for b in links if b), default=link_bandwidth(4, 16))
+    compute = estimate_compute_seconds(cfg, d_in, gpus[0].name or "")
+    return [p.label() for p in predict_many(compute, gradient_bytes(cfg, d_in), bandwidth, counts=usable)]

@@ -555,3 +555,13 @@ def test_lost_gpu_is_shown_and_cannot_be_ticked(lab):
     at = lab.page("views/monitor.py")
     no_exception(at)
     assert any("GPU 1" in str(e.value) or "lost" in str(e.value).lower() for e in at.error), [e.value for e in at.error]
+
+
+def test_train_shows_the_predicted_multi_gpu_speedup(lab):
+    lab.sample(n_gpus=4)
+    at = _train(lab)
+    at.checkbox(key="gpu_pick_0").check().run()
+    at.checkbox(key="gpu_pick_1").check().run()
+    no_exception(at)
+    captions = [c.value for c in at.caption]
+    assert any(c.startswith("Predicted speed-up: 2 GPUs: ≈") and "4 GPUs: ≈" in c for c in captions), captions

@@ -34,3 +34,21 @@ def test_bad_inputs_are_refused():
         predict(0, 1, 2, 1e9)
     with pytest.raises(ValueError):
         predict(1, 1, 2, 1e9, overlap=1.5)
+
+
+def test_speedup_labels_for_the_gpus_of_this_machine():
+    from types import SimpleNamespace
+
+    from sae_core.config import TrainConfig
+    from sae_core.scaling import estimate_compute_seconds, speedup_labels
+
+    cfg = TrainConfig(activation_source="x", d_sae=65536, k=64, total_steps=10, batch_size=16384)
+    gpu = SimpleNamespace(name="NVIDIA H100 80GB HBM3", pcie_gen=5, pcie_width=16)
+    labels = speedup_labels(cfg, 2304, [gpu] * 4)
+    assert [label.split(":")[0] for label in labels] == ["2 GPUs", "4 GPUs"]
+    speedups = [float(label.split("≈")[1].rstrip("× tokens/s")) for label in labels]
+    assert 1 < speedups[0] < 2 and speedups[0] < speedups[1] < 4
+    assert speedup_labels(cfg, 2304, [gpu]) == []
+    # bf16 makes compute ~13x faster on an H100, so communication weighs more
+    bf16 = cfg.model_copy(update={"autocast": "bf16"})
+    assert estimate_compute_seconds(bf16, 2304, gpu.name) < estimate_compute_seconds(cfg, 2304, gpu.name) / 10

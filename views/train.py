@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from sae_core import availability, data, db, history, memory, paths, store, ui_support
+from sae_core import availability, data, db, history, memory, paths, scaling, store, ui_support
 from sae_core.config import ARCHITECTURES, ConfigError
 
 OTHER_PATH = "Other path…"
@@ -168,12 +168,14 @@ def gpu_selector(statuses, cfg, d_in: int | None) -> list[int]:
     return [s.index for s in statuses if gpu_row(s, required)]
 
 
-def estimate_panel(cfg, world: int, d_in: int) -> None:
+def estimate_panel(cfg, world: int, d_in: int, gpus) -> None:
     estimate = memory.estimate(cfg, world, d_in=d_in)
     st.metric("Estimated memory per GPU", ui_support.format_bytes(estimate.total_bytes))
     st.caption(
         f"{world} rank(s) × {estimate.per_rank_batch:,} tokens per rank per step · peak during {estimate.peak_phase}"
     )
+    if labels := scaling.speedup_labels(cfg, d_in, gpus):
+        st.caption("Predicted speed-up: " + " · ".join(labels), help=scaling.__doc__)
     with st.expander("Breakdown"):
         st.dataframe(
             ui_support.breakdown_frame(estimate.breakdown, memory.TERM_LABELS), hide_index=True, width="stretch"
@@ -247,7 +249,7 @@ if cfg is not None and dataset is not None and not errors:
 with estimate_box:
     if cfg is not None and d_in is not None and cfg.batch_size % world == 0:
         if probe is not None and probe.gpus:
-            estimate_panel(cfg, world, d_in)
+            estimate_panel(cfg, world, d_in, probe.gpus)
         else:
             st.caption(f"{world} process(es) × {cfg.batch_size // world:,} tokens each per step")
 
