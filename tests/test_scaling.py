@@ -46,7 +46,7 @@ def test_speedup_labels_for_the_gpus_of_this_machine():
     gpu = SimpleNamespace(name="NVIDIA H100 80GB HBM3", pcie_gen=5, pcie_width=16)
     labels = speedup_labels(cfg, 2304, [gpu] * 4)
     assert [label.split(":")[0] for label in labels] == ["2 GPUs", "4 GPUs"]
-    speedups = [float(label.split("≈")[1].rstrip("× tokens/s")) for label in labels]
+    speedups = [float(label.split("≈")[1].removesuffix("× tokens/s")) for label in labels]
     assert 1 < speedups[0] < 2 and speedups[0] < speedups[1] < 4
     assert speedup_labels(cfg, 2304, [gpu]) == []
     # bf16 makes compute ~13x faster on an H100, so communication weighs more
