@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
@@ -479,11 +480,24 @@ def main(argv: list[str] | None = None) -> int:
             out_dir.mkdir(parents=True, exist_ok=True)
         trainer = Trainer(cfg, out_dir, env, data, Path(args.resume) if args.resume else None)
         trainer.run()
+        del trainer  # DDP's reducer and gloo's threads go before the process group, not at teardown
+        gc.collect()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
 
 
+def exit_now(code: int) -> None:
+    """Leave without interpreter teardown under torchrun: a C++ thread of the collective stack that is
+    destroyed while joinable aborts the rank ("terminate called without an active exception") after
+    its work is done. Every file and sink is already closed; flush what was printed, then go."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

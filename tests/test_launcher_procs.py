@@ -290,7 +290,8 @@ def test_cancel_with_no_daemon_running_stops_the_job_from_the_cli(lab, toy_path,
 def test_daemon_kill_9_then_restart_readopts_a_live_job_and_fails_a_lost_one(lab, toy_path, tmp_path):
     home, start_daemon = lab
     first = start_daemon()
-    live_id = submit_cpu(write_cfg(tmp_path, toy_path, total_steps=200, log_every=20, checkpoint_every=1000), 1)
+    # Long enough (tens of seconds of training) that it cannot end between its first metric and the freeze.
+    live_id = submit_cpu(write_cfg(tmp_path, toy_path, total_steps=4000, log_every=20, checkpoint_every=10_000), 1)
     lost_id = submit_cpu(write_cfg(tmp_path, toy_path, "long.json", total_steps=100_000, log_every=20), 1)
     for job_id in (live_id, lost_id):  # both run at once (CPU budget = 2 cores)
         wait_for(lambda job_id=job_id: store.get_job(job_id).last_step > 0, 120, f"job {job_id} to train")
@@ -316,7 +317,7 @@ def test_daemon_kill_9_then_restart_readopts_a_live_job_and_fails_a_lost_one(lab
         proc.resume()
     job = wait_status(live_id, FINAL_STATUSES)
     assert job.status == "completed", job.error
-    assert job.exit_code == 0 and store.metrics_frame(live_id)["step"].iloc[-1] == 200
+    assert job.exit_code == 0 and store.metrics_frame(live_id)["step"].iloc[-1] == 4000
     for job_id in (live_id, lost_id):
         assert job_processes_left(job_id, home) == []
 
