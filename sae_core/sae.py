@@ -184,9 +184,9 @@ class SparseAutoencoder(nn.Module):
     def _topk_step(self, x, dead_mask, aux_k, aux_coefficient) -> StepOutput:
         """TopK without any dense [B, d_sae] tensor in the backward pass: the encoder's only dense
         work is its forward matmul; decoder and encoder gradients touch the k active latents per row."""
-        vals, idx, pre = topk_encode(x - self.b_dec, self.W_enc, self.b_enc, self.k)
+        vals, idx, pre, layout = topk_encode(x - self.b_dec, self.W_enc, self.b_enc, self.k)
         vals = vals.relu()
-        x_hat = sparse_decode(vals, idx, self.W_dec) + self.b_dec
+        x_hat = sparse_decode(vals, idx, self.W_dec, layout) + self.b_dec
         recon = (x_hat - x).square().sum(-1).mean()
         aux = recon.new_zeros(())
         if dead_mask is not None and aux_k > 0:
@@ -273,17 +273,45 @@ def normalize_decoder_rows(W_dec: torch.Tensor) -> None:
     W_dec.div_(W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
 
-def sparse_decode(vals: torch.Tensor, idx: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+def sparse_decode(vals: torch.Tensor, idx: torch.Tensor, W_dec: torch.Tensor, layout=None) -> torch.Tensor:
     """Σ_j vals[b, j] · W_dec[idx[b, j]] without a dense [B, d_sae] tensor. vals/idx: [B, k]."""
-    return SparseDecode.apply(vals, idx, W_dec)
+    return SparseDecode.apply(vals, idx, W_dec, layout)
 
 
 def topk_encode(x_cent: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int):
-    """(values [B, k], indices [B, k], pre-activations [B, d_sae] without grad) of the TopK encoder."""
+    """(values [B, k], indices [B, k], pre-activations [B, d_sae] without grad, LatentLayout) of the TopK encoder."""
     with torch.no_grad():
         pre = torch.addmm(b_enc.to(x_cent.dtype), x_cent, W_enc.to(x_cent.dtype))  # [B, d_sae]: the floor
         idx = pre.topk(k, dim=-1, sorted=False).indices
-    return SelectedPreActivations.apply(x_cent, W_enc, b_enc, pre, idx), idx, pre
+        layout = LatentLayout(idx, W_enc.shape[1])
+    return SelectedPreActivations.apply(x_cent, W_enc, b_enc, pre, idx, layout), idx, pre, layout
+
+
+class LatentLayout:
+    """The (row, latent) pairs of idx [B, k] grouped by latent, as a CSR [d_sae × B] structure.
+
+    Weight gradients are then sparse-matrix × dense products: dW[i] = Σ_{b: i ∈ idx[b]} value · row[b].
+    Built once per step and shared by the encoder and decoder backward passes (same idx)."""
+
+    def __init__(self, idx: torch.Tensor, d_sae: int):
+        flat = idx.flatten()
+        self.order = flat.argsort(stable=True)
+        self.batch, self.d_sae = idx.shape[0], d_sae
+        self.rows = torch.div(self.order, idx.shape[1], rounding_mode="floor")  # row of each sorted pair
+        counts = torch.zeros(d_sae + 1, dtype=torch.int64, device=idx.device)
+        counts[1:].scatter_add_(0, flat, torch.ones_like(flat))
+        self.crow = counts.cumsum(0)
+
+    def weight_grad(self, values: torch.Tensor, dense_rows: torch.Tensor) -> torch.Tensor:
+        """[d_sae, d_in] = Σ over pairs of values[b, j] · dense_rows[b] into latent idx[b, j]."""
+        matrix = torch.sparse_csr_tensor(
+            self.crow, self.rows, values.flatten()[self.order], (self.d_sae, self.batch), dtype=dense_rows.dtype
+        )
+        return matrix @ dense_rows
+
+
+def _layout(layout: LatentLayout | None, idx: torch.Tensor, d_sae: int) -> LatentLayout:
+    return layout if layout is not None else LatentLayout(idx, d_sae)
 
 
 class SelectedPreActivations(torch.autograd.Function):
@@ -293,55 +321,50 @@ class SelectedPreActivations(torch.autograd.Function):
     Σ_j g[b, j] W_enc[:, idx[b, j]]. Cost O(B·k·d_in) instead of two dense O(B·d_in·d_sae) matmuls."""
 
     @staticmethod
-    def forward(ctx, x_cent, W_enc, b_enc, pre, idx):
+    def forward(ctx, x_cent, W_enc, b_enc, pre, idx, layout=None):
         ctx.save_for_backward(x_cent, W_enc, idx)
+        ctx.layout = layout
         return pre.gather(1, idx)
 
     @staticmethod
     def backward(ctx, grad):
         x_cent, W_enc, idx = ctx.saved_tensors
-        batch, k = idx.shape
-        flat_idx = idx.flatten()
         g = grad.to(W_enc.dtype)  # [B, k]
         grad_x = grad_W = grad_b = None
         if ctx.needs_input_grad[2]:
             grad_b = torch.zeros(W_enc.shape[1], dtype=W_enc.dtype, device=W_enc.device).index_add_(
-                0, flat_idx, g.flatten()
+                0, idx.flatten(), g.flatten()
             )
         if ctx.needs_input_grad[1]:
-            contributions = (g.unsqueeze(-1) * x_cent.to(W_enc.dtype).unsqueeze(1)).reshape(
-                batch * k, -1
-            )  # [B·k, d_in]
-            grad_W_t = torch.zeros(W_enc.shape[1], W_enc.shape[0], dtype=W_enc.dtype, device=W_enc.device)
-            grad_W = grad_W_t.index_add_(0, flat_idx, contributions).t()
+            layout = _layout(ctx.layout, idx, W_enc.shape[1])
+            grad_W = layout.weight_grad(g, x_cent.to(W_enc.dtype)).t()
         if ctx.needs_input_grad[0]:
             # Fused gather-scale-sum over the k selected encoder columns: no [B, k, d_in] temporary.
             columns = W_enc.t().contiguous()  # [d_sae, d_in], one cheap copy
             grad_x = F.embedding_bag(idx, columns, per_sample_weights=g, mode="sum").to(x_cent.dtype)
-        return grad_x, grad_W, grad_b, None, None
+        return grad_x, grad_W, grad_b, None, None, None
 
 
 class SparseDecode(torch.autograd.Function):
     """x̂[b] = Σ_j vals[b, j] W_dec[idx[b, j]], forward and backward in O(B·k·d_in)."""
 
     @staticmethod
-    def forward(ctx, vals, idx, W_dec):
+    def forward(ctx, vals, idx, W_dec, layout=None):
         ctx.save_for_backward(vals, idx, W_dec)
+        ctx.layout = layout
         return F.embedding_bag(idx, W_dec, per_sample_weights=vals.to(W_dec.dtype), mode="sum")
 
     @staticmethod
     def backward(ctx, grad):
         vals, idx, W_dec = ctx.saved_tensors
-        batch, k = idx.shape
         g = grad.to(W_dec.dtype)  # [B, d_in]
         grad_vals = grad_W = None
         if ctx.needs_input_grad[0]:
             rows = F.embedding(idx, W_dec)  # [B, k, d_in], a contiguous gather
             grad_vals = torch.bmm(rows, g.unsqueeze(-1)).squeeze(-1).to(vals.dtype)
         if ctx.needs_input_grad[2]:
-            contributions = (vals.to(W_dec.dtype).unsqueeze(-1) * g.unsqueeze(1)).reshape(batch * k, -1)
-            grad_W = torch.zeros_like(W_dec).index_add_(0, idx.flatten(), contributions)
-        return grad_vals, None, grad_W
+            grad_W = _layout(ctx.layout, idx, W_dec.shape[0]).weight_grad(vals.to(W_dec.dtype), g)
+        return grad_vals, None, grad_W, None
 
 
 def batch_topk(acts: torch.Tensor, k: int) -> torch.Tensor:
