@@ -10,6 +10,7 @@ import streamlit as st
 
 from sae_core import store, ui_support
 from sae_core.models import LIVE_STATUSES
+from views.widgets import sae_download
 
 TABLE_LIMIT = 500
 CHART_POINTS = 1000
@@ -84,23 +85,7 @@ def actions(job) -> None:
 def downloads(job, c1, c2) -> None:
     out_dir = Path(job.out_dir)
     if ui_support.is_trained_sae(out_dir):
-        zip_path = out_dir / ui_support.ZIP_NAME
-        if ui_support.zip_is_current(zip_path, out_dir):
-            # Deferred data: the zip is opened only when the button is clicked, never on a rerun.
-            c1.download_button(
-                f"Download SAE ({ui_support.format_bytes(zip_path.stat().st_size)} zip)",
-                data=ui_support.file_reader(zip_path),
-                file_name=f"sae-job-{job.id}.zip",
-                mime="application/zip",
-                on_click="ignore",
-                key="job_download_zip",
-                icon=":material/download:",
-                help=f"On this machine: {zip_path} (for files too large for a browser download, copy it from there)",
-            )
-        elif c1.button("Prepare SAE download", key="job_prepare_zip", icon=":material/folder_zip:"):
-            with st.spinner("Packing cfg.json, weights, sparsity and eval into a zip…"):
-                ui_support.build_sae_zip(out_dir)
-            st.rerun()
+        sae_download(c1, out_dir, f"sae-job-{job.id}.zip", "job_download_zip", "job_prepare_zip")
     else:
         c1.caption("The SAE download appears when the job completes.")
     c2.download_button(

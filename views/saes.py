@@ -7,6 +7,7 @@ from pathlib import Path
 import streamlit as st
 
 from sae_core import paths, ui_support
+from views.widgets import sae_download
 
 st.title("Trained SAEs")
 home = paths.lab_home()
@@ -50,22 +51,7 @@ else:
         )
 
 st.markdown("**Download**")
-zip_path = sae_dir / ui_support.ZIP_NAME
-if ui_support.zip_is_current(zip_path, sae_dir):
-    st.download_button(
-        f"Download SAE ({ui_support.format_bytes(zip_path.stat().st_size)} zip)",
-        data=ui_support.file_reader(zip_path),  # opened only on click
-        file_name=f"{sae_dir.name}-sae.zip",
-        mime="application/zip",
-        on_click="ignore",
-        key="saes_download",
-        icon=":material/download:",
-        help=f"On this machine: {zip_path} (for files too large for a browser download, copy it from there)",
-    )
-elif st.button("Prepare download", key="saes_prepare", icon=":material/folder_zip:"):
-    with st.spinner("Packing the SAE into a zip…"):
-        ui_support.build_sae_zip(sae_dir)
-    st.rerun()
+sae_download(st, sae_dir, f"{sae_dir.name}-sae.zip", "saes_download", "saes_prepare")
 
 st.markdown("**Load it in Python**")
 ours, sae_lens = ui_support.load_snippets(sae_dir)
