@@ -42,3 +42,21 @@ def toy_path(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("toy") / "toy.safetensors"
     write_toy(path, tokens=16384, d_in=32, features=64, seed=0)
     return path
+
+
+def tiny_config(toy_path: Path, **overrides) -> dict:
+    """A TopK config that trains on the toy set in seconds on one CPU core (process-level tests)."""
+    return {
+        "activation_source": str(toy_path),
+        "architecture": "topk",
+        "d_sae": 64,
+        "k": 4,
+        "batch_size": 256,
+        "total_steps": 30,
+        "log_every": 10,
+        "checkpoint_every": 10,
+        "holdout_tokens": 1024,
+        "device": "cpu",
+        "b_dec_init": "mean",
+        **overrides,
+    }

@@ -21,7 +21,7 @@ import pytest
 from sae_core import cli_jobs, db, launcher, store
 from sae_core.config import TrainConfig
 from sae_core.models import ACTIVE_STATUSES, FINAL_STATUSES
-from tests.conftest import subprocess_env
+from tests.conftest import subprocess_env, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -30,19 +30,7 @@ pytestmark = pytest.mark.slow
 
 
 def write_cfg(directory: Path, toy_path: Path, name: str = "cfg.json", **overrides) -> Path:
-    cfg = {
-        "activation_source": str(toy_path),
-        "d_sae": 64,
-        "k": 4,
-        "batch_size": 256,
-        "total_steps": 30,
-        "log_every": 10,
-        "checkpoint_every": 10,
-        "holdout_tokens": 1024,
-        "device": "cpu",
-        "b_dec_init": "mean",
-        **overrides,
-    }
+    cfg = tiny_config(toy_path, **overrides)
     path = directory / name
     path.write_text(json.dumps(cfg))
     return path

@@ -18,25 +18,11 @@ from sae_core.checkpoint import MARKER, complete_checkpoints
 from sae_core.config import TrainConfig
 from sae_core.metrics import read_jsonl
 from sae_core.train import learning_rate, main, sparsity_coefficient
-from tests.conftest import subprocess_env
+from tests.conftest import subprocess_env, tiny_config
 
 
 def write_config(tmp_path: Path, toy_path: Path, **overrides) -> Path:
-    cfg = {
-        "activation_source": str(toy_path),
-        "architecture": "topk",
-        "d_sae": 64,
-        "k": 4,
-        "batch_size": 256,
-        "total_steps": 30,
-        "log_every": 10,
-        "checkpoint_every": 10,
-        "holdout_tokens": 1024,
-        "device": "cpu",
-        "b_dec_init": "mean",
-        "dead_tokens_window": 2048,
-        **overrides,
-    }
+    cfg = tiny_config(toy_path, **{"dead_tokens_window": 2048, **overrides})
     path = tmp_path / f"cfg_{len(list(tmp_path.glob('cfg_*.json')))}.json"
     path.write_text(json.dumps(cfg))
     return path
