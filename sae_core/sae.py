@@ -304,10 +304,12 @@ class LatentLayout:
 
     def weight_grad(self, values: torch.Tensor, dense_rows: torch.Tensor) -> torch.Tensor:
         """[d_sae, d_in] = Σ over pairs of values[b, j] · dense_rows[b] into latent idx[b, j]."""
+        # Sparse kernels exist for float32/float64 everywhere (MKL has no bf16 CSR matmul): compute there.
+        dtype = dense_rows.dtype if dense_rows.dtype in (torch.float32, torch.float64) else torch.float32
         matrix = torch.sparse_csr_tensor(
-            self.crow, self.rows, values.flatten()[self.order], (self.d_sae, self.batch), dtype=dense_rows.dtype
+            self.crow, self.rows, values.flatten()[self.order].to(dtype), (self.d_sae, self.batch), dtype=dtype
         )
-        return matrix @ dense_rows
+        return (matrix @ dense_rows.to(dtype)).to(dense_rows.dtype)
 
 
 def _layout(layout: LatentLayout | None, idx: torch.Tensor, d_sae: int) -> LatentLayout:
