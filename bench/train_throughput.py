@@ -10,6 +10,7 @@ after the run so speed changes can be checked for quality. CUDA configurations r
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import tempfile
@@ -45,10 +46,13 @@ def matmul_floor(batch: int, d_in: int, d_sae: int, device: torch.device, dtype=
     return statistics.median(times[3:])
 
 
-def measure(cfg: TrainConfig, device: torch.device, steps: int, warmup: int = 5) -> dict:
+def measure(cfg: TrainConfig, device: torch.device, steps: int, warmup: int = 5, reference: bool = False) -> dict:
+    """Mean step time of the real trainer; `reference` swaps in the plain dense TopK path (the "before")."""
     data = check_dataset(cfg)
     trainer = Trainer(cfg, Path(tempfile.mkdtemp()), DistEnv(device=device), data)
     trainer.sinks = []
+    if reference:
+        trainer.forward = functools.partial(trainer.sae.training_step, reference=True)
     for _ in range(warmup):
         trainer.train_step()
     step_times = []
@@ -103,10 +107,10 @@ def main() -> None:
     )
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} timed steps")
     if not args.cuda_only:
-        report(
-            "cpu topk d_in128 d_sae1024 k8 B4096",
-            measure(TrainConfig(**base, device="cpu"), torch.device("cpu"), args.steps),
-        )
+        cpu = TrainConfig(**base, device="cpu")
+        for label, reference in (("dense reference", True), ("sparse fast path", False)):
+            result = measure(cpu, torch.device("cpu"), args.steps, reference=reference)
+            report(f"cpu topk d_in128 d_sae1024 k8 B4096 {label}", result)
     if not torch.cuda.is_available():
         print("no CUDA device: CUDA configurations not run")
         return

@@ -4,7 +4,10 @@ With the global batch split over N ranks, each rank computes 1/N of the step; DD
 gradient (a ring all-reduce moves 2·(N−1)/N of the gradient bytes over the slowest link, plus a latency per
 hop). DDP overlaps part of that traffic with the backward pass (`overlap`, 0 = none is hidden). So
 
-    step(N) = compute(1) / N + (1 − overlap) · allreduce(N)        speed-up(N) = compute(1) / step(N)
+    step(N) = (compute(1) − fixed) / N + fixed + (1 − overlap) · allreduce(N)     speed-up(N) = compute(1) / step(N)
+
+where `fixed` is the per-step work every rank does in full whatever N (the Adam update and decoder
+renormalisation over all parameters): negligible on a GPU, a visible share on a CPU.
 
 compute(1) is measured on one device (a job's own step time, or `bench/scaling.py`); link bandwidth comes
 from NVML's PCIe generation/width or NVLink count (`link_bandwidth`).
@@ -47,10 +50,13 @@ def predict(
     bandwidth: float,
     overlap: float = 0.0,
     latency_s: float = DEFAULT_LATENCY_S,
+    fixed_s: float = 0.0,
 ) -> ScalingPrediction:
     if compute_one_s <= 0 or bandwidth <= 0 or world_size < 1 or not 0 <= overlap <= 1:
         raise ValueError("compute time and bandwidth must be positive, world_size ≥ 1, overlap in [0, 1]")
-    compute = compute_one_s / world_size
+    if not 0 <= fixed_s <= compute_one_s:
+        raise ValueError("fixed_s must be between 0 and the one-device step time")
+    compute = (compute_one_s - fixed_s) / world_size + fixed_s
     comm = allreduce_seconds(gradient_bytes, world_size, bandwidth, latency_s)
     step = compute + (1 - overlap) * comm
     return ScalingPrediction(world_size, compute, comm, step, compute_one_s / step)

@@ -16,6 +16,8 @@ def test_speedup_is_linear_without_communication_and_saturates_with_it():
     # 0.1 s of compute per step against 0.1 s of all-reduce at 2 GPUs: 0.05 + 0.1 -> 0.67x
     slow_link = predict(0.1, 10**8, 2, 1e9, latency_s=0)
     assert slow_link.speedup == pytest.approx(0.1 / 0.15)
+    # work every rank repeats in full (the optimizer) does not shrink with more ranks
+    assert predict(1.0, 0, 4, 1e9, latency_s=0, fixed_s=0.2).step_s == pytest.approx(0.2 + 0.8 / 4)
     hidden = predict(0.1, 10**8, 2, 1e9, overlap=1.0, latency_s=0)
     assert hidden.speedup == pytest.approx(2.0)
     speedups = [p.speedup for p in predict_many(1.0, 10**8, 25e9)]
