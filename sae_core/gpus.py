@@ -87,8 +87,10 @@ class GpuInfo:
     fan: float | None = None  # percent
     clock_sm: int | None = None  # MHz
     clock_mem: int | None = None
-    pcie_gen: int | None = None
+    pcie_gen: int | None = None  # current link: an idle GPU downshifts it
     pcie_width: int | None = None
+    pcie_gen_max: int | None = None  # what the link runs at under load (used for scaling predictions)
+    pcie_width_max: int | None = None
     ecc_uncorrected: int | None = None  # volatile count since the driver loaded
     processes: list[GpuProcess] | None = field(default_factory=list)  # None: NVML cannot list them
     mig_enabled: bool | None = None  # None: not MIG-capable
@@ -323,6 +325,8 @@ def _fill_figures(nvml: ModuleType, handle: Any, info: GpuInfo) -> None:
     info.clock_mem = _optional(nvml, nvml.nvmlDeviceGetClockInfo, handle, nvml.NVML_CLOCK_MEM)
     info.pcie_gen = _optional(nvml, nvml.nvmlDeviceGetCurrPcieLinkGeneration, handle)
     info.pcie_width = _optional(nvml, nvml.nvmlDeviceGetCurrPcieLinkWidth, handle)
+    info.pcie_gen_max = _optional(nvml, nvml.nvmlDeviceGetMaxPcieLinkGeneration, handle)
+    info.pcie_width_max = _optional(nvml, nvml.nvmlDeviceGetMaxPcieLinkWidth, handle)
     info.ecc_uncorrected = _optional(
         nvml,
         nvml.nvmlDeviceGetTotalEccErrors,

@@ -112,7 +112,13 @@ def speedup_labels(cfg, d_in: int, gpus, counts=(2, 4, 8)) -> list[str]:
     usable = [n for n in counts if n <= len(gpus)]
     if not usable:
         return []
-    links = [link_bandwidth(g.pcie_gen, g.pcie_width) for g in gpus]
+    # The link's maximum: an idle GPU reports a downshifted current generation (often gen 1).
+    links = [
+        link_bandwidth(
+            getattr(g, "pcie_gen_max", None) or g.pcie_gen, getattr(g, "pcie_width_max", None) or g.pcie_width
+        )
+        for g in gpus
+    ]
     bandwidth = min((b for b in links if b), default=link_bandwidth(4, 16))
     compute = estimate_compute_seconds(cfg, d_in, gpus[0].name or "")
     return [p.label() for p in predict_many(compute, gradient_bytes(cfg, d_in), bandwidth, counts=usable)]

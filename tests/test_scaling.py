@@ -51,6 +51,9 @@ def test_speedup_labels_for_the_gpus_of_this_machine():
     speedups = [float(label.split("≈")[1].removesuffix("× tokens/s")) for label in labels]
     assert 1 < speedups[0] < 2 and speedups[0] < speedups[1] < 4
     assert speedup_labels(cfg, 2304, [gpu]) == []
+    # an idle GPU downshifts its link; the prediction uses the link's maximum
+    idle = SimpleNamespace(name=gpu.name, pcie_gen=1, pcie_width=16, pcie_gen_max=5, pcie_width_max=16)
+    assert speedup_labels(cfg, 2304, [idle] * 4) == labels
     # bf16 makes compute ~13x faster on an H100, so communication weighs more
     bf16 = cfg.model_copy(update={"autocast": "bf16"})
     assert estimate_compute_seconds(bf16, 2304, gpu.name) < estimate_compute_seconds(cfg, 2304, gpu.name) / 10

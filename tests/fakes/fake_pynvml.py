@@ -355,6 +355,16 @@ def nvmlDeviceGetCurrPcieLinkWidth(handle: _Handle) -> int:
     return int(_spec(handle, "pcie_width")["pcie_width"])
 
 
+def nvmlDeviceGetMaxPcieLinkGeneration(handle: _Handle) -> int:
+    spec = _spec(handle, "pcie_gen")
+    return int(spec.get("pcie_gen_max", spec["pcie_gen"]))
+
+
+def nvmlDeviceGetMaxPcieLinkWidth(handle: _Handle) -> int:
+    spec = _spec(handle, "pcie_width")
+    return int(spec.get("pcie_width_max", spec["pcie_width"]))
+
+
 def nvmlDeviceGetTotalEccErrors(handle: _Handle, error_type: int, counter_type: int) -> int:
     return int(_spec(handle, "ecc_uncorrected")["ecc_uncorrected"])
 
