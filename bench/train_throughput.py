@@ -108,8 +108,13 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} timed steps")
     if not args.cuda_only:
         cpu = TrainConfig(**base, device="cpu")
-        for label, reference in (("dense reference", True), ("sparse fast path", False)):
-            result = measure(cpu, torch.device("cpu"), args.steps, reference=reference)
+        compiled = cpu.model_copy(update={"torch_compile": True})
+        for label, cfg, reference in (
+            ("dense reference", cpu, True),
+            ("sparse fast path", cpu, False),
+            ("sparse + torch_compile", compiled, False),
+        ):
+            result = measure(cfg, torch.device("cpu"), args.steps, reference=reference)
             report(f"cpu topk d_in128 d_sae1024 k8 B4096 {label}", result)
     if not torch.cuda.is_available():
         print("no CUDA device: CUDA configurations not run")

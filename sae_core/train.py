@@ -161,6 +161,7 @@ class Trainer:
         self.cfg, self.out_dir, self.env, self.data = cfg, out_dir, env, data
         self.per_rank_batch = cfg.per_rank_batch(env.world_size)
         torch.manual_seed(cfg.seed)
+        sae_mod.use_compiled_kernels(cfg.torch_compile)
         self.sae = SparseAutoencoder.from_config(cfg, data.d_in, device=env.device)
         self.batches = RankBatches(data.n_rows, cfg.holdout_tokens, cfg.batch_size, env.rank, env.world_size, cfg.seed)
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.effective_lr, betas=(0.9, 0.999))

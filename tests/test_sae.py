@@ -205,3 +205,16 @@ def test_sparse_topk_fast_path_matches_the_dense_reference(d_in, d_sae, k, batch
     fast_grads, ref_grads = grads_of(fast.loss, model), grads_of(reference.loss, model)
     for name, g in fast_grads.items():
         assert_close(g, ref_grads[name], msg=name)
+
+
+@pytest.mark.slow
+def test_compiled_kernels_match_the_eager_ones():
+    torch.manual_seed(0)
+    W, g = torch.randn(50, 12), torch.randn(16, 12)
+    idx = torch.randint(0, 50, (16, 3))
+    eager = sae_mod.row_dots(W, idx, g)
+    sae_mod.use_compiled_kernels(True)
+    try:
+        assert_close(sae_mod.row_dots(W, idx, g), eager, rtol=1e-5, atol=1e-5)
+    finally:
+        sae_mod.use_compiled_kernels(False)
