@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 
@@ -252,6 +253,24 @@ def test_errors_in_the_worker_become_the_failure_message(lab, toy_path, tmp_path
     assert crashing.error.startswith("rank 0: ") and "Error" in crashing.error.splitlines()[0], crashing.error
     for job_id in (refused.id, crashing.id):
         assert job_processes_left(job_id, home) == []
+
+
+def test_out_of_memory_in_the_worker_fails_the_job_with_the_allocator_message(lab, tmp_path):
+    """A real allocation failure: a decoder larger than RAM + swap is refused at once (no thrashing)."""
+    if Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "1":
+        pytest.skip("vm.overcommit_memory=1 would grant the allocation and let the OOM killer act instead")
+    home, start_daemon = lab
+    start_daemon()
+    memory = psutil.virtual_memory().total + psutil.swap_memory().total
+    d_in = -(-2 * memory // (4 * 2**24))  # W_dec [2^24, d_in] float32 is twice RAM + swap
+    data = tmp_path / "wide.npy"
+    np.save(data, np.random.default_rng(0).standard_normal((1536, d_in), dtype=np.float32))
+    cfg = TrainConfig.from_json_file(write_cfg(tmp_path, data, name="oom.json", d_sae=2**24))
+    job = store.submit_job(cfg, None, 1)  # past the CLI's memory check, as a too-optimistic estimate would be
+    job = wait_status(job.id, ("failed", "completed"))
+    assert job.status == "failed"
+    assert job.error.startswith("rank 0: ") and "can't allocate memory" in job.error, job.error
+    assert job_processes_left(job.id, home) == []
 
 
 def test_cancel_with_no_daemon_running_stops_the_job_from_the_cli(lab, toy_path, tmp_path):
