@@ -1,8 +1,8 @@
 """Training throughput vs the unavoidable encoder matmul, measured in the same run.
 
-Toy set, d_in 128, d_sae 1024, k 8, global batch 4096 (issue 2 §9 / issue 6). Prints tokens/s, the mean
-step time, the time of one [batch × d_in] @ [d_in × d_sae] matmul, and their ratio; then FVU and mmcs
-after the run so speed changes can be checked for quality. CUDA configurations run where a GPU exists.
+Toy set, d_in 128, d_sae 1024, k 8, global batch 4096 (issue 2 §9 / issue 6). Prints tokens/s, the median
+step time, the median time of one [batch × d_in] @ [d_in × d_sae] matmul timed just before each step, and
+their ratio; then FVU and mmcs after the run so speed changes can be checked for quality. CUDA configurations run where a GPU exists.
 
     .venv/bin/python bench/train_throughput.py [--steps 60] [--threads 2] [--cuda-only]
 """
@@ -32,45 +32,51 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_floor(batch: int, d_in: int, d_sae: int, device: torch.device, dtype=torch.float32, reps: int = 30) -> float:
-    """Median seconds of the encoder's forward matmul [batch × d_in] @ [d_in × d_sae]."""
-    x = torch.randn(batch, d_in, device=device, dtype=dtype)
-    w = torch.randn(d_in, d_sae, device=device, dtype=dtype)
-    times = []
-    for _ in range(reps + 3):
-        sync(device)
+class MatmulFloor:
+    """The encoder's forward matmul [batch × d_in] @ [d_in × d_sae] on fresh random operands."""
+
+    def __init__(self, batch: int, d_in: int, d_sae: int, device: torch.device, dtype=torch.float32):
+        self.device = device
+        self.x = torch.randn(batch, d_in, device=device, dtype=dtype)
+        self.w = torch.randn(d_in, d_sae, device=device, dtype=dtype)
+
+    def time_once(self) -> float:
+        sync(self.device)
         start = time.perf_counter()
-        x @ w
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[3:])
+        self.x @ self.w
+        sync(self.device)
+        return time.perf_counter() - start
 
 
 def measure(cfg: TrainConfig, device: torch.device, steps: int, warmup: int = 5, reference: bool = False) -> dict:
-    """Mean step time of the real trainer; `reference` swaps in the plain dense TopK path (the "before")."""
+    """Median step time of the real trainer against the median floor matmul, timed interleaved (one matmul
+    just before each step) so both see the same machine state; `reference` runs the plain dense TopK path."""
     data = check_dataset(cfg)
     trainer = Trainer(cfg, Path(tempfile.mkdtemp()), DistEnv(device=device), data)
     trainer.sinks = []
     if reference:
         trainer.forward = functools.partial(trainer.sae.training_step, reference=True)
+    floor = MatmulFloor(
+        cfg.batch_size, data.d_in, cfg.d_sae, device, torch.bfloat16 if cfg.autocast == "bf16" else torch.float32
+    )
     for _ in range(warmup):
+        floor.time_once()
         trainer.train_step()
-    step_times = []
+    step_times, floor_times = [], []
     for _ in range(steps):
+        floor_times.append(floor.time_once())
         sync(device)
         start = time.perf_counter()
         trainer.train_step()
         sync(device)
         step_times.append(time.perf_counter() - start)
-    dtype = torch.bfloat16 if cfg.autocast == "bf16" else torch.float32
-    floor = matmul_floor(cfg.batch_size, data.d_in, cfg.d_sae, device, dtype)
-    step = statistics.mean(step_times)
+    step, floor_s = statistics.median(step_times), statistics.median(floor_times)
     figures = evaluate(trainer.sae, data, trainer.batches.holdout_rows(), device)
     return {
         "tokens_per_s": cfg.batch_size / step,
         "step_ms": step * 1e3,
-        "floor_ms": floor * 1e3,
-        "ratio": step / floor,
+        "floor_ms": floor_s * 1e3,
+        "ratio": step / floor_s,
         "fvu": figures.get("fvu"),
         "mmcs": figures.get("mmcs"),
     }
