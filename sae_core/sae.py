@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+# torch says this once per process for the CSR products below; it is noise in every job's log.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
 SAE_LENS_VERSION = "6.0.0"  # the SAELens on-disk format we write
 WEIGHTS_FILE = "sae_weights.safetensors"
