@@ -97,7 +97,7 @@ def test_batchtopk_keeps_k_times_batch_activations_and_learns_a_threshold(x):
     for name, g in grads_of(out.loss, model).items():
         assert_close(g, ref_grads[name], msg=name)
     assert float(out.l0) == pytest.approx(K, abs=1e-9)
-    assert float(model.batch_threshold) == pytest.approx(float(flat[keep].min()))
+    assert float(model.batch_threshold) == pytest.approx(float(flat[keep].min().detach()))
 
 
 def test_jumprelu_forward_and_straight_through_threshold_gradient(x):
