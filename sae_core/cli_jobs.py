@@ -73,15 +73,17 @@ def cli_submit(argv: list[str]) -> int:
     if problems:
         return _reject("; ".join(problems))
     job = store.submit_job(cfg, args.gpus, args.cpu_procs, name=args.name, submitted_by=args.user or _user())
-    if args.json:
-        print(json.dumps(store.job_to_dict(job)))
-    else:
-        print(f"queued job {job.id} ({job.name}) on {_placement(job)}; output in {job.out_dir}")
-    _daemon_note(args.no_daemon, args.json)
-    return 0
+    return _queued(job, args, f"queued job {job.id} ({job.name}) on {_placement(job)}; output in {job.out_dir}")
 
 
 # --------------------------------------------------------------------------- jobs
+
+
+def _queued(job: Job, args: argparse.Namespace, message: str) -> int:
+    """Report a newly queued job (JSON or a sentence) and whether a launcher will pick it up."""
+    print(json.dumps(store.job_to_dict(job)) if args.json else message)
+    _daemon_note(args.no_daemon, args.json)
+    return 0
 
 
 def _placement(job: Job) -> str:
@@ -181,12 +183,7 @@ def cli_resume(argv: list[str]) -> int:
         job = store.resume_job(args.job_id, submitted_by=args.user or _user())
     except (store.JobError, ConfigError) as exc:
         return _reject(str(exc))
-    if args.json:
-        print(json.dumps(store.job_to_dict(job)))
-    else:
-        print(f"queued job {job.id}, resuming job {args.job_id} on {_placement(job)}")
-    _daemon_note(args.no_daemon, args.json)
-    return 0
+    return _queued(job, args, f"queued job {job.id}, resuming job {args.job_id} on {_placement(job)}")
 
 
 # --------------------------------------------------------------------------- logs
