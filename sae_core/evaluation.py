@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .sae import SparseAutoencoder
+from .sae import SparseAutoencoder, from_saved_tensors
 
 
 @torch.no_grad()
@@ -33,15 +33,10 @@ def evaluate(sae: SparseAutoencoder, data, holdout_rows, device, chunk: int = 40
 
 
 def exported_copy(sae: SparseAutoencoder, device) -> SparseAutoencoder:
-    """The SAE exactly as it will be saved (input scale folded in, batchtopk → jumprelu)."""
-    tensors = sae.export_tensors()
-    copy = SparseAutoencoder(sae.saved_architecture(), sae.d_in, sae.d_sae, sae.k, device=device)
-    with torch.no_grad():
-        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
-            getattr(copy, name).copy_(tensors[name])
-        if "threshold" in tensors:
-            copy.register_buffer("loaded_threshold", tensors["threshold"].to(device))
-    return copy
+    """The SAE exactly as it will be saved (input scale folded in, batchtopk → jumprelu), in fp32."""
+    return from_saved_tensors(
+        sae.saved_architecture(), sae.d_in, sae.d_sae, sae.k, sae.export_tensors(), torch.float32, device
+    )
 
 
 def mean_max_cosine(features: torch.Tensor, W_dec: torch.Tensor) -> float:

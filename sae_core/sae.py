@@ -488,13 +488,21 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> SparseAutoenco
     arch = cfg["architecture"]
     if arch not in ("standard", "topk", "jumprelu"):
         raise ValueError(f"{path}: architecture {arch!r} is not one of standard, topk, jumprelu")
-    dtype = tensors["W_enc"].dtype
-    sae = SparseAutoencoder(arch, int(cfg["d_in"]), int(cfg["d_sae"]), cfg.get("k"), dtype=dtype, device=device)
+    sae = from_saved_tensors(
+        arch, int(cfg["d_in"]), int(cfg["d_sae"]), cfg.get("k"), tensors, tensors["W_enc"].dtype, device
+    )
+    sae.eval()
+    return sae
+
+
+def from_saved_tensors(arch, d_in, d_sae, k, tensors, dtype, device) -> SparseAutoencoder:
+    """An inference SAE from SAELens-named tensors (a file's, or `export_tensors()`); a jumprelu
+    threshold is kept exactly as given."""
+    sae = SparseAutoencoder(arch, d_in, d_sae, k, dtype=dtype, device=device)
     with torch.no_grad():
         for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
             getattr(sae, name).copy_(tensors[name])
         if arch == "jumprelu":
             sae.log_threshold.copy_(tensors["threshold"].clamp_min(1e-30).log())
-            sae.register_buffer("loaded_threshold", tensors["threshold"].clone())
-    sae.eval()
+            sae.register_buffer("loaded_threshold", tensors["threshold"].to(device).clone())
     return sae

@@ -179,7 +179,6 @@ class Trainer:
             init_from_data(self.sae, first, cfg.b_dec_init)
         # Reads batch n+1 from disk while batch n trains; its state is what the loop has consumed.
         self.reader = Prefetcher(data, self.batches, pin_memory=env.device.type == "cuda")
-        self.model = self.sae
         self.forward = _TrainForward(self.sae)
         if dist.is_initialized() and env.world_size > 1:
             # Buffers are kept identical by construction (all-reduced statistics), so no re-broadcast.
@@ -254,6 +253,10 @@ class Trainer:
                 return None
         return self.tokens_since_fired >= self.cfg.dead_tokens_window
 
+    def dead_fraction(self) -> float:
+        """Share of latents silent for at least dead_tokens_window tokens (a host sync)."""
+        return float((self.tokens_since_fired >= self.cfg.dead_tokens_window).float().mean())
+
     @torch.no_grad()
     def _track_firing(self, counts: torch.Tensor) -> None:
         counts = all_reduce_(counts.to(torch.int64))
@@ -286,13 +289,12 @@ class Trainer:
         mean = packed[6:] / n
         total_var = sq - n * float(mean.pow(2).sum())
         scale2 = float(self.sae.input_scale) ** 2
-        dead = float((self.tokens_since_fired >= self.cfg.dead_tokens_window).float().mean())
         return {
             "loss": loss_sum / n,
             "mse": err / (n * self.sae.d_in) / scale2,  # per element, in the data's own units
             "fvu": err / total_var if total_var > 0 else float("nan"),
             "l0": l0_sum / n,
-            "dead_fraction": dead,
+            "dead_fraction": self.dead_fraction(),
             "aux_loss": aux_sum / n if self.cfg.architecture in ("topk", "batchtopk") else None,
         }
 
@@ -361,13 +363,8 @@ class Trainer:
             if self.step % cfg.log_every == 0 or is_last:
                 now = time.perf_counter()
                 tokens_per_s = (self.step - last_log_step) * cfg.batch_size / max(now - last_log_time, 1e-9)
-                self.log(
-                    result["x"],
-                    result["out"],
-                    tokens_per_s,
-                    eta_s=(cfg.total_steps - self.step)
-                    / max((self.step - last_log_step) / max(now - last_log_time, 1e-9), 1e-9),
-                )
+                eta_s = (cfg.total_steps - self.step) * cfg.batch_size / max(tokens_per_s, 1e-9)
+                self.log(result["x"], result["out"], tokens_per_s, eta_s)
                 last_log_time, last_log_step = now, self.step
             if self.step % cfg.checkpoint_every == 0 or is_last:
                 self.save_checkpoint(self.elapsed + time.perf_counter() - start)
@@ -403,7 +400,7 @@ class Trainer:
                 self.sae, self.data, self.batches.holdout_rows(), self.env.device, chunk=min(4096, self.per_rank_batch)
             )
             figures.update(
-                dead_fraction=float((self.tokens_since_fired >= self.cfg.dead_tokens_window).float().mean()),
+                dead_fraction=self.dead_fraction(),
                 tokens_per_s=self.tokens / max(train_seconds, 1e-9),
                 steps=self.step,
                 tokens=self.tokens,
