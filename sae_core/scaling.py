@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .memory import parameter_bytes  # the gradients DDP all-reduces have the parameters' size
+
 PCIE_LANE_BYTES_PER_S = {1: 0.25e9, 2: 0.5e9, 3: 0.985e9, 4: 1.969e9, 5: 3.938e9, 6: 7.563e9}
 PCIE_EFFICIENCY = 0.8  # protocol overhead: a x16 gen4 link moves ~25 of its 31.5 GB/s in practice
 NVLINK_BYTES_PER_S_PER_LINK = 25e9  # per direction, NVLink 3/4 class
@@ -101,11 +103,6 @@ def estimate_compute_seconds(cfg, d_in: int, gpu_name: str = "") -> float:
     return over * 2 * cfg.batch_size * d_in * cfg.d_sae / rate
 
 
-def gradient_bytes(cfg, d_in: int) -> int:
-    elements = 2 * d_in * cfg.d_sae + cfg.d_sae + d_in + (cfg.d_sae if cfg.architecture == "jumprelu" else 0)
-    return elements * (2 if cfg.dtype == "bfloat16" else 4)
-
-
 def speedup_labels(cfg, d_in: int, gpus, counts=(2, 4, 8)) -> list[str]:
     """'2 GPUs: ≈1.8× tokens/s' for the counts that fit on this machine; `gpus` are GpuInfo-like rows."""
     gpus = list(gpus)
@@ -121,4 +118,4 @@ def speedup_labels(cfg, d_in: int, gpus, counts=(2, 4, 8)) -> list[str]:
     ]
     bandwidth = min((b for b in links if b), default=link_bandwidth(4, 16))
     compute = estimate_compute_seconds(cfg, d_in, gpus[0].name or "")
-    return [p.label() for p in predict_many(compute, gradient_bytes(cfg, d_in), bandwidth, counts=usable)]
+    return [p.label() for p in predict_many(compute, parameter_bytes(cfg, d_in), bandwidth, counts=usable)]
