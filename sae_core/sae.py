@@ -20,6 +20,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import cpu_kernels
+from .cpu_kernels import latent_layout, row_topk
+
 # torch says this once per process for the CSR products below; it is noise in every job's log.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
@@ -192,12 +195,14 @@ class SparseAutoencoder(nn.Module):
         vals, idx, pre, layout = topk_encode(x - self.b_dec, self.W_enc, self.b_enc, self.k)
         vals = vals.relu()
         x_hat = sparse_decode(vals, idx, self.W_dec, layout) + self.b_dec
-        recon = (x_hat - x).square().sum(-1).mean()
+        recon = SquaredError.apply(x_hat, x)
         aux = recon.new_zeros(())
         if dead_mask is not None and aux_k > 0:
             masked = pre.masked_fill(~dead_mask, -torch.inf)
             aux_idx = masked.topk(min(aux_k, self.d_sae), dim=-1, sorted=False).indices
-            aux_vals = SelectedPreActivations.apply(x - self.b_dec, self.W_enc, self.b_enc, pre, aux_idx)
+            aux_vals = SelectedPreActivations.apply(
+                x - self.b_dec, self.W_enc, self.b_enc, pre.gather(1, aux_idx), aux_idx
+            )
             aux_vals = torch.where(dead_mask[aux_idx], aux_vals.relu(), torch.zeros_like(aux_vals))
             aux = aux_coefficient * _aux_from_residual(
                 sparse_decode(aux_vals, aux_idx, self.W_dec), x, x_hat, dead_mask
@@ -287,9 +292,9 @@ def topk_encode(x_cent: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, 
     """(values [B, k], indices [B, k], pre-activations [B, d_sae] without grad, LatentLayout) of the TopK encoder."""
     with torch.no_grad():
         pre = torch.addmm(b_enc.to(x_cent.dtype), x_cent, W_enc.to(x_cent.dtype))  # [B, d_sae]: the floor
-        idx = pre.topk(k, dim=-1, sorted=False).indices
+        values, idx = row_topk(pre, k)  # a C kernel on CPU float32 (2-6× torch.topk), else torch.topk
         layout = LatentLayout(idx, W_enc.shape[1])
-    return SelectedPreActivations.apply(x_cent, W_enc, b_enc, pre, idx, layout), idx, pre, layout
+    return SelectedPreActivations.apply(x_cent, W_enc, b_enc, values, idx, layout), idx, pre, layout
 
 
 class LatentLayout:
@@ -299,16 +304,15 @@ class LatentLayout:
     Built once per step and shared by the encoder and decoder backward passes (same idx)."""
 
     def __init__(self, idx: torch.Tensor, d_sae: int):
-        flat = idx.flatten()
-        self.order = flat.argsort(stable=True)
         self.batch, self.d_sae = idx.shape[0], d_sae
-        self.rows = torch.div(self.order, idx.shape[1], rounding_mode="floor")  # row of each sorted pair
-        counts = torch.zeros(d_sae + 1, dtype=torch.int64, device=idx.device)
-        counts[1:].scatter_add_(0, flat, torch.ones_like(flat))
-        self.crow = counts.cumsum(0)
+        # order: the stable argsort of idx by latent; rows: each sorted pair's batch row; crow: CSR starts
+        self.order, self.rows, self.crow = latent_layout(idx, d_sae)
 
     def weight_grad(self, values: torch.Tensor, dense_rows: torch.Tensor) -> torch.Tensor:
         """[d_sae, d_in] = Σ over pairs of values[b, j] · dense_rows[b] into latent idx[b, j]."""
+        fast = cpu_kernels.weight_grad(self.crow, self.rows, self.order, values, dense_rows, self.d_sae)
+        if fast is not None:
+            return fast
         # Sparse kernels exist for float32/float64 everywhere (MKL has no bf16 CSR matmul): compute there.
         dtype = dense_rows.dtype if dense_rows.dtype in (torch.float32, torch.float64) else torch.float32
         matrix = torch.sparse_csr_tensor(
@@ -331,13 +335,15 @@ _kernels = {"row_dots": _row_dots_eager}
 
 def use_compiled_kernels(enabled: bool = True) -> None:
     """Swap in torch.compile'd kernels (TrainConfig.torch_compile): the decoder's gather-dot then never
-    materialises [B, k, d_in] (measured 19× faster on CPU), at a one-off compile per process."""
+    materialises [B, k, d_in], at a one-off compile per process. Float32 CPU runs use the C kernel
+    (`cpu_kernels.row_dots`) either way; this is for CUDA and other dtypes."""
     _kernels["row_dots"] = torch.compile(_row_dots_fusable, dynamic=False) if enabled else _row_dots_eager
 
 
 def row_dots(W: torch.Tensor, idx: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """[B, k]: W[idx[b, j]] · g[b]."""
-    return _kernels["row_dots"](W, idx, g)
+    fast = cpu_kernels.row_dots(W, idx, g)
+    return fast if fast is not None else _kernels["row_dots"](W, idx, g)
 
 
 def _layout(layout: LatentLayout | None, idx: torch.Tensor, d_sae: int) -> LatentLayout:
@@ -345,16 +351,17 @@ def _layout(layout: LatentLayout | None, idx: torch.Tensor, d_sae: int) -> Laten
 
 
 class SelectedPreActivations(torch.autograd.Function):
-    """pre[b, idx[b, j]] with gradients that touch only the selected (row, latent) pairs.
+    """The selected pre-activations (values = pre[b, idx[b, j]], computed without grad by the caller)
+    with gradients that touch only the selected (row, latent) pairs.
 
     d/dW_enc[:, i] = Σ x_cent[b] g[b, j] over idx[b, j] = i; d/db_enc likewise; d/dx_cent[b] =
     Σ_j g[b, j] W_enc[:, idx[b, j]]. Cost O(B·k·d_in) instead of two dense O(B·d_in·d_sae) matmuls."""
 
     @staticmethod
-    def forward(ctx, x_cent, W_enc, b_enc, pre, idx, layout=None):
+    def forward(ctx, x_cent, W_enc, b_enc, values, idx, layout=None):
         ctx.save_for_backward(x_cent, W_enc, idx)
         ctx.layout = layout
-        return pre.gather(1, idx)
+        return values.clone()  # a new tensor, so autograd can own it
 
     @staticmethod
     def backward(ctx, grad):
@@ -373,6 +380,22 @@ class SelectedPreActivations(torch.autograd.Function):
             columns = W_enc.t().contiguous()  # [d_sae, d_in], one cheap copy
             grad_x = F.embedding_bag(idx, columns, per_sample_weights=g, mode="sum").to(x_cent.dtype)
         return grad_x, grad_W, grad_b, None, None, None
+
+
+class SquaredError(torch.autograd.Function):
+    """Σ‖x̂ − x‖² / B, the reconstruction loss, as one subtraction forward and one scaled copy backward
+    (the chain sub → square → sum → mean costs four [B, d_in] passes each way). x gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, x_hat, x):
+        diff = x_hat - x
+        ctx.save_for_backward(diff)
+        return diff.view(-1).dot(diff.view(-1)) / len(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (diff,) = ctx.saved_tensors
+        return diff * (2 * grad / len(diff)), None
 
 
 class SparseDecode(torch.autograd.Function):
