@@ -1,4 +1,4 @@
-"""Two C kernels for the TopK step on the CPU (`csrc/cpu_kernels.c`), compiled on first use.
+"""C kernels for the TopK/BatchTopK step on the CPU (`csrc/cpu_kernels.c`), compiled on first use.
 
 - `row_topk`: on a CPU, `torch.topk` over the [batch × d_sae] pre-activations costs about as much as the
   encoder matmul (the floor of a TopK step); the kernel is 2-6× faster for k ≤ 64 (`bench/topk_kernel.py`).
@@ -111,6 +111,18 @@ def row_dots(W: torch.Tensor, idx: torch.Tensor, g: torch.Tensor) -> torch.Tenso
     return out
 
 
+def count_positive_at_least(pre: torch.Tensor, threshold: float) -> torch.Tensor:
+    """[rows]: how many entries of each row of a 2-D tensor are positive and >= threshold."""
+    if _all_cpu_float32(pre) and pre.dim() == 2 and (lib := library()) is not None:
+        pre = pre.contiguous()
+        counts = torch.empty(pre.shape[0], dtype=torch.int64)
+        lib.count_positive_at_least_f32(
+            pre.data_ptr(), *pre.shape, threshold, counts.data_ptr(), torch.get_num_threads()
+        )
+        return counts
+    return ((pre >= threshold) & (pre > 0)).sum(1)
+
+
 def _all_cpu_float32(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
 
@@ -138,6 +150,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.weight_grad_f32.restype = None
     lib.row_dots_f32.argtypes = [pointer, i64, pointer, pointer, i64, i64, i64, pointer, i64]
     lib.row_dots_f32.restype = i64
+    lib.count_positive_at_least_f32.argtypes = [pointer, i64, i64, ctypes.c_float, pointer, i64]
+    lib.count_positive_at_least_f32.restype = None
     return lib
 
 

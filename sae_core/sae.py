@@ -47,6 +47,18 @@ class StepOutput:
     fired_counts: torch.Tensor  # [d_sae] tokens of this batch on which each latent fired
 
 
+@dataclass
+class Candidates:
+    """Selected latents of a block of batch rows: `rows` (None: every row), `values` and `idx` [R, width]
+    (pre-activations without grad and their latents), `keep` [R, width] marking the entries that count
+    (None: all)."""
+
+    rows: torch.Tensor | None
+    values: torch.Tensor
+    idx: torch.Tensor
+    keep: torch.Tensor | None
+
+
 class SparseAutoencoder(nn.Module):
     def __init__(
         self,
@@ -144,10 +156,10 @@ class SparseAutoencoder(nn.Module):
         """Forward pass and loss on a (scaled) batch x [B, d_in].
 
         `dead_mask` None means "no latent can be dead now" (the trainer knows this without a host sync
-        most steps), which skips AuxK. `reference=True` runs the plain dense TopK path that the sparse
-        fast path is tested against."""
-        if self.architecture == "topk" and not reference:
-            return self._topk_step(x, dead_mask, aux_k, aux_coefficient)
+        most steps), which skips AuxK. `reference=True` runs the plain dense TopK/BatchTopK path that the
+        sparse fast path is tested against."""
+        if self.architecture in ("topk", "batchtopk") and not reference:
+            return self._sparse_step(x, dead_mask, aux_k, aux_coefficient)
         pre = self.pre_activations(x)
         zero = pre.new_zeros(())
         aux = zero
@@ -163,13 +175,13 @@ class SparseAutoencoder(nn.Module):
             x_hat = self.decode(z)
             sparsity = HeavisideStep.apply(pre, threshold, self.bandwidth).sum(-1).mean()
             active = z > 0
-        elif self.architecture == "topk":  # dense reference of _topk_step
+        elif self.architecture == "topk":  # dense reference of _sparse_step
             vals, idx = pre.topk(self.k, dim=-1, sorted=False)
             z = torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
             x_hat = self.decode(z)
             sparsity = zero
             active = z > 0
-        else:  # batchtopk: the k × B largest activations of the whole batch
+        else:  # batchtopk, dense reference of _sparse_step: the k × B largest activations of the whole batch
             z = batch_topk(pre.relu(), self.k)
             x_hat = self.decode(z)
             sparsity = zero
@@ -189,37 +201,89 @@ class SparseAutoencoder(nn.Module):
             fired_counts=active.sum(0),
         )
 
-    def _topk_step(self, x, dead_mask, aux_k, aux_coefficient) -> StepOutput:
-        """TopK without any dense [B, d_sae] tensor in the backward pass: the encoder's only dense
-        work is its forward matmul; decoder and encoder gradients touch the k active latents per row."""
-        vals, idx, pre, layout = topk_encode(x - self.b_dec, self.W_enc, self.b_enc, self.k)
-        vals = vals.relu()
-        x_hat = sparse_decode(vals, idx, self.W_dec, layout) + self.b_dec
+    def _sparse_step(self, x, dead_mask, aux_k, aux_coefficient) -> StepOutput:
+        """TopK and BatchTopK without any dense [B, d_sae] tensor in the backward pass: the encoder's only
+        dense work is its forward matmul; decoder and encoder gradients touch the selected latents only."""
+        x_cent = x - self.b_dec
+        with torch.no_grad():
+            pre = torch.addmm(self.b_enc.to(x.dtype), x_cent, self.W_enc.to(x.dtype))  # [B, d_sae]: the floor
+            if self.architecture == "topk":
+                values, idx = row_topk(pre, self.k)  # a C kernel on CPU float32, else torch.topk
+                blocks = [Candidates(None, values, idx, None)]
+            else:
+                blocks = self._batch_topk_candidates(pre)
+        whole_rows, some_rows, selected = [], [], []  # decoded parts of blocks with all rows / some rows
+        counts = torch.zeros(self.d_sae, dtype=torch.int64, device=x.device)
+        for block in blocks:
+            layout = LatentLayout(block.idx, self.d_sae)
+            inputs = x_cent if block.rows is None else x_cent[block.rows]
+            vals = SelectedPreActivations.apply(inputs, self.W_enc, self.b_enc, block.values, block.idx, layout).relu()
+            if block.keep is not None:
+                vals = torch.where(block.keep, vals, torch.zeros_like(vals))  # candidates outside the selection
+            part = sparse_decode(vals, block.idx, self.W_dec, layout)
+            (whole_rows if block.rows is None else some_rows).append((part, block.rows))
+            active = vals > 0
+            # scatter_add rather than bincount: bincount's output size depends on the data (a host sync on CUDA)
+            counts.scatter_add_(0, block.idx.flatten(), active.flatten().to(torch.int64))
+            selected.append((vals.detach().flatten(), active.flatten()))
+        x_hat = self.b_dec + (whole_rows[0][0] if whole_rows else torch.zeros_like(x))
+        if some_rows:  # one scatter for all partial blocks
+            parts, rows = zip(*some_rows, strict=True)
+            x_hat = x_hat.index_add(0, torch.cat(rows), torch.cat(parts))
         recon = SquaredError.apply(x_hat, x)
         aux = recon.new_zeros(())
         if dead_mask is not None and aux_k > 0:
             masked = pre.masked_fill(~dead_mask, -torch.inf)
             aux_idx = masked.topk(min(aux_k, self.d_sae), dim=-1, sorted=False).indices
-            aux_vals = SelectedPreActivations.apply(
-                x - self.b_dec, self.W_enc, self.b_enc, pre.gather(1, aux_idx), aux_idx
-            )
+            aux_vals = SelectedPreActivations.apply(x_cent, self.W_enc, self.b_enc, pre.gather(1, aux_idx), aux_idx)
             aux_vals = torch.where(dead_mask[aux_idx], aux_vals.relu(), torch.zeros_like(aux_vals))
             aux = aux_coefficient * _aux_from_residual(
                 sparse_decode(aux_vals, aux_idx, self.W_dec), x, x_hat, dead_mask
             )
-        active = vals > 0
-        # scatter_add rather than bincount: bincount's output size depends on the data (a host sync on CUDA)
-        counts = torch.zeros(self.d_sae, dtype=torch.int64, device=x.device)
-        counts.scatter_add_(0, idx.flatten(), active.flatten().to(torch.int64))
+        if self.architecture == "batchtopk":
+            self._update_batch_threshold(*(torch.cat(parts) for parts in zip(*selected, strict=True)))
         return StepOutput(
             loss=recon + aux,
             x_hat=x_hat,
             recon_loss=recon,
             sparsity_loss=recon.new_zeros(()),
             aux_loss=aux,
-            l0=active.sum(-1).float().mean(),
+            l0=counts.sum() / len(x),
             fired_counts=counts,
         )
+
+    @torch.no_grad()
+    def _batch_topk_candidates(self, pre: torch.Tensor) -> list[Candidates]:
+        """BatchTopK's k × B largest relu'd pre-activations as candidate blocks with `keep` masks.
+
+        A lower bound for the batch threshold comes cheaply: the (k·B)-th largest of every row's 2k best.
+        Every positive entry at or above it is a candidate, so rows are grouped by how many they hold
+        (widths in powers of two: early in training a few rows hold hundreds, most hold a handful) and
+        each group's candidates are its rows' top-width entries; the selection is then the k·B largest
+        candidates. Exact, at most twice the selected entries, and a few host syncs per step."""
+        rows, d_sae = pre.shape
+        selected = self.k * rows
+        best = row_topk(pre, min(2 * self.k, d_sae))[0].flatten()
+        low = float(best.kthvalue(max(best.numel() - selected + 1, 1)).values)
+        # entries that may be selected, per row: positive (relu(0) adds nothing) and at least the bound
+        holds = cpu_kernels.count_positive_at_least(pre, low)
+        widths = (2 ** torch.log2(holds.clamp_min(1).double()).ceil()).long().clamp(max(self.k // 2, 1), d_sae)
+        widths[holds == 0] = 0
+        blocks = []
+        for width in widths.unique().tolist():
+            if width == 0:
+                continue
+            members = (widths == width).nonzero().flatten()
+            values, idx = row_topk(pre[members], width)
+            blocks.append(Candidates(None if len(members) == rows else members, values, idx, None))
+        if not blocks:  # nothing positive in the whole batch: select nothing, as relu(0) selects nothing
+            return [Candidates(None, *row_topk(pre, 1), torch.zeros(rows, 1, dtype=torch.bool, device=pre.device))]
+        offered = torch.cat([b.values.clamp_min(0).flatten() for b in blocks])
+        chosen = offered.topk(min(selected, offered.numel()), sorted=False).indices
+        keep = torch.zeros_like(offered, dtype=torch.bool).index_fill_(0, chosen, True)
+        for block, mask in zip(blocks, keep.split([b.values.numel() for b in blocks]), strict=True):
+            block.keep = mask.view_as(block.values)
+        return blocks
 
     def _aux_k_loss_dense(self, x, x_hat, pre, dead_mask, aux_k) -> torch.Tensor:
         masked = pre.masked_fill(~dead_mask, -torch.inf)
@@ -286,15 +350,6 @@ def normalize_decoder_rows(W_dec: torch.Tensor) -> None:
 def sparse_decode(vals: torch.Tensor, idx: torch.Tensor, W_dec: torch.Tensor, layout=None) -> torch.Tensor:
     """Σ_j vals[b, j] · W_dec[idx[b, j]] without a dense [B, d_sae] tensor. vals/idx: [B, k]."""
     return SparseDecode.apply(vals, idx, W_dec, layout)
-
-
-def topk_encode(x_cent: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int):
-    """(values [B, k], indices [B, k], pre-activations [B, d_sae] without grad, LatentLayout) of the TopK encoder."""
-    with torch.no_grad():
-        pre = torch.addmm(b_enc.to(x_cent.dtype), x_cent, W_enc.to(x_cent.dtype))  # [B, d_sae]: the floor
-        values, idx = row_topk(pre, k)  # a C kernel on CPU float32 (2-6× torch.topk), else torch.topk
-        layout = LatentLayout(idx, W_enc.shape[1])
-    return SelectedPreActivations.apply(x_cent, W_enc, b_enc, values, idx, layout), idx, pre, layout
 
 
 class LatentLayout:

@@ -226,3 +226,13 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("SAE_LAB_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
     assert cpu_kernels.cache_dir() == Path(tmp_path / "x" / "sae_lab")
+
+
+@pytest.mark.parametrize("threshold", [-1.0, 0.0, 0.5, 2.0])
+def test_count_positive_at_least_matches_torch(lib, threshold):
+    torch.manual_seed(9)
+    pre = torch.randn(123, 517)
+    pre[0, :7] = 0.0
+    pre[1, 3] = torch.nan  # never counted
+    want = ((pre >= threshold) & (pre > 0)).sum(1)
+    assert torch.equal(cpu_kernels.count_positive_at_least(pre, threshold), want)

@@ -186,26 +186,71 @@ def test_save_load_round_trip_encodes_identically(tmp_path, arch, x):
         assert_close(model.encode(raw * 2.5), loaded.encode(raw), rtol=1e-4, atol=1e-5)
 
 
+def fast_and_reference_steps(model, x, **kwargs):
+    """(fast, reference) StepOutputs of the same model on x, each from the same BatchTopK threshold."""
+    start = model.batch_threshold.clone() if model.architecture == "batchtopk" else None
+    fast = model.training_step(x, **kwargs)
+    if start is not None:
+        fast.threshold = model.batch_threshold.clone()
+        model.batch_threshold.copy_(start)
+    reference = model.training_step(x, reference=True, **kwargs)
+    if start is not None:
+        reference.threshold = model.batch_threshold.clone()
+    return fast, reference
+
+
+def assert_steps_agree(model, fast, reference, grad_atol=None):
+    for field in ("loss", "x_hat", "recon_loss", "aux_loss", "l0"):
+        assert_close(getattr(fast, field), getattr(reference, field), msg=field)
+    assert torch.equal(fast.fired_counts, reference.fired_counts)
+    if model.architecture == "batchtopk":
+        assert_close(fast.threshold, reference.threshold)
+    fast_grads, ref_grads = grads_of(fast.loss, model), grads_of(reference.loss, model)
+    for name, g in fast_grads.items():
+        atol = None if grad_atol is None else grad_atol * ref_grads[name].abs().max().item()
+        assert_close(g, ref_grads[name], msg=name, atol=atol, rtol=None if atol is None else 1e-5)
+
+
 @pytest.mark.parametrize(("d_in", "d_sae", "k", "batch"), [(8, 32, 1, 5), (12, 40, 3, 16), (33, 130, 17, 64)])
 @pytest.mark.parametrize("with_dead", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # float32 on the CPU: the C kernels' path
-def test_sparse_topk_fast_path_matches_the_dense_reference(d_in, d_sae, k, batch, with_dead, dtype):
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_sparse_fast_path_matches_the_dense_reference(arch, d_in, d_sae, k, batch, with_dead, dtype):
     torch.manual_seed(d_sae)
-    model = SparseAutoencoder("topk", d_in, d_sae, k, dtype=dtype)
+    model = SparseAutoencoder(arch, d_in, d_sae, k, dtype=dtype)
     with torch.no_grad():
         model.b_dec.normal_(0, 0.3)
         model.b_enc.normal_(0, 0.3)
     x = torch.randn(batch, d_in, dtype=dtype)
     dead = (torch.arange(d_sae) % 4 == 1) if with_dead else None
     kwargs = {"dead_mask": dead, "aux_k": 6, "aux_coefficient": 0.25}
-    fast = model.training_step(x, **kwargs)
-    reference = model.training_step(x, reference=True, **kwargs)
-    for field in ("loss", "x_hat", "recon_loss", "aux_loss", "l0"):
-        assert_close(getattr(fast, field), getattr(reference, field), msg=field)
-    assert torch.equal(fast.fired_counts, reference.fired_counts)
-    fast_grads, ref_grads = grads_of(fast.loss, model), grads_of(reference.loss, model)
-    for name, g in fast_grads.items():
-        assert_close(g, ref_grads[name], msg=name)
+    assert_steps_agree(model, *fast_and_reference_steps(model, x, **kwargs))
+
+
+def test_batchtopk_gives_a_row_holding_much_of_the_selection_a_wide_candidate_list():
+    """Row 0 is scaled up so that it holds far more than 2k of the batch's k × B selection: its
+    candidate list must be wide enough, and the selection exactly what the dense reference selects."""
+    torch.manual_seed(3)
+    model = SparseAutoencoder("batchtopk", 16, 200, 4, dtype=torch.float32)
+    with torch.no_grad():
+        model.b_enc.zero_()
+    x = torch.randn(32, 16)
+    x[0] *= 50
+    fast, reference = fast_and_reference_steps(model, x)
+    assert fast.fired_counts.sum() == reference.fired_counts.sum() == 4 * 32
+    blocks = model._batch_topk_candidates(model.pre_activations(x).detach())
+    (row0_width,) = [b.idx.shape[1] for b in blocks if b.rows is None or 0 in b.rows.tolist()]
+    assert row0_width > 2 * 4
+    assert_steps_agree(model, fast, reference, grad_atol=1e-6)  # float32 with gradients up to ~7e3
+
+
+def test_batchtopk_with_nothing_positive_selects_nothing():
+    model = SparseAutoencoder("batchtopk", 8, 30, 3, dtype=torch.float64)
+    with torch.no_grad():
+        model.b_enc.fill_(-100.0)
+    fast, reference = fast_and_reference_steps(model, torch.randn(6, 8, dtype=torch.float64))
+    assert fast.fired_counts.sum() == 0
+    assert_steps_agree(model, fast, reference)
 
 
 @pytest.mark.slow
