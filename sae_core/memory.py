@@ -68,14 +68,15 @@ INIT_BYTES_PER_ELEMENT = 20  # fp32 batch (4) + fp64 copy (8) + fp64 scaled copy
 #   standard:  fwd pre, relu latents, L1 product (3f); bwd latents + two gradients (3f)
 #   topk:      fwd pre (computed without grad) and AuxK's masked copy (2f); the backward touches only
 #              the k selected latents per token (sae.SelectedPreActivations / SparseDecode): 0
-#   batchtopk: fwd pre, relu, scattered latents, threshold where/full_like (5f) + mask (1); bwd 4f
+#   batchtopk: fwd pre, AuxK's masked copy, the rows gathered for the wider candidate lists (3f) and
+#              the bool masks of the selectable-entry count where torch does it (3); sparse backward: 0
 #   jumprelu:  fwd pre, latents, Heaviside output (3f) + mask (1); bwd the straight-through
 #              rectangle kernels of both custom functions (6f + 1)
-_BM_FORWARD = {"standard": (3, 0), "topk": (2, 0), "batchtopk": (5, 1), "jumprelu": (3, 1)}
-_BM_BACKWARD = {"standard": (3, 0), "topk": (0, 0), "batchtopk": (4, 0), "jumprelu": (6, 1)}
-# [B, d_sae] bf16 copy of the latents that autocast makes for `z @ W_dec` (topk decodes through
-# embedding_bag, which autocast leaves in fp32).
-_BM_AUTOCAST = {"standard": 2, "topk": 0, "batchtopk": 2, "jumprelu": 2}
+_BM_FORWARD = {"standard": (3, 0), "topk": (2, 0), "batchtopk": (3, 3), "jumprelu": (3, 1)}
+_BM_BACKWARD = {"standard": (3, 0), "topk": (0, 0), "batchtopk": (0, 0), "jumprelu": (6, 1)}
+# [B, d_sae] bf16 copy of the latents that autocast makes for `z @ W_dec` (topk and batchtopk decode
+# through embedding_bag, which autocast leaves in fp32).
+_BM_AUTOCAST = {"standard": 2, "topk": 0, "batchtopk": 0, "jumprelu": 2}
 # [B, d_in] tensors: input before and after scaling (fp32), the previous step's x and x̂ kept by
 # the loop, and model-dtype intermediates (centred x, x̂, residuals, squared errors).
 _BD_FP32 = 3
@@ -133,11 +134,13 @@ def aux_k_of(cfg: TrainConfig, d_in: int) -> int:
 
 
 def _k_terms(cfg: TrainConfig, batch: int, d_in: int) -> int:
-    """Top-k values (model dtype) and int64 indices, for the main top-k and AuxK's."""
+    """Top-k values (model dtype) and int64 indices, for the main top-k and AuxK's. BatchTopK's candidate
+    lists: every row's 2k best, then lists of up to twice the entries a row may hold (~4k per token)."""
     if cfg.architecture not in ("topk", "batchtopk"):
         return 0
     f = dtype_bytes(cfg.dtype)
-    return batch * ((2 * f + 8) * cfg.k + (4 * f + 8) * aux_k_of(cfg, d_in))
+    selected = cfg.k if cfg.architecture == "topk" else 4 * cfg.k
+    return batch * ((2 * f + 8) * selected + (4 * f + 8) * aux_k_of(cfg, d_in))
 
 
 def step_activation_terms(cfg: TrainConfig, d_in: int, batch: int) -> dict[str, int]:
