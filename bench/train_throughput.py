@@ -1,6 +1,6 @@
 """Training throughput vs the unavoidable encoder matmul, measured in the same run.
 
-Toy set, d_in 128, d_sae 1024, k 8, global batch 4096 (issue 2 §9 / issue 6). Prints tokens/s, the median
+Toy set, TopK and BatchTopK, d_in 128, d_sae 1024, k 8, global batch 4096 (issue 2 §9 / issue 6). Prints tokens/s, the median
 step time, the median time of one [batch × d_in] @ [d_in × d_sae] matmul timed just before each step, and
 their ratio; then FVU and mmcs after the run so speed changes can be checked for quality. CUDA configurations run where a GPU exists.
 
@@ -115,13 +115,16 @@ def main() -> None:
     if not args.cuda_only:
         cpu = TrainConfig(**base, device="cpu")
         compiled = cpu.model_copy(update={"torch_compile": True})
+        batch_topk = cpu.model_copy(update={"architecture": "batchtopk"})
         for label, cfg, reference in (
             ("dense reference", cpu, True),
             ("sparse fast path", cpu, False),
             ("sparse + torch_compile", compiled, False),
+            ("dense reference", batch_topk, True),
+            ("sparse fast path", batch_topk, False),
         ):
             result = measure(cfg, torch.device("cpu"), args.steps, reference=reference)
-            report(f"cpu topk d_in128 d_sae1024 k8 B4096 {label}", result)
+            report(f"cpu {cfg.architecture} d_in128 d_sae1024 k8 B4096 {label}", result)
     if not torch.cuda.is_available():
         print("no CUDA device: CUDA configurations not run")
         return
