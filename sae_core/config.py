@@ -82,8 +82,8 @@ class TrainConfig(BaseModel):
     grad_clip: float | None = Field(1.0, gt=0, description="Max gradient norm; null disables clipping.")
     torch_compile: bool = Field(
         False,
-        description="Compile the TopK gradient kernels with torch.compile: faster steps after a one-off compile "
-        "(~20 s per process, cached on disk); worth it for long runs.",
+        description="Compile the decoder's gather-dot with torch.compile for CUDA and non-float32 runs: faster "
+        "steps after a one-off compile (~20 s per process, cached on disk). Float32 CPU runs use a C kernel anyway.",
     )
     jumprelu_bandwidth: float = Field(0.001, gt=0, description="Straight-through estimator bandwidth for jumprelu.")
     jumprelu_init_threshold: float = Field(0.001, gt=0, description="Initial per-latent threshold for jumprelu.")

@@ -123,6 +123,25 @@ def count_positive_at_least(pre: torch.Tensor, threshold: float) -> torch.Tensor
     return ((pre >= threshold) & (pre > 0)).sum(1)
 
 
+def collect_positive_at_least(
+    pre: torch.Tensor, rows: torch.Tensor, threshold: float, width: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(values, indices) [len(rows), width]: each listed row's entries that are positive and >= threshold, in
+    index order, padded with -inf (at a real latent); None where the kernel does not apply or a row holds
+    more than `width` of them."""
+    if not (_all_cpu_float32(pre) and pre.dim() == 2) or (lib := library()) is None:
+        return None
+    pre, rows = pre.contiguous(), rows.to(torch.int64).contiguous()
+    values = torch.empty(len(rows), width, dtype=torch.float32)
+    indices = torch.empty(len(rows), width, dtype=torch.int64)
+    pointers = (values.data_ptr(), indices.data_ptr())
+    threads = torch.get_num_threads()
+    failed = lib.collect_positive_at_least_f32(
+        pre.data_ptr(), pre.shape[1], rows.data_ptr(), len(rows), threshold, width, *pointers, threads
+    )
+    return None if failed else (values, indices)
+
+
 def _all_cpu_float32(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
 
@@ -152,6 +171,18 @@ def load(path: Path) -> ctypes.CDLL:
     lib.row_dots_f32.restype = i64
     lib.count_positive_at_least_f32.argtypes = [pointer, i64, i64, ctypes.c_float, pointer, i64]
     lib.count_positive_at_least_f32.restype = None
+    lib.collect_positive_at_least_f32.argtypes = [
+        pointer,
+        i64,
+        pointer,
+        i64,
+        ctypes.c_float,
+        i64,
+        pointer,
+        pointer,
+        i64,
+    ]
+    lib.collect_positive_at_least_f32.restype = i64
     return lib
 
 

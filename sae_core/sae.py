@@ -256,17 +256,16 @@ class SparseAutoencoder(nn.Module):
     def _batch_topk_candidates(self, pre: torch.Tensor) -> list[Candidates]:
         """BatchTopK's k × B largest relu'd pre-activations as candidate blocks with `keep` masks.
 
-        A lower bound for the batch threshold comes cheaply: the (k·B)-th largest of every row's 2k best.
-        Every positive entry at or above it is a candidate, so rows are grouped by how many they hold
-        (widths in powers of two: early in training a few rows hold hundreds, most hold a handful) and
-        each group's candidates are its rows' top-width entries; the selection is then the k·B largest
-        candidates. Exact, at most twice the selected entries, and a few host syncs per step."""
+        A lower bound for the batch threshold comes cheaply (the (k·B)-th largest of every row's 2k best)
+        and is raised by bisection while at least k·B entries stay at or above it. Every positive entry at
+        or above it is a candidate: rows are grouped by how many they hold (powers of two; early in
+        training a few rows hold hundreds, most a handful) and the selection is the k·B largest candidates.
+        Exact; a few host syncs per step."""
         rows, d_sae = pre.shape
         selected = self.k * rows
         best = row_topk(pre, min(2 * self.k, d_sae))[0].flatten()
         low = float(best.kthvalue(max(best.numel() - selected + 1, 1)).values)
-        # entries that may be selected, per row: positive (relu(0) adds nothing) and at least the bound
-        holds = cpu_kernels.count_positive_at_least(pre, low)
+        low, holds = _raise_lower_bound(pre, low, float(best.max()), selected)
         widths = (2 ** torch.log2(holds.clamp_min(1).double()).ceil()).long().clamp(max(self.k // 2, 1), d_sae)
         widths[holds == 0] = 0
         blocks = []
@@ -274,7 +273,8 @@ class SparseAutoencoder(nn.Module):
             if width == 0:
                 continue
             members = (widths == width).nonzero().flatten()
-            values, idx = row_topk(pre[members], width)
+            found = cpu_kernels.collect_positive_at_least(pre, members, low, width)
+            values, idx = found if found is not None else row_topk(pre[members], width)
             blocks.append(Candidates(None if len(members) == rows else members, values, idx, None))
         if not blocks:  # nothing positive in the whole batch: select nothing, as relu(0) selects nothing
             return [Candidates(None, *row_topk(pre, 1), torch.zeros(rows, 1, dtype=torch.bool, device=pre.device))]
@@ -331,6 +331,24 @@ class SparseAutoencoder(nn.Module):
 
     def saved_architecture(self) -> str:
         return "jumprelu" if self.architecture == "batchtopk" else self.architecture
+
+
+def _raise_lower_bound(pre: torch.Tensor, low: float, high: float, selected: int) -> tuple[float, torch.Tensor]:
+    """(bound, per-row counts of the positive entries >= bound): `low` raised by bisection towards `high`
+    while at least `selected` positive entries stay at or above it (then the selected-th largest relu'd
+    value is still >= the bound), until at most twice `selected` do. One counting pass per step."""
+    holds = cpu_kernels.count_positive_at_least(pre, low)
+    low = max(low, 0.0)
+    for _ in range(8):
+        if int(holds.sum()) <= 2 * selected or high <= low:
+            break
+        middle = (low + high) / 2
+        counts = cpu_kernels.count_positive_at_least(pre, middle)
+        if int(counts.sum()) >= selected:
+            low, holds = middle, counts
+        else:
+            high = middle
+    return low, holds
 
 
 def _aux_from_residual(aux_hat, x, x_hat, dead_mask) -> torch.Tensor:

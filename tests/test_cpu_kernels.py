@@ -236,3 +236,20 @@ def test_count_positive_at_least_matches_torch(lib, threshold):
     pre[1, 3] = torch.nan  # never counted
     want = ((pre >= threshold) & (pre > 0)).sum(1)
     assert torch.equal(cpu_kernels.count_positive_at_least(pre, threshold), want)
+
+
+def test_collect_positive_at_least_lists_exactly_those_entries(lib):
+    torch.manual_seed(10)
+    pre = torch.randn(40, 300)
+    rows = torch.tensor([3, 0, 39, 17])
+    for threshold in (-0.5, 0.0, 1.0):
+        width = int(((pre[rows] >= threshold) & (pre[rows] > 0)).sum(1).max())
+        values, indices = cpu_kernels.collect_positive_at_least(pre, rows, threshold, width)
+        for i, row in enumerate(rows.tolist()):
+            want = ((pre[row] >= threshold) & (pre[row] > 0)).nonzero().flatten()
+            real = values[i] > -torch.inf
+            assert torch.equal(indices[i][real], want)  # in index order
+            assert torch.equal(values[i][real], pre[row, want])
+            assert not real[len(want) :].any() and indices[i].lt(300).all()  # -inf padding at real latents
+    narrow = int(((pre[rows] >= 1.0) & (pre[rows] > 0)).sum(1).max()) - 1
+    assert cpu_kernels.collect_positive_at_least(pre, rows, 1.0, narrow) is None  # too narrow: caller falls back

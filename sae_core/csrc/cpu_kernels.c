@@ -354,7 +354,10 @@ int64_t row_dots_f32(const float *W, int64_t W_rows, const int64_t *idx, const f
     return task.out_of_range ? -1 : 0;
 }
 
-/* ---- BatchTopK: how many entries of each row are positive and >= t ---- */
+/* ---- BatchTopK: the entries of a row that may be selected (positive and >= t) ---- */
+
+/* x >= positive_floor(t) <=> x >= t and x > 0 (the smallest subnormal is the least positive float). */
+static float positive_floor(float t) { return t > 0.0f ? t : 1.40129846e-45f; }
 
 typedef struct {
     const float *pre;
@@ -368,7 +371,7 @@ static void count_range(void *arg, int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; r++) {
         const float *row = task->pre + r * task->n;
         int32_t count = 0;
-        for (int64_t j = 0; j < task->n; j++) count += (row[j] >= task->t) & (row[j] > 0.0f);
+        for (int64_t j = 0; j < task->n; j++) count += row[j] >= task->t;
         task->counts[r] = count;
     }
 }
@@ -376,6 +379,45 @@ static void count_range(void *arg, int64_t lo, int64_t hi) {
 /* counts[r] = #{j : pre[r, j] >= t and pre[r, j] > 0} for pre [rows, n]. (torch reduces a bool tensor
  * about ten times slower.) */
 void count_positive_at_least_f32(const float *pre, int64_t rows, int64_t n, float t, int64_t *counts, int64_t threads) {
-    CountTask task = {pre, n, t, counts};
+    CountTask task = {pre, n, positive_floor(t), counts};
     parallel_for(rows, threads, count_range, &task);
+}
+
+typedef struct {
+    const float *pre;
+    const int64_t *rows;
+    int64_t n, width;
+    float t;
+    float *vals;
+    int64_t *idx;
+    int64_t overflow;
+} CollectTask;
+
+static void collect_range(void *arg, int64_t lo, int64_t hi) {
+    CollectTask *task = arg;
+    float *buf = malloc(task->n * sizeof(float));
+    int64_t *ibuf = malloc(task->n * sizeof(int64_t));
+    for (int64_t i = lo; i < hi && buf && ibuf; i++) {
+        int64_t count = collect(task->pre + task->rows[i] * task->n, task->n, task->t, buf, ibuf);
+        if (count > task->width) __atomic_store_n(&task->overflow, 1, __ATOMIC_RELAXED);
+        float *vals = task->vals + i * task->width;
+        int64_t *idx = task->idx + i * task->width;
+        for (int64_t j = 0; j < task->width; j++) { /* padding: -inf at a real latent, never selected */
+            vals[j] = j < count ? buf[j] : -INFINITY;
+            idx[j] = j < count ? ibuf[j] : (count ? ibuf[0] : 0);
+        }
+    }
+    if (!buf || !ibuf) __atomic_store_n(&task->overflow, 1, __ATOMIC_RELAXED);
+    free(buf);
+    free(ibuf);
+}
+
+/* For each of the R rows listed in `rows` (of pre [*, n]): its entries that are positive and >= t, in
+ * index order, into vals/idx [R, width], padded with -inf. Returns 0, or -1 if a row holds more than
+ * `width` such entries (the caller sized `width` from count_positive_at_least_f32). */
+int64_t collect_positive_at_least_f32(const float *pre, int64_t n, const int64_t *rows, int64_t count, float t,
+                                      int64_t width, float *vals, int64_t *idx, int64_t threads) {
+    CollectTask task = {pre, rows, n, width, positive_floor(t), vals, idx, 0};
+    parallel_for(count, threads, collect_range, &task);
+    return task.overflow ? -1 : 0;
 }
