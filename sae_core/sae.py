@@ -212,36 +212,13 @@ class SparseAutoencoder(nn.Module):
                 blocks = [Candidates(None, values, idx, None)]
             else:
                 blocks = self._batch_topk_candidates(pre)
-        whole_rows, some_rows, selected = [], [], []  # decoded parts of blocks with all rows / some rows
-        counts = torch.zeros(self.d_sae, dtype=torch.int64, device=x.device)
-        for block in blocks:
-            layout = LatentLayout(block.idx, self.d_sae)
-            inputs = x_cent if block.rows is None else x_cent[block.rows]
-            vals = SelectedPreActivations.apply(inputs, self.W_enc, self.b_enc, block.values, block.idx, layout).relu()
-            if block.keep is not None:
-                vals = torch.where(block.keep, vals, torch.zeros_like(vals))  # candidates outside the selection
-            part = sparse_decode(vals, block.idx, self.W_dec, layout)
-            (whole_rows if block.rows is None else some_rows).append((part, block.rows))
-            active = vals > 0
-            # scatter_add rather than bincount: bincount's output size depends on the data (a host sync on CUDA)
-            counts.scatter_add_(0, block.idx.flatten(), active.flatten().to(torch.int64))
-            selected.append((vals.detach().flatten(), active.flatten()))
-        x_hat = self.b_dec + (whole_rows[0][0] if whole_rows else torch.zeros_like(x))
-        if some_rows:  # one scatter for all partial blocks
-            parts, rows = zip(*some_rows, strict=True)
-            x_hat = x_hat.index_add(0, torch.cat(rows), torch.cat(parts))
+        x_hat, vals, active, counts = self._decode_candidates(blocks, x_cent, x)
         recon = SquaredError.apply(x_hat, x)
         aux = recon.new_zeros(())
         if dead_mask is not None and aux_k > 0:
-            masked = pre.masked_fill(~dead_mask, -torch.inf)
-            aux_idx = masked.topk(min(aux_k, self.d_sae), dim=-1, sorted=False).indices
-            aux_vals = SelectedPreActivations.apply(x_cent, self.W_enc, self.b_enc, pre.gather(1, aux_idx), aux_idx)
-            aux_vals = torch.where(dead_mask[aux_idx], aux_vals.relu(), torch.zeros_like(aux_vals))
-            aux = aux_coefficient * _aux_from_residual(
-                sparse_decode(aux_vals, aux_idx, self.W_dec), x, x_hat, dead_mask
-            )
+            aux = aux_coefficient * self._aux_k_loss_sparse(x, x_cent, x_hat, pre, dead_mask, aux_k)
         if self.architecture == "batchtopk":
-            self._update_batch_threshold(*(torch.cat(parts) for parts in zip(*selected, strict=True)))
+            self._update_batch_threshold(vals.detach(), active)
         return StepOutput(
             loss=recon + aux,
             x_hat=x_hat,
@@ -251,6 +228,36 @@ class SparseAutoencoder(nn.Module):
             l0=counts.sum() / len(x),
             fired_counts=counts,
         )
+
+    def _decode_candidates(self, blocks: list[Candidates], x_cent: torch.Tensor, x: torch.Tensor):
+        """(x̂, the kept activations and their active mask, flattened over all blocks, fired counts [d_sae])."""
+        whole_rows, some_rows, kept = [], [], []  # decoded parts of blocks with all rows / some rows
+        counts = torch.zeros(self.d_sae, dtype=torch.int64, device=x.device)
+        for block in blocks:
+            layout = LatentLayout(block.idx, self.d_sae)
+            inputs = x_cent if block.rows is None else x_cent[block.rows]
+            vals = SelectedPreActivations.apply(inputs, self.W_enc, self.b_enc, block.values, block.idx, layout).relu()
+            if block.keep is not None:
+                vals = torch.where(block.keep, vals, torch.zeros_like(vals))  # candidates outside the selection
+            part = sparse_decode(vals, block.idx, self.W_dec, layout)
+            (whole_rows if block.rows is None else some_rows).append((part, block.rows))
+            # scatter_add rather than bincount: bincount's output size depends on the data (a host sync on CUDA)
+            counts.scatter_add_(0, block.idx.flatten(), (vals > 0).flatten().to(torch.int64))
+            kept.append(vals.flatten())
+        x_hat = self.b_dec + (whole_rows[0][0] if whole_rows else torch.zeros_like(x))
+        if some_rows:  # one scatter for all partial blocks
+            parts, rows = zip(*some_rows, strict=True)
+            x_hat = x_hat.index_add(0, torch.cat(rows), torch.cat(parts))
+        vals = torch.cat(kept)
+        return x_hat, vals, vals > 0, counts
+
+    def _aux_k_loss_sparse(self, x, x_cent, x_hat, pre, dead_mask, aux_k) -> torch.Tensor:
+        """AuxK as in `_aux_k_loss_dense`, through the same sparse functions as the main selection."""
+        masked = pre.masked_fill(~dead_mask, -torch.inf)
+        aux_idx = masked.topk(min(aux_k, self.d_sae), dim=-1, sorted=False).indices
+        aux_vals = SelectedPreActivations.apply(x_cent, self.W_enc, self.b_enc, pre.gather(1, aux_idx), aux_idx)
+        aux_vals = torch.where(dead_mask[aux_idx], aux_vals.relu(), torch.zeros_like(aux_vals))
+        return _aux_from_residual(sparse_decode(aux_vals, aux_idx, self.W_dec), x, x_hat, dead_mask)
 
     @torch.no_grad()
     def _batch_topk_candidates(self, pre: torch.Tensor) -> list[Candidates]:
