@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from sae_core import cpu_kernels
 from sae_core import sae as sae_mod
 from sae_core.evaluation import evaluate, exported_copy
 from sae_core.sae import SparseAutoencoder
@@ -225,6 +226,18 @@ def test_sparse_fast_path_matches_the_dense_reference(arch, d_in, d_sae, k, batc
     dead = (torch.arange(d_sae) % 4 == 1) if with_dead else None
     kwargs = {"dead_mask": dead, "aux_k": 6, "aux_coefficient": 0.25}
     assert_steps_agree(model, *fast_and_reference_steps(model, x, **kwargs))
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_fast_path_without_the_c_kernels_matches_the_reference(arch, monkeypatch):
+    """The torch fallbacks of every kernel (what CUDA and compiler-less machines run), in float32."""
+    monkeypatch.setattr(cpu_kernels, "library", lambda: None)
+    torch.manual_seed(11)
+    model = SparseAutoencoder(arch, 24, 96, 4, dtype=torch.float32)
+    x = torch.randn(64, 24)
+    x[0] *= 20  # BatchTopK: one row holds many of the selection
+    kwargs = {"dead_mask": torch.arange(96) % 3 == 0, "aux_k": 8, "aux_coefficient": 0.1}
+    assert_steps_agree(model, *fast_and_reference_steps(model, x, **kwargs), grad_atol=1e-6)
 
 
 def test_batchtopk_gives_a_row_holding_much_of_the_selection_a_wide_candidate_list():
