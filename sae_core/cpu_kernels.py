@@ -62,23 +62,29 @@ def topk_applies(pre: torch.Tensor, k: int) -> bool:
     )
 
 
-def latent_layout(idx: torch.Tensor, d_sae: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For idx [B, k] of latents: (order, rows, crow) with order the stable argsort of idx.flatten(),
-    rows = order // k (each pair's batch row) and crow [d_sae + 1] the CSR row starts (latent counts
-    cumulated)."""
-    if idx.device.type == "cpu" and idx.dim() == 2 and (lib := library()) is not None:
-        flat = idx.to(torch.int64).contiguous().flatten()
+def latent_layout(
+    idx: torch.Tensor, d_sae: int, pair_rows: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For the selected latents idx (a [B, k] top-k, or a flat list of pairs whose batch rows are
+    `pair_rows`): (order, rows, crow) with order the stable argsort of idx.flatten(), rows the batch row of
+    each sorted pair and crow [d_sae + 1] the CSR row starts (latent counts cumulated)."""
+    flat = idx.flatten()
+    if pair_rows is None:
+        pair_rows_of = lambda order: torch.div(order, idx.shape[-1], rounding_mode="floor")  # noqa: E731
+    else:
+        pair_rows_of = lambda order: pair_rows[order]  # noqa: E731
+    if idx.device.type == "cpu" and (lib := library()) is not None:
+        flat = flat.to(torch.int64).contiguous()
         order, rows = torch.empty_like(flat), torch.empty_like(flat)
         crow = torch.empty(d_sae + 1, dtype=torch.int64)
-        pointers = (order.data_ptr(), rows.data_ptr(), crow.data_ptr())
-        if lib.latent_layout_i64(flat.data_ptr(), flat.numel(), max(idx.shape[1], 1), d_sae, *pointers) == 0:
+        given = None if pair_rows is None else pair_rows.to(torch.int64).contiguous()
+        pointers = (0 if given is None else given.data_ptr(), d_sae, order.data_ptr(), rows.data_ptr(), crow.data_ptr())
+        if lib.latent_layout_i64(flat.data_ptr(), flat.numel(), max(idx.shape[-1], 1), *pointers) == 0:
             return order, rows, crow
-    flat = idx.flatten()
     order = flat.argsort(stable=True)
-    rows = torch.div(order, idx.shape[1], rounding_mode="floor")
     counts = torch.zeros(d_sae + 1, dtype=torch.int64, device=idx.device)
     counts[1:].scatter_add_(0, flat, torch.ones_like(flat))
-    return order, rows, counts.cumsum(0)
+    return order, pair_rows_of(order), counts.cumsum(0)
 
 
 def weight_grad(
@@ -97,15 +103,17 @@ def weight_grad(
     return out
 
 
-def row_dots(W: torch.Tensor, idx: torch.Tensor, g: torch.Tensor) -> torch.Tensor | None:
-    """[B, k]: W[idx[b, j]] · g[b], or None where the kernel does not apply."""
+def row_dots(W: torch.Tensor, idx: torch.Tensor, g: torch.Tensor, pair_rows: torch.Tensor | None = None):
+    """W[idx[p]] · g[row of p] for every selected pair p, shaped like idx (rows: b for idx [B, k], else
+    `pair_rows`); None where the kernel does not apply."""
     if not _all_cpu_float32(W, g) or idx.device.type != "cpu" or (lib := library()) is None:
         return None
-    W, g, idx = W.contiguous(), g.contiguous(), idx.to(torch.int64).contiguous()
+    W, g, flat = W.contiguous(), g.contiguous(), idx.to(torch.int64).contiguous()
+    given = None if pair_rows is None else pair_rows.to(torch.int64).contiguous()
     out = torch.empty(idx.shape, dtype=torch.float32)
-    threads = torch.get_num_threads()
+    shape = (flat.numel(), max(idx.shape[-1], 1), 0 if given is None else given.data_ptr(), g.shape[1])
     if lib.row_dots_f32(
-        W.data_ptr(), len(W), idx.data_ptr(), g.data_ptr(), *idx.shape, g.shape[1], out.data_ptr(), threads
+        W.data_ptr(), len(W), flat.data_ptr(), g.data_ptr(), *shape, out.data_ptr(), torch.get_num_threads()
     ):
         raise IndexError(f"row_dots: an index is outside the {len(W)} rows of W")
     return out
@@ -124,22 +132,24 @@ def count_positive_at_least(pre: torch.Tensor, threshold: float) -> torch.Tensor
 
 
 def collect_positive_at_least(
-    pre: torch.Tensor, rows: torch.Tensor, threshold: float, width: int
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(values, indices) [len(rows), width]: each listed row's entries that are positive and >= threshold, in
-    index order, padded with -inf (at a real latent); None where the kernel does not apply or a row holds
-    more than `width` of them."""
+    pre: torch.Tensor, threshold: float, counts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Every entry of pre [B, n] that is positive and >= threshold as flat (values, latents, rows) in
+    row-major order, given `counts` from `count_positive_at_least(pre, threshold)`; None where the kernel
+    does not apply."""
     if not (_all_cpu_float32(pre) and pre.dim() == 2) or (lib := library()) is None:
         return None
-    pre, rows = pre.contiguous(), rows.to(torch.int64).contiguous()
-    values = torch.empty(len(rows), width, dtype=torch.float32)
-    indices = torch.empty(len(rows), width, dtype=torch.int64)
-    pointers = (values.data_ptr(), indices.data_ptr())
-    threads = torch.get_num_threads()
-    failed = lib.collect_positive_at_least_f32(
-        pre.data_ptr(), pre.shape[1], rows.data_ptr(), len(rows), threshold, width, *pointers, threads
-    )
-    return None if failed else (values, indices)
+    pre = pre.contiguous()
+    starts = torch.zeros(len(pre) + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=starts[1:])
+    total = int(starts[-1])
+    values = torch.empty(total + pre.shape[1], dtype=torch.float32)  # slack: see the C function
+    latents = torch.empty(total + pre.shape[1], dtype=torch.int64)
+    rows = torch.empty(total, dtype=torch.int64)
+    pointers = (starts.data_ptr(), values.data_ptr(), latents.data_ptr(), rows.data_ptr())
+    if lib.collect_positive_at_least_f32(pre.data_ptr(), *pre.shape, threshold, *pointers, torch.get_num_threads()):
+        return None
+    return values[:total], latents[:total], rows
 
 
 def _all_cpu_float32(*tensors: torch.Tensor) -> bool:
@@ -163,25 +173,16 @@ def load(path: Path) -> ctypes.CDLL:
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.topk_rows_f32.argtypes = [pointer, i64, i64, i64, pointer, pointer, i64]
     lib.topk_rows_f32.restype = i64  # ctypes releases the GIL for the call
-    lib.latent_layout_i64.argtypes = [pointer, i64, i64, i64, pointer, pointer, pointer]
+    lib.latent_layout_i64.argtypes = [pointer, i64, i64, pointer, i64, pointer, pointer, pointer]
     lib.latent_layout_i64.restype = i64
     lib.weight_grad_f32.argtypes = [pointer, pointer, pointer, pointer, pointer, i64, i64, pointer, i64]
     lib.weight_grad_f32.restype = None
-    lib.row_dots_f32.argtypes = [pointer, i64, pointer, pointer, i64, i64, i64, pointer, i64]
+    lib.row_dots_f32.argtypes = [pointer, i64, pointer, pointer, i64, i64, pointer, i64, pointer, i64]
     lib.row_dots_f32.restype = i64
     lib.count_positive_at_least_f32.argtypes = [pointer, i64, i64, ctypes.c_float, pointer, i64]
     lib.count_positive_at_least_f32.restype = None
-    lib.collect_positive_at_least_f32.argtypes = [
-        pointer,
-        i64,
-        pointer,
-        i64,
-        ctypes.c_float,
-        i64,
-        pointer,
-        pointer,
-        i64,
-    ]
+    f32 = ctypes.c_float
+    lib.collect_positive_at_least_f32.argtypes = [pointer, i64, i64, f32, pointer, pointer, pointer, pointer, i64]
     lib.collect_positive_at_least_f32.restype = i64
     return lib
 

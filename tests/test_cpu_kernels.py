@@ -240,21 +240,31 @@ def test_count_positive_at_least_matches_torch(lib, threshold):
     assert torch.equal(cpu_kernels.count_positive_at_least(pre, threshold), want)
 
 
-def test_collect_positive_at_least_lists_exactly_those_entries(lib):
+def test_collect_positive_at_least_lists_exactly_those_entries_in_row_major_order(lib):
     torch.manual_seed(10)
     pre = torch.randn(40, 300)
-    rows = torch.tensor([3, 0, 39, 17])
+    pre[5] = -1.0  # a row with nothing to give
     for threshold in (-0.5, 0.0, 1.0):
-        width = int(((pre[rows] >= threshold) & (pre[rows] > 0)).sum(1).max())
-        values, indices = cpu_kernels.collect_positive_at_least(pre, rows, threshold, width)
-        for i, row in enumerate(rows.tolist()):
-            want = ((pre[row] >= threshold) & (pre[row] > 0)).nonzero().flatten()
-            real = values[i] > -torch.inf
-            assert torch.equal(indices[i][real], want)  # in index order
-            assert torch.equal(values[i][real], pre[row, want])
-            assert not real[len(want) :].any() and indices[i].lt(300).all()  # -inf padding at real latents
-    narrow = int(((pre[rows] >= 1.0) & (pre[rows] > 0)).sum(1).max()) - 1
-    assert cpu_kernels.collect_positive_at_least(pre, rows, 1.0, narrow) is None  # too narrow: caller falls back
+        counts = cpu_kernels.count_positive_at_least(pre, threshold)
+        values, latents, rows = cpu_kernels.collect_positive_at_least(pre, threshold, counts)
+        want_rows, want_latents = ((pre >= threshold) & (pre > 0)).nonzero(as_tuple=True)
+        assert torch.equal(rows, want_rows) and torch.equal(latents, want_latents)
+        assert torch.equal(values, pre[want_rows, want_latents])
+    wrong = cpu_kernels.count_positive_at_least(pre, 1.0) + 1  # counts from another threshold: refused
+    assert cpu_kernels.collect_positive_at_least(pre, 1.0, wrong) is None
+
+
+def test_flat_pair_lists_in_layout_and_row_dots(lib):
+    """BatchTopK's flat (row, latent) lists: layout rows and row dots follow the given pair rows."""
+    torch.manual_seed(13)
+    pairs, batch, d_sae, d_in = 500, 60, 80, 19
+    rows = torch.randint(0, batch, (pairs,)).sort().values
+    latents = torch.randint(0, d_sae, (pairs,))
+    order, layout_rows, crow = cpu_kernels.latent_layout(latents, d_sae, rows)
+    assert torch.equal(order, latents.argsort(stable=True)) and torch.equal(layout_rows, rows[order])
+    assert torch.equal(crow[1:], torch.bincount(latents, minlength=d_sae).cumsum(0))
+    W, g = torch.randn(d_sae, d_in), torch.randn(batch, d_in)
+    assert_close(cpu_kernels.row_dots(W, latents, g, rows), (W[latents] * g[rows]).sum(-1), rtol=1e-5, atol=1e-5)
 
 
 def test_a_build_without_openmp_or_native_flags_gives_the_same_results(lib, tmp_path, monkeypatch):

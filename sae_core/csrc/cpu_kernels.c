@@ -259,24 +259,26 @@ int64_t topk_rows_f32(const float *pre, int64_t rows, int64_t n, int64_t k, floa
 
 /* ---- the (row, latent) pairs of a top-k result grouped by latent (LatentLayout on the CPU) ---- */
 
-/* idx: [count] latents in [0, d_sae) (a flattened [rows, k] top-k). Writes a stable counting sort by
- * latent: order[count] (positions into idx), rows[count] = order / k, crow[d_sae + 1] (CSR row starts).
- * O(count + d_sae) instead of a comparison sort. Returns 0, or -1 if a latent is out of range. */
-int64_t latent_layout_i64(const int64_t *idx, int64_t count, int64_t k, int64_t d_sae, int64_t *order,
-                          int64_t *rows, int64_t *crow) {
+/* idx: [count] latents in [0, d_sae) of the selected (row, latent) pairs; the batch row of pair i is
+ * pair_rows[i], or i / k when pair_rows is NULL (a flattened [rows, k] top-k). Writes a stable counting
+ * sort by latent: order[count] (positions into idx), rows[count] (the batch row of each sorted pair),
+ * crow[d_sae + 1] (CSR row starts). O(count + d_sae) instead of a comparison sort. Returns 0, or -1 if a
+ * latent is out of range. */
+int64_t latent_layout_i64(const int64_t *idx, int64_t count, int64_t k, const int64_t *pair_rows, int64_t d_sae,
+                          int64_t *order, int64_t *rows, int64_t *crow) {
     for (int64_t i = 0; i <= d_sae; i++) crow[i] = 0;
     for (int64_t i = 0; i < count; i++) {
         if (idx[i] < 0 || idx[i] >= d_sae) return -1;
         crow[idx[i] + 1]++;
     }
     for (int64_t i = 0; i < d_sae; i++) crow[i + 1] += crow[i];
-    int64_t *next = malloc(d_sae * sizeof(int64_t)); /* next free slot of each latent */
+    int64_t *next = malloc((d_sae + 1) * sizeof(int64_t)); /* next free slot of each latent */
     if (!next) return -1;
-    memcpy(next, crow, d_sae * sizeof(int64_t));
+    memcpy(next, crow, (d_sae + 1) * sizeof(int64_t));
     for (int64_t i = 0; i < count; i++) {
         int64_t slot = next[idx[i]]++;
         order[slot] = i;
-        rows[slot] = i / k;
+        rows[slot] = pair_rows ? pair_rows[i] : i / k;
     }
     free(next);
     return 0;
@@ -315,7 +317,7 @@ void weight_grad_f32(const int64_t *crow, const int64_t *rows, const int64_t *or
 
 typedef struct {
     const float *W, *g;
-    const int64_t *idx;
+    const int64_t *idx, *pair_rows;
     int64_t W_rows, k, d;
     float *out;
     int64_t out_of_range;
@@ -323,34 +325,33 @@ typedef struct {
 
 static void row_dots_range(void *arg, int64_t lo, int64_t hi) {
     RowDotsTask *t = arg;
-    for (int64_t b = lo; b < hi; b++) {
-        const float *g = t->g + b * t->d;
-        for (int64_t j = 0; j < t->k; j++) {
-            int64_t row = t->idx[b * t->k + j];
-            if (row < 0 || row >= t->W_rows) {
-                __atomic_store_n(&t->out_of_range, 1, __ATOMIC_RELAXED);
-                continue;
-            }
-            const float *w = t->W + row * t->d;
-            float part[16] = {0}; /* 16 partial sums: one vector register, and a fixed summation order */
-            int64_t c = 0;
-            for (; c + 16 <= t->d; c += 16)
-                for (int q = 0; q < 16; q++) part[q] += w[c + q] * g[c + q];
-            float acc = 0.0f;
-            for (int q = 0; q < 16; q++) acc += part[q];
-            for (; c < t->d; c++) acc += w[c] * g[c];
-            t->out[b * t->k + j] = acc;
+    for (int64_t p = lo; p < hi; p++) {
+        int64_t latent = t->idx[p];
+        if (latent < 0 || latent >= t->W_rows) {
+            __atomic_store_n(&t->out_of_range, 1, __ATOMIC_RELAXED);
+            continue;
         }
+        const float *w = t->W + latent * t->d;
+        const float *g = t->g + (t->pair_rows ? t->pair_rows[p] : p / t->k) * t->d;
+        float part[16] = {0}; /* 16 partial sums: one vector register, and a fixed summation order */
+        int64_t c = 0;
+        for (; c + 16 <= t->d; c += 16)
+            for (int q = 0; q < 16; q++) part[q] += w[c + q] * g[c + q];
+        float acc = 0.0f;
+        for (int q = 0; q < 16; q++) acc += part[q];
+        for (; c < t->d; c++) acc += w[c] * g[c];
+        t->out[p] = acc;
     }
 }
 
-/* out[b, j] = W[idx[b, j]] . g[b] for W [W_rows, d], idx [rows, k], g [rows, d]: the decoder's gradient
- * with respect to the k selected activations of each row. Rows are split across threads. Returns 0, or
- * -1 if an index is outside W. */
-int64_t row_dots_f32(const float *W, int64_t W_rows, const int64_t *idx, const float *g, int64_t rows, int64_t k,
-                     int64_t d, float *out, int64_t threads) {
-    RowDotsTask task = {W, g, idx, W_rows, k, d, out, 0};
-    parallel_for(rows, threads, row_dots_range, &task);
+/* out[p] = W[idx[p]] . g[row of p] for W [W_rows, d], g [*, d] and `count` selected pairs, the row of
+ * pair p being pair_rows[p], or p / k when pair_rows is NULL (a flattened [rows, k] top-k): the decoder's
+ * gradient with respect to the selected activations. Pairs are split across threads. Returns 0, or -1
+ * if an index is outside W. */
+int64_t row_dots_f32(const float *W, int64_t W_rows, const int64_t *idx, const float *g, int64_t count, int64_t k,
+                     const int64_t *pair_rows, int64_t d, float *out, int64_t threads) {
+    RowDotsTask task = {W, g, idx, pair_rows, W_rows, k, d, out, 0};
+    parallel_for(count, threads, row_dots_range, &task);
     return task.out_of_range ? -1 : 0;
 }
 
@@ -385,39 +386,32 @@ void count_positive_at_least_f32(const float *pre, int64_t rows, int64_t n, floa
 
 typedef struct {
     const float *pre;
-    const int64_t *rows;
-    int64_t n, width;
+    const int64_t *starts;
+    int64_t n;
     float t;
     float *vals;
-    int64_t *idx;
-    int64_t overflow;
+    int64_t *idx, *pair_rows;
+    int64_t mismatch;
 } CollectTask;
 
 static void collect_range(void *arg, int64_t lo, int64_t hi) {
     CollectTask *task = arg;
-    float *buf = malloc(task->n * sizeof(float));
-    int64_t *ibuf = malloc(task->n * sizeof(int64_t));
-    for (int64_t i = lo; i < hi && buf && ibuf; i++) {
-        int64_t count = collect(task->pre + task->rows[i] * task->n, task->n, task->t, buf, ibuf);
-        if (count > task->width) __atomic_store_n(&task->overflow, 1, __ATOMIC_RELAXED);
-        float *vals = task->vals + i * task->width;
-        int64_t *idx = task->idx + i * task->width;
-        for (int64_t j = 0; j < task->width; j++) { /* padding: -inf at a real latent, never selected */
-            vals[j] = j < count ? buf[j] : -INFINITY;
-            idx[j] = j < count ? ibuf[j] : (count ? ibuf[0] : 0);
-        }
+    for (int64_t r = lo; r < hi; r++) {
+        int64_t start = task->starts[r], room = task->starts[r + 1] - start;
+        /* collect() writes at most n entries; the row's room was counted with the same test */
+        int64_t count = collect(task->pre + r * task->n, task->n, task->t, task->vals + start, task->idx + start);
+        for (int64_t j = 0; j < count && j < room; j++) task->pair_rows[start + j] = r;
+        if (count != room) __atomic_store_n(&task->mismatch, 1, __ATOMIC_RELAXED);
     }
-    if (!buf || !ibuf) __atomic_store_n(&task->overflow, 1, __ATOMIC_RELAXED);
-    free(buf);
-    free(ibuf);
 }
 
-/* For each of the R rows listed in `rows` (of pre [*, n]): its entries that are positive and >= t, in
- * index order, into vals/idx [R, width], padded with -inf. Returns 0, or -1 if a row holds more than
- * `width` such entries (the caller sized `width` from count_positive_at_least_f32). */
-int64_t collect_positive_at_least_f32(const float *pre, int64_t n, const int64_t *rows, int64_t count, float t,
-                                      int64_t width, float *vals, int64_t *idx, int64_t threads) {
-    CollectTask task = {pre, rows, n, width, positive_floor(t), vals, idx, 0};
-    parallel_for(count, threads, collect_range, &task);
-    return task.overflow ? -1 : 0;
+/* Every entry of pre [rows, n] that is positive and >= t, as a flat list of pairs in row-major order:
+ * row r's entries go to [starts[r], starts[r + 1]) of vals/idx/pair_rows (starts [rows + 1] from the
+ * counts of count_positive_at_least_f32 with the same t; vals/idx need n entries of slack after the
+ * last start). Returns 0, or -1 if a row's count differs from its room. */
+int64_t collect_positive_at_least_f32(const float *pre, int64_t rows, int64_t n, float t, const int64_t *starts,
+                                      float *vals, int64_t *idx, int64_t *pair_rows, int64_t threads) {
+    CollectTask task = {pre, starts, n, positive_floor(t), vals, idx, pair_rows, 0};
+    parallel_for(rows, threads, collect_range, &task);
+    return task.mismatch ? -1 : 0;
 }
