@@ -48,15 +48,13 @@ class StepOutput:
 
 
 @dataclass
-class Candidates:
-    """Selected latents of a block of batch rows: `rows` (None: every row), `values` and `idx` [R, width]
-    (pre-activations without grad and their latents), `keep` [R, width] marking the entries that count
-    (None: all)."""
+class Selection:
+    """The selected (row, latent) pairs of a batch: TopK's [B, k], or BatchTopK's flat list in row-major
+    order (each row holds its own number) with `rows` [P] the batch row of each pair."""
 
-    rows: torch.Tensor | None
-    values: torch.Tensor
-    idx: torch.Tensor
-    keep: torch.Tensor | None
+    values: torch.Tensor  # pre-activations without grad, shaped like idx
+    idx: torch.Tensor  # latents
+    rows: torch.Tensor | None = None
 
 
 class SparseAutoencoder(nn.Module):
@@ -208,17 +206,23 @@ class SparseAutoencoder(nn.Module):
         with torch.no_grad():
             pre = torch.addmm(self.b_enc.to(x.dtype), x_cent, self.W_enc.to(x.dtype))  # [B, d_sae]: the floor
             if self.architecture == "topk":
-                values, idx = row_topk(pre, self.k)  # a C kernel on CPU float32, else torch.topk
-                blocks = [Candidates(None, values, idx, None)]
+                selection = Selection(*row_topk(pre, self.k))  # a C kernel on CPU float32, else torch.topk
             else:
-                blocks = self._batch_topk_candidates(pre)
-        x_hat, vals, active, counts = self._decode_candidates(blocks, x_cent, x)
+                selection = self._batch_topk_selection(pre)
+            layout = LatentLayout(selection.idx, self.d_sae, selection.rows, batch=len(x))
+        idx = selection.idx
+        vals = SelectedPreActivations.apply(x_cent, self.W_enc, self.b_enc, selection.values, idx, layout).relu()
+        x_hat = sparse_decode(vals, idx, self.W_dec, layout) + self.b_dec
         recon = SquaredError.apply(x_hat, x)
         aux = recon.new_zeros(())
         if dead_mask is not None and aux_k > 0:
             aux = aux_coefficient * self._aux_k_loss_sparse(x, x_cent, x_hat, pre, dead_mask, aux_k)
+        active = vals > 0
         if self.architecture == "batchtopk":
             self._update_batch_threshold(vals.detach(), active)
+        # scatter_add rather than bincount: bincount's output size depends on the data (a host sync on CUDA)
+        counts = torch.zeros(self.d_sae, dtype=torch.int64, device=x.device)
+        counts.scatter_add_(0, idx.flatten(), active.flatten().to(torch.int64))
         return StepOutput(
             loss=recon + aux,
             x_hat=x_hat,
@@ -229,68 +233,36 @@ class SparseAutoencoder(nn.Module):
             fired_counts=counts,
         )
 
-    def _decode_candidates(self, blocks: list[Candidates], x_cent: torch.Tensor, x: torch.Tensor):
-        """(x̂, the kept activations and their active mask, flattened over all blocks, fired counts [d_sae])."""
-        whole_rows, some_rows, kept = [], [], []  # decoded parts of blocks with all rows / some rows
-        counts = torch.zeros(self.d_sae, dtype=torch.int64, device=x.device)
-        for block in blocks:
-            layout = LatentLayout(block.idx, self.d_sae)
-            inputs = x_cent if block.rows is None else x_cent[block.rows]
-            vals = SelectedPreActivations.apply(inputs, self.W_enc, self.b_enc, block.values, block.idx, layout).relu()
-            if block.keep is not None:
-                vals = torch.where(block.keep, vals, torch.zeros_like(vals))  # candidates outside the selection
-            part = sparse_decode(vals, block.idx, self.W_dec, layout)
-            (whole_rows if block.rows is None else some_rows).append((part, block.rows))
-            # scatter_add rather than bincount: bincount's output size depends on the data (a host sync on CUDA)
-            counts.scatter_add_(0, block.idx.flatten(), (vals > 0).flatten().to(torch.int64))
-            kept.append(vals.flatten())
-        x_hat = self.b_dec + (whole_rows[0][0] if whole_rows else torch.zeros_like(x))
-        if some_rows:  # one scatter for all partial blocks
-            parts, rows = zip(*some_rows, strict=True)
-            x_hat = x_hat.index_add(0, torch.cat(rows), torch.cat(parts))
-        vals = torch.cat(kept)
-        return x_hat, vals, vals > 0, counts
+    @torch.no_grad()
+    def _batch_topk_selection(self, pre: torch.Tensor) -> Selection:
+        """BatchTopK's k × B largest relu'd pre-activations as a flat list of pairs.
+
+        A lower bound for the batch threshold comes cheaply (the (k·B)-th largest of every row's 2k best)
+        and is raised by bisection while at least k·B entries stay at or above it; every positive entry
+        at or above it is a candidate (early in training a few rows hold hundreds, most rows none), and the
+        selection is the k·B largest candidates, kept in row-major order. Exact; a few host syncs a step."""
+        selected = self.k * len(pre)
+        best = row_topk(pre, min(2 * self.k, self.d_sae))[0].flatten()
+        low = float(best.kthvalue(max(best.numel() - selected + 1, 1)).values)
+        low, holds = _raise_lower_bound(pre, low, float(best.max()), selected)
+        found = cpu_kernels.collect_positive_at_least(pre, low, holds)
+        if found is None:  # torch: CUDA, other dtypes, no C compiler
+            rows, latents = ((pre >= low) & (pre > 0)).nonzero(as_tuple=True)
+            found = pre[rows, latents], latents, rows
+        values, latents, rows = found
+        chosen = values.topk(min(selected, len(values)), sorted=False).indices.sort().values
+        return Selection(values[chosen], latents[chosen], rows[chosen])
 
     def _aux_k_loss_sparse(self, x, x_cent, x_hat, pre, dead_mask, aux_k) -> torch.Tensor:
         """AuxK as in `_aux_k_loss_dense`, through the same sparse functions as the main selection."""
-        masked = pre.masked_fill(~dead_mask, -torch.inf)
-        aux_idx = masked.topk(min(aux_k, self.d_sae), dim=-1, sorted=False).indices
-        aux_vals = SelectedPreActivations.apply(x_cent, self.W_enc, self.b_enc, pre.gather(1, aux_idx), aux_idx)
+        with torch.no_grad():
+            masked = pre.masked_fill(~dead_mask, -torch.inf)
+            aux_idx = masked.topk(min(aux_k, self.d_sae), dim=-1, sorted=False).indices
+            layout = LatentLayout(aux_idx, self.d_sae)  # shared by both backward passes
+        selected = pre.gather(1, aux_idx)
+        aux_vals = SelectedPreActivations.apply(x_cent, self.W_enc, self.b_enc, selected, aux_idx, layout)
         aux_vals = torch.where(dead_mask[aux_idx], aux_vals.relu(), torch.zeros_like(aux_vals))
-        return _aux_from_residual(sparse_decode(aux_vals, aux_idx, self.W_dec), x, x_hat, dead_mask)
-
-    @torch.no_grad()
-    def _batch_topk_candidates(self, pre: torch.Tensor) -> list[Candidates]:
-        """BatchTopK's k × B largest relu'd pre-activations as candidate blocks with `keep` masks.
-
-        A lower bound for the batch threshold comes cheaply (the (k·B)-th largest of every row's 2k best)
-        and is raised by bisection while at least k·B entries stay at or above it. Every positive entry at
-        or above it is a candidate: rows are grouped by how many they hold (powers of two; early in
-        training a few rows hold hundreds, most a handful) and the selection is the k·B largest candidates.
-        Exact; a few host syncs per step."""
-        rows, d_sae = pre.shape
-        selected = self.k * rows
-        best = row_topk(pre, min(2 * self.k, d_sae))[0].flatten()
-        low = float(best.kthvalue(max(best.numel() - selected + 1, 1)).values)
-        low, holds = _raise_lower_bound(pre, low, float(best.max()), selected)
-        widths = (2 ** torch.log2(holds.clamp_min(1).double()).ceil()).long().clamp(max(self.k // 2, 1), d_sae)
-        widths[holds == 0] = 0
-        blocks = []
-        for width in widths.unique().tolist():
-            if width == 0:
-                continue
-            members = (widths == width).nonzero().flatten()
-            found = cpu_kernels.collect_positive_at_least(pre, members, low, width)
-            values, idx = found if found is not None else row_topk(pre[members], width)
-            blocks.append(Candidates(None if len(members) == rows else members, values, idx, None))
-        if not blocks:  # nothing positive in the whole batch: select nothing, as relu(0) selects nothing
-            return [Candidates(None, *row_topk(pre, 1), torch.zeros(rows, 1, dtype=torch.bool, device=pre.device))]
-        offered = torch.cat([b.values.clamp_min(0).flatten() for b in blocks])
-        chosen = offered.topk(min(selected, offered.numel()), sorted=False).indices
-        keep = torch.zeros_like(offered, dtype=torch.bool).index_fill_(0, chosen, True)
-        for block, mask in zip(blocks, keep.split([b.values.numel() for b in blocks]), strict=True):
-            block.keep = mask.view_as(block.values)
-        return blocks
+        return _aux_from_residual(sparse_decode(aux_vals, aux_idx, self.W_dec, layout), x, x_hat, dead_mask)
 
     def _aux_k_loss_dense(self, x, x_hat, pre, dead_mask, aux_k) -> torch.Tensor:
         masked = pre.masked_fill(~dead_mask, -torch.inf)
@@ -301,7 +273,9 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def _update_batch_threshold(self, z: torch.Tensor, active: torch.Tensor) -> None:
-        smallest = torch.where(active, z, torch.full_like(z, torch.inf)).min()
+        smallest = (
+            torch.where(active, z, torch.full_like(z, torch.inf)).amin() if z.numel() else z.new_full((), torch.inf)
+        )
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(smallest, op=torch.distributed.ReduceOp.MIN)
         # Branch-free on the device (no host sync): a batch with nothing active leaves the threshold as is.
@@ -378,15 +352,26 @@ def sparse_decode(vals: torch.Tensor, idx: torch.Tensor, W_dec: torch.Tensor, la
 
 
 class LatentLayout:
-    """The (row, latent) pairs of idx [B, k] grouped by latent, as a CSR [d_sae × B] structure.
+    """The selected (row, latent) pairs (idx [B, k], or a flat row-major list with `pair_rows`) grouped by
+    latent, as a CSR [d_sae × B] structure.
 
-    Weight gradients are then sparse-matrix × dense products: dW[i] = Σ_{b: i ∈ idx[b]} value · row[b].
-    Built once per step and shared by the encoder and decoder backward passes (same idx)."""
+    Weight gradients are then sparse-matrix × dense products: dW[i] = Σ over the pairs of latent i of
+    value · row. Built once per step and shared by the encoder and decoder backward passes (same pairs).
+    For a flat list it also holds `offsets` [B], where each row's pairs start (embedding_bag's bags)."""
 
-    def __init__(self, idx: torch.Tensor, d_sae: int):
-        self.batch, self.d_sae = idx.shape[0], d_sae
+    def __init__(self, idx: torch.Tensor, d_sae: int, pair_rows: torch.Tensor | None = None, batch: int | None = None):
+        self.batch, self.d_sae = (idx.shape[0] if batch is None else batch), d_sae
+        self.pair_rows, self.offsets = pair_rows, None
+        if pair_rows is not None:
+            per_row = torch.zeros(self.batch, dtype=torch.int64, device=idx.device)
+            per_row.scatter_add_(0, pair_rows, torch.ones_like(pair_rows))
+            self.offsets = per_row.cumsum(0) - per_row
         # order: the stable argsort of idx by latent; rows: each sorted pair's batch row; crow: CSR starts
-        self.order, self.rows, self.crow = latent_layout(idx, d_sae)
+        self.order, self.rows, self.crow = latent_layout(idx, d_sae, pair_rows)
+
+    def bags(self, idx: torch.Tensor, weight: torch.Tensor, per_pair: torch.Tensor) -> torch.Tensor:
+        """[B, d]: Σ over each row's pairs of per_pair · weight[latent] (fused gather-scale-sum)."""
+        return F.embedding_bag(idx, weight, self.offsets, per_sample_weights=per_pair, mode="sum")
 
     def weight_grad(self, values: torch.Tensor, dense_rows: torch.Tensor) -> torch.Tensor:
         """[d_sae, d_in] = Σ over pairs of values[b, j] · dense_rows[b] into latent idx[b, j]."""
@@ -420,10 +405,12 @@ def use_compiled_kernels(enabled: bool = True) -> None:
     _kernels["row_dots"] = torch.compile(_row_dots_fusable, dynamic=False) if enabled else _row_dots_eager
 
 
-def row_dots(W: torch.Tensor, idx: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """[B, k]: W[idx[b, j]] · g[b]."""
-    fast = cpu_kernels.row_dots(W, idx, g)
-    return fast if fast is not None else _kernels["row_dots"](W, idx, g)
+def row_dots(W: torch.Tensor, idx: torch.Tensor, g: torch.Tensor, pair_rows: torch.Tensor | None = None):
+    """W[latent] · g[row] for every selected pair, shaped like idx: [B, k] (row b), or flat with `pair_rows`."""
+    fast = cpu_kernels.row_dots(W, idx, g, pair_rows)
+    if fast is not None:
+        return fast
+    return _kernels["row_dots"](W, idx, g) if pair_rows is None else (W[idx] * g[pair_rows]).sum(-1)
 
 
 def _layout(layout: LatentLayout | None, idx: torch.Tensor, d_sae: int) -> LatentLayout:
@@ -456,9 +443,9 @@ class SelectedPreActivations(torch.autograd.Function):
             layout = _layout(ctx.layout, idx, W_enc.shape[1])
             grad_W = layout.weight_grad(g, x_cent.to(W_enc.dtype)).t()
         if ctx.needs_input_grad[0]:
-            # Fused gather-scale-sum over the k selected encoder columns: no [B, k, d_in] temporary.
+            # Fused gather-scale-sum over the selected encoder columns: no [pairs, d_in] temporary.
             columns = W_enc.t().contiguous()  # [d_sae, d_in], one cheap copy
-            grad_x = F.embedding_bag(idx, columns, per_sample_weights=g, mode="sum").to(x_cent.dtype)
+            grad_x = _layout(ctx.layout, idx, W_enc.shape[1]).bags(idx, columns, g).to(x_cent.dtype)
         return grad_x, grad_W, grad_b, None, None, None
 
 
@@ -483,9 +470,10 @@ class SparseDecode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, vals, idx, W_dec, layout=None):
+        layout = _layout(layout, idx, W_dec.shape[0])
         ctx.save_for_backward(vals, idx, W_dec)
         ctx.layout = layout
-        return F.embedding_bag(idx, W_dec, per_sample_weights=vals.to(W_dec.dtype), mode="sum")
+        return layout.bags(idx, W_dec, vals.to(W_dec.dtype))
 
     @staticmethod
     def backward(ctx, grad):
@@ -493,9 +481,9 @@ class SparseDecode(torch.autograd.Function):
         g = grad.to(W_dec.dtype)  # [B, d_in]
         grad_vals = grad_W = None
         if ctx.needs_input_grad[0]:
-            grad_vals = row_dots(W_dec, idx, g).to(vals.dtype)
+            grad_vals = row_dots(W_dec, idx, g, ctx.layout.pair_rows).to(vals.dtype)
         if ctx.needs_input_grad[2]:
-            grad_W = _layout(ctx.layout, idx, W_dec.shape[0]).weight_grad(vals.to(W_dec.dtype), g)
+            grad_W = ctx.layout.weight_grad(vals.to(W_dec.dtype), g)
         return grad_vals, None, grad_W, None
 
 

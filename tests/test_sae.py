@@ -240,9 +240,9 @@ def test_fast_path_without_the_c_kernels_matches_the_reference(arch, monkeypatch
     assert_steps_agree(model, *fast_and_reference_steps(model, x, **kwargs), grad_atol=1e-6)
 
 
-def test_batchtopk_gives_a_row_holding_much_of_the_selection_a_wide_candidate_list():
-    """Row 0 is scaled up so that it holds far more than 2k of the batch's k × B selection: its
-    candidate list must be wide enough, and the selection exactly what the dense reference selects."""
+def test_batchtopk_selection_when_one_row_takes_most_of_the_batch():
+    """Row 0 is scaled up so that it holds far more than k of the batch's k × B selection: the flat
+    selection gives it that many pairs, and the step equals the dense reference."""
     torch.manual_seed(3)
     model = SparseAutoencoder("batchtopk", 16, 200, 4, dtype=torch.float32)
     with torch.no_grad():
@@ -251,9 +251,8 @@ def test_batchtopk_gives_a_row_holding_much_of_the_selection_a_wide_candidate_li
     x[0] *= 50
     fast, reference = fast_and_reference_steps(model, x)
     assert fast.fired_counts.sum() == reference.fired_counts.sum() == 4 * 32
-    blocks = model._batch_topk_candidates(model.pre_activations(x).detach())
-    (row0_width,) = [b.idx.shape[1] for b in blocks if b.rows is None or 0 in b.rows.tolist()]
-    assert row0_width > 2 * 4
+    selection = model._batch_topk_selection(model.pre_activations(x).detach())
+    assert (selection.rows == 0).sum() > 2 * 4 and torch.equal(selection.rows, selection.rows.sort().values)
     assert_steps_agree(model, fast, reference, grad_atol=1e-6)  # float32 with gradients up to ~7e3
 
 
