@@ -68,11 +68,11 @@ INIT_BYTES_PER_ELEMENT = 20  # fp32 batch (4) + fp64 copy (8) + fp64 scaled copy
 #   standard:  fwd pre, relu latents, L1 product (3f); bwd latents + two gradients (3f)
 #   topk:      fwd pre (computed without grad) and AuxK's masked copy (2f); the backward touches only
 #              the k selected latents per token (sae.SelectedPreActivations / SparseDecode): 0
-#   batchtopk: fwd pre, AuxK's masked copy, the rows gathered for the wider candidate lists (3f) and
-#              the bool masks of the selectable-entry count where torch does it (3); sparse backward: 0
+#   batchtopk: fwd pre and AuxK's masked copy (2f), the bool masks of the candidate search where torch
+#              does it (3); sparse backward: 0
 #   jumprelu:  fwd pre, latents, Heaviside output (3f) + mask (1); bwd the straight-through
 #              rectangle kernels of both custom functions (6f + 1)
-_BM_FORWARD = {"standard": (3, 0), "topk": (2, 0), "batchtopk": (3, 3), "jumprelu": (3, 1)}
+_BM_FORWARD = {"standard": (3, 0), "topk": (2, 0), "batchtopk": (2, 3), "jumprelu": (3, 1)}
 _BM_BACKWARD = {"standard": (3, 0), "topk": (0, 0), "batchtopk": (0, 0), "jumprelu": (6, 1)}
 # [B, d_sae] bf16 copy of the latents that autocast makes for `z @ W_dec` (topk and batchtopk decode
 # through embedding_bag, which autocast leaves in fp32).
@@ -134,8 +134,8 @@ def aux_k_of(cfg: TrainConfig, d_in: int) -> int:
 
 
 def _k_terms(cfg: TrainConfig, batch: int, d_in: int) -> int:
-    """Top-k values (model dtype) and int64 indices, for the main top-k and AuxK's. BatchTopK's candidate
-    lists: every row's 2k best, then lists of up to twice the entries a row may hold (~4k per token)."""
+    """Top-k values (model dtype) and int64 indices, for the main top-k and AuxK's. BatchTopK: every row's
+    2k best, then a flat candidate list of at most 2k per token and the selection (~4k per token)."""
     if cfg.architecture not in ("topk", "batchtopk"):
         return 0
     f = dtype_bytes(cfg.dtype)
