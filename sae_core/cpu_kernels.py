@@ -1,15 +1,17 @@
 """C kernels for the TopK/BatchTopK step on the CPU (`csrc/cpu_kernels.c`), compiled on first use.
 
 - `row_topk`: on a CPU, `torch.topk` over the [batch × d_sae] pre-activations costs about as much as the
-  encoder matmul (the floor of a TopK step); the kernel is 2-6× faster for k ≤ 64 (`bench/topk_kernel.py`).
+  encoder matmul (the floor of a TopK step); the kernel is 2-5× faster for k ≤ 64 (`bench/topk_kernel.py`).
   It selects exactly the same elements (ties: the lower index) and returns each row's indices in
   ascending order.
-- `latent_layout`: the (row, latent) pairs of a top-k grouped by latent, a counting sort instead of
-  `argsort` (the CSR structure of `sae.LatentLayout`).
+- `latent_layout`: the selected (row, latent) pairs grouped by latent, a counting sort instead of
+  `argsort` (the CSR structure of `sae.LatentLayout`); `weight_grad` and `row_dots`: the sparse products
+  of the backward pass over those pairs.
+- `count_positive_at_least`, `collect_positive_at_least`: BatchTopK's candidate search.
 
-Each is used only where it applies (CPU tensors; for top-k float32 and 1 ≤ k ≤ 64); everywhere else
-(CUDA, bf16, larger k, rows holding NaNs, no C compiler, `SAE_LAB_CPU_KERNELS=0`) torch answers, with
-the same result. The shared library is built once per machine with the system C compiler (`$CC`, else
+Each is used only where it applies (CPU float32 tensors; top-k for 1 ≤ k ≤ 64); everywhere else (CUDA,
+bf16, larger k, rows holding NaNs, no C compiler, `SAE_LAB_CPU_KERNELS=0`) torch answers, with the same
+result. The shared library is built once per machine with the system C compiler (`$CC`, else
 `cc`/`gcc`/`clang`) into `$SAE_LAB_CACHE` (default `~/.cache/sae_lab`), named by a hash of the source,
 compiler, flags and CPU features, and moved into place atomically so that racing ranks are harmless.
 """
@@ -69,10 +71,6 @@ def latent_layout(
     `pair_rows`): (order, rows, crow) with order the stable argsort of idx.flatten(), rows the batch row of
     each sorted pair and crow [d_sae + 1] the CSR row starts (latent counts cumulated)."""
     flat = idx.flatten()
-    if pair_rows is None:
-        pair_rows_of = lambda order: torch.div(order, idx.shape[-1], rounding_mode="floor")  # noqa: E731
-    else:
-        pair_rows_of = lambda order: pair_rows[order]  # noqa: E731
     if idx.device.type == "cpu" and (lib := library()) is not None:
         flat = flat.to(torch.int64).contiguous()
         order, rows = torch.empty_like(flat), torch.empty_like(flat)
@@ -82,9 +80,10 @@ def latent_layout(
         if lib.latent_layout_i64(flat.data_ptr(), flat.numel(), max(idx.shape[-1], 1), *pointers) == 0:
             return order, rows, crow
     order = flat.argsort(stable=True)
+    rows = torch.div(order, idx.shape[-1], rounding_mode="floor") if pair_rows is None else pair_rows[order]
     counts = torch.zeros(d_sae + 1, dtype=torch.int64, device=idx.device)
     counts[1:].scatter_add_(0, flat, torch.ones_like(flat))
-    return order, pair_rows_of(order), counts.cumsum(0)
+    return order, rows, counts.cumsum(0)
 
 
 def weight_grad(
