@@ -28,7 +28,9 @@ def write_config(tmp_path: Path, toy_path: Path, **overrides) -> Path:
     return path
 
 
-def run_train(config: Path, out: Path, nproc: int = 1, resume: Path | None = None, **popen) -> subprocess.Popen:
+def run_train(
+    config: Path, out: Path, nproc: int = 1, resume: Path | None = None, env: dict | None = None, **popen
+) -> subprocess.Popen:
     entry = ["-m", "sae_core.train", "--config", str(config), "--out", str(out)]
     if resume:
         entry += ["--resume", str(resume)]
@@ -38,7 +40,7 @@ def run_train(config: Path, out: Path, nproc: int = 1, resume: Path | None = Non
     else:
         argv = [sys.executable] + entry
     return subprocess.Popen(
-        argv, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
+        argv, env=subprocess_env(**(env or {})), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
     )
 
 
@@ -94,6 +96,26 @@ def test_single_process_writes_every_output(tmp_path, toy_path):
     assert sparsity.shape == (64,) and float(sparsity.max()) <= 0
     model = sae_mod.load(out)
     assert model.encode(torch.randn(5, 32)).shape == (5, 64)
+
+
+def test_batchtopk_trains_the_same_with_and_without_the_cpu_kernels(tmp_path, toy_path):
+    """BatchTopK through the real trainer: the C kernels' path and the torch fallbacks (what CUDA runs)
+    reach the same weights; the saved SAE is a JumpReLU with the learned threshold."""
+    config = write_config(tmp_path, toy_path, architecture="batchtopk", total_steps=20)
+    runs = {
+        kernels: run_train(config, tmp_path / f"kernels_{kernels}", env={"SAE_LAB_CPU_KERNELS": kernels})
+        for kernels in ("1", "0")
+    }
+    outputs = {kernels: finish(proc) for kernels, proc in runs.items()}
+    assert "CPU kernels unavailable" not in outputs["1"]
+    with_kernels, without = weights(tmp_path / "kernels_1"), weights(tmp_path / "kernels_0")
+    for name, tensor in with_kernels.items():
+        torch.testing.assert_close(without[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    assert float(with_kernels["threshold"].min()) > 0
+    records = [r for r in read_jsonl(tmp_path / "kernels_1" / "metrics.jsonl") if "event" not in r]
+    assert records[-1]["l0"] == pytest.approx(4.0)  # k per token on average, exactly, in training
+    model = sae_mod.load(tmp_path / "kernels_1")
+    assert model.architecture == "jumprelu"
 
 
 @pytest.mark.slow
