@@ -346,8 +346,8 @@ def normalize_decoder_rows(W_dec: torch.Tensor) -> None:
     W_dec.div_(W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
 
-def sparse_decode(vals: torch.Tensor, idx: torch.Tensor, W_dec: torch.Tensor, layout=None) -> torch.Tensor:
-    """Σ_j vals[b, j] · W_dec[idx[b, j]] without a dense [B, d_sae] tensor. vals/idx: [B, k]."""
+def sparse_decode(vals: torch.Tensor, idx: torch.Tensor, W_dec: torch.Tensor, layout: LatentLayout) -> torch.Tensor:
+    """Σ over each row's selected pairs of vals · W_dec[latent], without a dense [B, d_sae] tensor."""
     return SparseDecode.apply(vals, idx, W_dec, layout)
 
 
@@ -413,10 +413,6 @@ def row_dots(W: torch.Tensor, idx: torch.Tensor, g: torch.Tensor, pair_rows: tor
     return _kernels["row_dots"](W, idx, g) if pair_rows is None else (W[idx] * g[pair_rows]).sum(-1)
 
 
-def _layout(layout: LatentLayout | None, idx: torch.Tensor, d_sae: int) -> LatentLayout:
-    return layout if layout is not None else LatentLayout(idx, d_sae)
-
-
 class SelectedPreActivations(torch.autograd.Function):
     """The selected pre-activations (values = pre[b, idx[b, j]], computed without grad by the caller)
     with gradients that touch only the selected (row, latent) pairs.
@@ -425,7 +421,7 @@ class SelectedPreActivations(torch.autograd.Function):
     Σ_j g[b, j] W_enc[:, idx[b, j]]. Cost O(B·k·d_in) instead of two dense O(B·d_in·d_sae) matmuls."""
 
     @staticmethod
-    def forward(ctx, x_cent, W_enc, b_enc, values, idx, layout=None):
+    def forward(ctx, x_cent, W_enc, b_enc, values, idx, layout):
         ctx.save_for_backward(x_cent, W_enc, idx)
         ctx.layout = layout
         return values.clone()  # a new tensor, so autograd can own it
@@ -440,12 +436,11 @@ class SelectedPreActivations(torch.autograd.Function):
                 0, idx.flatten(), g.flatten()
             )
         if ctx.needs_input_grad[1]:
-            layout = _layout(ctx.layout, idx, W_enc.shape[1])
-            grad_W = layout.weight_grad(g, x_cent.to(W_enc.dtype)).t()
+            grad_W = ctx.layout.weight_grad(g, x_cent.to(W_enc.dtype)).t()
         if ctx.needs_input_grad[0]:
             # Fused gather-scale-sum over the selected encoder columns: no [pairs, d_in] temporary.
             columns = W_enc.t().contiguous()  # [d_sae, d_in], one cheap copy
-            grad_x = _layout(ctx.layout, idx, W_enc.shape[1]).bags(idx, columns, g).to(x_cent.dtype)
+            grad_x = ctx.layout.bags(idx, columns, g).to(x_cent.dtype)
         return grad_x, grad_W, grad_b, None, None, None
 
 
@@ -469,8 +464,7 @@ class SparseDecode(torch.autograd.Function):
     """x̂[b] = Σ_j vals[b, j] W_dec[idx[b, j]], forward and backward in O(B·k·d_in)."""
 
     @staticmethod
-    def forward(ctx, vals, idx, W_dec, layout=None):
-        layout = _layout(layout, idx, W_dec.shape[0])
+    def forward(ctx, vals, idx, W_dec, layout):
         ctx.save_for_backward(vals, idx, W_dec)
         ctx.layout = layout
         return layout.bags(idx, W_dec, vals.to(W_dec.dtype))
