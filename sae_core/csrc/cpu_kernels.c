@@ -1,4 +1,4 @@
-/* CPU kernels of the TopK training step (sae_core/cpu_kernels.py builds and loads them).
+/* CPU kernels of the TopK/BatchTopK training step (sae_core/cpu_kernels.py builds and loads them).
  *
  * Row-wise top-k of a float32 matrix, for the TopK encoder.
  * torch.topk spends ~1.3 us per 1024-wide row (a partial sort of (value, index) pairs), about as
@@ -24,7 +24,7 @@
 #include <immintrin.h>
 #endif
 
-/* Measured on a 2-vCPU EPYC (bench/topk_kernel.py): 2-6x faster than torch.topk for k <= 64 at every
+/* Measured on a 2-vCPU EPYC (bench/topk_kernel.py): 2-5x faster than torch.topk for k <= 64 at every
  * width tried (32 to 65536), slower from k = 128 on, so larger k is left to torch.topk. */
 #define MAX_K 64
 #define MAX_LANES 128  /* lanes: the smallest power of two >= 2k, at least 16 (2k was fastest) */
@@ -89,25 +89,27 @@ static void append(float x, int64_t j, float *buf, int64_t *ibuf, int64_t *count
     (*count)++;
 }
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+/* Append row[j + q] for every set bit q of mask (a vector comparison's result). */
+static void append_marked(const float *row, int64_t j, unsigned mask, float *buf, int64_t *ibuf, int64_t *count) {
+    for (; mask; mask &= mask - 1) {
+        int q = __builtin_ctz(mask);
+        append(row[j + q], j + q, buf, ibuf, count);
+    }
+}
+#endif
+
 static int64_t collect(const float *row, int64_t n, float t, float *buf, int64_t *ibuf) {
     int64_t count = 0, j = 0;
 #if defined(__AVX512F__)
     __m512 tv = _mm512_set1_ps(t);
-    for (; j + 16 <= n; j += 16) {
-        unsigned mask = _mm512_cmp_ps_mask(_mm512_loadu_ps(row + j), tv, _CMP_GE_OQ);
-        for (; mask; mask &= mask - 1) {
-            int q = __builtin_ctz(mask);
-            append(row[j + q], j + q, buf, ibuf, &count);
-        }
-    }
+    for (; j + 16 <= n; j += 16)
+        append_marked(row, j, _mm512_cmp_ps_mask(_mm512_loadu_ps(row + j), tv, _CMP_GE_OQ), buf, ibuf, &count);
 #elif defined(__AVX2__)
     __m256 tv = _mm256_set1_ps(t);
     for (; j + 8 <= n; j += 8) {
         unsigned mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + j), tv, _CMP_GE_OQ));
-        for (; mask; mask &= mask - 1) {
-            int q = __builtin_ctz(mask);
-            append(row[j + q], j + q, buf, ibuf, &count);
-        }
+        append_marked(row, j, mask, buf, ibuf, &count);
     }
 #endif
     for (; j < n; j++)
@@ -120,18 +122,22 @@ static int64_t collect(const float *row, int64_t n, float t, float *buf, int64_t
 /* beats(a, b): a ranks above b (larger value, or equal value at a lower position). */
 static int beats(float va, int64_t ia, float vb, int64_t ib) { return va > vb || (va == vb && ia < ib); }
 
+static void swap_entries(float *hv, int64_t *hi, int64_t a, int64_t b) {
+    float tv = hv[a];
+    hv[a] = hv[b];
+    hv[b] = tv;
+    int64_t ti = hi[a];
+    hi[a] = hi[b];
+    hi[b] = ti;
+}
+
 static void sift_down(float *hv, int64_t *hi, int64_t k) {
     for (int64_t pos = 0;;) {
         int64_t low = pos, left = 2 * pos + 1, right = left + 1;
         if (left < k && beats(hv[low], hi[low], hv[left], hi[left])) low = left;
         if (right < k && beats(hv[low], hi[low], hv[right], hi[right])) low = right;
         if (low == pos) return;
-        float tv = hv[pos];
-        hv[pos] = hv[low];
-        hv[low] = tv;
-        int64_t ti = hi[pos];
-        hi[pos] = hi[low];
-        hi[low] = ti;
+        swap_entries(hv, hi, pos, low);
         pos = low;
     }
 }
@@ -148,14 +154,7 @@ static void select_by_heap(const float *buf, const int64_t *ibuf, int64_t count,
     }
     /* worst first: a sorted array is a valid min-heap */
     for (int64_t i = 1; i < k; i++)
-        for (int64_t j = i; j > 0 && beats(hv[j - 1], hi[j - 1], hv[j], hi[j]); j--) {
-            float tv = hv[j];
-            hv[j] = hv[j - 1];
-            hv[j - 1] = tv;
-            int64_t ti = hi[j];
-            hi[j] = hi[j - 1];
-            hi[j - 1] = ti;
-        }
+        for (int64_t j = i; j > 0 && beats(hv[j - 1], hi[j - 1], hv[j], hi[j]); j--) swap_entries(hv, hi, j, j - 1);
     for (int64_t i = k; i < count; i++)
         if (beats(buf[i], i, hv[0], hi[0])) {
             hv[0] = buf[i];
