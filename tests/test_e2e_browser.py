@@ -5,6 +5,7 @@ and loaded with sae_core. Skips without Chromium unless SAE_LAB_REQUIRE_BROWSER=
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -130,6 +131,23 @@ def stop_everything(server: subprocess.Popen, home: Path) -> None:
         proc.kill()
 
 
+@contextlib.contextmanager
+def running_lab(tmp_path: Path, **extra_env: str):
+    """(url, home) of a real app on a free port over a fresh SAE_LAB_HOME; on exit the app, its launcher
+    daemon and every job process are stopped, and none may be left."""
+    home = tmp_path / "lab"
+    home.mkdir()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_streamlit(port, lab_env(home, tmp_path, **extra_env), tmp_path / "streamlit.log")
+    try:
+        wait_healthy(url, server)
+        yield url, home
+    finally:
+        stop_everything(server, home)
+    assert not processes_of(home), "a lab process outlived the test"
+
+
 def button(page, label: str):
     return page.get_by_role("button", name=re.compile(re.escape(label)))
 
@@ -138,57 +156,47 @@ def test_toy_dataset_cpu_job_to_completion_and_download(tmp_path):
     chromium = require_browser()
     from playwright.sync_api import expect, sync_playwright
 
-    home = tmp_path / "lab"
-    home.mkdir()
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = start_streamlit(port, lab_env(home, tmp_path), tmp_path / "streamlit.log")
-    try:
-        wait_healthy(url, server)
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-            page = browser.new_page(accept_downloads=True, viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(60_000)
-            page.goto(url)
+    with running_lab(tmp_path) as (url, home), sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        page = browser.new_page(accept_downloads=True, viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(60_000)
+        page.goto(url)
 
-            # Home: a first run offers the toy dataset.
-            button(page, "Create toy dataset").click()
-            expect(page.get_by_text("Created")).to_be_visible()
-            assert (home / "datasets" / "toy.safetensors").is_file()
+        # Home: a first run offers the toy dataset.
+        button(page, "Create toy dataset").click()
+        expect(page.get_by_text("Created")).to_be_visible()
+        assert (home / "datasets" / "toy.safetensors").is_file()
 
-            # Train: a small 2-process CPU job.
-            page.goto(url + "/train")
-            expect(page.get_by_text("the job runs as CPU processes")).to_be_visible()
-            for label, value in (("d_sae (latents)", "128"), ("k (active latents per token)", "8"), ("Steps", "60")):
-                field = page.get_by_label(label, exact=True)
-                field.fill(value)
-                field.press("Enter")
-            page.get_by_label("Checkpoint every (steps)").fill("30")
-            page.get_by_label("Checkpoint every (steps)").press("Enter")
-            page.get_by_label("Job name").fill("e2e")
-            page.get_by_label("Job name").press("Enter")
-            page.get_by_label("Your name").fill("e2e-bot")
-            page.get_by_label("Your name").press("Enter")
-            expect(page.get_by_text("2 process(es) × 2,048 tokens each per step")).to_be_visible()
-            submit = button(page, "Submit")
-            expect(submit).to_be_enabled()
-            submit.click()
-            expect(page.get_by_text("Job 1 queued.")).to_be_visible()
-            page.get_by_role("link", name=re.compile("Open job 1")).click()
+        # Train: a small 2-process CPU job.
+        page.goto(url + "/train")
+        expect(page.get_by_text("the job runs as CPU processes")).to_be_visible()
+        for label, value in (("d_sae (latents)", "128"), ("k (active latents per token)", "8"), ("Steps", "60")):
+            field = page.get_by_label(label, exact=True)
+            field.fill(value)
+            field.press("Enter")
+        page.get_by_label("Checkpoint every (steps)").fill("30")
+        page.get_by_label("Checkpoint every (steps)").press("Enter")
+        page.get_by_label("Job name").fill("e2e")
+        page.get_by_label("Job name").press("Enter")
+        page.get_by_label("Your name").fill("e2e-bot")
+        page.get_by_label("Your name").press("Enter")
+        expect(page.get_by_text("2 process(es) × 2,048 tokens each per step")).to_be_visible()
+        submit = button(page, "Submit")
+        expect(submit).to_be_enabled()
+        submit.click()
+        expect(page.get_by_text("Job 1 queued.")).to_be_visible()
+        page.get_by_role("link", name=re.compile("Open job 1")).click()
 
-            # Jobs: the page refreshes itself until the launcher has run the job to the end.
-            expect(page.locator("h3", has_text="e2e")).to_be_visible()
-            expect(page.locator("h3", has_text="completed")).to_be_visible(timeout=240_000)
+        # Jobs: the page refreshes itself until the launcher has run the job to the end.
+        expect(page.locator("h3", has_text="e2e")).to_be_visible()
+        expect(page.locator("h3", has_text="completed")).to_be_visible(timeout=240_000)
 
-            button(page, "Prepare SAE download").click()
-            with page.expect_download(timeout=60_000) as download_info:
-                button(page, "Download SAE").click()
-            zip_path = tmp_path / "sae.zip"
-            download_info.value.save_as(zip_path)
-            browser.close()
-    finally:
-        stop_everything(server, home)
-    assert not processes_of(home), "a lab process outlived the test"
+        button(page, "Prepare SAE download").click()
+        with page.expect_download(timeout=60_000) as download_info:
+            button(page, "Download SAE").click()
+        zip_path = tmp_path / "sae.zip"
+        download_info.value.save_as(zip_path)
+        browser.close()
 
     with zipfile.ZipFile(zip_path) as zf:
         assert sorted(zf.namelist()) == ["cfg.json", "eval.json", "sae_weights.safetensors", "sparsity.safetensors"]
@@ -204,31 +212,21 @@ def test_password_gate_holds_for_every_url(tmp_path):
     chromium = require_browser()
     from playwright.sync_api import expect, sync_playwright
 
-    home = tmp_path / "lab"
-    home.mkdir()
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = start_streamlit(port, lab_env(home, tmp_path, SAE_LAB_PASSWORD="open sesame"), tmp_path / "streamlit.log")
-    try:
-        wait_healthy(url, server)
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-            page = browser.new_page()
-            page.set_default_timeout(30_000)
-            for path in ("/jobs", "/train", "/"):
-                page.goto(url + path)
-                expect(page.get_by_label("Password", exact=True)).to_be_visible()
-                assert page.get_by_role("heading", name="Jobs").count() == 0
-                assert page.get_by_text("Launcher", exact=True).count() == 0  # no sidebar either
-            page.get_by_label("Password", exact=True).fill("wrong")
-            button(page, "Enter").click()
-            expect(page.get_by_text("Wrong password.")).to_be_visible()
-            page.get_by_label("Password", exact=True).fill("open sesame")
-            button(page, "Enter").click()
-            expect(page.get_by_text("Launcher", exact=True)).to_be_visible()
-            page.get_by_role("link", name="Jobs").click()
-            expect(page.get_by_role("heading", name="Jobs")).to_be_visible()
-            browser.close()
-    finally:
-        stop_everything(server, home)
-    assert not processes_of(home)
+    with running_lab(tmp_path, SAE_LAB_PASSWORD="open sesame") as (url, _home), sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.set_default_timeout(30_000)
+        for path in ("/jobs", "/train", "/"):
+            page.goto(url + path)
+            expect(page.get_by_label("Password", exact=True)).to_be_visible()
+            assert page.get_by_role("heading", name="Jobs").count() == 0
+            assert page.get_by_text("Launcher", exact=True).count() == 0  # no sidebar either
+        page.get_by_label("Password", exact=True).fill("wrong")
+        button(page, "Enter").click()
+        expect(page.get_by_text("Wrong password.")).to_be_visible()
+        page.get_by_label("Password", exact=True).fill("open sesame")
+        button(page, "Enter").click()
+        expect(page.get_by_text("Launcher", exact=True)).to_be_visible()
+        page.get_by_role("link", name="Jobs").click()
+        expect(page.get_by_role("heading", name="Jobs")).to_be_visible()
+        browser.close()
