@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -32,6 +34,20 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra)
     return env
+
+
+def racing_scripts(script: str, argvs: list[list[str]], env: dict[str, str], timeout: float = 120) -> list:
+    """Run `python -c script *argv` for every argv at once; the JSON lists they print, concatenated."""
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, *argv], env=env, stdout=subprocess.PIPE, text=True)
+        for argv in argvs
+    ]
+    results = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0
+        results += json.loads(out)
+    return results
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ import pytest
 from sae_core import cli_jobs, db, launcher, store
 from sae_core.config import TrainConfig
 from sae_core.models import ACTIVE_STATUSES, FINAL_STATUSES
-from tests.conftest import subprocess_env, tiny_config
+from tests.conftest import racing_scripts, subprocess_env, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -384,17 +384,7 @@ def test_twenty_racing_submissions_on_two_fake_gpus_run_once_each_without_sharin
     env = subprocess_env(SAE_LAB_HOME=str(home), **fake.env_for(scenario))
     cfg = write_cfg(tmp_path, toy_path, total_steps=2, log_every=1, checkpoint_every=2)
     start_daemon("--sample-interval", "1", env=env)  # the GPU sampler runs in the daemon too
-    submitters = [
-        subprocess.Popen(
-            [sys.executable, "-c", SUBMITTER, str(n), str(cfg)], env=env, stdout=subprocess.PIPE, text=True
-        )
-        for n in range(4)
-    ]
-    submitted = []
-    for proc in submitters:
-        out, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 0
-        submitted += json.loads(out)
+    submitted = racing_scripts(SUBMITTER, [[str(n), str(cfg)] for n in range(4)], env)
     assert sorted(submitted) == list(range(1, 21))
 
     def all_final():

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from collections import defaultdict
 
 import pytest
@@ -12,7 +9,7 @@ import pytest
 from sae_core import store
 from sae_core.config import TrainConfig
 from sae_core.models import Job
-from tests.conftest import subprocess_env
+from tests.conftest import racing_scripts, subprocess_env
 
 # Each process submits its share of jobs and, like a (rogue) second launcher, claims and finishes
 # whatever it can. Only claim_runnable's single BEGIN IMMEDIATE transaction keeps GPUs exclusive.
@@ -65,15 +62,7 @@ def test_overlap_check_detects_a_double_booking():
 def test_racing_processes_claim_each_job_once_and_never_share_a_gpu(lab_home):
     store.submit_job(TrainConfig(activation_source="/x", d_sae=64, k=8, batch_size=256, total_steps=2), "0", None)
     env = subprocess_env(SAE_LAB_HOME=str(lab_home))
-    procs = [
-        subprocess.Popen([sys.executable, "-c", WORKER, str(n), "5"], env=env, stdout=subprocess.PIPE, text=True)
-        for n in range(4)
-    ]
-    claimed = []
-    for proc in procs:
-        out, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 0
-        claimed += json.loads(out)
+    claimed = racing_scripts(WORKER, [[str(n), "5"] for n in range(4)], env)
     jobs = store.list_jobs()
     assert len(jobs) == 21
     assert sorted(claimed) == sorted(j.id for j in jobs)  # every job claimed exactly once
