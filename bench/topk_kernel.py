@@ -44,14 +44,6 @@ def report(label: str, kernel_s: float, reference_s: float) -> None:
     )
 
 
-def torch_layout(idx: torch.Tensor, d_sae: int):
-    flat = idx.flatten()
-    order = flat.argsort(stable=True)
-    counts = torch.zeros(d_sae + 1, dtype=torch.int64)
-    counts[1:].scatter_add_(0, flat, torch.ones_like(flat))
-    return order, order // idx.shape[1], counts.cumsum(0)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -75,7 +67,11 @@ def main() -> None:
     idx = cpu_kernels.row_topk(torch.randn(batch, d_sae), k)[1]
     report(
         f"latent layout [{batch} x {k}] over {d_sae}",
-        *interleaved(lambda: cpu_kernels.latent_layout(idx, d_sae), lambda: torch_layout(idx, d_sae), args.reps),
+        *interleaved(
+            lambda: cpu_kernels.latent_layout(idx, d_sae),
+            lambda: cpu_kernels.torch_latent_layout(idx, d_sae),
+            args.reps,
+        ),
     )
     layout, values, dense = LatentLayout(idx, d_sae), torch.randn(batch, k), torch.randn(batch, d_in)
     csr = torch.sparse_csr_tensor(layout.crow, layout.rows, values.flatten()[layout.order], (d_sae, batch))

@@ -70,15 +70,20 @@ def latent_layout(
     """For the selected latents idx (a [B, k] top-k, or a flat list of pairs whose batch rows are
     `pair_rows`): (order, rows, crow) with order the stable argsort of idx.flatten(), rows the batch row of
     each sorted pair and crow [d_sae + 1] the CSR row starts (latent counts cumulated)."""
-    flat = idx.flatten()
     if idx.device.type == "cpu" and (lib := library()) is not None:
-        flat = flat.to(torch.int64).contiguous()
+        flat = idx.flatten().to(torch.int64).contiguous()
         order, rows = torch.empty_like(flat), torch.empty_like(flat)
         crow = torch.empty(d_sae + 1, dtype=torch.int64)
         given = None if pair_rows is None else pair_rows.to(torch.int64).contiguous()
         pointers = (0 if given is None else given.data_ptr(), d_sae, order.data_ptr(), rows.data_ptr(), crow.data_ptr())
         if lib.latent_layout_i64(flat.data_ptr(), flat.numel(), max(idx.shape[-1], 1), *pointers) == 0:
             return order, rows, crow
+    return torch_latent_layout(idx, d_sae, pair_rows)
+
+
+def torch_latent_layout(idx: torch.Tensor, d_sae: int, pair_rows: torch.Tensor | None = None):
+    """`latent_layout` in torch operations (CUDA, no compiler; and the bench's comparison)."""
+    flat = idx.flatten()
     order = flat.argsort(stable=True)
     rows = torch.div(order, idx.shape[-1], rounding_mode="floor") if pair_rows is None else pair_rows[order]
     counts = torch.zeros(d_sae + 1, dtype=torch.int64, device=idx.device)

@@ -33,7 +33,7 @@ def reference_topk(pre, k):
     return pre.gather(1, indices), indices
 
 
-def kernel_topk(lib, pre, k):
+def kernel_topk(pre, k):
     assert cpu_kernels.topk_applies(pre, k)
     return cpu_kernels.row_topk(pre, k)
 
@@ -45,7 +45,7 @@ def kernel_topk(lib, pre, k):
 def test_topk_selects_what_a_stable_sort_selects(lib, rows, width, k):
     torch.manual_seed(width * 7 + k)
     pre = torch.randn(rows, width)
-    values, indices = kernel_topk(lib, pre, k)
+    values, indices = kernel_topk(pre, k)
     want_values, want_indices = reference_topk(pre, k)
     assert torch.equal(indices, want_indices)
     assert torch.equal(values, want_values)
@@ -60,7 +60,7 @@ def test_topk_ties_go_to_the_lower_index(lib, levels):
     torch.manual_seed(levels)
     pre = torch.randint(0, levels, (64, 1024)).float()
     for k in (1, 8, 64):
-        assert torch.equal(kernel_topk(lib, pre, k)[1], reference_topk(pre, k)[1])
+        assert torch.equal(kernel_topk(pre, k)[1], reference_topk(pre, k)[1])
 
 
 def test_topk_with_infinities(lib):
@@ -69,7 +69,7 @@ def test_topk_with_infinities(lib):
     pre[0] = -torch.inf
     pre[1, ::3] = torch.inf
     pre[2, :5] = -torch.inf
-    assert torch.equal(kernel_topk(lib, pre, 8)[1], reference_topk(pre, 8)[1])
+    assert torch.equal(kernel_topk(pre, 8)[1], reference_topk(pre, 8)[1])
 
 
 def test_rows_with_nan_are_answered_by_torch_topk(lib):
