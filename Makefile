@@ -6,12 +6,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PORT ?= 8501
 
-.PHONY: run test install lint bench clean saelens-check
+.PHONY: run test install lint typecheck bench clean saelens-check
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+# The project installs editable with its pinned dependencies and test tools (pyproject.toml).
+$(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -23,16 +24,16 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
-	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+	$(PY) -m ruff check . && $(PY) -m ruff format --check . && $(PY) -m mypy
 
 bench: install
 	$(PY) bench/train_throughput.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache
 
 # SAELens compatibility: loads our saved SAEs with sae_lens (heavy deps, so a side environment).
 saelens-check: install
 	$(PYTHON) -m venv --system-site-packages .venv-saelens
 	.venv-saelens/bin/pip install -q torch==2.13.0 sae-lens
-	.venv-saelens/bin/python -m pytest -q tests/test_sae_lens_compat.py tests/test_sae.py
+	.venv-saelens/bin/python -m pytest -q tests/engine/test_sae_lens_compat.py tests/engine/test_sae.py

@@ -1,7 +1,8 @@
 """SAE Lab web app: access gate, sidebar (launcher, lab folder, GPUs) and the page router.
 
 Run with `streamlit run app.py` (or `make run`). The pages live in views/ and are thin views
-over sae_core; nothing here talks to NVML or starts training directly.
+over sae_core; nothing here talks to NVML or starts training directly, and nothing the app process
+imports for the shell, Monitor or Jobs loads torch (tests/app/test_torch_free.py).
 
 Why views/ and not pages/: Streamlit (1.67) treats a `pages/` folder beside the main script as a
 v1 multipage app whatever st.navigation says, and serves /jobs by running pages/jobs.py alone,
@@ -15,7 +16,11 @@ import time
 
 import streamlit as st
 
-from sae_core import db, history, launcher, paths, ui_support
+from sae_core import access, db, paths
+from sae_core.gpu.history import latest_probe
+from sae_core.jobs import daemon_control
+from sae_core.ui.html import badge
+from sae_core.ui.labels import gpu_summary
 
 st.set_page_config(page_title="SAE Lab", page_icon=":material/neurology:", layout="wide")
 
@@ -30,7 +35,7 @@ def sign_in_page() -> None:
         given = st.text_input("Password", type="password", key="login_password")
         submitted = st.form_submit_button("Enter", type="primary")
     if submitted:
-        if ui_support.password_matches(given or "", st.session_state["expected_password"]):
+        if access.password_matches(given or "", st.session_state["expected_password"]):
             st.session_state["authenticated"] = True
             del st.session_state["expected_password"]
             st.rerun()
@@ -42,7 +47,7 @@ def password_gate() -> None:
 
     The locked app still routes through st.navigation, with the sign-in page as its only page, so any
     URL (/jobs, /train, ...) lands on the sign-in page."""
-    expected = ui_support.configured_password(os.environ, _secret)
+    expected = access.configured_password(os.environ, _secret)
     if expected is None or st.session_state.get("authenticated"):
         return
     st.session_state["expected_password"] = expected
@@ -51,7 +56,7 @@ def password_gate() -> None:
 
 
 def start_launcher() -> None:
-    st.session_state["launcher_started"] = launcher.ensure_daemon(paths.lab_home())
+    st.session_state["launcher_started"] = daemon_control.ensure_daemon(paths.lab_home())
 
 
 def sidebar() -> None:
@@ -62,21 +67,21 @@ def sidebar() -> None:
     if "launcher_autostart" not in st.session_state:
         st.session_state["launcher_autostart"] = True
         start_launcher()
-    status = launcher.daemon_status(home)
+    status = daemon_control.daemon_status(home)
     with st.sidebar:
         st.markdown("**Launcher**")
         if status.running and status.healthy:
-            st.markdown(ui_support.badge(f"running · pid {status.pid}", "green"))
+            st.markdown(badge(f"running · pid {status.pid}", "green"))
         elif status.running:
-            st.markdown(ui_support.badge("not responding", "orange"))
+            st.markdown(badge("not responding", "orange"))
             st.caption(status.message)
         else:
-            st.markdown(ui_support.badge("not running", "red"))
+            st.markdown(badge("not running", "red"))
             st.caption("Queued jobs start only while the launcher runs.")
             st.button("Start launcher", key="start_launcher", on_click=start_launcher, icon=":material/play_arrow:")
-        probe = history.latest_probe(engine)
+        probe = latest_probe(engine)
         st.markdown("**GPUs**")
-        st.caption(ui_support.gpu_summary(probe, now=time.time()))
+        st.caption(gpu_summary(probe, now=time.time()))
         st.markdown("**SAE_LAB_HOME**")
         st.caption(f"`{home}`")
 

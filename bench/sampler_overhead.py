@@ -70,7 +70,7 @@ def add_live_job(engine, parent_pid: int) -> None:
     import psutil
 
     from sae_core import db
-    from sae_core.models import Job
+    from sae_core.db.tables import Job
 
     with db.write_session(engine) as session:
         session.add(
@@ -119,7 +119,7 @@ def fill_history(engine, now: float) -> None:
     from sqlalchemy import insert
 
     from sae_core import db
-    from sae_core.models import GpuMinute, GpuSample, HostSample
+    from sae_core.db.tables import GpuMinute, GpuSample, HostSample
 
     gib = 1024**3
     raw_start = now - 3600
@@ -171,7 +171,7 @@ def measure_queries(engine, now: float, repeats: int = 5) -> list[dict]:
     from sqlalchemy import insert
 
     from sae_core import db, history
-    from sae_core.models import GpuSample
+    from sae_core.db.tables import GpuSample
 
     rows = []
     clock = [now]

@@ -39,7 +39,7 @@ def seed_history(engine, now: float) -> None:
     from sqlalchemy import insert
 
     from sae_core import db
-    from sae_core.models import GpuMinute, GpuSample, HostSample
+    from sae_core.db.tables import GpuMinute, GpuSample, HostSample
 
     gib = 1024**3
     raw, minutes, host = [], [], []
@@ -114,7 +114,7 @@ def seed_jobs(engine, home: Path) -> int:
 
     from sae_core import db, store
     from sae_core.config import TrainConfig
-    from sae_core.models import MetricPoint
+    from sae_core.db.tables import MetricPoint
 
     cfg = TrainConfig(activation_source=str(home / "datasets" / "x.safetensors"), d_sae=16384, total_steps=N_STEPS)
     statuses = ["completed", "failed", "cancelled", "queued"]

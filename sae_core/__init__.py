@@ -1,7 +1,12 @@
-"""SAE Lab core: configuration, SAE architectures, data, training, GPUs, store and launcher.
+"""SAE Lab core: the library behind the web app and the CLI, in layers (see README's architecture map).
 
-Nothing here imports Streamlit; the pages are thin views over these functions. Heavy modules
-(torch, SQLModel) are imported lazily so `python -m sae_core gpus` stays quick.
+    config, architectures, paths, files, outputs, access    facts and files every layer shares
+    engine/  data/                                           torch: training, evaluation; activation data
+    gpu/     jobs/                                           no torch: GPUs; the queue and its processes
+    cli/     ui/                                             the command line; pure helpers of the pages
+
+The names below are re-exported lazily, so `import sae_core` stays quick and torch-free until a torch
+name is used.
 """
 
 from __future__ import annotations
@@ -11,28 +16,29 @@ import importlib
 from .config import ConfigError, TrainConfig
 
 _LAZY = {
-    "SparseAutoencoder": "sae_core.sae",
-    "load": "sae_core.sae",
-    "save": "sae_core.sae",
-    "open_activations": "sae_core.data",
-    "check_dataset": "sae_core.data",
-    "DatasetError": "sae_core.data",
-    "RankBatches": "sae_core.data",
-    "Prefetcher": "sae_core.data",
-    "write_toy": "sae_core.data",
-    "evaluate": "sae_core.evaluation",
-    "probe": "sae_core.gpus",
-    "Probe": "sae_core.gpus",
-    "estimate": "sae_core.memory",
-    "MemoryEstimate": "sae_core.memory",
-    "gpu_statuses": "sae_core.availability",
-    "recommend": "sae_core.availability",
-    "validate": "sae_core.availability",
-    "query_series": "sae_core.history",
-    "Sampler": "sae_core.history",
+    "SparseAutoencoder": "sae_core.engine.sae",
+    "make_sae": "sae_core.engine.sae",
+    "load": "sae_core.engine.saelens",
+    "save": "sae_core.engine.saelens",
+    "evaluate": "sae_core.engine.evaluation",
+    "open_activations": "sae_core.data.activations",
+    "check_dataset": "sae_core.data.checks",
+    "DatasetError": "sae_core.data.formats",
+    "RankBatches": "sae_core.data.order",
+    "Prefetcher": "sae_core.data.prefetch",
+    "write_toy": "sae_core.data.toy",
+    "probe": "sae_core.gpu.nvml",
+    "Probe": "sae_core.gpu.types",
+    "estimate": "sae_core.gpu.memory",
+    "MemoryEstimate": "sae_core.gpu.memory",
+    "recommend": "sae_core.gpu.availability",
+    "query_series": "sae_core.gpu.history",
+    "Sampler": "sae_core.gpu.history",
+    "gpu_statuses": "sae_core.jobs.gpus",
+    "submit": "sae_core.jobs.submission",
 }
 
-__all__ = ["TrainConfig", "ConfigError", *_LAZY]
+__all__ = ["ConfigError", "TrainConfig", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -14,8 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-Architecture = Literal["standard", "topk", "batchtopk", "jumprelu"]
-ARCHITECTURES: tuple[str, ...] = ("standard", "topk", "batchtopk", "jumprelu")
+from .architectures import Architecture, ArchitectureName, architecture
 
 
 class ConfigError(ValueError):
@@ -31,7 +30,7 @@ class TrainConfig(BaseModel):
         description="Path of the activations: a .safetensors file, a .npy file, or a directory of shards of either kind."
     )
     activation_key: str = Field("activations", description="Tensor name inside .safetensors files.")
-    architecture: Architecture = Field(
+    architecture: ArchitectureName = Field(
         "topk", description="SAE kind: standard (ReLU + L1), topk, batchtopk or jumprelu."
     )
     d_sae: int = Field(gt=0, le=2**24, description="Number of latents (dictionary size).")
@@ -90,7 +89,7 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _cross_field_checks(self) -> TrainConfig:
-        if self.architecture in ("topk", "batchtopk") and self.k > self.d_sae:
+        if self.arch.uses_k and self.k > self.d_sae:
             raise ValueError(f"k ({self.k}) must be at most d_sae ({self.d_sae}) for {self.architecture}")
         if self.autocast == "bf16" and self.device == "cpu":
             raise ValueError("autocast 'bf16' needs device 'cuda' or 'auto' (it is only applied on CUDA)")
@@ -101,6 +100,11 @@ class TrainConfig(BaseModel):
         if self.lr_decay_steps is not None and self.lr_decay_steps > self.total_steps:
             raise ValueError(f"lr_decay_steps ({self.lr_decay_steps}) must be at most total_steps ({self.total_steps})")
         return self
+
+    @property
+    def arch(self) -> Architecture:
+        """The facts of the chosen architecture (architectures.py)."""
+        return architecture(self.architecture)
 
     # -- resolved defaults (kept as None in the file so the saved config stays what the user wrote)
     @property
@@ -124,20 +128,21 @@ class TrainConfig(BaseModel):
         dead latents per token than there are input dimensions."""
         return self.aux_k if self.aux_k is not None else max(1, min(512, d_in // 2))
 
-    def per_rank_batch(self, world_size: int) -> int:
-        """Tokens each rank processes per step; the global batch must split evenly."""
+    def per_rank_batch(self, world_size: int, ranks: str = "ranks") -> int:
+        """Tokens each rank processes per step; the global batch must split evenly. `ranks` names the
+        ranks in the message ("GPUs" for a GPU selection)."""
         if world_size < 1:
             raise ConfigError(f"world size must be at least 1, got {world_size}")
         if self.batch_size % world_size:
             raise ConfigError(
-                f"batch_size {self.batch_size} does not divide evenly across {world_size} ranks; "
+                f"batch_size {self.batch_size} does not divide evenly across {world_size} {ranks}; "
                 f"choose a multiple of {world_size}"
             )
         per_rank = self.batch_size // world_size
         if self.micro_batch_size is not None and per_rank % self.micro_batch_size:
             raise ConfigError(
                 f"micro_batch_size {self.micro_batch_size} does not divide the per-rank batch {per_rank} "
-                f"(batch_size {self.batch_size} over {world_size} ranks)"
+                f"(batch_size {self.batch_size} over {world_size} {ranks})"
             )
         return per_rank
 

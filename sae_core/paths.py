@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from . import files
+
 
 def lab_home() -> Path:
     """The lab's root folder, created on first use."""
@@ -14,17 +16,17 @@ def lab_home() -> Path:
 
 
 def db_path(home: Path | None = None) -> Path:
-    return (home or lab_home()) / "lab.db"
+    return (home or lab_home()) / files.DATABASE_FILE
 
 
 def datasets_dir(home: Path | None = None) -> Path:
-    path = (home or lab_home()) / "datasets"
+    path = (home or lab_home()) / files.DATASETS_DIR
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
 def jobs_dir(home: Path | None = None) -> Path:
-    path = (home or lab_home()) / "jobs"
+    path = (home or lab_home()) / files.JOBS_DIR
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from sae_core import db
+from sae_core.data.toy import write_toy
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 
 @pytest.fixture
 def lab_home(tmp_path, monkeypatch) -> Path:
     """A fresh, empty SAE_LAB_HOME; engines of earlier tests are forgotten."""
-    from sae_core import db
-
     home = tmp_path / "lab"
     home.mkdir()
     monkeypatch.setenv("SAE_LAB_HOME", str(home))
@@ -28,9 +28,9 @@ def lab_home(tmp_path, monkeypatch) -> Path:
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
-    """Environment for child processes: the repo importable, one thread per process (2-core machines)."""
+    """Environment for child processes (sae_core is installed in the venv): one thread per process on
+    2-core machines."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra)
     return env
@@ -53,8 +53,6 @@ def racing_scripts(script: str, argvs: list[list[str]], env: dict[str, str], tim
 @pytest.fixture(scope="session")
 def toy_path(tmp_path_factory) -> Path:
     """A small toy set: 16k tokens, d_in 32, 64 ground-truth features."""
-    from sae_core.data import write_toy
-
     path = tmp_path_factory.mktemp("toy") / "toy.safetensors"
     write_toy(path, tokens=16384, d_in=32, features=64, seed=0)
     return path
@@ -76,3 +74,10 @@ def tiny_config(toy_path: Path, **overrides) -> dict:
         "b_dec_init": "mean",
         **overrides,
     }
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Every record of a JSON-lines file (metrics.jsonl); [] when it does not exist."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

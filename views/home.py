@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import streamlit as st
 
-from sae_core import data, paths, ui_support
+from sae_core import paths
+from sae_core.data.catalog import TOY_DEFAULTS, list_datasets
+from sae_core.files import TOY_FILE
 
 st.title("SAE Lab")
 st.write(
@@ -14,7 +16,7 @@ st.write(
 )
 
 datasets_dir = paths.datasets_dir()
-datasets = ui_support.list_datasets(datasets_dir)
+datasets = list_datasets(datasets_dir)
 
 st.subheader("Datasets")
 if datasets:
@@ -26,16 +28,18 @@ else:
         "there, or create a small toy set to try SAE Lab in a minute."
     )
 
-toy = ui_support.TOY_DEFAULTS
-toy_path = datasets_dir / ui_support.TOY_FILE_NAME
+toy = TOY_DEFAULTS
+toy_path = datasets_dir / TOY_FILE
 if not toy_path.exists():
     st.caption(
         f"Toy set: {toy['tokens']:,} tokens of d_in {toy['d_in']}, built from {toy['features']} sparse "
         "ground-truth features, so the trained SAE can be scored against them."
     )
     if st.button("Create toy dataset", key="create_toy", type="primary", icon=":material/add:"):
+        from sae_core.data.toy import write_toy  # torch (the toy's sparse mixing), only when asked for
+
         with st.spinner("Writing the toy dataset…"):
-            data.write_toy(toy_path, **toy)
+            write_toy(toy_path, **toy)
         st.success(f"Created `{toy_path}`.")
         st.page_link("views/train.py", label="Train an SAE on it", icon=":material/arrow_forward:")
 

@@ -8,8 +8,18 @@ from pathlib import Path
 
 import streamlit as st
 
-from sae_core import store, ui_support
-from sae_core.models import LIVE_STATUSES
+from sae_core.db.tables import LIVE_STATUSES
+from sae_core.files import STDERR_LOG, STDOUT_LOG
+from sae_core.jobs import store, submission
+from sae_core.jobs.errors import JobError
+from sae_core.jobs.lifecycle import cancel_job
+from sae_core.jobs.logs import log_dir_of, tail_text
+from sae_core.jobs.metrics import metrics_frame
+from sae_core.outputs import is_trained_sae
+from sae_core.ui import charts, frames, html
+from sae_core.ui.downloads import metrics_csv
+from sae_core.ui.format import format_duration, format_rate
+from sae_core.ui.forms import parse_job_param
 from views.widgets import sae_download
 
 TABLE_LIMIT = 500
@@ -26,7 +36,7 @@ STATUS_COLOURS = {
 
 @st.fragment(run_every=2)
 def jobs_table() -> None:
-    table = ui_support.jobs_table(store.list_jobs(limit=TABLE_LIMIT), time.time())
+    table = frames.jobs_table(store.list_jobs(limit=TABLE_LIMIT), time.time())
     st.dataframe(
         table,
         hide_index=True,
@@ -43,7 +53,7 @@ def pick_job(jobs) -> int:
     """The job shown below: from ?job=ID (links from Train), then the picker; kept in the URL."""
     options = [job.id for job in jobs]
     labels = {job.id: f"#{job.id} · {job.name} · {job.status}" for job in jobs}
-    wanted = ui_support.parse_job_param(st.query_params.get("job"))
+    wanted = parse_job_param(st.query_params.get("job"))
     pending = st.session_state.pop("jobs_pick_pending", None)
     if pending is not None:
         wanted = pending
@@ -65,16 +75,16 @@ def actions(job) -> None:
     c1, c2, c3, c4 = st.columns([1, 1, 2, 2], vertical_alignment="center")
     if job.status in LIVE_STATUSES and c1.button("Cancel job", key="job_cancel", icon=":material/cancel:"):
         try:
-            store.request_cancel(job.id)
-        except store.JobError as exc:
+            _, message = cancel_job(job.id)
+        except JobError as exc:
             st.error(str(exc))
         else:
-            st.toast(f"Cancel requested for job {job.id}.")
+            st.toast(message)
             st.rerun()
     if job.status in ("failed", "cancelled") and c2.button("Resume", key="job_resume", icon=":material/replay:"):
         try:
-            new = store.resume_job(job.id, submitted_by=st.session_state.get("user_name", ""))
-        except store.JobError as exc:
+            new, _ = submission.resume(job.id, submitted_by=st.session_state.get("user_name", ""))
+        except JobError as exc:
             st.error(str(exc))
         else:
             st.session_state["jobs_pick_pending"] = new.id
@@ -84,13 +94,13 @@ def actions(job) -> None:
 
 def downloads(job, c1, c2) -> None:
     out_dir = Path(job.out_dir)
-    if ui_support.is_trained_sae(out_dir):
+    if is_trained_sae(out_dir):
         sae_download(c1, out_dir, f"sae-job-{job.id}.zip", "job_download_zip", "job_prepare_zip")
     else:
         c1.caption("The SAE download appears when the job completes.")
     c2.download_button(
         "Metrics CSV",
-        data=lambda: ui_support.metrics_csv(store.metrics_frame(job.id)),
+        data=lambda: metrics_csv(metrics_frame(job.id)),
         file_name=f"metrics-job-{job.id}.csv",
         mime="text/csv",
         on_click="ignore",
@@ -107,34 +117,34 @@ def job_detail(job_id: int, was_live: bool) -> None:
     if was_live and job.status not in LIVE_STATUSES:
         st.rerun(scope="app")  # it just finished: stop the timer, refresh the table and buttons
     st.markdown(
-        f"### {job.name} {ui_support.badge(job.status, STATUS_COLOURS.get(job.status, 'gray'))}",
+        f"### {job.name} {html.badge(job.status, STATUS_COLOURS.get(job.status, 'gray'))}",
     )
     now = time.time()
     cols = st.columns(5)
     cols[0].metric("Step", f"{job.last_step:,} / {job.total_steps:,}")
-    cols[1].metric("Tokens/s", ui_support.format_rate(job.tokens_per_s).removesuffix(" tok/s"))
-    eta = ui_support.job_eta_seconds(job.status, job.started_at, job.last_step, job.total_steps, now)
-    cols[2].metric("ETA", ui_support.format_duration(eta))
-    cols[3].metric("Runs on", ui_support.gpus_label(job.gpu_ids, job.cpu_procs))
+    cols[1].metric("Tokens/s", format_rate(job.tokens_per_s).removesuffix(" tok/s"))
+    eta = frames.job_eta_seconds(job.status, job.started_at, job.last_step, job.total_steps, now)
+    cols[2].metric("ETA", format_duration(eta))
+    cols[3].metric("Runs on", frames.gpus_label(job.gpu_ids, job.cpu_procs))
     cols[4].metric("Submitted by", job.submitted_by or "—")
     if job.error:
         st.error(job.error, icon=":material/error:")
     actions(job)
 
-    metrics = store.metrics_frame(job.id, max_points=CHART_POINTS)
+    metrics = metrics_frame(job.id, max_points=CHART_POINTS)
     if metrics.empty:
         st.caption("No metrics yet: rank 0 records them every log_every steps once training runs.")
     else:
-        st.vega_lite_chart(ui_support.metrics_long(metrics), ui_support.metrics_spec(), width="stretch")
-        peaks = ui_support.peak_memory_by_rank(metrics)
+        st.vega_lite_chart(frames.metrics_long(metrics), charts.metrics_spec(), width="stretch")
+        peaks = frames.peak_memory_by_rank(metrics)
         if not peaks.empty:
             st.markdown("**Peak memory per rank**")
             st.dataframe(peaks[["rank", "peak"]], hide_index=True)
 
     log_tab, config_tab = st.tabs(["Log", "Config"])
     with log_tab:
-        for name in ("stdout.log", "stderr.log"):
-            text = ui_support.tail_text(Path(job.out_dir) / "logs" / name)
+        for name in (STDOUT_LOG, STDERR_LOG):
+            text = tail_text(log_dir_of(job) / name)
             st.caption(f"{name} (last lines)")
             st.code(text or "(empty)", language=None)
     with config_tab:

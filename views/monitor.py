@@ -6,7 +6,10 @@ import time
 
 import streamlit as st
 
-from sae_core import db, history, ui_support
+from sae_core import db
+from sae_core.gpu.history import latest_probe, query_host, query_series
+from sae_core.ui import charts, frames, html, labels
+from sae_core.ui.format import format_bytes, format_percent, power_label
 
 WINDOWS = ["5m", "1h", "24h", "7d"]
 CARD_COLUMNS = 4
@@ -22,56 +25,56 @@ def gpu_card(gpu, series) -> None:
         st.markdown(f"**GPU {gpu.index}** · {gpu.name}")
         if gpu.error:
             st.error(gpu.error)
-        users = ui_support.gpu_users(gpu)
-        badges = [ui_support.badge(u, "violet" if u.startswith("job") else "orange") for u in users]
-        st.markdown(" ".join(badges) or ui_support.badge("no processes", "gray"))
-        st.markdown(ui_support.memory_bar_html(gpu.memory_used, gpu.memory_total), unsafe_allow_html=True)
+        users = labels.gpu_users(gpu)
+        badges = [html.badge(u, "violet" if u.startswith("job") else "orange") for u in users]
+        st.markdown(" ".join(badges) or html.badge("no processes", "gray"))
+        st.markdown(html.memory_bar_html(gpu.memory_used, gpu.memory_total), unsafe_allow_html=True)
         st.caption(
-            f"Util {ui_support.format_percent(gpu.util_gpu)} · "
+            f"Util {format_percent(gpu.util_gpu)} · "
             f"{'—' if gpu.temperature is None else f'{gpu.temperature:.0f} °C'} · "
-            f"{ui_support.power_label(gpu.power_w, gpu.power_limit_w)}"
+            f"{power_label(gpu.power_w, gpu.power_limit_w)}"
         )
         st.vega_lite_chart(
             series[series["gpu"] == gpu.index],
-            ui_support.gpu_history_spec(),
+            charts.gpu_history_spec(),
             width="stretch",
-            height=ui_support.GPU_CARD_CHART_HEIGHT,
+            height=charts.GPU_CARD_CHART_HEIGHT,
         )
 
 
 def aggregated_card(gpus, series) -> None:
-    totals = ui_support.aggregate_now(gpus)
+    totals = frames.aggregate_now(gpus)
     with st.container(border=True):
         st.markdown(f"**All {len(gpus)} GPUs**")
         cols = st.columns(3)
-        cols[0].metric("Mean utilization", ui_support.format_percent(totals["util_gpu"]))
+        cols[0].metric("Mean utilization", format_percent(totals["util_gpu"]))
         cols[1].metric(
             "Memory used",
-            f"{ui_support.format_bytes(totals['memory_used'])} / {ui_support.format_bytes(totals['memory_total'])}",
+            f"{format_bytes(totals['memory_used'])} / {format_bytes(totals['memory_total'])}",
         )
-        cols[2].metric("Power", ui_support.power_label(totals["power_w"], totals["power_limit_w"]))
-        st.markdown(ui_support.memory_bar_html(totals["memory_used"], totals["memory_total"]), unsafe_allow_html=True)
-        st.vega_lite_chart(series, ui_support.gpu_history_spec(), width="stretch", height=ui_support.WIDE_CHART_HEIGHT)
+        cols[2].metric("Power", power_label(totals["power_w"], totals["power_limit_w"]))
+        st.markdown(html.memory_bar_html(totals["memory_used"], totals["memory_total"]), unsafe_allow_html=True)
+        st.vega_lite_chart(series, charts.gpu_history_spec(), width="stretch", height=charts.WIDE_CHART_HEIGHT)
 
 
 def host_section(engine, probe) -> None:
     st.subheader("Host")
     host = probe.host
     cols = st.columns(3)
-    cols[0].metric("CPU", ui_support.format_percent(host.cpu_percent))
-    cols[1].metric("RAM", f"{ui_support.format_bytes(host.ram_used)} / {ui_support.format_bytes(host.ram_total)}")
+    cols[0].metric("CPU", format_percent(host.cpu_percent))
+    cols[1].metric("RAM", f"{format_bytes(host.ram_used)} / {format_bytes(host.ram_total)}")
     cols[2].metric("Last sample", f"{max(0.0, time.time() - probe.t):.0f} s ago")
-    host_series = ui_support.host_history_long(history.query_host(engine, window))
+    host_series = frames.host_history_long(query_host(engine, window))
     if not host_series.empty:
         st.vega_lite_chart(
-            host_series, ui_support.host_history_spec(), width="stretch", height=ui_support.WIDE_CHART_HEIGHT
+            host_series, charts.host_history_spec(), width="stretch", height=charts.WIDE_CHART_HEIGHT
         )
 
 
 @st.fragment(run_every=2)
 def live() -> None:
     engine = db.get_engine()
-    probe = history.latest_probe(engine)
+    probe = latest_probe(engine)
     if probe is None:
         st.info(
             "No sample yet. The launcher's GPU sampler records one every second; "
@@ -79,10 +82,10 @@ def live() -> None:
         )
         return
     if not probe.gpus:
-        st.warning(f"No NVIDIA GPU found: {ui_support.no_gpu_reason(probe)}")
+        st.warning(f"No NVIDIA GPU found: {labels.no_gpu_reason(probe)}")
         host_section(engine, probe)
         return
-    series = ui_support.gpu_history_long(history.query_series(engine, window, aggregate))
+    series = frames.gpu_history_long(query_series(engine, window, aggregate))
     if aggregate:
         aggregated_card(probe.gpus, series)
     else:
@@ -92,7 +95,7 @@ def live() -> None:
                 with col:
                     gpu_card(gpu, series)
     st.subheader("Processes")
-    processes = ui_support.process_frame(probe)
+    processes = frames.process_frame(probe)
     if processes.empty:
         st.caption("No process is using a GPU.")
     else:

@@ -6,12 +6,15 @@ from pathlib import Path
 
 import streamlit as st
 
-from sae_core import paths, ui_support
+from sae_core import paths
+from sae_core.files import CFG_FILE, EVAL_FILE, SPARSITY_FILE
+from sae_core.outputs import find_trained_saes, read_json, read_log10_frequency
+from sae_core.ui import charts, frames, labels
 from views.widgets import sae_download
 
 st.title("Trained SAEs")
 home = paths.lab_home()
-saes = ui_support.find_trained_saes(home)
+saes = find_trained_saes(home)
 if not saes:
     st.info(f"No trained SAE under `{home}` yet (a folder with cfg.json and sae_weights.safetensors).")
     st.page_link("views/train.py", label="Train one", icon=":material/arrow_forward:")
@@ -20,9 +23,9 @@ if not saes:
 sae_dir: Path = st.selectbox(
     "SAE", saes, key="saes_pick", format_func=lambda p: str(p.relative_to(home)) if p.is_relative_to(home) else str(p)
 )
-cfg = ui_support.read_json(sae_dir / "cfg.json")
-figures = ui_support.read_json(sae_dir / "eval.json")
-log10_freq = ui_support.read_log10_frequency(sae_dir / "sparsity.safetensors")
+cfg = read_json(sae_dir / CFG_FILE)
+figures = read_json(sae_dir / EVAL_FILE)
+log10_freq = read_log10_frequency(sae_dir / SPARSITY_FILE)
 
 cols = st.columns(4)
 cols[0].metric("Architecture", str(cfg.get("metadata", {}).get("trained_architecture") or cfg.get("architecture", "?")))
@@ -31,7 +34,7 @@ cols[2].metric("k", str(cfg.get("k", "—")))
 cols[3].metric("dtype", str(cfg.get("dtype", "?")))
 if figures:
     st.markdown("**Evaluation** (held-out tokens)")
-    shown = ui_support.eval_figures(figures)
+    shown = labels.eval_figures(figures)
     cols = st.columns(max(1, len(shown)))
     for col, (label, value) in zip(cols, shown.items(), strict=False):
         col.metric(label, value)
@@ -42,19 +45,19 @@ st.markdown("**Feature firing frequency**")
 if log10_freq is None:
     st.caption("No sparsity.safetensors beside this SAE.")
 else:
-    dead = ui_support.dead_latents(log10_freq)
+    dead = frames.dead_latents(log10_freq)
     st.caption(f"{dead:,} of {len(log10_freq):,} latents never fired on the training tokens (dead).")
-    histogram = ui_support.firing_histogram(log10_freq)
+    histogram = frames.firing_histogram(log10_freq)
     if not histogram.empty:
         st.vega_lite_chart(
-            histogram, ui_support.firing_histogram_spec(), width="stretch", height=ui_support.WIDE_CHART_HEIGHT
+            histogram, charts.firing_histogram_spec(), width="stretch", height=charts.WIDE_CHART_HEIGHT
         )
 
 st.markdown("**Download**")
 sae_download(st, sae_dir, f"{sae_dir.name}-sae.zip", "saes_download", "saes_prepare")
 
 st.markdown("**Load it in Python**")
-ours, sae_lens = ui_support.load_snippets(sae_dir)
+ours, sae_lens = labels.load_snippets(sae_dir)
 st.code(ours, language="python")
 st.code(sae_lens, language="python")
 with st.expander("cfg.json"):

@@ -1,11 +1,26 @@
-"""Train: the run's settings, where it runs (GPUs with a memory estimate, or CPU processes), and Submit."""
+"""Train: the run's settings, where it runs (GPUs with a memory estimate, or CPU processes), and Submit.
+
+Whether a submission may be queued is decided by the same gate as the CLI's (`jobs.submission`): the page
+shows its problems as the person types (without the full value scan) and submits through it.
+"""
 
 from __future__ import annotations
 
 import streamlit as st
 
-from sae_core import availability, data, db, history, memory, paths, scaling, store, ui_support
-from sae_core.config import ARCHITECTURES, ConfigError
+from sae_core import db, paths
+from sae_core.architectures import ARCHITECTURE_NAMES, architecture
+from sae_core.data.activations import open_activations
+from sae_core.data.catalog import list_datasets
+from sae_core.data.formats import DatasetError
+from sae_core.gpu import memory, scaling
+from sae_core.gpu.availability import recommend
+from sae_core.gpu.history import latest_probe
+from sae_core.jobs import submission
+from sae_core.jobs.gpus import gpu_statuses
+from sae_core.ui import frames, html, labels
+from sae_core.ui.format import format_bytes, format_percent
+from sae_core.ui.forms import FormValues, form_to_config, gpu_choice, path_mtime
 
 OTHER_PATH = "Other path…"
 
@@ -13,12 +28,12 @@ OTHER_PATH = "Other path…"
 @st.cache_resource(ttl=60, max_entries=16, show_spinner=False)
 def open_dataset(path: str, key: str, mtime: float):
     """Memory-maps the set (header reads only); `mtime` in the key re-opens a rewritten file."""
-    return data.open_activations(path, key)
+    return open_activations(path, key)
 
 
 def dataset_widgets() -> tuple[str, object | None, list[str]]:
     """The chosen activation source, the opened set (for d_in and rows) and any problem with it."""
-    names = [p.name for p in ui_support.list_datasets(paths.datasets_dir())]
+    names = [p.name for p in list_datasets(paths.datasets_dir())]
     choice = st.selectbox("Dataset", [*names, OTHER_PATH], key="train_dataset", help="Sets in SAE_LAB_HOME/datasets")
     typed = st.text_input(
         "…or the path of an activation file / shard folder",
@@ -30,15 +45,15 @@ def dataset_widgets() -> tuple[str, object | None, list[str]]:
     if not source:
         return "", None, []
     try:
-        dataset = open_dataset(source, "activations", ui_support.path_mtime(source))
-    except data.DatasetError as exc:
+        dataset = open_dataset(source, "activations", path_mtime(source))
+    except DatasetError as exc:
         return source, None, [f"dataset: {exc}"]
     st.caption(dataset.describe())
     return source, dataset, []
 
 
-def model_widgets(d_in: int | None) -> ui_support.FormValues:
-    arch = st.selectbox("Architecture", ARCHITECTURES, index=ARCHITECTURES.index("topk"), key="train_arch")
+def model_widgets(d_in: int | None) -> FormValues:
+    arch = st.selectbox("Architecture", ARCHITECTURE_NAMES, index=ARCHITECTURE_NAMES.index("topk"), key="train_arch")
     c1, c2 = st.columns(2)
     size_mode = c1.radio(
         "Size by",
@@ -55,12 +70,12 @@ def model_widgets(d_in: int | None) -> ui_support.FormValues:
         d_sae = None
         if d_in:
             c2.caption(f"d_sae = {expansion:g} × {d_in} = {round(expansion * d_in):,}")
-    if arch in ("topk", "batchtopk"):
+    spec = architecture(arch)
+    if spec.uses_k:
         k = st.number_input("k (active latents per token)", value=32, step=1, key="train_k")
         l1 = None
     else:
-        label = "L0 coefficient" if arch == "jumprelu" else "L1 coefficient"
-        l1 = st.number_input(label, value=5.0, step=0.5, format="%g", key="train_l1")
+        l1 = st.number_input(f"{spec.penalty} coefficient", value=5.0, step=0.5, format="%g", key="train_l1")
         k = None
     c1, c2 = st.columns(2)
     batch = c1.number_input("Global batch (tokens per step)", value=4096, step=512, key="train_batch")
@@ -73,7 +88,7 @@ def model_widgets(d_in: int | None) -> ui_support.FormValues:
     dtype = c1.selectbox("Weights dtype", ["float32", "bfloat16"], key="train_dtype")
     autocast = c2.checkbox("bf16 autocast (CUDA)", key="train_autocast")
     ckpt = c3.number_input("Checkpoint every (steps)", value=1000, step=100, key="train_ckpt")
-    return ui_support.FormValues(
+    return FormValues(
         activation_source="",
         architecture=arch,
         size_mode=size_mode,
@@ -93,14 +108,12 @@ def model_widgets(d_in: int | None) -> ui_support.FormValues:
     )
 
 
-def recommend(statuses, required: int, count: int) -> None:
-    picks = availability.recommend(required, count, statuses)
+def recommend_gpus(statuses, required: int, count: int) -> None:
+    picks = recommend(required, count, statuses)
     for status in statuses:
         st.session_state[f"gpu_pick_{status.index}"] = status.index in picks
     st.session_state["train_recommend_note"] = (
-        None
-        if len(picks) == count
-        else f"Only {len(picks)} GPU(s) are free with room for {ui_support.format_bytes(required)}."
+        None if len(picks) == count else f"Only {len(picks)} GPU(s) are free with room for {format_bytes(required)}."
     )
 
 
@@ -120,10 +133,10 @@ def recommend_row(statuses, cfg, d_in: int | None, required: int | None) -> None
     c2.button(
         "Recommend",
         key="train_recommend",
-        on_click=recommend,
+        on_click=recommend_gpus,
         args=(statuses, need or 0, count),
         icon=":material/auto_awesome:",
-        help="Tick the free GPUs with room for the estimate, closest together",
+        help="Tick the idle GPUs with room for the estimate, closest together",
     )
     if note := st.session_state.get("train_recommend_note"):
         st.caption(note)
@@ -131,7 +144,7 @@ def recommend_row(statuses, cfg, d_in: int | None, required: int | None) -> None
 
 def gpu_row(status, required: int | None) -> bool:
     """One GPU: checkbox (disabled when busy, lost or too full), badges, memory bar. True if ticked."""
-    row = ui_support.gpu_choice(
+    row = gpu_choice(
         status.index,
         status.name,
         status.memory_used,
@@ -147,15 +160,17 @@ def gpu_row(status, required: int | None) -> bool:
     with st.container(border=True):
         c1, c2 = st.columns([2, 3], vertical_alignment="center")
         picked = c1.checkbox(f"GPU {status.index}", key=key, disabled=not row.selectable)
-        c1.caption(f"{status.name} · util {ui_support.format_percent(status.util_gpu)}")
+        c1.caption(f"{status.name} · util {format_percent(status.util_gpu)}")
         badges = []
         if row.busy_reason:
-            badges.append(ui_support.badge(f"Busy: {row.busy_reason}", "orange"))
+            badges.append(html.badge(f"Busy: {row.busy_reason}", "orange"))
+        if status.queue_note:
+            badges.append(html.badge(status.queue_note.capitalize(), "blue"))
         if row.low_memory:
-            badges.append(ui_support.badge(f"Low memory: {ui_support.format_bytes(status.memory_free)} free", "red"))
+            badges.append(html.badge(f"Low memory: {format_bytes(status.memory_free)} free", "red"))
         if badges:
             c2.markdown(" ".join(badges))
-        c2.markdown(ui_support.memory_bar_html(status.memory_used, status.memory_total), unsafe_allow_html=True)
+        c2.markdown(html.memory_bar_html(status.memory_used, status.memory_total), unsafe_allow_html=True)
     return picked and row.selectable
 
 
@@ -170,55 +185,43 @@ def gpu_selector(statuses, cfg, d_in: int | None) -> list[int]:
 
 def estimate_panel(cfg, world: int, d_in: int, gpus) -> None:
     estimate = memory.estimate(cfg, world, d_in=d_in)
-    st.metric("Estimated memory per GPU", ui_support.format_bytes(estimate.total_bytes))
+    st.metric("Estimated memory per GPU", format_bytes(estimate.total_bytes))
     st.caption(
         f"{world} rank(s) × {estimate.per_rank_batch:,} tokens per rank per step · peak during {estimate.peak_phase}"
     )
-    if labels := scaling.speedup_labels(cfg, d_in, gpus):
-        st.caption("Predicted speed-up: " + " · ".join(labels), help=scaling.__doc__)
+    if speedups := scaling.speedup_labels(cfg, d_in, gpus):
+        st.caption("Predicted speed-up: " + " · ".join(speedups), help=scaling.__doc__)
     with st.expander("Breakdown"):
-        st.dataframe(
-            ui_support.breakdown_frame(estimate.breakdown, memory.TERM_LABELS), hide_index=True, width="stretch"
-        )
+        st.dataframe(frames.breakdown_frame(estimate.breakdown, memory.TERM_LABELS), hide_index=True, width="stretch")
 
 
-def placement(engine, probe, cfg, d_in: int | None) -> tuple[list[int], int | None, int, list[str]]:
-    """GPU rows, or a number of CPU processes on a machine without GPUs → (gpu_ids, cpu_procs, world, errors)."""
-    if probe is not None and probe.gpus:
-        statuses = availability.gpu_statuses(engine=engine, probe=probe)
+def placement(statuses, probe, cfg, d_in: int | None) -> tuple[list[int], int | None, list[str]]:
+    """GPU rows, or a number of CPU processes on a machine without GPUs → (gpu_ids, cpu_procs, errors)."""
+    if statuses:
         gpu_ids = gpu_selector(statuses, cfg, d_in)
         if not gpu_ids:
-            return [], None, 1, ["GPUs: tick at least one free GPU (or press Recommend)"]
-        errors = availability.validate(gpu_ids, cfg, statuses) if cfg is not None and d_in is not None else []
-        return gpu_ids, None, len(gpu_ids), errors  # validate covers busy, memory and the batch split
-    st.caption(f"No NVIDIA GPU ({ui_support.no_gpu_reason(probe)}): the job runs as CPU processes (gloo).")
+            return [], None, ["GPUs: tick at least one free GPU (or press Recommend)"]
+        return gpu_ids, None, []
+    st.caption(f"No NVIDIA GPU ({labels.no_gpu_reason(probe)}): the job runs as CPU processes (gloo).")
     cpu_procs = int(st.number_input("CPU processes", min_value=1, max_value=64, value=2, key="train_cpu_procs"))
-    return [], cpu_procs, cpu_procs, ui_support.world_size_errors(cfg, cpu_procs) if cfg is not None else []
+    return [], cpu_procs, []
 
 
-def dataset_errors(cfg, dataset, world: int) -> list[str]:
-    """Rows vs one global batch + holdout (header only; the NaN/Inf scan waits for Submit)."""
-    try:
-        data.check_dataset(cfg, world, scan_values=False)
-    except (data.DatasetError, ConfigError) as exc:
-        return [f"dataset: {exc}"]
-    return []
-
-
-def submit(engine, cfg, dataset, world: int, gpu_ids: list[int], cpu_procs: int | None, name: str, user: str):
+def submit(engine, cfg, gpu_ids: list[int], cpu_procs: int | None, name: str, user: str) -> None:
     try:
         with st.spinner("Checking the activations…"):
-            data.check_dataset(cfg, world, scan_values=dataset.nbytes <= ui_support.SCAN_ON_SUBMIT_BYTES)
-        job = store.submit_job(cfg, gpu_ids, cpu_procs, name=name, submitted_by=user, engine=engine)
-    except (data.DatasetError, store.JobError, ConfigError) as exc:
-        st.error(str(exc), icon=":material/error:")
+            job, _ = submission.submit(cfg, gpu_ids or None, cpu_procs, name=name, submitted_by=user, engine=engine)
+    except submission.SubmissionRejected as exc:
+        for problem in exc.problems:
+            st.error(str(problem), icon=":material/error:")
     else:
         st.session_state["train_submitted"] = job.id
 
 
 st.title("Train an SAE")
 engine = db.get_engine()
-probe = history.latest_probe(engine)
+probe = latest_probe(engine)
+statuses = gpu_statuses(engine, snapshot=probe) if probe is not None and probe.gpus else []
 form_col, place_col = st.columns([3, 2], gap="large")
 
 with form_col:
@@ -226,14 +229,14 @@ with form_col:
     d_in = dataset.d_in if dataset is not None else None
     values = model_widgets(d_in)
     values.activation_source = source
-    values.device = "auto" if probe is not None and probe.gpus else "cpu"
+    values.device = "auto" if statuses else "cpu"
     c1, c2 = st.columns(2)
     job_name = c1.text_input("Job name", key="train_name", placeholder="e.g. l12-topk-16k")
     user = c2.text_input("Your name", key="train_user", value=st.session_state.get("user_name", ""))
     st.session_state["user_name"] = user  # survives leaving the page (widget state does not)
     submit_box = st.container()
 
-cfg, config_errors = ui_support.form_to_config(values)
+cfg, config_errors = form_to_config(values)
 errors += config_errors
 if not user.strip():
     errors.append("your name: enter it so colleagues can see whose job this is")
@@ -241,14 +244,19 @@ if not user.strip():
 with place_col:
     st.subheader("Where it runs")
     estimate_box = st.container()  # filled once the ticked GPUs are known
-    gpu_ids, cpu_procs, world, placement_errors = placement(engine, probe, cfg, d_in)
+    gpu_ids, cpu_procs, placement_errors = placement(statuses, probe, cfg, d_in)
 errors += placement_errors
-if cfg is not None and dataset is not None and not errors:
-    errors += dataset_errors(cfg, dataset, world)
+world = len(gpu_ids) or cpu_procs or 1
+notes: list[str] = []
+if cfg is not None and dataset is not None and not placement_errors:
+    # The gate, without the full value scan (Submit does that): every rule the CLI applies.
+    verdict = submission.check(cfg, gpu_ids or None, cpu_procs, scan_values=False, statuses=statuses, engine=engine)
+    errors += [str(problem) for problem in verdict.problems]
+    notes = verdict.notes
 
 with estimate_box:
     if cfg is not None and d_in is not None and cfg.batch_size % world == 0:
-        if probe is not None and probe.gpus:
+        if statuses:
             estimate_panel(cfg, world, d_in, probe.gpus)
         else:
             st.caption(f"{world} process(es) × {cfg.batch_size // world:,} tokens each per step")
@@ -256,8 +264,10 @@ with estimate_box:
 with submit_box:
     for message in errors:
         st.error(message, icon=":material/error:")
+    for note in notes:
+        st.info(note, icon=":material/schedule:")
     if st.button("Submit", key="train_submit", type="primary", disabled=bool(errors), icon=":material/send:"):
-        submit(engine, cfg, dataset, world, gpu_ids, cpu_procs, job_name, user.strip())
+        submit(engine, cfg, gpu_ids, cpu_procs, job_name, user.strip())
     if job_id := st.session_state.get("train_submitted"):
         st.success(f"Job {job_id} queued.")
         st.page_link(

@@ -6,7 +6,10 @@ from pathlib import Path
 
 import streamlit as st
 
-from sae_core import ui_support
+from sae_core.files import SAE_ZIP_FILE
+from sae_core.outputs import build_sae_zip, zip_is_current
+from sae_core.ui.downloads import file_reader
+from sae_core.ui.format import format_bytes
 
 
 def sae_download(container, sae_dir: Path, file_name: str, download_key: str, prepare_key: str) -> None:
@@ -14,11 +17,11 @@ def sae_download(container, sae_dir: Path, file_name: str, download_key: str, pr
 
     The zip is built only when asked and opened only when the download is clicked (deferred data),
     so a multi-GB SAE is never read on a rerun."""
-    zip_path = sae_dir / ui_support.ZIP_NAME
-    if ui_support.zip_is_current(zip_path, sae_dir):
+    zip_path = sae_dir / SAE_ZIP_FILE
+    if zip_is_current(zip_path, sae_dir):
         container.download_button(
-            f"Download SAE ({ui_support.format_bytes(zip_path.stat().st_size)} zip)",
-            data=ui_support.file_reader(zip_path),
+            f"Download SAE ({format_bytes(zip_path.stat().st_size)} zip)",
+            data=file_reader(zip_path),
             file_name=file_name,
             mime="application/zip",
             on_click="ignore",
@@ -28,5 +31,5 @@ def sae_download(container, sae_dir: Path, file_name: str, download_key: str, pr
         )
     elif container.button("Prepare SAE download", key=prepare_key, icon=":material/folder_zip:"):
         with st.spinner("Packing cfg.json, weights, sparsity and eval into a zip…"):
-            ui_support.build_sae_zip(sae_dir)
+            build_sae_zip(sae_dir)
         st.rerun()

@@ -1,7 +1,8 @@
 """A stand-in for the `pynvml` module, driven by a scenario, for machines without an NVIDIA driver.
 
-`sae_core.gpus` imports the module named by `SAE_LAB_NVML_MODULE` (default `pynvml`); point it here
-(`tests.fakes.fake_pynvml`) and the real probing code runs against a described set of GPUs. Only the
+`sae_core.gpu.nvml` imports the module named by `SAE_LAB_NVML_MODULE` (default `pynvml`); point it here
+(`tests.fakes.fake_pynvml` in this process, this file's path in another) and the real probing code runs
+against a described set of GPUs. Only the
 NVML functions are replaced: the error classes and constants are the real ones from nvidia-ml-py, so
 `except pynvml.NVMLError_NotSupported` and friends are exercised exactly as on a real machine.
 
@@ -43,7 +44,8 @@ for _name in dir(_real):
 NVMLError = _real.NVMLError
 
 SCENARIO_ENV = "SAE_LAB_FAKE_GPUS"
-MODULE_NAME = "tests.fakes.fake_pynvml"  # the value for SAE_LAB_NVML_MODULE
+MODULE_NAME = "tests.fakes.fake_pynvml"  # the value for SAE_LAB_NVML_MODULE in this process
+MODULE_FILE = str(Path(__file__).resolve())  # ... and in other processes, which cannot import `tests`
 GiB = 1024**3
 MiB = 1024**2
 
@@ -171,8 +173,8 @@ def write_scenario(path: str | Path, scn: dict | None = None, **kwargs: Any) -> 
 
 
 def env_for(path: str | Path) -> dict[str, str]:
-    """Environment variables that make another process's `sae_core.gpus` use this fake and `path`."""
-    return {"SAE_LAB_NVML_MODULE": MODULE_NAME, SCENARIO_ENV: str(path)}
+    """Environment variables that make another process's `sae_core.gpu.nvml` use this fake and `path`."""
+    return {"SAE_LAB_NVML_MODULE": MODULE_FILE, SCENARIO_ENV: str(path)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,34 +18,31 @@ from typing import Any
 
 import pytest
 
+from sae_core.gpu import nvml
 from tests.fakes import fake_pynvml as fake
 
 
 class FakeGpus:
     def __init__(self, path: Path, monkeypatch: pytest.MonkeyPatch):
         self.path = path
-        self.env = fake.env_for(path)
-        for key, value in self.env.items():
-            monkeypatch.setenv(key, value)
+        self.env = fake.env_for(path)  # for child processes: the fake by its file path
+        monkeypatch.setenv(fake.SCENARIO_ENV, str(path))
+        monkeypatch.setenv("SAE_LAB_NVML_MODULE", fake.MODULE_NAME)  # this process: the module `fake` itself
 
     def set(self, scn: dict | None = None, **kwargs: Any) -> dict:
         """Use `scn` (or `fake.scenario(**kwargs)`) from now on, here and in processes started later."""
-        from sae_core import gpus
-
         data = scn if scn is not None else fake.scenario(**kwargs)
         fake.write_scenario(self.path, data)
         fake.reset()  # re-read the file, forget nvmlInit
-        gpus.reset()  # the next probe initialises NVML again with the new scenario
+        nvml.reset()  # the next probe initialises NVML again with the new scenario
         return data
 
 
 @pytest.fixture
 def fake_gpus(tmp_path, monkeypatch) -> FakeGpus:
     """Fake NVML with, by default, no GPU at all but a working driver; call `.set(...)` to change it."""
-    from sae_core import gpus
-
     controller = FakeGpus(tmp_path / "fake_gpus.json", monkeypatch)
     controller.set(fake.scenario(n_gpus=0))
     yield controller
     fake.reset()
-    gpus.reset()
+    nvml.reset()

@@ -1,0 +1,242 @@
+"""`python -m sae_core submit | jobs | cancel | resume | logs`: the job commands of the CLI.
+
+Each `cli_<name>(argv) -> exit code`. Exit 0 on success, 2 on a rejected request (the reason on
+stderr, nothing written), 1 when an operation failed. `--json` prints data for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import sys
+import time
+from pathlib import Path
+
+from .. import paths
+from ..config import ConfigError, TrainConfig
+from ..db.tables import FINAL_STATUSES, JOB_STATUSES, Job
+from ..files import STDERR_LOG, STDOUT_LOG
+from ..jobs import store, submission
+from ..jobs.daemon_control import daemon_status, ensure_daemon
+from ..jobs.errors import JobError
+from ..jobs.lifecycle import GRACE_S, cancel_job
+from ..jobs.logs import log_dir_of
+
+REJECTED = 2
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no passwd entry in some containers
+        return "unknown"
+
+
+def _reject(message: str) -> int:
+    print(f"rejected: {message}", file=sys.stderr)
+    return REJECTED
+
+
+def _daemon_note(no_daemon: bool, quiet: bool) -> None:
+    """After queueing: make sure something will run the queue, and say so."""
+    home = paths.lab_home()
+    status = daemon_status(home)
+    if status.running:
+        return
+    if no_daemon:
+        print(
+            f"note: no launcher is running for {home}; the job waits until `python -m sae_core serve` runs",
+            file=sys.stderr,
+        )
+        return
+    if not quiet:
+        print(f"no launcher was running for {home}; starting one (log: {status.log_path})", file=sys.stderr)
+    if not ensure_daemon(home):
+        print(f"warning: the launcher did not start; see {status.log_path}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- submit
+
+
+def cli_submit(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sae_core submit", description="Queue a training job.")
+    parser.add_argument("--config", required=True, help="TrainConfig JSON file.")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--gpus", help="GPU indices (NVML / PCI bus order), e.g. 0,1.")
+    where.add_argument("--cpu-procs", type=int, help="Run as N gloo processes on the CPU.")
+    parser.add_argument("--name", default="", help="A name to find the job by (default job-<id>).")
+    parser.add_argument("--user", default=None, help="Who submits (default: the login name).")
+    parser.add_argument("--json", action="store_true", help="Print the queued job as JSON.")
+    parser.add_argument("--no-daemon", action="store_true", help="Do not start the launcher if none runs.")
+    args = parser.parse_args(argv)
+
+    try:
+        cfg = TrainConfig.from_json_file(args.config)
+        job, verdict = submission.submit(
+            cfg, args.gpus, args.cpu_procs, name=args.name, submitted_by=args.user or _user()
+        )
+    except (ConfigError, JobError) as exc:
+        return _reject(str(exc))
+    _print_notes(verdict.notes)
+    return _queued(job, args, f"queued job {job.id} ({job.name}) on {_placement(job)}; output in {job.out_dir}")
+
+
+def _print_notes(notes: list[str]) -> None:
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+def _queued(job: Job, args: argparse.Namespace, message: str) -> int:
+    """Report a newly queued job (JSON or a sentence) and whether a launcher will pick it up."""
+    print(json.dumps(store.job_to_dict(job)) if args.json else message)
+    _daemon_note(args.no_daemon, args.json)
+    return 0
+
+
+def _placement(job: Job) -> str:
+    return f"GPU {job.gpu_ids}" if job.gpu_list else f"CPU x{job.cpu_procs}"
+
+
+def _duration(job: Job, now: float) -> str:
+    if job.started_at is None:
+        return f"queued {now - job.created_at:.0f}s"
+    end = job.finished_at or now
+    return time.strftime("%H:%M:%S", time.gmtime(max(0.0, end - job.started_at)))
+
+
+def format_jobs(jobs: list[Job], now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    header = ("ID", "NAME", "STATUS", "WHERE", "STEP", "TOK/S", "USER", "TIME", "ERROR")
+    rows = [header]
+    for job in jobs:
+        error = (job.error or "").splitlines()[0][:60] if job.error else ""
+        status = job.status + ("*" if job.cancel_requested and job.status not in FINAL_STATUSES else "")
+        rows.append(
+            (
+                str(job.id),
+                job.name[:24],
+                status,
+                _placement(job),
+                f"{job.last_step}/{job.total_steps}",
+                f"{job.tokens_per_s:,.0f}" if job.tokens_per_s else "-",
+                job.submitted_by[:12],
+                _duration(job, now),
+                error,
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    if any(j.cancel_requested and j.status not in FINAL_STATUSES for j in jobs):
+        lines.append("* cancel requested")
+    return "\n".join(lines)
+
+
+def cli_jobs(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sae_core jobs", description="List jobs, newest first.")
+    parser.add_argument("--status", action="append", choices=JOB_STATUSES, help="Only jobs in this status.")
+    parser.add_argument("--limit", type=int, default=50, help="At most this many jobs (0 = all).")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    jobs = store.list_jobs(args.status, limit=args.limit or None)
+    if args.json:
+        print(json.dumps([store.job_to_dict(j) for j in jobs]))
+        return 0
+    print(format_jobs(jobs) if jobs else "no jobs")
+    status = daemon_status(paths.lab_home())
+    print(f"\n{status.message}", file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------- cancel
+
+
+def cli_cancel(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sae_core cancel", description="Cancel a job.")
+    parser.add_argument("job_id", type=int)
+    parser.add_argument("--wait", type=float, default=0.0, help="Wait up to this many seconds for the job to end.")
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=GRACE_S,
+        help="SIGTERM -> SIGKILL seconds when this command stops the job itself.",
+    )
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        job, message = cancel_job(args.job_id, grace_s=args.grace, wait_s=args.wait)
+    except JobError as exc:
+        return _reject(str(exc))
+    if args.json:
+        print(json.dumps(store.job_to_dict(job)))
+    else:
+        print(message)
+    return 0
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def cli_resume(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m sae_core resume",
+        description="Queue a job that continues a failed or cancelled one from its last complete checkpoint.",
+    )
+    parser.add_argument("job_id", type=int)
+    parser.add_argument("--user", default=None)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--no-daemon", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        job, verdict = submission.resume(args.job_id, submitted_by=args.user or _user())
+    except (JobError, ConfigError) as exc:
+        return _reject(str(exc))
+    _print_notes(verdict.notes)
+    return _queued(job, args, f"queued job {job.id}, resuming job {args.job_id} on {_placement(job)}")
+
+
+# --------------------------------------------------------------------------- logs
+
+
+def _print_from(path: Path, offset: int) -> int:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            chunk = fh.read()
+    except FileNotFoundError:
+        return offset
+    if chunk:
+        sys.stdout.write(chunk.decode(errors="replace"))
+        sys.stdout.flush()
+    return offset + len(chunk)
+
+
+def cli_logs(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sae_core logs", description="Show a job's console output.")
+    parser.add_argument("job_id", type=int)
+    parser.add_argument("--follow", "-f", action="store_true", help="Keep printing until the job ends.")
+    parser.add_argument("--stderr", action="store_true", help="The stderr log (tracebacks, torchrun) instead.")
+    parser.add_argument("--poll", type=float, default=0.5, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    try:
+        job = store.require_job(args.job_id)
+    except JobError as exc:
+        return _reject(str(exc))
+    path = log_dir_of(job) / (STDERR_LOG if args.stderr else STDOUT_LOG)
+    offset = _print_from(path, 0)
+    try:
+        while args.follow and job.status not in FINAL_STATUSES:
+            time.sleep(args.poll)
+            job = store.require_job(args.job_id)
+            offset = _print_from(path, offset)
+        offset = _print_from(path, offset)  # what was written between the last read and the end
+    except KeyboardInterrupt:
+        return 0
+    if job.status == "failed" and job.error:
+        print(f"\njob {job.id} failed: {job.error}", file=sys.stderr)
+    elif job.status not in FINAL_STATUSES and not path.exists():
+        print(f"job {job.id} is {job.status}; no output yet", file=sys.stderr)
+    return 0

@@ -1,0 +1,5 @@
+"""lab.db, the one channel between SAE Lab's processes: engine, tables and schema upgrades (no torch)."""
+
+from .engine import dispose_engines, get_engine, read_session, write_session
+
+__all__ = ["dispose_engines", "get_engine", "read_session", "write_session"]

@@ -1,0 +1,81 @@
+"""The training entry's body: read the config and torchrun's environment, check the data, train, exit.
+
+`sae_core.train` (what `python -m sae_core.train` and torchrun run) calls `main` here with the sinks a
+launcher job adds. A bad config or bad data ends the run before training with exit code 2 and the
+reason in error.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from ..config import ConfigError, TrainConfig
+from ..data.checks import DatasetError, check_dataset
+from ..files import REFUSED_FILE
+from .distributed import init_process_group, read_dist_env
+from .sinks import MetricsSink
+from .trainer import Trainer
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m sae_core.train", description="Train an SAE (one process, or each rank under torchrun)."
+    )
+    parser.add_argument("--config", required=True, help="TrainConfig JSON file")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--resume", help="a run directory whose latest complete checkpoint to continue from")
+    return parser.parse_args(argv)
+
+
+def fail_before_training(out_dir: Path, env_rank: int, message: str) -> int:
+    """Bad config or data: only the error is written to the output dir, nothing else."""
+    if env_rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / REFUSED_FILE).write_text(message + "\n")
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+@record
+def main(argv: list[str] | None = None, extra_sinks: Callable[[], list[MetricsSink]] | None = None) -> int:
+    args = parse_args(argv)
+    out_dir = Path(args.out)
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        cfg = TrainConfig.from_json_file(args.config)
+        env = read_dist_env(cfg)
+        cfg.per_rank_batch(env.world_size)
+        data = check_dataset(cfg, env.world_size)
+    except (ConfigError, DatasetError) as exc:
+        return fail_before_training(out_dir, rank, str(exc))
+    init_process_group(env)
+    try:
+        if env.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        trainer = Trainer(cfg, out_dir, env, data, Path(args.resume) if args.resume else None, extra_sinks)
+        trainer.run()
+        del trainer  # DDP's reducer and gloo's threads go before the process group, not at teardown
+        gc.collect()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def exit_now(code: int) -> None:
+    """Leave without interpreter teardown under torchrun: a C++ thread of the collective stack that is
+    destroyed while joinable aborts the rank ("terminate called without an active exception") after
+    its work is done. Every file and sink is already closed; flush what was printed, then go."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        os._exit(code)
+    sys.exit(code)

@@ -1,0 +1,31 @@
+"""Where training metrics go: the sink interface the trainer writes to, and the metrics.jsonl sink.
+
+The trainer writes every record to each sink and knows nothing else about them; the entry point
+(`sae_core.train`) adds the job store's SQLite sink when the launcher started the run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Protocol
+
+
+class MetricsSink(Protocol):
+    def write(self, record: dict) -> None: ...
+    def close(self) -> None: ...
+
+
+class JsonlSink:
+    """Appends one JSON object per line, flushed per record so a crash loses nothing logged."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._file = self.path.open("a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()

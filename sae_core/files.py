@@ -1,0 +1,48 @@
+"""The name of every file and folder SAE Lab writes or reads, defined once.
+
+Writers and readers import these names (the SAE output folder's names are SAELens's on-disk format and
+a contract: see DESIGN.md). Nothing here touches the disk.
+"""
+
+from __future__ import annotations
+
+# --- an SAE output folder (jobs/<id>/ or `--out DIR`) ---------------------------------------------
+CFG_FILE = "cfg.json"  # SAELens config
+WEIGHTS_FILE = "sae_weights.safetensors"  # SAELens weights
+SPARSITY_FILE = "sparsity.safetensors"  # log10 firing frequency per latent
+EVAL_FILE = "eval.json"  # holdout figures; its presence means "training finished"
+METRICS_FILE = "metrics.jsonl"  # one record per log step, then a "done" event
+TRAIN_CONFIG_FILE = "train_config.json"  # the TrainConfig the SAE was trained with
+REFUSED_FILE = "error.txt"  # why training refused to start (bad config or data)
+SAE_ZIP_FILE = "sae.zip"  # the download, built on request
+SAE_REQUIRED = (CFG_FILE, WEIGHTS_FILE)  # a folder holding these is a trained SAE
+SAE_ZIP_MEMBERS = (CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE, EVAL_FILE)
+
+# --- checkpoints: <out>/checkpoints/step_000001000/{state.safetensors, state.json, COMPLETE} -----
+CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINT_PREFIX = "step_"
+CHECKPOINT_MARKER = "COMPLETE"
+CHECKPOINT_TENSORS = "state.safetensors"
+CHECKPOINT_STATE = "state.json"
+
+# --- a job's process files: <out>/logs/ -----------------------------------------------------------
+TRAIN_REQUEST_FILE = "train_request.json"  # the job row's config, as the file `--config` names
+LOGS_DIR = "logs"
+STDOUT_LOG = "stdout.log"
+STDERR_LOG = "stderr.log"
+EXIT_FILE = "exit_code"  # written by jobwrap when torchrun ends
+TORCHRUN_ERROR_FILE = "error.json"  # torchrun's copy of the first failing rank's error
+TORCHRUN_LOG_DIR = "torchrun"  # per-rank stdout/stderr/error.json
+
+# --- SAE_LAB_HOME ---------------------------------------------------------------------------------
+DATABASE_FILE = "lab.db"
+DATASETS_DIR = "datasets"
+JOBS_DIR = "jobs"
+DAEMON_FILE = "daemon.json"  # the launcher's pid and heartbeat
+DAEMON_LOCK_FILE = "launcher.lock"
+DAEMON_LOG_FILE = "launcher.log"
+
+# --- activation data ------------------------------------------------------------------------------
+ACTIVATION_SUFFIXES = (".safetensors", ".npy")
+FEATURES_KEY = "features"  # ground-truth feature directions of a toy set
+TOY_FILE = "toy.safetensors"

@@ -1,0 +1,238 @@
+"""GPU memory per rank for a training config, with a named breakdown (no torch: pure arithmetic).
+
+The target is what `nvidia-smi` will show for one rank at its worst moment: the CUDA context plus
+the caching allocator's peak reservation (`torch.cuda.max_memory_reserved()`). Terms, in bytes:
+
+Exact (same formulas as the tensors engine/sae.py and engine/trainer.py create; tests/gpu/test_memory.py
+checks them against a real SparseAutoencoder and torch.optim.Adam after one step):
+- parameters: W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc [d_sae], b_dec [d_in], plus
+  log_threshold [d_sae] for jumprelu, in `cfg.dtype`. (batchtopk's threshold is a scalar buffer.)
+- gradients: one per parameter, same dtype. They exist during the forward pass too: train.py frees
+  them (zero_grad(set_to_none)) only after the forward.
+- ddp_buckets: 0. train.py builds DDP with gradient_as_bucket_view=True, so the gradients ARE views
+  into DDP's buckets; without that flag this would be another copy of the gradients.
+- adam_states: exp_avg and exp_avg_sq per parameter, same dtype (Adam's `step` counters live on
+  the CPU unless Adam is fused or capturable, which train.py does not ask for).
+- latent_statistics: the trainer's tokens_since_fired and fire_counts (int64 [d_sae]).
+
+Modelled (counted from the code of sae.py/train.py/evaluation.py; to be confirmed by
+bench/memory_accuracy.py on a CUDA GPU — see bench/RESULTS.md):
+- The peak is the largest of four moments, each on top of the persistent terms above:
+  * the training step (forward or backward, whichever holds more): per-rank batch tensors
+    [B, d_sae] (pre-activations, latents, masks, AuxK's masked copy, gradients), [B, d_in]
+    (input, centred input, reconstruction, residuals, and the previous step's batch and
+    reconstruction, which the loop keeps for logging until the next step returns), top-k values
+    and int64 indices [B, k] and [B, aux_k], and under bf16 autocast the bf16 copies of W_enc /
+    W_dec and of matmul inputs;
+  * the optimizer step: foreach Adam allocates one temporary the size of the parameters;
+  * b_dec initialisation: the first GLOBAL batch in float64 (x, x·scale, Weiszfeld temporaries),
+    about 20 bytes per element of [batch_size, d_in] on every rank, before Adam states exist;
+  * evaluation on rank 0 (after gradients and Adam state are freed): an fp32 copy of the SAE plus a
+    4096-token chunk through it.
+- allocator_headroom: the caching allocator reserves more than it hands out (block rounding,
+  cached segments of other sizes): a fraction of the peak, ALLOCATOR_HEADROOM.
+- cuda_context: CUDA context, kernels and libraries outside PyTorch's allocator, CUDA_CONTEXT_BYTES.
+- nccl_buffers: NCCL communicator buffers when world_size > 1, NCCL_BYTES.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from ..config import ConfigError, TrainConfig
+
+MiB = 1024**2
+GiB = 1024**3
+
+# CUDA context + lazily loaded kernels + cuBLAS, as nvidia-smi shows it for a process minus what
+# torch's allocator reserved. PyTorch maintainers report ~300-400 MB for CUDA >= 11.7 with lazy
+# module loading (pytorch/pytorch#107667, #109888, pre-Hopper GPUs); Hopper contexts are larger
+# (~500 MB) and the first cuBLAS/topk kernels add tens of MB. Provisional until
+# bench/memory_accuracy.py measures it on a lent GPU (its "context" column).
+CUDA_CONTEXT_BYTES = 600 * MiB
+# NCCL communicator buffers per rank: 544-688 MB per rank measured on 4x A100 NVLink
+# (NVIDIA/nccl#964), up to ~1.6 GB with NVLS on H100 (NVIDIA/nccl#864). DDP uses one communicator.
+NCCL_BYTES = 1 * GiB
+# Reserved over allocated: provisional, calibrated by bench/memory_accuracy.py.
+ALLOCATOR_HEADROOM = 0.10
+EVAL_CHUNK_TOKENS = 4096  # evaluation.evaluate's default chunk
+INIT_BYTES_PER_ELEMENT = 20  # fp32 batch (4) + fp64 copy (8) + fp64 scaled copy or Weiszfeld temporary (8)
+
+
+# Bytes per element of [B, d_sae] alive at the training step's peak, as (times the model dtype's
+# size f, plus fixed bytes of bool masks), in the forward pass and in the backward pass:
+#   standard:  fwd pre, relu latents, L1 product (3f); bwd latents + two gradients (3f)
+#   topk:      fwd pre (computed without grad) and AuxK's masked copy (2f); the backward touches only
+#              the k selected latents per token (sae.SelectedPreActivations / SparseDecode): 0
+#   batchtopk: fwd pre and AuxK's masked copy (2f), the bool masks of the candidate search where torch
+#              does it (3); sparse backward: 0
+#   jumprelu:  fwd pre, latents, Heaviside output (3f) + mask (1); bwd the straight-through
+#              rectangle kernels of both custom functions (6f + 1)
+_BM_FORWARD = {"standard": (3, 0), "topk": (2, 0), "batchtopk": (2, 3), "jumprelu": (3, 1)}
+_BM_BACKWARD = {"standard": (3, 0), "topk": (0, 0), "batchtopk": (0, 0), "jumprelu": (6, 1)}
+# [B, d_sae] bf16 copy of the latents that autocast makes for `z @ W_dec` (topk and batchtopk decode
+# through embedding_bag, which autocast leaves in fp32).
+_BM_AUTOCAST = {"standard": 2, "topk": 0, "batchtopk": 0, "jumprelu": 2}
+# [B, d_in] tensors: input before and after scaling (fp32), the previous step's x and x̂ kept by
+# the loop, and model-dtype intermediates (centred x, x̂, residuals, squared errors).
+_BD_FP32 = 3
+_BD_MODEL = 8
+# Evaluation: bytes per element of [chunk, d_sae] in the fp32 inference copy.
+_EVAL_BM = {"standard": 8, "topk": 8, "batchtopk": 13, "jumprelu": 13}
+# Parameters per latent besides the W_enc/W_dec columns: b_enc, and jumprelu's log_threshold.
+_PER_LATENT_PARAMETERS = {"standard": 1, "topk": 1, "batchtopk": 1, "jumprelu": 2}
+# Selected (row, latent) pairs held per token and k: TopK's k; BatchTopK's candidates and selection (~4k).
+_SELECTED_PER_K = {"topk": 1, "batchtopk": 4}
+
+
+@dataclass
+class MemoryEstimate:
+    total_bytes: int
+    breakdown: dict[str, int]  # named terms; they sum to total_bytes
+    per_rank_batch: int
+    peak_phase: str = "training step"  # which moment sets the peak
+    phases: dict[str, int] = field(default_factory=dict)  # allocator bytes at each candidate moment
+    d_in: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact terms
+# ---------------------------------------------------------------------------------------------
+def dtype_bytes(dtype: str) -> int:
+    return 2 if dtype == "bfloat16" else 4
+
+
+def parameter_count(architecture: str, d_in: int, d_sae: int) -> int:
+    """Elements of the trainable parameters of sae.SparseAutoencoder."""
+    return 2 * d_in * d_sae + _PER_LATENT_PARAMETERS[architecture] * d_sae + d_in  # W_enc, W_dec, b_dec
+
+
+def parameter_bytes(cfg: TrainConfig, d_in: int) -> int:
+    return parameter_count(cfg.architecture, d_in, cfg.d_sae) * dtype_bytes(cfg.dtype)
+
+
+def adam_state_bytes(cfg: TrainConfig, d_in: int) -> int:
+    return 2 * parameter_bytes(cfg, d_in)
+
+
+def latent_statistics_bytes(cfg: TrainConfig) -> int:
+    return 2 * 8 * cfg.d_sae  # tokens_since_fired, fire_counts: int64 [d_sae]
+
+
+# ---------------------------------------------------------------------------------------------
+# Modelled moments
+# ---------------------------------------------------------------------------------------------
+def _k_terms(cfg: TrainConfig, batch: int, d_in: int) -> int:
+    """Top-k values (model dtype) and int64 indices, for the main top-k and AuxK's. BatchTopK: every row's
+    2k best, then a flat candidate list of at most 2k per token and the selection (~4k per token)."""
+    if not cfg.arch.uses_k:
+        return 0
+    f = dtype_bytes(cfg.dtype)
+    selected = _SELECTED_PER_K[cfg.architecture] * cfg.k
+    return batch * ((2 * f + 8) * selected + (4 * f + 8) * cfg.effective_aux_k(d_in))
+
+
+def step_activation_terms(cfg: TrainConfig, d_in: int, batch: int) -> dict[str, int]:
+    """Batch tensors alive at the training step's peak (forward or backward, the larger)."""
+    f = dtype_bytes(cfg.dtype)
+    bm = batch * cfg.d_sae
+    fwd_f, fwd_fixed = _BM_FORWARD[cfg.architecture]
+    bwd_f, bwd_fixed = _BM_BACKWARD[cfg.architecture]
+    autocast = cfg.autocast == "bf16" and cfg.dtype == "float32"
+    copies = 0
+    if autocast:
+        # bf16 copies of W_enc (always a matmul) and of W_dec (when decoding is a matmul), held by
+        # autograd until their matmul's backward; plus the bf16 copy of the latents.
+        weight_copies = 2 if _BM_AUTOCAST[cfg.architecture] else 1
+        copies = weight_copies * d_in * cfg.d_sae * 2 + _BM_AUTOCAST[cfg.architecture] * bm + 2 * batch * d_in
+    forward = (fwd_f * f + fwd_fixed) * bm
+    backward = (bwd_f * f + bwd_fixed) * bm
+    return {
+        "activations_inputs_and_reconstruction": batch * d_in * (4 * _BD_FP32 + f * _BD_MODEL),
+        "activations_latents": forward,
+        "activations_gradients": max(0, backward - forward),
+        "activations_topk": _k_terms(cfg, batch, d_in),
+        "autocast_copies": copies,
+    }
+
+
+def _eval_extra(cfg: TrainConfig, d_in: int, batch: int) -> int:
+    if cfg.holdout_tokens <= 0:
+        return 0
+    chunk = min(EVAL_CHUNK_TOKENS, cfg.holdout_tokens, batch)  # the trainer never evaluates more than a batch
+    fp32_copy = parameter_count(cfg.architecture, d_in, cfg.d_sae) * 4 + 4 * cfg.d_sae
+    return fp32_copy + _EVAL_BM[cfg.architecture] * chunk * cfg.d_sae + 3 * 4 * chunk * d_in
+
+
+def _init_extra(cfg: TrainConfig, d_in: int) -> int:
+    return INIT_BYTES_PER_ELEMENT * cfg.batch_size * d_in
+
+
+# ---------------------------------------------------------------------------------------------
+# The estimate
+# ---------------------------------------------------------------------------------------------
+def estimate(cfg: TrainConfig, world_size: int, d_in: int) -> MemoryEstimate:
+    """Peak GPU memory of one rank when `cfg` trains on `world_size` GPUs, for activations `d_in` wide.
+
+    Raises ConfigError when batch_size does not divide by world_size."""
+    batch = cfg.per_rank_batch(world_size)
+    d_in = int(d_in)
+    if d_in < 1:
+        raise ConfigError(f"d_in must be at least 1, got {d_in}")
+    params = parameter_bytes(cfg, d_in)
+    persistent = {
+        "parameters": params,
+        "gradients": params,
+        "ddp_buckets": 0,  # gradient_as_bucket_view=True: the buckets are the gradients
+        "adam_states": adam_state_bytes(cfg, d_in),
+        "latent_statistics": latent_statistics_bytes(cfg),
+    }
+    held = sum(persistent.values())
+    # activations live for one forward/backward: a micro-batch when gradients are accumulated
+    activations = step_activation_terms(cfg, d_in, cfg.micro_batch_size or batch)
+    previous_batch = batch * d_in * (4 + dtype_bytes(cfg.dtype))  # x and x̂ kept by the loop
+    phases = {
+        "training step": held + sum(activations.values()),
+        "optimizer step": held + previous_batch + params,  # foreach Adam's sqrt(exp_avg_sq) temporary
+        # b_dec init runs before any gradient or Adam state exists
+        "b_dec initialisation": params + persistent["latent_statistics"] + _init_extra(cfg, d_in),
+        # the trainer frees gradients and Adam state before evaluating
+        "evaluation (rank 0)": params + persistent["latent_statistics"] + _eval_extra(cfg, d_in, batch),
+    }
+    peak_phase = max(phases, key=lambda name: phases[name])
+    breakdown = {"cuda_context": CUDA_CONTEXT_BYTES, "nccl_buffers": NCCL_BYTES if world_size > 1 else 0}
+    breakdown.update(persistent)
+    breakdown.update(activations)
+    # When another moment beats the training step, the difference is named after it.
+    breakdown["other_peak_excess"] = phases[peak_phase] - phases["training step"]
+    breakdown["allocator_headroom"] = int(ALLOCATOR_HEADROOM * phases[peak_phase])
+    return MemoryEstimate(
+        total_bytes=sum(breakdown.values()),
+        breakdown=breakdown,
+        per_rank_batch=batch,
+        peak_phase=peak_phase,
+        phases=phases,
+        d_in=d_in,
+    )
+
+
+# How the estimate's terms are named on the Train page and by `python -m sae_core estimate`.
+TERM_LABELS = {
+    "cuda_context": "CUDA context + libraries",
+    "nccl_buffers": "NCCL buffers (multi-GPU)",
+    "parameters": "parameters",
+    "gradients": "gradients",
+    "ddp_buckets": "DDP buckets (views of the gradients)",
+    "adam_states": "Adam states",
+    "latent_statistics": "dead-latent counters",
+    "activations_inputs_and_reconstruction": "batch: inputs + reconstruction",
+    "activations_latents": "batch: pre-activations + latents",
+    "activations_gradients": "batch: gradients (backward)",
+    "activations_topk": "batch: top-k values + indices",
+    "autocast_copies": "bf16 autocast copies",
+    "other_peak_excess": "init/optimizer/evaluation peak above the step",
+    "allocator_headroom": "allocator headroom",
+}

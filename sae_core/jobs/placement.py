@@ -1,0 +1,51 @@
+"""Where a job runs, parsed and checked: GPU indices or a number of CPU processes, never both (pure)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..config import TrainConfig
+from .errors import JobError
+
+MAX_CPU_PROCS = 512
+
+
+def parse_gpu_ids(gpu_ids: Sequence[int] | str | None) -> list[int]:
+    """'0,1' or [0, 1] -> [0, 1]; rejects negatives, duplicates and junk with a clear message."""
+    if gpu_ids is None:
+        return []
+    items = [p.strip() for p in gpu_ids.split(",")] if isinstance(gpu_ids, str) else list(gpu_ids)
+    if isinstance(gpu_ids, str) and gpu_ids.strip() == "":
+        return []
+    out: list[int] = []
+    for item in items:
+        try:
+            value = int(item)
+        except (TypeError, ValueError):
+            raise JobError(f"gpus: {item!r} is not a GPU index (use e.g. 0,1)") from None
+        if value < 0:
+            raise JobError(f"gpus: GPU index must be 0 or more, got {value}")
+        if value in out:
+            raise JobError(f"gpus: GPU {value} is listed twice")
+        out.append(value)
+    return out
+
+
+def parse_placement(gpu_ids: Sequence[int] | str | None, cpu_procs: int | None) -> list[int]:
+    """Exactly one of GPUs / CPU processes, each well formed. Returns the GPU list ([] for a CPU job)."""
+    gpus = parse_gpu_ids(gpu_ids)
+    if gpus and cpu_procs is not None:
+        raise JobError("choose either GPUs or CPU processes for a job, not both")
+    if not gpus:
+        if cpu_procs is None:
+            raise JobError("a job needs GPUs (gpus: e.g. 0,1) or a number of CPU processes (cpu_procs)")
+        if not isinstance(cpu_procs, int) or not 1 <= cpu_procs <= MAX_CPU_PROCS:
+            raise JobError(f"cpu_procs: must be an integer from 1 to {MAX_CPU_PROCS}, got {cpu_procs!r}")
+    return gpus
+
+
+def check_placement(cfg: TrainConfig, gpu_ids: Sequence[int] | str | None, cpu_procs: int | None) -> list[int]:
+    """`parse_placement`, and a batch that splits across the ranks (ConfigError naming both numbers)."""
+    gpus = parse_placement(gpu_ids, cpu_procs)
+    cfg.per_rank_batch(len(gpus) or int(cpu_procs or 1))
+    return gpus

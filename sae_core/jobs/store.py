@@ -1,0 +1,181 @@
+"""Job rows in lab.db: insert, read, and every lifecycle update, one short session per operation.
+
+Who writes what (the store is the only channel between processes):
+- the app and the CLI insert queued jobs (through the submission gate, jobs/submission.py) and set
+  `cancel_requested`;
+- the launcher daemon moves jobs through starting/running to a final status;
+- rank 0 of a running job appends MetricPoint rows (jobs/metrics.py).
+
+Every write goes through `db.write_session` (BEGIN IMMEDIATE), so a read-then-write never turns into a
+lock upgrade that fails with SQLITE_BUSY.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from sqlalchemy.engine import Engine
+from sqlmodel import select
+
+from .. import db, paths
+from ..config import TrainConfig
+from ..db.tables import FINAL_STATUSES, JOB_STATUSES, Job
+from .errors import JobError
+from .placement import check_placement
+
+
+def engine_or_default(engine: Engine | None) -> Engine:
+    return engine if engine is not None else db.get_engine()
+
+
+def engine_home(engine: Engine) -> Path:
+    """The SAE_LAB_HOME an engine's lab.db lives in."""
+    return Path(engine.url.database).resolve().parent
+
+
+# --------------------------------------------------------------------------- insert
+
+
+def submit_job(
+    cfg: TrainConfig,
+    gpu_ids: Sequence[int] | str | None,
+    cpu_procs: int | None,
+    name: str = "",
+    submitted_by: str = "",
+    resumed_from: int | None = None,
+    engine: Engine | None = None,
+) -> Job:
+    """Insert a queued job; its output dir is SAE_LAB_HOME/jobs/<id>. Only its placement is checked here
+    (a row must name a valid one); people submit through the gate (submission.py), which checks all."""
+    gpus = check_placement(cfg, gpu_ids, cpu_procs)
+    engine = engine_or_default(engine)
+    jobs_root = paths.jobs_dir(engine_home(engine))
+    with db.write_session(engine) as session:
+        job = Job(
+            name=name.strip(),
+            submitted_by=submitted_by,
+            config_json=cfg.model_dump_json(),
+            gpu_ids=",".join(str(g) for g in gpus),
+            cpu_procs=None if gpus else cpu_procs,
+            status="queued",
+            created_at=time.time(),
+            total_steps=cfg.total_steps,
+            resumed_from=resumed_from,
+        )
+        session.add(job)
+        session.flush()  # assigns the id inside this same transaction
+        job.out_dir = str(jobs_root / str(job.id))
+        if not job.name:
+            job.name = f"job-{job.id}"
+        session.add(job)
+    return job
+
+
+# --------------------------------------------------------------------------- queries
+
+
+def get_job(job_id: int, engine: Engine | None = None) -> Job | None:
+    with db.read_session(engine_or_default(engine)) as session:
+        return session.get(Job, job_id)
+
+
+def require_job(job_id: int, engine: Engine | None = None) -> Job:
+    job = get_job(job_id, engine)
+    if job is None:
+        raise JobError(f"no job with id {job_id}")
+    return job
+
+
+def list_jobs(
+    statuses: Iterable[str] | None = None,
+    limit: int | None = None,
+    newest_first: bool = True,
+    engine: Engine | None = None,
+) -> list[Job]:
+    query = select(Job)
+    if statuses is not None:
+        statuses = list(statuses)
+        unknown = set(statuses) - set(JOB_STATUSES)
+        if unknown:
+            raise JobError(f"status: unknown {sorted(unknown)}; allowed: {', '.join(JOB_STATUSES)}")
+        query = query.where(Job.status.in_(statuses))
+    query = query.order_by(Job.id.desc() if newest_first else Job.id)
+    if limit is not None:
+        query = query.limit(limit)
+    with db.read_session(engine_or_default(engine)) as session:
+        return list(session.exec(query).all())
+
+
+def job_to_dict(job: Job) -> dict:
+    """A JSON-ready view of a job (for --json and the pages)."""
+    data = job.model_dump()
+    data["gpu_ids"] = job.gpu_list
+    data["world_size"] = job.world_size
+    data["config"] = json.loads(job.config_json)
+    del data["config_json"]
+    return data
+
+
+# --------------------------------------------------------------------------- lifecycle updates
+
+
+def mark_running(job_id: int, pid: int, pid_start_time: float, engine: Engine | None = None) -> None:
+    with db.write_session(engine_or_default(engine)) as session:
+        job = session.get(Job, job_id)
+        if job is not None and job.status == "starting":
+            job.status = "running"
+            job.pid = pid
+            job.pid_start_time = pid_start_time
+            session.add(job)
+
+
+def mark_term_sent(job_id: int, when: float, engine: Engine | None = None) -> None:
+    with db.write_session(engine_or_default(engine)) as session:
+        job = session.get(Job, job_id)
+        if job is not None and job.term_sent_at is None:
+            job.term_sent_at = when
+            session.add(job)
+
+
+def finish_job(
+    job_id: int,
+    status: str,
+    exit_code: int | None = None,
+    error: str | None = None,
+    engine: Engine | None = None,
+    now: float | None = None,
+) -> bool:
+    """Move a job to a final status; False if it already was final (callers may race: daemon, CLI)."""
+    if status not in FINAL_STATUSES:
+        raise ValueError(f"status {status!r} is not final ({', '.join(FINAL_STATUSES)})")
+    with db.write_session(engine_or_default(engine)) as session:
+        job = session.get(Job, job_id)
+        if job is None or job.status in FINAL_STATUSES:
+            return False
+        job.status = status
+        job.exit_code = exit_code
+        job.error = error
+        job.finished_at = time.time() if now is None else now
+        session.add(job)
+    return True
+
+
+def request_cancel(job_id: int, engine: Engine | None = None) -> Job:
+    """Cancel a job: a queued one is cancelled at once (no daemon needed); a starting/running
+    one gets `cancel_requested`, which the launcher acts on. Final jobs raise JobError."""
+    with db.write_session(engine_or_default(engine)) as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise JobError(f"no job with id {job_id}")
+        if job.status in FINAL_STATUSES:
+            raise JobError(f"job {job_id} is already {job.status}")
+        job.cancel_requested = True
+        if job.status == "queued":
+            job.status = "cancelled"
+            job.finished_at = time.time()
+            job.error = "cancelled before it started"
+        session.add(job)
+    return job

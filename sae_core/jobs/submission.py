@@ -1,0 +1,176 @@
+"""The one gate every submission passes — the CLI's `submit` and `resume`, and the Train page.
+
+`check` returns every problem of a submission at once, as data: the placement, the config against it,
+the dataset, the GPU selection (busy, lost, MIG, missing) and the memory fit. `submit` queues a job only
+when there is none. The rule for GPUs held by other SAE Lab jobs is decided here once: they may be
+chosen, and the new job queues behind them (a note says so); GPUs that foreign processes use are busy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy.engine import Engine
+
+from ..config import ConfigError, TrainConfig
+from ..data.activations import ActivationSet
+from ..data.checks import DatasetError, check_dataset
+from ..db.tables import Job
+from ..gpu.availability import GpuStatus, validate
+from ..outputs import checkpoint_root, latest_checkpoint
+from . import store
+from .errors import JobError
+from .gpus import gpu_statuses
+from .placement import parse_placement
+
+# Above this size the gate checks the dataset's structure only; rank 0 still scans every value when the
+# job starts (a full NaN scan of a huge set would freeze the web form for minutes).
+FULL_SCAN_MAX_BYTES = 2 * 2**30
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One reason a submission cannot be queued: the field to change and a sentence naming it."""
+
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass
+class Verdict:
+    """What the gate found: problems (none: it may be queued), notes for the person, what it opened."""
+
+    problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. "GPU 1: queued behind SAE Lab job 12 ..."
+    gpus: list[int] = field(default_factory=list)
+    dataset: ActivationSet | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def describe(self) -> str:
+        return "; ".join(str(p) for p in self.problems)
+
+
+class SubmissionRejected(JobError):
+    """A submission the gate refused; `problems` are all of its reasons."""
+
+    def __init__(self, problems: Sequence[Problem]):
+        self.problems = list(problems)
+        super().__init__("; ".join(str(p) for p in self.problems))
+
+
+def check(
+    cfg: TrainConfig,
+    gpu_ids: Sequence[int] | str | None,
+    cpu_procs: int | None,
+    *,
+    scan_values: bool | None = None,
+    statuses: Sequence[GpuStatus] | None = None,
+    engine: Engine | None = None,
+) -> Verdict:
+    """Every problem of queueing `cfg` on `gpu_ids` or `cpu_procs` CPU processes.
+
+    `scan_values` None scans every value for NaN/Inf up to FULL_SCAN_MAX_BYTES (False: structure only, as the
+    Train page does while a person types). `statuses` defaults to the GPUs as the queue sees them now."""
+    verdict = Verdict()
+    try:
+        verdict.gpus = parse_placement(gpu_ids, cpu_procs)
+    except JobError as exc:
+        verdict.problems.append(Problem("placement", str(exc)))
+        return verdict
+    if not verdict.gpus:
+        _check_cpu_job(cfg, int(cpu_procs or 1), verdict)
+    _check_dataset(cfg, scan_values, verdict)
+    if verdict.gpus:  # after the dataset: the memory fit needs its width
+        _check_gpus(cfg, statuses, engine, verdict)
+    return verdict
+
+
+def _check_cpu_job(cfg: TrainConfig, cpu_procs: int, verdict: Verdict) -> None:
+    try:
+        cfg.per_rank_batch(cpu_procs)
+    except ConfigError as exc:
+        verdict.problems.append(Problem("batch_size", str(exc)))
+    if cfg.device == "cuda":
+        message = "device: 'cuda' cannot run as a CPU job; choose GPUs, or device 'auto' or 'cpu'"
+        verdict.problems.append(Problem("device", message))
+
+
+def _check_dataset(cfg: TrainConfig, scan_values: bool | None, verdict: Verdict) -> None:
+    try:
+        scan = _dataset_bytes(cfg.activation_source) <= FULL_SCAN_MAX_BYTES if scan_values is None else scan_values
+        # One rank: the batch's split across the real ranks is the placement's problem, reported once.
+        verdict.dataset = check_dataset(cfg, 1, scan_values=scan)
+    except (DatasetError, ConfigError, OSError) as exc:
+        verdict.problems.append(Problem("activation_source", str(exc)))
+
+
+def _check_gpus(
+    cfg: TrainConfig, statuses: Sequence[GpuStatus] | None, engine: Engine | None, verdict: Verdict
+) -> None:
+    statuses = list(statuses) if statuses is not None else gpu_statuses(engine)
+    d_in = verdict.dataset.d_in if verdict.dataset is not None else None
+    verdict.problems += [Problem("gpus", message) for message in validate(verdict.gpus, cfg, statuses, d_in)]
+    by_index = {s.index: s for s in statuses}
+    for index in verdict.gpus:
+        status = by_index.get(index)
+        if status is not None and status.available and status.queue_note:
+            verdict.notes.append(f"GPU {index}: {status.queue_note}")
+
+
+def _dataset_bytes(source: str) -> int:
+    path = Path(source)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size if path.is_file() else 0
+
+
+def submit(
+    cfg: TrainConfig,
+    gpu_ids: Sequence[int] | str | None,
+    cpu_procs: int | None,
+    name: str = "",
+    submitted_by: str = "",
+    resumed_from: int | None = None,
+    engine: Engine | None = None,
+) -> tuple[Job, Verdict]:
+    """Queue a job if the gate finds no problem (else SubmissionRejected, nothing written)."""
+    verdict = check(cfg, gpu_ids, cpu_procs, engine=engine)
+    if not verdict.ok:
+        raise SubmissionRejected(verdict.problems)
+    job = store.submit_job(cfg, verdict.gpus, cpu_procs, name, submitted_by, resumed_from, engine)
+    return job, verdict
+
+
+def resume(job_id: int, submitted_by: str = "", engine: Engine | None = None) -> tuple[Job, Verdict]:
+    """Queue a job that continues a failed or cancelled one from its last complete checkpoint, on the same
+    placement, through the same gate as a new submission."""
+    old = store.require_job(job_id, engine)
+    if old.status not in ("failed", "cancelled"):
+        raise JobError(f"job {job_id} is {old.status}; only failed or cancelled jobs can be resumed")
+    # A resume that died before its first checkpoint continues from its own source's checkpoint.
+    source = old
+    while _checkpoint_of(source) is None and source.resumed_from is not None:
+        source = store.require_job(source.resumed_from, engine)
+    if _checkpoint_of(source) is None:
+        raise JobError(f"job {job_id} has no complete checkpoint in {checkpoint_root(old.out_dir)} to resume from")
+    return submit(
+        TrainConfig.model_validate_json(old.config_json),
+        old.gpu_list,
+        old.cpu_procs if old.is_cpu_job else None,
+        name=old.name if old.name.endswith("(resumed)") else f"{old.name} (resumed)",
+        submitted_by=submitted_by or old.submitted_by,
+        resumed_from=source.id,
+        engine=engine,
+    )
+
+
+def _checkpoint_of(job: Job) -> Path | None:
+    return latest_checkpoint(job.out_dir) if job.out_dir else None

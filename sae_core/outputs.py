@@ -1,0 +1,132 @@
+"""A run's output folder on disk, read without torch: trained SAEs, their figures, checkpoints, the zip.
+
+The training engine writes these folders (engine/trainer.py, engine/checkpoint.py); the pages, the CLI
+and the queue read them here. File names come from `files.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file
+
+from .files import (
+    CFG_FILE,
+    CHECKPOINT_MARKER,
+    CHECKPOINT_PREFIX,
+    CHECKPOINTS_DIR,
+    DATASETS_DIR,
+    LOGS_DIR,
+    SAE_REQUIRED,
+    SAE_ZIP_FILE,
+    SAE_ZIP_MEMBERS,
+    WEIGHTS_FILE,
+)
+
+DEAD_LOG10 = -9.99  # the trainer clamps frequencies at 1e-10 before log10: that value means "never fired"
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS_DIR
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (marked COMPLETE after their files were written), oldest first."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / CHECKPOINT_MARKER).exists()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    done = complete_checkpoints(run_dir)
+    return done[-1] if done else None
+
+
+# --------------------------------------------------------------------------- trained SAEs
+
+
+def is_trained_sae(directory: Path) -> bool:
+    return all((directory / name).is_file() for name in SAE_REQUIRED)
+
+
+def find_trained_saes(home: Path) -> list[Path]:
+    """Every directory under `home` holding cfg.json + sae_weights.safetensors (checkpoints excluded)."""
+    found = []
+    for root, dirs, names in os.walk(home):
+        # Checkpoint dirs hold intermediate states, logs and datasets hold no SAEs: don't descend.
+        dirs[:] = sorted(
+            d for d in dirs if d not in (CHECKPOINTS_DIR, LOGS_DIR, DATASETS_DIR) and not d.startswith(".")
+        )
+        if CFG_FILE in names and WEIGHTS_FILE in names:
+            found.append(Path(root))
+    return sorted(found, key=_sae_sort_key)
+
+
+def _sae_sort_key(path: Path) -> tuple:
+    # jobs/<id> sorted numerically, newest (largest id) first; others by path after them.
+    try:
+        return (0, -int(path.name), str(path))
+    except ValueError:
+        return (1, 0, str(path))
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a file; {} when it is missing, unreadable or not an object."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def read_log10_frequency(path: Path) -> np.ndarray | None:
+    """The per-latent log10 firing frequency from sparsity.safetensors (None if absent/unreadable)."""
+    try:
+        tensors = load_file(str(path))
+    except (FileNotFoundError, SafetensorError, OSError):
+        return None
+    values = tensors.get("sparsity")
+    if values is None and tensors:
+        values = next(iter(tensors.values()))
+    return None if values is None else values.astype("float64").ravel()
+
+
+# --------------------------------------------------------------------------- the download
+
+
+def zip_is_current(zip_path: Path, sae_dir: Path) -> bool:
+    """The prepared zip exists and is newer than every file it packs."""
+    if not zip_path.is_file():
+        return False
+    zip_mtime = zip_path.stat().st_mtime
+    for name in SAE_ZIP_MEMBERS:
+        member = sae_dir / name
+        if member.is_file() and member.stat().st_mtime > zip_mtime:
+            return False
+    return True
+
+
+def build_sae_zip(sae_dir: Path, zip_path: Path | None = None) -> Path:
+    """Pack the SAE files into `sae_dir/sae.zip` without compression (weights don't compress, and
+    ZIP_STORED copies in chunks so a multi-GB SAE never sits in memory). Written beside, then renamed,
+    so a half-written zip is never offered."""
+    if not is_trained_sae(sae_dir):
+        raise FileNotFoundError(f"{sae_dir} holds no trained SAE (needs {' and '.join(SAE_REQUIRED)})")
+    zip_path = zip_path or sae_dir / SAE_ZIP_FILE
+    partial = zip_path.with_name(zip_path.name + ".partial")
+    with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name in SAE_ZIP_MEMBERS:
+            member = sae_dir / name
+            if member.is_file():
+                zf.write(member, arcname=name)
+    os.replace(partial, zip_path)
+    return zip_path

@@ -1,0 +1,195 @@
+"""Tables and chart data for the pages, as pandas frames: jobs, metrics, GPU and host history, processes,
+firing frequencies, the memory breakdown."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..outputs import DEAD_LOG10
+from .format import format_bytes, format_duration, format_rate
+
+
+def job_progress(last_step: int | None, total_steps: int | None) -> float:
+    if not total_steps:
+        return 0.0
+    return max(0.0, min(1.0, (last_step or 0) / total_steps))
+
+
+def job_eta_seconds(
+    status: str, started_at: float | None, last_step: int | None, total_steps: int | None, now: float
+) -> float | None:
+    """Remaining time at the run's average pace so far (None until a step has been logged)."""
+    if status != "running" or not started_at or not last_step or not total_steps:
+        return None
+    elapsed = max(0.0, now - started_at)
+    remaining_steps = max(0, total_steps - last_step)
+    return elapsed / last_step * remaining_steps
+
+
+def gpus_label(gpu_ids: str, cpu_procs: int | None) -> str:
+    if gpu_ids:
+        return "GPU " + gpu_ids
+    return f"CPU × {cpu_procs or 1}"
+
+
+JOB_TABLE_COLUMNS = ["ID", "Name", "Status", "Progress", "Step", "ETA", "GPUs", "Tokens/s", "Submitted by", "Submitted"]
+
+
+def jobs_table(jobs: Iterable[Any], now: float) -> pd.DataFrame:
+    """One row per job (objects with the Job table's attributes), newest first as given."""
+    rows = []
+    for job in jobs:
+        rows.append(
+            {
+                "ID": job.id,
+                "Name": job.name,
+                "Status": job.status,
+                "Progress": job_progress(job.last_step, job.total_steps),
+                "Step": f"{job.last_step or 0:,}/{job.total_steps or 0:,}",
+                "ETA": format_duration(
+                    job_eta_seconds(job.status, job.started_at, job.last_step, job.total_steps, now)
+                ),
+                "GPUs": gpus_label(job.gpu_ids, job.cpu_procs),
+                "Tokens/s": format_rate(job.tokens_per_s),
+                "Submitted by": job.submitted_by,
+                "Submitted": pd.Timestamp(job.created_at, unit="s", tz="UTC"),
+            }
+        )
+    return pd.DataFrame(rows, columns=JOB_TABLE_COLUMNS)
+
+
+CHART_METRICS = ("loss", "fvu", "l0", "dead_fraction", "lr")
+
+
+def metrics_long(frame: pd.DataFrame, metrics: Iterable[str] = CHART_METRICS) -> pd.DataFrame:
+    """(step, metric, value) rows for one faceted chart; missing metrics and nulls are dropped."""
+    present = [m for m in metrics if m in frame.columns]
+    if frame.empty or not present:
+        return pd.DataFrame({"step": [], "metric": [], "value": []})
+    long = frame[["step", *present]].melt(id_vars="step", var_name="metric", value_name="value")
+    return long.dropna(subset=["value"])
+
+
+def peak_memory_by_rank(frame: pd.DataFrame) -> pd.DataFrame:
+    """Largest peak memory each rank has reported (`peak_mem` list or `peak_mem_json` text per row)."""
+    column = (
+        "peak_mem" if "peak_mem" in frame.columns else "peak_mem_json" if "peak_mem_json" in frame.columns else None
+    )
+    if column is None or frame.empty:
+        return pd.DataFrame({"rank": [], "peak_bytes": [], "peak": []})
+    peaks: dict[int, int] = {}
+    for value in frame[column]:
+        ranks = json.loads(value) if isinstance(value, str) else (value or [])
+        for rank, peak in enumerate(ranks):
+            if peak is not None:
+                peaks[rank] = max(peaks.get(rank, 0), int(peak))
+    ranks_sorted = sorted(peaks)
+    return pd.DataFrame(
+        {
+            "rank": ranks_sorted,
+            "peak_bytes": [peaks[r] for r in ranks_sorted],
+            "peak": [format_bytes(peaks[r]) for r in ranks_sorted],
+        }
+    )
+
+
+def firing_histogram(log10_freq: Iterable[float], bins: int = 40, floor: float = DEAD_LOG10) -> pd.DataFrame:
+    """Histogram of log10 firing frequency; never-firing latents (log10 ≤ floor) are left out
+    and counted as dead instead, as they would pile up at -inf."""
+    values = pd.Series(list(log10_freq), dtype="float64")
+    alive = values[values > floor].dropna()
+    if alive.empty:
+        return pd.DataFrame({"log10_freq_start": [], "log10_freq_end": [], "latents": []})
+    counts, edges = _histogram(alive.to_numpy(), bins)
+    return pd.DataFrame({"log10_freq_start": edges[:-1], "log10_freq_end": edges[1:], "latents": counts})
+
+
+def _histogram(values, bins: int):
+    lo, hi = float(values.min()), float(values.max())
+    if lo == hi:
+        lo, hi = lo - 0.5, hi + 0.5
+    counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
+    return counts.astype(int), edges
+
+
+def dead_latents(log10_freq: Iterable[float], floor: float = DEAD_LOG10) -> int:
+    values = pd.Series(list(log10_freq), dtype="float64")
+    return int((values.isna() | (values <= floor)).sum())
+
+
+PROCESS_COLUMNS = ["GPU", "PID", "User", "Command", "GPU memory", "Job"]
+
+
+def process_frame(probe: Any) -> pd.DataFrame:
+    rows = []
+    for gpu in getattr(probe, "gpus", None) or []:
+        for proc in gpu.processes or []:
+            rows.append(
+                {
+                    "GPU": gpu.index,
+                    "PID": proc.pid,
+                    "User": proc.user or "",
+                    "Command": proc.command or "",
+                    "GPU memory": format_bytes(proc.gpu_memory),
+                    "Job": "" if proc.job_id is None else str(proc.job_id),
+                }
+            )
+    return pd.DataFrame(rows, columns=PROCESS_COLUMNS)
+
+
+def gpu_history_long(series: pd.DataFrame) -> pd.DataFrame:
+    """history.query_series rows → (t, gpu, metric, value): utilization and memory in % of total,
+    so one 0–100 axis serves both lines of a card's chart."""
+    if series is None or series.empty:
+        return pd.DataFrame({"t": [], "gpu": [], "metric": [], "value": []})
+    frame = pd.DataFrame(
+        {
+            "t": series["t"],
+            "gpu": series["gpu"],
+            "util %": series["util_gpu"],
+            "mem %": series["mem_used"] / series["mem_total"].where(series["mem_total"] > 0) * 100,
+        }
+    )
+    long = frame.melt(id_vars=["t", "gpu"], var_name="metric", value_name="value")
+    return long.dropna(subset=["value"])
+
+
+def aggregate_now(gpus: Iterable[Any]) -> dict[str, float | None]:
+    """Mean utilization and total memory/power across GPUs for the aggregated view."""
+    gpus = list(gpus)
+    utils = [g.util_gpu for g in gpus if g.util_gpu is not None]
+    return {
+        "util_gpu": sum(utils) / len(utils) if utils else None,
+        "memory_used": sum(g.memory_used or 0 for g in gpus),
+        "memory_total": sum(g.memory_total or 0 for g in gpus),
+        "power_w": sum(g.power_w or 0 for g in gpus) if any(g.power_w is not None for g in gpus) else None,
+        "power_limit_w": sum(g.power_limit_w or 0 for g in gpus)
+        if any(g.power_limit_w is not None for g in gpus)
+        else None,
+    }
+
+
+def host_history_long(frame: pd.DataFrame) -> pd.DataFrame:
+    """history.query_host rows → (t, metric, value) with CPU % and RAM % of total."""
+    if frame is None or frame.empty:
+        return pd.DataFrame({"t": [], "metric": [], "value": []})
+    wide = pd.DataFrame(
+        {
+            "t": frame["t"],
+            "CPU %": frame["cpu_percent"],
+            "RAM %": frame["ram_used"] / frame["ram_total"].where(frame["ram_total"] > 0) * 100,
+        }
+    )
+    return wide.melt(id_vars="t", var_name="metric", value_name="value").dropna(subset=["value"])
+
+
+def breakdown_frame(breakdown: Mapping[str, int], labels: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """Memory estimate terms, largest first, with readable names and sizes; zero terms are left out."""
+    items = sorted(((k, v) for k, v in breakdown.items() if v), key=lambda kv: -kv[1])
+    labels = labels or {}
+    return pd.DataFrame({"part": [labels.get(k, k) for k, _ in items], "memory": [format_bytes(v) for _, v in items]})

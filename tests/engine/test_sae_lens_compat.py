@@ -1,0 +1,30 @@
+"""Our files load in SAELens and encode exactly as our own loader does.
+
+sae-lens pulls in transformer-lens and transformers, so it is not among the dev dependencies (pyproject.toml); run this with
+`make saelens-check` (a side environment with SAELens), where it is not skipped.
+"""
+
+import pytest
+import torch
+
+from sae_core.sae import load, make_sae, save
+
+sae_lens = pytest.importorskip("sae_lens")
+
+
+@pytest.mark.parametrize("arch", ["standard", "topk", "jumprelu", "batchtopk"])
+def test_sae_lens_loads_and_encodes_identically(tmp_path, arch):
+    torch.manual_seed(0)
+    model = make_sae(arch, 16, 48, 4)  # k is taken by the TopK family only
+    with torch.no_grad():
+        model.b_enc.normal_(0, 0.1)
+        model.b_dec.normal_(0, 0.3)
+        model.input_scale.fill_(1.7)
+        if arch == "batchtopk":
+            model.batch_threshold.fill_(0.05)
+    save(model, tmp_path)
+    ours, theirs = load(tmp_path), sae_lens.SAE.load_from_disk(str(tmp_path))
+    x = torch.randn(32, 16)
+    with torch.no_grad():
+        assert torch.equal(ours.encode(x), theirs.encode(x))
+        torch.testing.assert_close(ours(x), theirs(x))

@@ -1,0 +1,231 @@
+"""The training entry as real processes: outputs, DDP equivalence under torchrun, kill-and-resume, quality."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sae_core import files
+from sae_core.config import TrainConfig
+from sae_core.data.checks import check_dataset
+from sae_core.engine import saelens
+from sae_core.engine.distributed import DistEnv
+from sae_core.engine.schedule import learning_rate, sparsity_coefficient
+from sae_core.engine.trainer import Trainer
+from sae_core.files import CHECKPOINT_MARKER as MARKER
+from sae_core.outputs import complete_checkpoints
+from sae_core.train import main
+from tests.conftest import read_jsonl, subprocess_env, tiny_config
+
+
+def write_config(tmp_path: Path, toy_path: Path, **overrides) -> Path:
+    cfg = tiny_config(toy_path, **{"dead_tokens_window": 2048, **overrides})
+    path = tmp_path / f"cfg_{len(list(tmp_path.glob('cfg_*.json')))}.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def run_train(
+    config: Path, out: Path, nproc: int = 1, resume: Path | None = None, env: dict | None = None, **popen
+) -> subprocess.Popen:
+    entry = ["-m", "sae_core.train", "--config", str(config), "--out", str(out)]
+    if resume:
+        entry += ["--resume", str(resume)]
+    if nproc > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+        argv = launcher + entry
+    else:
+        argv = [sys.executable] + entry
+    return subprocess.Popen(
+        argv, env=subprocess_env(**(env or {})), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = 180) -> str:
+    output, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, output
+    return output
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / files.WEIGHTS_FILE))
+
+
+def test_schedules_warm_up_and_decay():
+    cfg = TrainConfig(
+        activation_source="x",
+        d_sae=8,
+        k=2,
+        total_steps=100,
+        lr=1e-3,
+        lr_warmup_steps=10,
+        lr_decay_steps=20,
+        l1_coefficient=2.0,
+        l1_warmup_steps=4,
+    )
+    assert learning_rate(0, cfg) == pytest.approx(1e-4)
+    assert learning_rate(9, cfg) == pytest.approx(1e-3)
+    assert learning_rate(50, cfg) == pytest.approx(1e-3)
+    assert learning_rate(80, cfg) == pytest.approx(1e-3)
+    assert learning_rate(90, cfg) == pytest.approx(5e-4)
+    assert learning_rate(99, cfg) == pytest.approx(5e-5)
+    assert sparsity_coefficient(0, cfg) == pytest.approx(0.5)
+    assert sparsity_coefficient(3, cfg) == sparsity_coefficient(60, cfg) == pytest.approx(2.0)
+
+
+@pytest.mark.slow
+def test_single_process_writes_every_output(tmp_path, toy_path):
+    out = tmp_path / "run"
+    output = finish(run_train(write_config(tmp_path, toy_path), out))
+    assert "step 30/30" in output and "tok/s" in output and "ETA" in output
+    for name in ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors", "eval.json", "metrics.jsonl"):
+        assert (out / name).exists(), name
+    records = [r for r in read_jsonl(out / "metrics.jsonl") if "event" not in r]
+    assert [r["step"] for r in records] == [10, 20, 30]
+    for key in ("loss", "mse", "fvu", "l0", "dead_fraction", "lr", "tokens_per_s", "aux_loss", "peak_mem"):
+        assert key in records[-1], key
+    assert records[-1]["l0"] == pytest.approx(4.0, abs=0.5)
+    figures = json.loads((out / "eval.json").read_text())
+    assert {"fvu", "l0", "dead_fraction", "tokens_per_s", "steps", "mmcs"} <= figures.keys()
+    assert figures["steps"] == 30 and 0 < figures["fvu"] < 1
+    assert [p.name for p in complete_checkpoints(out)] == ["step_000000010", "step_000000020", "step_000000030"]
+    sparsity = load_file(str(out / "sparsity.safetensors"))["sparsity"]
+    assert sparsity.shape == (64,) and float(sparsity.max()) <= 0
+    model = saelens.load(out)
+    assert model.encode(torch.randn(5, 32)).shape == (5, 64)
+
+
+def test_batchtopk_trains_the_same_with_and_without_the_cpu_kernels(tmp_path, toy_path):
+    """BatchTopK through the real trainer: the C kernels' path and the torch fallbacks (what CUDA runs)
+    reach the same weights; the saved SAE is a JumpReLU with the learned threshold."""
+    config = write_config(tmp_path, toy_path, architecture="batchtopk", total_steps=20)
+    runs = {
+        kernels: run_train(config, tmp_path / f"kernels_{kernels}", env={"SAE_LAB_CPU_KERNELS": kernels})
+        for kernels in ("1", "0")
+    }
+    outputs = {kernels: finish(proc) for kernels, proc in runs.items()}
+    assert "CPU kernels unavailable" not in outputs["1"]
+    with_kernels, without = weights(tmp_path / "kernels_1"), weights(tmp_path / "kernels_0")
+    for name, tensor in with_kernels.items():
+        torch.testing.assert_close(without[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    assert float(with_kernels["threshold"].min()) > 0
+    records = [r for r in read_jsonl(tmp_path / "kernels_1" / "metrics.jsonl") if "event" not in r]
+    assert records[-1]["l0"] == pytest.approx(4.0)  # k per token on average, exactly, in training
+    model = saelens.load(tmp_path / "kernels_1")
+    assert model.architecture == "jumprelu"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["topk", "standard"])
+def test_two_and_four_ranks_match_one_process(tmp_path, toy_path, arch):
+    config = write_config(tmp_path, toy_path, architecture=arch, total_steps=20, l1_coefficient=0.5)
+    runs = {n: run_train(config, tmp_path / f"ranks{n}", nproc=n) for n in (1, 2, 4) if n != 4 or arch == "topk"}
+    outputs = {n: finish(proc) for n, proc in runs.items()}
+    assert "step 20/20" in outputs[2]
+    reference = weights(tmp_path / "ranks1")
+    for n in runs:
+        if n == 1:
+            continue
+        got = weights(tmp_path / f"ranks{n}")
+        for name, tensor in reference.items():
+            torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=f"{n} ranks: {name}")
+        eval_n = json.loads((tmp_path / f"ranks{n}" / "eval.json").read_text())
+        assert eval_n["world_size"] == n
+
+
+@pytest.mark.slow
+def test_kill_and_resume_ends_bit_for_bit_equal(tmp_path, toy_path):
+    config = write_config(tmp_path, toy_path, total_steps=400, checkpoint_every=25, log_every=25)
+    finish(run_train(config, tmp_path / "straight"))
+
+    killed = tmp_path / "killed"
+    proc = run_train(config, killed)
+    deadline = time.time() + 120
+    while not any(int(p.name[5:]) >= 50 for p in complete_checkpoints(killed)):
+        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "eval.json").exists(), "the run finished before the kill; nothing was tested"
+    for ckpt in complete_checkpoints(killed):
+        assert (ckpt / MARKER).exists()
+
+    resumed = tmp_path / "resumed"
+    finish(run_train(config, resumed, resume=killed))
+    straight, again = weights(tmp_path / "straight"), weights(resumed)
+    for name, tensor in straight.items():
+        assert torch.equal(again[name], tensor), name
+
+
+def test_bad_data_writes_only_the_error(tmp_path):
+    out = tmp_path / "run"
+    config = write_config(tmp_path, tmp_path / "missing.safetensors")
+    assert main(["--config", str(config), "--out", str(out)]) == 2
+    assert [p.name for p in out.iterdir()] == ["error.txt"]
+    assert "missing.safetensors" in (out / "error.txt").read_text()
+
+
+def test_global_batch_must_split_across_ranks(tmp_path, toy_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    out = tmp_path / "run"
+    assert main(["--config", str(write_config(tmp_path, toy_path)), "--out", str(out)]) == 2
+    assert "batch_size 256 does not divide evenly across 3 ranks" in (out / "error.txt").read_text()
+
+
+@pytest.mark.slow
+def test_topk_recovers_the_toy_features(tmp_path, toy_path):
+    """A TopK SAE with one latent per ground-truth feature finds them (mmcs ≥ 0.9)."""
+    config = write_config(
+        tmp_path,
+        toy_path,
+        d_sae=64,
+        k=4,
+        batch_size=512,
+        total_steps=3000,
+        log_every=500,
+        checkpoint_every=3000,
+        lr=4e-3,
+        dead_tokens_window=20_000,
+    )
+    finish(run_train(config, tmp_path / "quality"), timeout=300)
+    figures = json.loads((tmp_path / "quality" / "eval.json").read_text())
+    assert figures["mmcs"] >= 0.9, figures
+    assert figures["fvu"] < 0.2, figures
+
+
+def test_micro_batches_accumulate_to_the_whole_batch_gradient(tmp_path, toy_path):
+    results = {}
+    for micro in (None, 64):
+        cfg = TrainConfig.from_json_file(write_config(tmp_path, toy_path, micro_batch_size=micro, total_steps=6))
+        (tmp_path / f"micro{micro}").mkdir()
+        trainer = Trainer(cfg, tmp_path / f"micro{micro}", DistEnv(), check_dataset(cfg))
+        trainer.sinks = []
+        for _ in range(6):
+            trainer.train_step()
+        results[micro] = {k: v.clone() for k, v in trainer.sae.state_dict().items()}
+    for name, tensor in results[None].items():
+        torch.testing.assert_close(results[64][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_micro_batch_must_divide_the_per_rank_batch(tmp_path, toy_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "run"
+    assert main(["--config", str(write_config(tmp_path, toy_path, micro_batch_size=100)), "--out", str(out)]) == 2
+    assert "micro_batch_size 100 does not divide the per-rank batch 128" in (out / "error.txt").read_text()
+
+
+@pytest.mark.slow
+def test_two_ranks_with_micro_batches_match_one_process(tmp_path, toy_path):
+    one = run_train(write_config(tmp_path, toy_path, total_steps=15), tmp_path / "one")
+    two = run_train(write_config(tmp_path, toy_path, total_steps=15, micro_batch_size=32), tmp_path / "two", nproc=2)
+    finish(one), finish(two)
+    for name, tensor in weights(tmp_path / "one").items():
+        torch.testing.assert_close(weights(tmp_path / "two")[name], tensor, rtol=1e-4, atol=1e-5, msg=name)

@@ -1,0 +1,126 @@
+"""The submission gate on a real lab.db, real activation files and the fake NVML: every problem at once,
+the rule for GPUs other SAE Lab jobs hold, and resume through the same gate."""
+
+from __future__ import annotations
+
+import pytest
+
+from sae_core.config import TrainConfig
+from sae_core.jobs import scheduler, store, submission
+from tests.fakes import fake_pynvml as fake
+from tests.fakes.fixtures import fake_gpus  # noqa: F401  (fixture)
+
+GiB = fake.GiB
+
+
+@pytest.fixture
+def cfg(toy_path) -> TrainConfig:
+    return TrainConfig(activation_source=str(toy_path), d_sae=64, k=4, batch_size=256, total_steps=20)
+
+
+def problems(verdict: submission.Verdict) -> list[tuple[str, str]]:
+    return [(p.field, p.message) for p in verdict.problems]
+
+
+def test_a_good_cpu_submission_has_no_problem_and_opens_the_dataset(lab_home, cfg):
+    verdict = submission.check(cfg, None, 2)
+    assert verdict.ok and verdict.gpus == [] and verdict.notes == []
+    assert verdict.dataset is not None and verdict.dataset.d_in == 32
+
+
+def test_every_problem_is_reported_at_once_naming_its_field(lab_home, cfg):
+    bad = cfg.model_copy(update={"activation_source": "/nowhere/acts.safetensors", "device": "cuda"})
+    verdict = submission.check(bad, None, 3)
+    fields = [field for field, _ in problems(verdict)]
+    assert fields == ["batch_size", "device", "activation_source"]
+    assert "batch_size 256 does not divide evenly across 3 ranks" in verdict.describe()
+    assert "activation source not found: /nowhere/acts.safetensors" in verdict.describe()
+
+
+@pytest.mark.parametrize(
+    ("gpus", "cpu", "field", "words"),
+    [
+        ("0,0", None, "placement", "listed twice"),
+        ("0", 2, "placement", "not both"),
+        (None, None, "placement", "needs GPUs"),
+    ],
+)
+def test_a_bad_placement_is_one_problem(lab_home, cfg, gpus, cpu, field, words):
+    verdict = submission.check(cfg, gpus, cpu)
+    ((got_field, message),) = problems(verdict)
+    assert got_field == field and words in message
+
+
+def test_a_gpu_held_by_another_sae_lab_job_queues_the_new_one_behind_it(lab_home, cfg, fake_gpus):  # noqa: F811
+    fake_gpus.set(n_gpus=2)
+    holder = store.submit_job(cfg, "1", None, name="sweep")
+    verdict = submission.check(cfg, "0,1", None)
+    assert verdict.ok, verdict.describe()
+    assert verdict.notes == [f"GPU 1: queued behind SAE Lab job {holder.id} 'sweep' (queued)"]
+    job, _ = submission.submit(cfg, "0,1", None, name="second")
+    assert job.gpu_list == [0, 1] and job.status == "queued"
+    assert [j.id for j in scheduler.claim_runnable(cpu_budget=1)] == [holder.id]  # the queue orders them
+
+
+def test_a_gpu_a_foreign_process_uses_is_refused_and_nothing_is_written(lab_home, cfg, fake_gpus):  # noqa: F811
+    fake_gpus.set(n_gpus=2, overrides={1: {"processes": [fake.process(4242, 30 * GiB)]}})
+    with pytest.raises(submission.SubmissionRejected) as refused:
+        submission.submit(cfg, "1", None)
+    ((field, message),) = [(p.field, p.message) for p in refused.value.problems]
+    assert field == "gpus" and message.startswith("GPU 1 is busy: used by pid 4242")
+    assert store.list_jobs() == []
+
+
+def test_the_memory_fit_uses_the_datasets_width(lab_home, cfg, fake_gpus):  # noqa: F811
+    fake_gpus.set(n_gpus=1, memory_used=80 * GiB - 100 * 2**20)
+    verdict = submission.check(cfg, "0", None)
+    ((field, message),) = problems(verdict)
+    assert field == "gpus" and "free but the run needs about" in message
+
+
+def test_values_are_scanned_up_to_the_size_limit_only(lab_home, cfg, tmp_path, monkeypatch):
+    import numpy as np
+
+    acts = np.random.default_rng(0).standard_normal((2048, 8)).astype(np.float32)
+    acts[-1, 3] = np.nan
+    np.save(tmp_path / "nan.npy", acts)
+    nan_cfg = cfg.model_copy(update={"activation_source": str(tmp_path / "nan.npy"), "holdout_tokens": 256})
+    assert "NaN" in submission.check(nan_cfg, None, 1).describe()
+    assert submission.check(nan_cfg, None, 1, scan_values=False).ok  # the page while a person types
+    monkeypatch.setattr(submission, "FULL_SCAN_MAX_BYTES", 1000)  # a "huge" set: rank 0 scans it at start
+    assert submission.check(nan_cfg, None, 1).ok
+
+
+def test_resume_needs_a_failed_or_cancelled_job_with_a_complete_checkpoint(lab_home, cfg, fake_gpus):  # noqa: F811
+    fake_gpus.set(n_gpus=2)
+    j = store.submit_job(cfg, "1", None, name="base", submitted_by="ada")
+    with pytest.raises(store.JobError, match="only failed or cancelled"):
+        submission.resume(j.id)
+    store.request_cancel(j.id)
+    with pytest.raises(store.JobError, match="no complete checkpoint"):
+        submission.resume(j.id)
+    partial = lab_home / "jobs" / str(j.id) / "checkpoints" / "step_000000010"
+    partial.mkdir(parents=True)  # no COMPLETE marker: a checkpoint cut short
+    with pytest.raises(store.JobError, match="no complete checkpoint"):
+        submission.resume(j.id)
+    (partial / "COMPLETE").write_text("10")
+    resumed, _ = submission.resume(j.id)
+    assert resumed.resumed_from == j.id and resumed.status == "queued"
+    assert resumed.gpu_list == [1] and resumed.name == "base (resumed)" and resumed.submitted_by == "ada"
+    assert resumed.config_json == j.config_json
+    # a resume that fails before its own first checkpoint is resumed from the checkpoint it started from
+    store.finish_job(resumed.id, "failed", 1, "boom")
+    again, _ = submission.resume(resumed.id)
+    assert again.resumed_from == j.id and again.name == "base (resumed)"
+
+
+def test_resume_passes_the_gate_a_gpu_taken_meanwhile_is_refused(lab_home, cfg, fake_gpus, tmp_path):  # noqa: F811
+    fake_gpus.set(n_gpus=2)
+    j = store.submit_job(cfg, "1", None)
+    store.request_cancel(j.id)
+    done = lab_home / "jobs" / str(j.id) / "checkpoints" / "step_000000010"
+    done.mkdir(parents=True)
+    (done / "COMPLETE").write_text("10")
+    fake_gpus.set(n_gpus=2, overrides={1: {"processes": [fake.process(4242, 30 * GiB)]}})
+    with pytest.raises(submission.SubmissionRejected, match="GPU 1 is busy"):
+        submission.resume(j.id)
