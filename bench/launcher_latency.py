@@ -2,7 +2,7 @@
 and a real job's lifecycle through the daemon (submit -> running, kill -9 of a rank -> failed,
 cancel -> cancelled). CPU only; prints a markdown table.
 
-    python bench/launcher_latency.py [--repeats 3]
+    python -m bench.launcher_latency [--repeats 3]
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from sae_core import db
+from sae_core.config import TrainConfig
+from sae_core.data.toy import write_toy
+from sae_core.jobs import metrics, processes, scheduler, store
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -30,12 +32,9 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def sink_latency(home: Path, locked: bool) -> dict:
-    from sae_core import store
-    from sae_core.config import TrainConfig
-
     cfg = TrainConfig(activation_source="/x", d_sae=64, k=8, batch_size=256, total_steps=10)
     job = store.submit_job(cfg, None, 1)
-    sink = store.SqliteMetricsSink(job.id, flush_interval_s=0.05, close_timeout_s=30)
+    sink = metrics.SqliteMetricsSink(job.id, flush_interval_s=0.05, close_timeout_s=30)
     holder = None
     if locked:  # another connection holds the write lock for 2 s
         holder = sqlite3.connect(home / "lab.db", isolation_level=None, check_same_thread=False)
@@ -52,20 +51,17 @@ def sink_latency(home: Path, locked: bool) -> dict:
         if step % 100 == 0:
             time.sleep(0.1)  # training between log steps
     sink.close()
-    assert store.metric_count(job.id) == 2000
+    assert metrics.metric_count(job.id) == 2000
     return {"p50_us": percentile(costs, 0.5) * 1e6, "p99_us": percentile(costs, 0.99) * 1e6,
             "max_ms": max(costs) * 1e3, "flushes": sink.flushes}  # fmt: skip
 
 
 def claim_latency() -> float:
-    from sae_core import store
-    from sae_core.config import TrainConfig
-
     cfg = TrainConfig(activation_source="/x", d_sae=64, k=8, batch_size=256, total_steps=10)
     for i in range(100):
         store.submit_job(cfg, str(i % 8), None)
     started = time.perf_counter()
-    store.claim_runnable(cpu_budget=2)
+    scheduler.claim_runnable(cpu_budget=2)
     return (time.perf_counter() - started) * 1e3
 
 
@@ -80,15 +76,11 @@ def wait(predicate, timeout: float = 180.0, poll: float = 0.02):
 
 
 def lifecycle(home: Path, repeats: int) -> dict[str, list[float]]:
-    from sae_core import launcher, store
-    from sae_core.config import TrainConfig
-    from sae_core.data import write_toy
-
     toy = home / "toy.safetensors"
     write_toy(toy, tokens=16384, d_in=32, features=64, seed=0)
     cfg = TrainConfig(activation_source=str(toy), d_sae=64, k=4, batch_size=256, total_steps=1_000_000,
                       log_every=20, checkpoint_every=1_000_000, holdout_tokens=1024, device="cpu")  # fmt: skip
-    env = dict(os.environ, SAE_LAB_HOME=str(home), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, SAE_LAB_HOME=str(home), OMP_NUM_THREADS="1")
     daemon = subprocess.Popen([sys.executable, "-m", "sae_core", "serve", "--sample-interval", "0"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     results: dict[str, list[float]] = {"submit -> running (s)": [], "submit -> first metrics (s)": [],
@@ -102,7 +94,7 @@ def lifecycle(home: Path, repeats: int) -> dict[str, list[float]]:
             wait(lambda job=job: store.get_job(job.id).last_step > 0)
             results["submit -> first metrics (s)"].append(time.time() - submitted)
             if i % 2 == 0:
-                ranks = [p for p in launcher.job_processes(running, home) if p.environ().get("LOCAL_RANK") == "1"]
+                ranks = [p for p in processes.job_processes(running, home) if p.environ().get("LOCAL_RANK") == "1"]
                 ranks[0].send_signal(signal.SIGKILL)
                 killed = time.time()
                 done = wait(lambda job=job: store.get_job(job.id).finished_at and store.get_job(job.id))
@@ -114,7 +106,7 @@ def lifecycle(home: Path, repeats: int) -> dict[str, list[float]]:
                 done = wait(lambda job=job: store.get_job(job.id).finished_at and store.get_job(job.id))
                 assert done.status == "cancelled", done.status
                 results["cancel -> cancelled (s)"].append(done.finished_at - asked)
-            assert launcher.job_processes(done, home) == []
+            assert processes.job_processes(done, home) == []
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(30)
@@ -131,8 +123,6 @@ def main() -> int:
         free = sink_latency(home, locked=False)
         locked = sink_latency(home, locked=True)
         claim_ms = claim_latency()
-        from sae_core import db
-
         db.dispose_engines()
         life_home = home / "life"
         life_home.mkdir()

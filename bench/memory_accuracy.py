@@ -5,11 +5,11 @@ For each configuration, a fresh process trains a few steps with the real trainer
     measured = torch.cuda.max_memory_reserved() + context,
     context  = NVML's memory for the process - torch.cuda.memory_reserved()  (CUDA context, kernels,
                libraries: everything outside PyTorch's allocator)
-and the table compares it with memory.estimate(cfg, 1).total_bytes (goal: within +-10 %).
+and the table compares it with memory.estimate(cfg, 1, d_in).total_bytes (goal: within +-10 %).
 
-    python bench/memory_accuracy.py            # all configurations, a markdown table at the end
-    python bench/memory_accuracy.py --quick    # the first two only
-    python bench/memory_accuracy.py --one '{"architecture": "topk", "d_in": 768, ...}'  # one run, JSON out
+    python -m bench.memory_accuracy            # all configurations, a markdown table at the end
+    python -m bench.memory_accuracy --quick    # the first two only
+    python -m bench.memory_accuracy --one '{"architecture": "topk", "d_in": 768, ...}'  # one run, JSON out
 
 Without a CUDA device it prints "no CUDA device: not run" and exits 0.
 """
@@ -25,8 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from sae_core import train
+from sae_core.config import TrainConfig
+from sae_core.data.toy import write_toy
+from sae_core.gpu import memory, nvml
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 GiB = 1024**3
 STEPS = 3
@@ -65,9 +69,7 @@ def train_config(spec: dict, source: str) -> dict:
 
 def process_gpu_memory(pid: int) -> int | None:
     """NVML's figure for one process on any GPU (None when NVML cannot attribute memory)."""
-    from sae_core import gpus
-
-    for g in gpus.probe().gpus:
+    for g in nvml.probe().gpus:
         for proc in g.processes or []:
             if proc.pid == pid and proc.gpu_memory is not None:
                 return proc.gpu_memory
@@ -76,14 +78,12 @@ def process_gpu_memory(pid: int) -> int | None:
 
 def run_one(spec: dict) -> dict:
     """Train `spec` for a few steps in this process and measure its memory (needs CUDA)."""
-    import torch
-
-    from sae_core import data, train
+    import torch  # the measuring child only: the parent never touches CUDA
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         source = tmp / "acts.safetensors"
-        data.write_toy(source, tokens=spec["batch_size"] * 2 + HOLDOUT, d_in=spec["d_in"], features=64, seed=0)
+        write_toy(source, tokens=spec["batch_size"] * 2 + HOLDOUT, d_in=spec["d_in"], features=64, seed=0)
         cfg_path = tmp / "cfg.json"
         cfg_path.write_text(json.dumps(train_config(spec, str(source))))
         started = time.perf_counter()
@@ -108,9 +108,10 @@ def run_one(spec: dict) -> dict:
 
 
 def measure_in_child(spec: dict, timeout_s: float = 900) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run(
-        [sys.executable, __file__, "--one", json.dumps(spec)],
+        [sys.executable, "-m", "bench.memory_accuracy", "--one", json.dumps(spec)],
+        cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
@@ -121,10 +122,7 @@ def measure_in_child(spec: dict, timeout_s: float = 900) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def estimate_for(spec: dict):
-    from sae_core import memory
-    from sae_core.config import TrainConfig
-
+def estimate_for(spec: dict) -> memory.MemoryEstimate:
     cfg = TrainConfig.model_validate(train_config(spec, "unused"))
     return memory.estimate(cfg, 1, d_in=spec["d_in"])
 
@@ -139,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--one", help="JSON spec: run it here and print the measurement as JSON")
     parser.add_argument("--quick", action="store_true", help="only the first two configurations")
     args = parser.parse_args(argv)
-    import torch
+    import torch  # after parsing, so --help is quick
 
     if not torch.cuda.is_available():
         print("no CUDA device: not run")
@@ -147,8 +145,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         print(json.dumps(run_one(json.loads(args.one))))
         return 0
-    from sae_core import memory
-
     rows = []
     for spec in CONFIGS[:2] if args.quick else CONFIGS:
         est = estimate_for(spec)

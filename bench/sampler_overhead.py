@@ -8,8 +8,8 @@
    the last hour raw at 1 Hz), for each window, per-GPU and aggregated: cold (a fresh query) and
    live (a page re-querying every 2 s while the sampler writes, which reuses finished buckets).
 
-    python bench/sampler_overhead.py              # fake NVML (this machine has no GPU)
-    python bench/sampler_overhead.py --nvml real  # the machine's NVML (a GPU box)
+    python -m bench.sampler_overhead              # fake NVML (this machine has no GPU)
+    python -m bench.sampler_overhead --nvml real  # the machine's NVML (a GPU box)
 """
 
 from __future__ import annotations
@@ -24,8 +24,14 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import psutil
+from sqlalchemy import insert
+
+from sae_core import db
+from sae_core.db.tables import GpuMinute, GpuSample, HostSample, Job
+from sae_core.gpu import history, nvml
+from sae_core.jobs.gpus import job_index
+from tests.fakes import fake_pynvml as fake
 
 N_GPUS = 8
 DAY = 86400.0
@@ -45,8 +51,6 @@ def start_ranks(n: int) -> tuple[subprocess.Popen, list[int]]:
 
 
 def stop_ranks(parent: subprocess.Popen) -> None:
-    import psutil
-
     for child in psutil.Process(parent.pid).children(recursive=True):
         child.kill()
     parent.kill()
@@ -54,8 +58,6 @@ def stop_ranks(parent: subprocess.Popen) -> None:
 
 
 def setup_fake(home: Path, rank_pids: list[int]) -> None:
-    from tests.fakes import fake_pynvml as fake
-
     scn = fake.scenario(
         N_GPUS,
         topology="dgx",
@@ -67,11 +69,6 @@ def setup_fake(home: Path, rank_pids: list[int]) -> None:
 
 
 def add_live_job(engine, parent_pid: int) -> None:
-    import psutil
-
-    from sae_core import db
-    from sae_core.db.tables import Job
-
     with db.write_session(engine) as session:
         session.add(
             Job(
@@ -87,10 +84,8 @@ def add_live_job(engine, parent_pid: int) -> None:
 
 
 def measure_ticks(engine, ticks: int) -> dict:
-    from sae_core import gpus, history
-
     clock_t = [time.time()]
-    sampler = history.Sampler(engine, interval_s=1.0, clock=lambda: clock_t[0])
+    sampler = history.Sampler(engine, interval_s=1.0, clock=lambda: clock_t[0], job_index=lambda: job_index(engine))
     sampler.tick()  # warm: NVML init, topology, psutil caches, first compaction
     probe_cpu = 0.0
     start_cpu, start_wall = time.process_time(), time.perf_counter()
@@ -100,9 +95,9 @@ def measure_ticks(engine, ticks: int) -> dict:
     cpu, wall = time.process_time() - start_cpu, time.perf_counter() - start_wall
     for _ in range(ticks):  # the probe alone, for the split
         t0 = time.process_time()
-        gpus.probe(gpus.job_of_pid_from_store(engine))
+        nvml.probe(job_index(engine))
         probe_cpu += time.process_time() - t0
-    result = gpus.probe(gpus.job_of_pid_from_store(engine))
+    result = nvml.probe(job_index(engine))
     attributed = sum(1 for g in result.gpus for p in g.processes or [] if p.job_id is not None)
     return {
         "ticks": ticks,
@@ -116,11 +111,6 @@ def measure_ticks(engine, ticks: int) -> dict:
 
 def fill_history(engine, now: float) -> None:
     """What the sampler leaves after running for a week: minute rows, then the last hour raw."""
-    from sqlalchemy import insert
-
-    from sae_core import db
-    from sae_core.db.tables import GpuMinute, GpuSample, HostSample
-
     gib = 1024**3
     raw_start = now - 3600
     minutes = [
@@ -162,17 +152,10 @@ def fill_history(engine, now: float) -> None:
         session.execute(insert(GpuMinute), minutes)
         session.execute(insert(GpuSample), raws)
         session.execute(insert(HostSample), hosts)
-    from sae_core import history
-
     history.compact(engine, now)  # as the sampler does: the last hour's minutes are summarised too
 
 
 def measure_queries(engine, now: float, repeats: int = 5) -> list[dict]:
-    from sqlalchemy import insert
-
-    from sae_core import db, history
-    from sae_core.db.tables import GpuSample
-
     rows = []
     clock = [now]
     history._now = lambda: clock[0]  # live views read this clock
@@ -228,8 +211,6 @@ def measure_queries(engine, now: float, repeats: int = 5) -> list[dict]:
 
 
 def machine() -> str:
-    import psutil
-
     cpu = platform.processor() or platform.machine()
     return (
         f"{platform.node()}: {psutil.cpu_count()} CPUs ({cpu}), {psutil.virtual_memory().total / 1024**3:.0f} GiB RAM"
@@ -249,8 +230,6 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.nvml == "fake":
                 setup_fake(home, rank_pids)
-            from sae_core import db, history
-
             engine = db.get_engine(home)
             add_live_job(engine, parent.pid)
             tick = measure_ticks(engine, args.ticks)

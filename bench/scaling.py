@@ -1,11 +1,11 @@
-"""Validate the scaling model (sae_core.scaling) with real torchrun runs: measured vs predicted step time.
+"""Validate the scaling model (sae_core.gpu.scaling) with real torchrun runs: measured vs predicted step time.
 
 Runs the trainer on 1 rank and on N ranks (gloo on CPU here; NCCL where GPUs exist), each rank with the
 same threads, measures the mean step time, and — inside the N-rank run — the time of a bare all-reduce of
 the gradient bytes, and the per-step work every rank repeats in full (the optimizer). The model predicts
 step(N) = (step(1) − fixed)/N + fixed + allreduce(N); the printed table compares.
 
-    .venv/bin/python bench/scaling.py [--ranks 2] [--steps 30] [--d-sae 4096]
+    .venv/bin/python -m bench.scaling [--ranks 2] [--steps 30] [--d-sae 4096]
 """
 
 from __future__ import annotations
@@ -20,18 +20,20 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
+from sae_core.config import TrainConfig
+from sae_core.data.checks import check_dataset
+from sae_core.data.toy import write_toy
+from sae_core.engine.distributed import init_process_group, read_dist_env
+from sae_core.engine.trainer import Trainer
+from sae_core.gpu.scaling import predict
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 
 def worker(args) -> None:
-    import torch
-    import torch.distributed as dist
-
-    from sae_core.config import TrainConfig
-    from sae_core.data import check_dataset
-    from sae_core.train import Trainer, init_process_group, read_dist_env
-
     cfg = TrainConfig(
         activation_source=args.data,
         architecture="topk",
@@ -98,7 +100,8 @@ def run(nproc: int, args, data: Path) -> dict:
         "torch.distributed.run",
         "--standalone",
         f"--nproc-per-node={nproc}",
-        __file__,
+        "-m",
+        "bench.scaling",
         "--worker",
         "--data",
         str(data),
@@ -109,8 +112,8 @@ def run(nproc: int, args, data: Path) -> dict:
         "--batch",
         str(args.batch),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO)}
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
     return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
 
 
@@ -125,10 +128,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     if args.worker:
-        return worker(args)
-    from sae_core.data import write_toy
-    from sae_core.scaling import predict
-
+        worker(args)
+        return
     data = Path(tempfile.mkdtemp()) / "toy.safetensors"
     write_toy(data, tokens=args.batch * (args.steps + 12), d_in=128, features=1024, seed=0)
     one, many = run(1, args, data), run(args.ranks, args, data)

@@ -5,7 +5,7 @@ one nearly full) with 24 h of history, the toy dataset, one real 2-process CPU t
 and SAEs pages show real curves and a real SAE), a failed and a cancelled job. Then `streamlit run app.py`
 (which starts the launcher daemon) is photographed page by page.
 
-    .venv/bin/python bench/screenshots.py [--out docs/screenshots]
+    .venv/bin/python -m bench.screenshots [--out docs/screenshots]
 """
 
 from __future__ import annotations
@@ -19,16 +19,24 @@ import tempfile
 import time
 from pathlib import Path
 
+from playwright.sync_api import expect, sync_playwright
+
+from bench.ui_render import seed_history
+from sae_core import db
+from sae_core.config import TrainConfig
+from sae_core.data.catalog import TOY_DEFAULTS
+from sae_core.data.toy import write_toy
+from sae_core.files import TOY_FILE
+from sae_core.jobs import store
+from tests.app.test_e2e_browser import CHROMIUM_ARGS, chromium_path, free_port, stop_everything, wait_healthy
+from tests.fakes import fake_pynvml as fake
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
 VIEWPORT = {"width": 1440, "height": 1000}
 
 
 def workstation(me: int) -> dict:
-    from tests.fakes import fake_pynvml as fake
-
     gib = fake.GiB
     return fake.scenario(
         n_gpus=8,
@@ -63,10 +71,7 @@ def workstation(me: int) -> dict:
 
 
 def submit_jobs(home: Path) -> int:
-    from sae_core import store
-    from sae_core.config import TrainConfig
-
-    toy = str(home / "datasets" / "toy.safetensors")
+    toy = str(home / "datasets" / TOY_FILE)
     good = TrainConfig(
         activation_source=toy,
         d_sae=512,
@@ -91,26 +96,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    from playwright.sync_api import expect, sync_playwright
-    from ui_render import seed_history
-
-    from tests.fakes import fake_pynvml as fake
-    from tests.test_e2e_browser import CHROMIUM_ARGS, chromium_path, free_port, stop_everything, wait_healthy
-
     tmp = Path(tempfile.mkdtemp(prefix="sae_lab_shots_"))
     home = tmp / "lab"
     home.mkdir()
     scenario_file = fake.write_scenario(tmp / "gpus.json", workstation(os.getpid()))
     env = dict(os.environ, SAE_LAB_HOME=str(home), OMP_NUM_THREADS="1", **fake.env_for(scenario_file))
-    env["PYTHONPATH"] = str(REPO)
     env.pop("SAE_LAB_PASSWORD", None)
     os.environ.update(SAE_LAB_HOME=str(home), **fake.env_for(scenario_file))
 
-    from sae_core import data, db, store, ui_support
-
     engine = db.get_engine()
     seed_history(engine, time.time())
-    data.write_toy(home / "datasets" / ui_support.TOY_FILE_NAME, **ui_support.TOY_DEFAULTS)
+    write_toy(home / "datasets" / TOY_FILE, **TOY_DEFAULTS)
     job_id = submit_jobs(home)
 
     port = free_port()
@@ -135,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         ],
         cwd=REPO,
         env=env,
-        stdout=open(tmp / "streamlit.log", "wb"),
+        stdout=open(tmp / "streamlit.log", "wb"),  # noqa: SIM115  (the server outlives this statement)
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )

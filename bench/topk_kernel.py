@@ -1,27 +1,23 @@
-"""The CPU kernels (`sae_core/csrc/cpu_kernels.c`) against the torch operations they replace.
+"""The CPU kernels (`sae_core/engine/csrc/cpu_kernels.c`) against the torch operations they replace.
 
 Each line: median time of the kernel and of torch on the same random input, timed interleaved, and the
 ratio. Top-k over several widths and k (torch.topk(sorted=False)); the latent layout (argsort + counts);
 the sparse weight gradient (torch CSR @ dense) and the decoder's row dots (embedding + bmm).
 
-    .venv/bin/python bench/topk_kernel.py [--threads 2] [--reps 30]
+    .venv/bin/python -m bench.topk_kernel [--threads 2] [--reps 30]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from sae_core import cpu_kernels  # noqa: E402
-from sae_core.sae import LatentLayout, _row_dots_eager  # noqa: E402
+from sae_core.engine import cpu_kernels
+from sae_core.engine.sparse import LatentLayout, _row_dots_eager
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 

@@ -4,7 +4,7 @@ Toy set, TopK and BatchTopK, d_in 128, d_sae 1024, k 8, global batch 4096 (issue
 step time, the median time of one [batch × d_in] @ [d_in × d_sae] matmul timed just before each step, and
 their ratio; then FVU and mmcs after the run so speed changes can be checked for quality. CUDA configurations run where a GPU exists.
 
-    .venv/bin/python bench/train_throughput.py [--steps 60] [--threads 2] [--cuda-only]
+    .venv/bin/python -m bench.train_throughput [--steps 60] [--threads 2] [--cuda-only]
 """
 
 from __future__ import annotations
@@ -12,19 +12,18 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from sae_core.config import TrainConfig  # noqa: E402
-from sae_core.data import check_dataset, write_toy  # noqa: E402
-from sae_core.evaluation import evaluate  # noqa: E402
-from sae_core.train import DistEnv, Trainer  # noqa: E402
+from sae_core.config import TrainConfig
+from sae_core.data.checks import check_dataset
+from sae_core.data.toy import write_toy
+from sae_core.engine.distributed import DistEnv
+from sae_core.engine.evaluation import evaluate
+from sae_core.engine.trainer import Trainer
 
 
 def sync(device: torch.device) -> None:

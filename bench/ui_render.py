@@ -5,7 +5,7 @@ Scenario (issue 5 §6):
   the last hour, per-minute rows before that), per-GPU and aggregated, for each window.
 - Jobs: 200 jobs, the selected one running with a 100,000-step metric history.
 
-    .venv/bin/python bench/ui_render.py [--reruns 15]
+    .venv/bin/python -m bench.ui_render [--reruns 15]
 
 Prints the median and p90 milliseconds per rerun. The wall time of `AppTest.run()` includes AppTest's
 own overhead (script thread start, message parsing), so the figures are an upper bound of server time.
@@ -14,6 +14,8 @@ own overhead (script thread start, message parsing), so the figures are an upper
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import shutil
 import statistics
@@ -22,8 +24,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from sqlalchemy import insert
+from streamlit.testing.v1 import AppTest
+
+from sae_core import db
+from sae_core.config import TrainConfig
+from sae_core.db.tables import GpuMinute, GpuSample, HostSample, MetricPoint
+from sae_core.gpu import history
+from sae_core.jobs import daemon_control, metrics, scheduler, store
+from tests.fakes import fake_pynvml as fake
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 N_GPUS = 8
 HISTORY_S = 24 * 3600
@@ -34,13 +45,6 @@ N_STEPS = 100_000
 
 def seed_history(engine, now: float) -> None:
     """24 h of samples as the sampler + compaction leave them: 1 s rows for the last hour, minutes before."""
-    import math
-
-    from sqlalchemy import insert
-
-    from sae_core import db
-    from sae_core.db.tables import GpuMinute, GpuSample, HostSample
-
     gib = 1024**3
     raw, minutes, host = [], [], []
     for s in range(RAW_S):
@@ -108,14 +112,6 @@ def seed_history(engine, now: float) -> None:
 
 def seed_jobs(engine, home: Path) -> int:
     """200 jobs in every status; the newest runs with a 100k-step metric history. Returns its id."""
-    import json
-
-    from sqlalchemy import insert
-
-    from sae_core import db, store
-    from sae_core.config import TrainConfig
-    from sae_core.db.tables import MetricPoint
-
     cfg = TrainConfig(activation_source=str(home / "datasets" / "x.safetensors"), d_sae=16384, total_steps=N_STEPS)
     statuses = ["completed", "failed", "cancelled", "queued"]
     for i in range(N_JOBS - 1):
@@ -124,10 +120,10 @@ def seed_jobs(engine, home: Path) -> int:
         if status != "queued":
             store.request_cancel(job.id, engine=engine) if status == "cancelled" else None
             if status != "cancelled":
-                store.claim_runnable(cpu_budget=64, engine=engine)
+                scheduler.claim_runnable(cpu_budget=64, engine=engine)
                 store.finish_job(job.id, status, exit_code=0 if status == "completed" else 1, engine=engine)
     running = store.submit_job(cfg, "0,1,2,3", None, name="big-run", submitted_by="bench", engine=engine)
-    store.claim_runnable(cpu_budget=64, engine=engine)
+    scheduler.claim_runnable(cpu_budget=64, engine=engine)
     store.mark_running(running.id, os.getpid(), time.time(), engine=engine)
     t0 = time.time() - N_STEPS * 0.05
     rows = [
@@ -150,8 +146,8 @@ def seed_jobs(engine, home: Path) -> int:
     ]
     with db.write_session(engine) as session:
         session.execute(insert(MetricPoint), rows)
-    store.write_metric_points(
-        running.id, [store.metric_point_from_record(running.id, {"step": N_STEPS, "tokens": 0})], engine=engine
+    metrics.write_metric_points(
+        running.id, [metrics.metric_point_from_record(running.id, {"step": N_STEPS, "tokens": 0})], engine=engine
     )
     return running.id
 
@@ -183,15 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     home = Path(tempfile.mkdtemp(prefix="sae_lab_bench_ui_"))
     os.environ["SAE_LAB_HOME"] = str(home)
     os.environ["SAE_LAB_NVML_MODULE"] = "tests.fakes.fake_pynvml"
-    from streamlit.testing.v1 import AppTest
-
-    from sae_core import db, history, launcher
-    from tests.fakes import fake_pynvml as fake
-
     # The daemon boundary: report a healthy launcher without starting one.
     now = time.time()
-    launcher.ensure_daemon = lambda home=None, **kw: True
-    launcher.daemon_status = lambda home=None, now=None: launcher.DaemonStatus(
+    daemon_control.ensure_daemon = lambda home=None, **kw: True
+    daemon_control.daemon_status = lambda home=None, now=None: daemon_control.DaemonStatus(
         True, True, 1, time.time(), time.time(), "bench", "x"
     )
     fake.set_scenario(fake.scenario(n_gpus=N_GPUS, util_gpu=80, memory_used=40 * fake.GiB))

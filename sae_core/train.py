@@ -25,7 +25,8 @@ def job_sinks() -> list[MetricsSink]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_training(argv, extra_sinks=job_sinks)
+    code = run_training(argv, extra_sinks=job_sinks)  # torchrun's @record types it as optional
+    return 0 if code is None else code
 
 
 if __name__ == "__main__":

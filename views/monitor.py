@@ -66,9 +66,7 @@ def host_section(engine, probe) -> None:
     cols[2].metric("Last sample", f"{max(0.0, time.time() - probe.t):.0f} s ago")
     host_series = frames.host_history_long(query_host(engine, window))
     if not host_series.empty:
-        st.vega_lite_chart(
-            host_series, charts.host_history_spec(), width="stretch", height=charts.WIDE_CHART_HEIGHT
-        )
+        st.vega_lite_chart(host_series, charts.host_history_spec(), width="stretch", height=charts.WIDE_CHART_HEIGHT)
 
 
 @st.fragment(run_every=2)

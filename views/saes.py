@@ -49,9 +49,7 @@ else:
     st.caption(f"{dead:,} of {len(log10_freq):,} latents never fired on the training tokens (dead).")
     histogram = frames.firing_histogram(log10_freq)
     if not histogram.empty:
-        st.vega_lite_chart(
-            histogram, charts.firing_histogram_spec(), width="stretch", height=charts.WIDE_CHART_HEIGHT
-        )
+        st.vega_lite_chart(histogram, charts.firing_histogram_spec(), width="stretch", height=charts.WIDE_CHART_HEIGHT)
 
 st.markdown("**Download**")
 sae_download(st, sae_dir, f"{sae_dir.name}-sae.zip", "saes_download", "saes_prepare")

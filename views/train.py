@@ -26,7 +26,7 @@ OTHER_PATH = "Other path…"
 
 
 @st.cache_resource(ttl=60, max_entries=16, show_spinner=False)
-def open_dataset(path: str, key: str, mtime: float):
+def open_dataset(path: str, key: str, mtime: float):  # noqa: ARG001  (mtime: part of the cache key)
     """Memory-maps the set (header reads only); `mtime` in the key re-opens a rewritten file."""
     return open_activations(path, key)
 

@@ -13,7 +13,16 @@ from pathlib import Path
 import numpy as np
 
 from ..files import ACTIVATION_SUFFIXES, FEATURES_KEY
-from .formats import DatasetError, is_features_file, list_shards, map_file, map_npy, map_safetensors, to_float32
+from .formats import (
+    DatasetError,
+    is_features_file,
+    list_shards,
+    map_file,
+    map_npy,
+    map_safetensors,
+    read_safetensors_header,
+    to_float32,
+)
 
 
 @dataclass
@@ -105,7 +114,8 @@ def open_activations(source: str | Path, key: str = "activations") -> Activation
             f"{path}: unsupported file type {path.suffix or '(no suffix)'!r}; "
             f"allowed: {', '.join(ACTIVATION_SUFFIXES)}, or a directory of such shards"
         )
-    shards, start = [], 0
+    shards: list[Shard] = []
+    start = 0
     for p in paths:
         array, dtype = map_file(p, key)
         if array.ndim != 2:
@@ -138,20 +148,20 @@ def _load_features(source: Path, shards: list[Shard], key: str, d_in: int) -> np
     if key == FEATURES_KEY:
         return None
     for candidate in _features_candidates(source, shards):
-        if not candidate.is_file():
+        if not candidate.is_file() or not _may_hold_features(candidate):
             continue
-        if candidate.suffix.lower() == ".safetensors":
-            found = map_safetensors(candidate, FEATURES_KEY, required=is_features_file(candidate))
-        elif is_features_file(candidate):
-            found = map_npy(candidate)
-        else:
-            found = None
-        if found is None:
-            continue
-        array, dtype = found
+        safetensors = candidate.suffix.lower() == ".safetensors"
+        array, dtype = map_safetensors(candidate, FEATURES_KEY) if safetensors else map_npy(candidate)
         if array.ndim != 2 or array.shape[1] != d_in:
             raise DatasetError(
                 f"{candidate}: ground-truth features have shape {list(array.shape)}; expected [n_features, {d_in}]"
             )
         return to_float32(np.asarray(array), dtype)
     return None
+
+
+def _may_hold_features(candidate: Path) -> bool:
+    """A features file holds them (or is an error); an activation file may carry a `features` tensor."""
+    if is_features_file(candidate):
+        return True
+    return candidate.suffix.lower() == ".safetensors" and FEATURES_KEY in read_safetensors_header(candidate)

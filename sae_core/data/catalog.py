@@ -14,12 +14,12 @@ def list_datasets(datasets_dir: Path) -> list[Path]:
     """Activation sets in the datasets folder: files of a known kind, and shard directories."""
     if not datasets_dir.is_dir():
         return []
-    found = []
-    for entry in sorted(datasets_dir.iterdir()):
-        if entry.name.startswith("."):
-            continue
-        if entry.is_file() and entry.suffix in ACTIVATION_SUFFIXES:
-            found.append(entry)
-        elif entry.is_dir() and any(p.suffix in ACTIVATION_SUFFIXES for p in entry.iterdir()):
-            found.append(entry)
-    return found
+    return [entry for entry in sorted(datasets_dir.iterdir()) if _is_activation_set(entry)]
+
+
+def _is_activation_set(entry: Path) -> bool:
+    if entry.name.startswith("."):
+        return False
+    if entry.is_dir():
+        return any(p.suffix in ACTIVATION_SUFFIXES for p in entry.iterdir())
+    return entry.is_file() and entry.suffix in ACTIVATION_SUFFIXES

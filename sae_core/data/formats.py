@@ -20,7 +20,7 @@ ALLOWED_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16", "float64")
 
 # safetensors dtype codes we read, and how their bytes are mapped (bfloat16 has no numpy dtype: kept as raw uint16).
 _ST_FLOATS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-_STORAGE = {
+_STORAGE: dict[str, np.dtype] = {
     "float64": np.dtype("<f8"),
     "float32": np.dtype("<f4"),
     "float16": np.dtype("<f2"),
@@ -99,12 +99,10 @@ def _logical_dtype_of_numpy(path: Path, dtype: np.dtype) -> str:
     raise DatasetError(f"{path}: array has {kind} dtype {dtype}; allowed: {', '.join(ALLOWED_DTYPES)}")
 
 
-def map_safetensors(path: Path, key: str, *, required: bool = True) -> tuple[np.ndarray, str] | None:
+def map_safetensors(path: Path, key: str) -> tuple[np.ndarray, str]:
     """Memory-map tensor `key` of a safetensors file; returns (raw array, logical dtype)."""
     entries = read_safetensors_header(path)
     if key not in entries:
-        if not required:
-            return None
         present = ", ".join(repr(k) for k in entries) or "none"
         raise DatasetError(f"{path}: no tensor named {key!r}; tensors present: {present}")
     entry = entries[key]

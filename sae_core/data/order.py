@@ -59,11 +59,12 @@ class RankBatches:
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """All training rows in the order of epoch `epoch` (cached for the current epoch)."""
-        if self._order_epoch != epoch:
+        order = self._order
+        if order is None or self._order_epoch != epoch:
             rng = np.random.default_rng([self.seed, _EPOCH_STREAM, epoch])
-            self._order = self._train[rng.permutation(len(self._train))]
-            self._order_epoch = epoch
-        return self._order
+            order = self._train[rng.permutation(len(self._train))]
+            self._order, self._order_epoch = order, epoch
+        return order
 
     def _upcoming(self) -> tuple[int, int]:
         if self.position >= self.batches_per_epoch:

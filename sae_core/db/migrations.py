@@ -61,10 +61,9 @@ def current_version(conn: Connection) -> int | None:
 
 def _up_to_date(engine: Engine) -> bool:
     """Read-only check, so that a process opening a current file never waits for the write lock."""
-    with engine.connect() as conn:
-        with conn.begin():
-            missing = set(SQLModel.metadata.tables) - set(inspect(conn).get_table_names())
-            return not missing and current_version(conn) == SCHEMA_VERSION
+    with engine.connect() as conn, conn.begin():
+        missing = set(SQLModel.metadata.tables) - set(inspect(conn).get_table_names())
+        return not missing and current_version(conn) == SCHEMA_VERSION
 
 
 def upgrade(engine: Engine) -> int:

@@ -29,7 +29,8 @@ class Job(SQLModel, table=True):
     starting/running; a queued job may be cancelled by anyone."""
 
     __tablename__ = "job"
-    id: int | None = Field(default=None, primary_key=True)
+    # Assigned by SQLite on insert; every row read back has one, so it is typed as set.
+    id: int = Field(default=None, primary_key=True)
     name: str = ""
     submitted_by: str = ""
     config_json: str  # TrainConfig as JSON, exactly as submitted

@@ -43,6 +43,7 @@ class SparseAutoencoder(nn.Module):
     constraint and the export of its tensors. Subclasses define `encode` and the training loss."""
 
     spec: ClassVar[Architecture]
+    input_scale: torch.Tensor  # a buffer: the factor applied to raw inputs during training
 
     def __init__(
         self,
@@ -57,17 +58,16 @@ class SparseAutoencoder(nn.Module):
         self.d_in, self.d_sae = d_in, d_sae
         self.k: int | None = None
         self.kernels = kernels or Kernels()
-        factory = {"dtype": dtype, "device": device}
-        self.W_dec = nn.Parameter(torch.empty(d_sae, d_in, **factory))
-        self.W_enc = nn.Parameter(torch.empty(d_in, d_sae, **factory))
-        self.b_enc = nn.Parameter(torch.zeros(d_sae, **factory))
-        self.b_dec = nn.Parameter(torch.zeros(d_in, **factory))
+        self.W_dec = nn.Parameter(torch.empty(d_sae, d_in, dtype=dtype, device=device))
+        self.W_enc = nn.Parameter(torch.empty(d_in, d_sae, dtype=dtype, device=device))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae, dtype=dtype, device=device))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, dtype=dtype, device=device))
         # Not a weight: the factor applied to raw inputs during training; folded in at save.
         self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device))
         self.reset_parameters()
 
     @classmethod
-    def config_options(cls, cfg) -> dict:
+    def config_options(cls, cfg) -> dict:  # noqa: ARG003  (the interface: subclasses read their options)
         """Constructor options of this architecture that a TrainConfig sets (besides sizes and dtype)."""
         return {}
 
@@ -114,7 +114,7 @@ class SparseAutoencoder(nn.Module):
         dead_mask: torch.Tensor | None = None,
         aux_k: int = 0,
         aux_coefficient: float = 0.0,
-        reference: bool = False,
+        reference: bool = False,  # noqa: ARG002  (the dense path is every architecture's reference)
     ) -> StepOutput:
         """Forward pass and loss on a (scaled) batch x [B, d_in].
 
@@ -141,7 +141,8 @@ class SparseAutoencoder(nn.Module):
         """(latents z [B, d_sae] with gradients, sparsity penalty) of the training forward pass."""
         raise NotImplementedError
 
-    def dense_aux_loss(self, x, x_hat, pre, dead_mask, aux_k, aux_coefficient) -> torch.Tensor:
+    def dense_aux_loss(self, x, x_hat, pre, dead_mask, aux_k, aux_coefficient) -> torch.Tensor:  # noqa: ARG002
+        """The auxiliary loss of the dense path: none, but for the TopK family's AuxK."""
         return pre.new_zeros(())
 
     @torch.no_grad()
@@ -195,12 +196,14 @@ class JumpReLUSAE(SparseAutoencoder):
     gradients to the threshold (Rajamanoharan et al. 2024)."""
 
     spec = ARCHITECTURES["jumprelu"]
+    loaded_threshold: torch.Tensor | None
 
     def __init__(self, d_in: int, d_sae: int, *, init_threshold: float = 0.001, bandwidth: float = 0.001, **base):
         super().__init__(d_in, d_sae, **base)
         self.bandwidth = bandwidth
-        factory = {"dtype": self.W_enc.dtype, "device": self.W_enc.device}
-        self.log_threshold = nn.Parameter(torch.full((d_sae,), math.log(init_threshold), **factory))
+        self.log_threshold = nn.Parameter(
+            torch.full((d_sae,), math.log(init_threshold), dtype=self.W_enc.dtype, device=self.W_enc.device)
+        )
         self.register_buffer("loaded_threshold", None)  # a loaded file's threshold (load_saved_tensors)
 
     @classmethod
@@ -236,6 +239,7 @@ class TopKSAE(SparseAutoencoder):
     encoder gradients touch the selected latents only (`sparse.py`)."""
 
     spec = ARCHITECTURES["topk"]
+    k: int
 
     def __init__(self, d_in: int, d_sae: int, *, k: int, **base):
         if not k:
@@ -335,6 +339,7 @@ class BatchTopKSAE(TopKSAE):
     a learned threshold replaces the batch rule, so it is saved as a JumpReLU (Bussmann et al. 2024)."""
 
     spec = ARCHITECTURES["batchtopk"]
+    batch_threshold: torch.Tensor
 
     def __init__(self, d_in: int, d_sae: int, *, k: int, **base):
         super().__init__(d_in, d_sae, k=k, **base)

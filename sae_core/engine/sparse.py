@@ -124,7 +124,7 @@ class SelectedPreActivations(torch.autograd.Function):
     Σ_j g[b, j] W_enc[:, idx[b, j]]. Cost O(B·k·d_in) instead of two dense O(B·d_in·d_sae) matmuls."""
 
     @staticmethod
-    def forward(ctx, x_cent, W_enc, b_enc, values, idx, layout):
+    def forward(ctx, x_cent, W_enc, b_enc, values, idx, layout):  # noqa: ARG004  (b_enc: for its gradient)
         ctx.save_for_backward(x_cent, W_enc, idx)
         ctx.layout = layout
         return values.clone()  # a new tensor, so autograd can own it

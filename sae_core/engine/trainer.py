@@ -96,7 +96,7 @@ class Trainer:
             init_from_data(self.sae, first, cfg.b_dec_init)
         # Reads batch n+1 from disk while batch n trains; its state is what the loop has consumed.
         self.reader = Prefetcher(data, self.batches, pin_memory=env.device.type == "cuda")
-        self.forward = _TrainForward(self.sae)
+        self.forward: torch.nn.Module = _TrainForward(self.sae)
         if dist.is_initialized() and env.world_size > 1:
             # Buffers are kept identical by construction (all-reduced statistics), so no re-broadcast.
             self.forward = DistributedDataParallel(
@@ -114,7 +114,8 @@ class Trainer:
         x = self.reader.next().to(self.env.device, non_blocking=True)
         return x * self.sae.input_scale
 
-    def train_step(self) -> dict[str, torch.Tensor]:
+    def train_step(self) -> tuple[torch.Tensor, StepOutput]:
+        """One optimizer step; returns this rank's (scaled) batch and the step's output, for logging."""
         cfg = self.cfg
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.step, cfg)
@@ -136,7 +137,7 @@ class Trainer:
         self._track_firing(out.fired_counts)
         self.step += 1
         self.tokens += cfg.batch_size
-        return {"x": x, "out": out}
+        return x, out
 
     def forward_backward(self, x: torch.Tensor, step_kwargs: dict) -> StepOutput:
         """Loss and gradients of the per-rank batch, in micro-batches when asked: gradients accumulate
@@ -146,7 +147,8 @@ class Trainer:
         outputs = []
         for i, chunk in enumerate(chunks):
             last = i == len(chunks) - 1
-            sync = contextlib.nullcontext() if last or not hasattr(self.forward, "no_sync") else self.forward.no_sync()
+            no_sync = getattr(self.forward, "no_sync", None)  # DDP's; a single process has none
+            sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
             autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cfg.autocast == "bf16" and x.is_cuda)
             with sync:
                 with autocast:
@@ -276,20 +278,21 @@ class Trainer:
         cfg = self.cfg
         start = time.perf_counter()
         last_log_time, last_log_step = start, self.step
+        x = out = None  # a resume from the final checkpoint has no step left to run
         while self.step < cfg.total_steps:
-            result = self.train_step()
+            x, out = self.train_step()
             is_last = self.step == cfg.total_steps
             if self.step % cfg.log_every == 0 or is_last:
                 now = time.perf_counter()
                 tokens_per_s = (self.step - last_log_step) * cfg.batch_size / max(now - last_log_time, 1e-9)
                 eta_s = (cfg.total_steps - self.step) * cfg.batch_size / max(tokens_per_s, 1e-9)
-                self.log(result["x"], result["out"], tokens_per_s, eta_s)
+                self.log(x, out, tokens_per_s, eta_s)
                 last_log_time, last_log_step = now, self.step
             if self.step % cfg.checkpoint_every == 0 or is_last:
                 self.save_checkpoint(self.elapsed + time.perf_counter() - start)
         train_seconds = self.elapsed + time.perf_counter() - start
         self.reader.close()
-        del result  # the last batch and its outputs
+        del x, out  # the last batch and its outputs
         return self.finish(train_seconds)
 
     def log(self, x, out, tokens_per_s: float, eta_s: float) -> None:

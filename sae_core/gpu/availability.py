@@ -193,6 +193,7 @@ def _set_key(group: Sequence[GpuStatus]) -> tuple:
 
 
 def _closest_set(candidates: list[GpuStatus], count: int) -> list[GpuStatus]:
+    best: Sequence[GpuStatus]
     if math.comb(len(candidates), count) <= MAX_COMBINATIONS:
         best = min(itertools.combinations(candidates, count), key=_set_key)
     else:  # many GPUs: grow a set from each start, always adding the closest remaining GPU

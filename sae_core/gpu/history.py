@@ -152,8 +152,8 @@ def write_probe(engine: Engine, result: Probe) -> None:
     with db.write_session(engine) as session:
         conn = session.connection()  # Core executemany: the ORM's bulk path costs more than the rows
         if gpu_rows:
-            conn.execute(insert(GpuSample.__table__), gpu_rows)
-        conn.execute(insert(HostSample.__table__), [host_row])
+            conn.execute(insert(GpuSample), gpu_rows)
+        conn.execute(insert(HostSample), [host_row])
         conn.execute(upsert)
 
 
@@ -302,7 +302,7 @@ def query_series(
     frame = pd.DataFrame(rows, columns=_PER_GPU_COLUMNS)
     frame["gpu"] = frame["gpu"].astype("int64")
     frame.insert(0, "t", pd.to_datetime(frame.pop("b").astype("float64") * width, unit="s", utc=True))
-    return frame.astype({c: "float64" for c in SERIES_COLUMNS[2:]})
+    return frame.astype(dict.fromkeys(SERIES_COLUMNS[2:], "float64"))
 
 
 HOST_COLUMNS = ["t", "cpu_percent", "cpu_percent_max", "ram_used", "ram_total"]
@@ -338,7 +338,7 @@ def query_host(engine: Engine, window: str | float, now: float | None = None, ma
     rows.sort(key=lambda r: r[0])
     frame = pd.DataFrame(rows, columns=["b", *HOST_COLUMNS[1:]])
     frame.insert(0, "t", pd.to_datetime(frame.pop("b").astype("float64") * width, unit="s", utc=True))
-    return frame.astype({c: "float64" for c in HOST_COLUMNS[1:]})
+    return frame.astype(dict.fromkeys(HOST_COLUMNS[1:], "float64"))
 
 
 # A bucket is final once it ended this long ago: a tick commits its rows within about an interval
@@ -363,11 +363,10 @@ def _bucket_rows(engine: Engine, key: tuple, sql: str, window_s: float, width: f
 
     The first bucket is read whole (from its aligned start), so a cached and a fresh answer agree.
     With `now` given (history, tests) nothing is cached."""
-    live = now is None
-    now = _now() if live else now
+    if now is not None:
+        return _fetch(engine, sql, math.floor((now - window_s) / width) * width, now, width)
+    now = _now()
     first_b = math.floor((now - window_s) / width)
-    if not live:
-        return _fetch(engine, sql, first_b * width, now, width)
     key = (id(engine), str(engine.url), *key)
     last_b = math.floor(now / width)
     with _bucket_cache_lock:

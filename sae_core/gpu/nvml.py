@@ -262,24 +262,22 @@ def _topology(session: _Session, gpus: list[GpuInfo], handles: dict[int, Any]) -
     nvml = session.nvml
     fn = getattr(nvml, "nvmlDeviceGetTopologyCommonAncestor", None)
     n = len(gpus)
-    matrix: list[list[int | None]] | None = [[None] * n for _ in range(n)]
+    levels: list[list[int | None]] = [[None] * n for _ in range(n)]
     supported = False
     for i in handles:
         for j in handles:
-            if fn is None or i >= j:
+            if nvml is None or fn is None or i >= j:
                 continue
             try:
                 level = _optional(nvml, fn, handles[i], handles[j])
             except _GpuGone:
                 level = None
             if level is not None:
-                matrix[i][j] = matrix[j][i] = int(level)
+                levels[i][j] = levels[j][i] = int(level)
                 supported = True
-    if supported:
-        for i in handles:
-            matrix[i][i] = 0
-    else:
-        matrix = None
+    for i in handles:
+        levels[i][i] = 0
+    matrix = levels if supported else None
     session.topology[key] = matrix
     return matrix
 
@@ -293,8 +291,9 @@ def cuda_visible_devices(gpu_ids: Iterable[int], probe_result: Probe | None = No
     ids = [int(i) for i in gpu_ids]
     current = probe_result if probe_result is not None else probe()
     uuids = {g.index: g.uuid for g in current.gpus if g.error is None}
-    if ids and all(uuids.get(i) for i in ids):
-        return ",".join(uuids[i] for i in ids)
+    names = [uuids.get(i) for i in ids]
+    if ids and all(names):
+        return ",".join(str(name) for name in names)
     return ",".join(str(i) for i in ids)
 
 

@@ -23,6 +23,7 @@ PCIE_LANE_BYTES_PER_S = {1: 0.25e9, 2: 0.5e9, 3: 0.985e9, 4: 1.969e9, 5: 3.938e9
 PCIE_EFFICIENCY = 0.8  # protocol overhead: a x16 gen4 link moves ~25 of its 31.5 GB/s in practice
 NVLINK_BYTES_PER_S_PER_LINK = 25e9  # per direction, NVLink 3/4 class
 DEFAULT_LATENCY_S = 20e-6  # per ring hop (NCCL over PCIe/NVLink is ~5-30 µs)
+PCIE4_X16_BYTES_PER_S = PCIE_LANE_BYTES_PER_S[4] * 16 * PCIE_EFFICIENCY  # when NVML reports no link
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,6 @@ def speedup_labels(cfg, d_in: int, gpus, counts=(2, 4, 8)) -> list[str]:
         )
         for g in gpus
     ]
-    bandwidth = min((b for b in links if b), default=link_bandwidth(4, 16))
+    bandwidth = min((b for b in links if b), default=PCIE4_X16_BYTES_PER_S)
     compute = estimate_compute_seconds(cfg, d_in, gpus[0].name or "")
     return [p.label() for p in predict_many(compute, parameter_bytes(cfg, d_in), bandwidth, counts=usable)]

@@ -149,9 +149,9 @@ class Launcher:
     def _adopt(self, job: Job) -> Tracked | None:
         """A job this daemon does not know: re-adopt it if its leader lives, else settle it now."""
         leader = process_if_same(job.pid, job.pid_start_time) if job.status == "running" else None
-        if leader is not None:
-            log.info("job %s: re-adopted (pid %s)", job.id, job.pid)
-            tracked = Tracked(job.id, job.pid, job.pid_start_time)
+        if leader is not None and job.pid_start_time is not None:
+            log.info("job %s: re-adopted (pid %s)", job.id, leader.pid)
+            tracked = Tracked(job.id, leader.pid, job.pid_start_time)
             self.tracked[job.id] = tracked
             return tracked
         # Gone while no launcher watched (or lost between claim and start): its exit file, if any, tells.

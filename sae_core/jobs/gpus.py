@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import time
 
-from sqlalchemy import select
 from sqlalchemy.engine import Engine
+from sqlmodel import col, select
 
 from .. import db
 from ..db.tables import LIVE_STATUSES, Job
@@ -25,7 +25,8 @@ SNAPSHOT_MAX_AGE_S = 10.0  # older sampler snapshots are replaced by a live prob
 def job_index(engine: Engine) -> JobIndex:
     """The live jobs' leaders (pid, start time), read once: GPU processes are matched against them."""
     # A Core query on a plain connection: the sampler runs this every second.
-    query = select(Job.id, Job.pid, Job.pid_start_time).where(Job.status.in_(LIVE_STATUSES), Job.pid.is_not(None))
+    live = col(Job.status).in_(LIVE_STATUSES)
+    query = select(Job.id, Job.pid, Job.pid_start_time).where(live, col(Job.pid).is_not(None))
     with engine.connect() as conn:
         rows = conn.execute(query).all()
     return JobIndex({job_id: (pid, started) for job_id, pid, started in rows})
@@ -41,7 +42,9 @@ def current_probe(engine: Engine) -> Probe:
 
 def gpu_holders(engine: Engine) -> dict[int, list[JobRef]]:
     """GPU index -> the queued/starting/running jobs that hold it."""
-    query = select(Job.id, Job.name, Job.status, Job.gpu_ids).where(Job.status.in_(LIVE_STATUSES), Job.gpu_ids != "")
+    query = select(Job.id, Job.name, Job.status, Job.gpu_ids).where(
+        col(Job.status).in_(LIVE_STATUSES), Job.gpu_ids != ""
+    )
     with engine.connect() as conn:
         rows = conn.execute(query).all()
     holders: dict[int, list[JobRef]] = {}

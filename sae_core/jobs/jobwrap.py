@@ -11,6 +11,7 @@ The wrapper forwards SIGTERM/SIGINT/SIGHUP to its child and exits with the child
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -43,10 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         if child is None:
             pending.append(signum)
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):
             child.send_signal(signum)
-        except ProcessLookupError:
-            pass
 
     # Installed before the child starts, so a cancel in that window is not lost.
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

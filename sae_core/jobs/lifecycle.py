@@ -15,8 +15,7 @@ from .. import db, paths
 from ..db.tables import FINAL_STATUSES, Job
 from ..files import EVAL_FILE
 from ..gpu.processes import process_if_same
-from . import store
-from . import daemon_control
+from . import daemon_control, store
 from .diagnosis import read_exit_code, root_cause
 from .logs import log_dir_of
 from .metrics import backfill_metrics_from_jsonl

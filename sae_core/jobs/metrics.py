@@ -45,14 +45,16 @@ def metric_point_from_record(job_id: int, record: dict) -> MetricPoint | None:
     peak = record.get("peak_mem") or []
     if not isinstance(peak, list | tuple):
         peak = [peak]
-    return MetricPoint(
+    point = MetricPoint(
         job_id=job_id,
         step=int(record["step"]),
         tokens=int(record.get("tokens") or 0),
         peak_mem_json=json.dumps([int(p) if p is not None else None for p in peak]),
         time=_num(record.get("time")) or time.time(),
-        **{name: _num(record.get(name)) for name in METRIC_FIELDS},
     )
+    for name in METRIC_FIELDS:
+        setattr(point, name, _num(record.get(name)))
+    return point
 
 
 def write_metric_points(job_id: int, points: Sequence[MetricPoint], engine: Engine | None = None) -> None:

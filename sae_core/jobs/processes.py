@@ -64,9 +64,9 @@ def job_processes(job: Job, home: Path) -> list[psutil.Process]:
             continue
         try:
             env = proc.environ()
-            if env.get("SAE_LAB_JOB_ID") == str(job.id) and _same_home(env.get("SAE_LAB_HOME"), home):
-                if proc.status() != psutil.STATUS_ZOMBIE:
-                    found[proc.pid] = proc
+            ours = env.get("SAE_LAB_JOB_ID") == str(job.id) and _same_home(env.get("SAE_LAB_HOME"), home)
+            if ours and proc.status() != psutil.STATUS_ZOMBIE:
+                found[proc.pid] = proc
         except (psutil.Error, OSError):
             continue
     return list(found.values())

@@ -6,7 +6,7 @@ import time
 from collections.abc import Sequence
 
 from sqlalchemy.engine import Engine
-from sqlmodel import select
+from sqlmodel import col, select
 
 from .. import db
 from ..db.tables import ACTIVE_STATUSES, Job
@@ -76,8 +76,8 @@ def claim_runnable(
         if session.exec(select(Job.id).where(Job.status == "queued").limit(1)).first() is None:
             return []
     with db.write_session(engine) as session:
-        queued = session.exec(select(Job).where(Job.status == "queued").order_by(Job.id)).all()
-        active = session.exec(select(Job).where(Job.status.in_(ACTIVE_STATUSES))).all()
+        queued = session.exec(select(Job).where(Job.status == "queued").order_by(col(Job.id))).all()
+        active = session.exec(select(Job).where(col(Job.status).in_(ACTIVE_STATUSES))).all()
         # Read the clock only now, holding the write lock: started_at must not predate the claim.
         now = time.time() if now is None else now
         chosen = plan_starts(queued, active, cpu_budget, now, reserve_after_s)

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from sqlalchemy.engine import Engine
-from sqlmodel import select
+from sqlmodel import col, select
 
 from .. import db, paths
 from ..config import TrainConfig
@@ -33,7 +33,7 @@ def engine_or_default(engine: Engine | None) -> Engine:
 
 def engine_home(engine: Engine) -> Path:
     """The SAE_LAB_HOME an engine's lab.db lives in."""
-    return Path(engine.url.database).resolve().parent
+    return Path(str(engine.url.database)).resolve().parent
 
 
 # --------------------------------------------------------------------------- insert
@@ -101,8 +101,8 @@ def list_jobs(
         unknown = set(statuses) - set(JOB_STATUSES)
         if unknown:
             raise JobError(f"status: unknown {sorted(unknown)}; allowed: {', '.join(JOB_STATUSES)}")
-        query = query.where(Job.status.in_(statuses))
-    query = query.order_by(Job.id.desc() if newest_first else Job.id)
+        query = query.where(col(Job.status).in_(statuses))
+    query = query.order_by(col(Job.id).desc() if newest_first else col(Job.id))
     if limit is not None:
         query = query.limit(limit)
     with db.read_session(engine_or_default(engine)) as session:

@@ -16,8 +16,8 @@ from streamlit.testing.v1 import AppTest
 
 from sae_core import files, outputs
 from sae_core.jobs import store
-from tests.fakes.fixtures import fake_gpus  # noqa: F401  (fixture)
 from tests.app.test_app_pages import Lab, lab  # noqa: F401  (fixture)
+from tests.fakes.fixtures import fake_gpus  # noqa: F401  (fixture)
 
 SIZE = 1024**3
 MiB = 1024**2

@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from sae_core.config import TrainConfig
-from sae_core.gpu import memory, nvml
+from bench.memory_accuracy import estimate_for
+from sae_core.gpu import nvml
 from tests.conftest import REPO, subprocess_env
 
 torch = pytest.importorskip("torch")
@@ -73,7 +72,8 @@ def test_a_process_that_allocates_one_gib_appears_with_its_pid(real_nvml):
 def test_estimate_is_within_ten_percent_of_a_measured_small_run(real_nvml):
     spec = {"architecture": "topk", "d_in": 768, "d_sae": 8192, "batch_size": 1024, "autocast": None}
     out = subprocess.run(
-        [sys.executable, str(Path(REPO) / "bench" / "memory_accuracy.py"), "--one", json.dumps(spec)],
+        [sys.executable, "-m", "bench.memory_accuracy", "--one", json.dumps(spec)],
+        cwd=REPO,
         env=subprocess_env(),
         capture_output=True,
         text=True,
@@ -83,12 +83,7 @@ def test_estimate_is_within_ten_percent_of_a_measured_small_run(real_nvml):
     measured = json.loads(out.stdout.strip().splitlines()[-1])
     assert measured["exit_code"] == 0 and measured["context"] is not None
     peak = measured["reserved_peak"] + measured["context"]
-    # The bench's config for this spec (bench/memory_accuracy.py train_config): 3 steps, holdout 4096, k 32.
-    cfg = TrainConfig(
-        activation_source="unused", architecture="topk", d_sae=8192, k=32, batch_size=1024, total_steps=3,
-        holdout_tokens=4096, device="cuda",
-    )  # fmt: skip
-    estimate = memory.estimate(cfg, 1, spec["d_in"]).total_bytes
+    estimate = estimate_for(spec).total_bytes
     assert estimate == pytest.approx(peak, rel=0.10), (
         f"estimate {estimate / GiB:.2f} GiB vs measured {peak / GiB:.2f} GiB"
     )
