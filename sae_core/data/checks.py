@@ -6,15 +6,11 @@ scans when the job starts). No torch.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
+from ..config import TrainConfig
 from .activations import ActivationSet, open_activations
 from .formats import DatasetError, to_float32
-
-if TYPE_CHECKING:
-    from ..config import TrainConfig
 
 _SCAN_CHUNK_BYTES = 32 * 2**20  # bounded memory for the NaN/Inf scan
 _FLOAT32_MAX = float(np.finfo(np.float32).max)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import functools
 
+import altair as alt
+
 from .frames import CHART_METRICS
 
 # Charts are composed with Altair once per process (its schema validation costs tens of ms per
@@ -42,8 +44,6 @@ def host_history_spec() -> dict:
 
 @functools.cache
 def _percent_lines_spec(series: tuple[str, ...]) -> dict:
-    import altair as alt
-
     chart = (
         alt.Chart()
         .mark_line(interpolate="monotone", strokeWidth=1.5)
@@ -68,8 +68,6 @@ def metrics_spec(columns: int = 3) -> dict:
 
 @functools.cache
 def _metrics_spec(columns: int) -> dict:
-    import altair as alt
-
     # A facet needs top-level data to compile; a named placeholder is dropped from the spec so the
     # frame given to st.vega_lite_chart becomes the data.
     chart = (
@@ -93,8 +91,6 @@ def firing_histogram_spec() -> dict:
 
 @functools.cache
 def _firing_histogram_spec() -> dict:
-    import altair as alt
-
     chart = (
         alt.Chart()
         .mark_bar()

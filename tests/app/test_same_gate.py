@@ -1,0 +1,97 @@
+"""The Train page and `python -m sae_core submit` accept and refuse exactly the same submissions: one gate.
+
+Each case runs on a fresh lab: the page (AppTest, real widgets) and then the CLI (in process) are given
+the same config and placement, and must agree with each other and with the expected verdict. GPU cases
+run on four fake GPUs: GPU 0 held by another SAE Lab job (a new job may queue behind it), GPU 1 used by a
+foreign process (busy), GPUs 2 and 3 idle.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from sae_core.cli import jobs as cli_jobs
+from sae_core.files import TOY_FILE
+from sae_core.jobs import store
+from sae_core.ui.forms import FormValues, form_to_config
+from tests.app.test_app_pages import Lab, _toy, lab  # noqa: F401  (fixture)
+from tests.fakes import fake_pynvml as fake
+from tests.fakes.fixtures import fake_gpus  # noqa: F401  (fixture)
+
+CASES = [
+    # id, machine, global batch, placement, accepted
+    ("cpu job", "cpu", 4096, {"cpu": 2}, True),
+    ("batch does not split over the processes", "cpu", 4095, {"cpu": 2}, False),
+    ("fewer rows than one batch plus the holdout", "cpu", 16384, {"cpu": 2}, False),
+    ("gpu held by another sae lab job: queued behind it", "gpus", 4096, {"gpus": [0]}, True),
+    ("gpu used by a foreign process", "gpus", 4096, {"gpus": [1]}, False),
+    ("a held and a busy gpu", "gpus", 4096, {"gpus": [0, 1]}, False),
+    ("two idle gpus", "gpus", 4096, {"gpus": [2, 3]}, True),
+    ("batch does not split over three gpus", "gpus", 4096, {"gpus": [0, 2, 3]}, False),
+]
+
+
+def set_up_machine(lab: Lab, machine: str) -> None:
+    if machine == "cpu":
+        lab.sample(fake.no_driver())
+        return
+    lab.job("running", gpus="0")  # another SAE Lab job holds GPU 0
+    lab.sample(n_gpus=4, overrides={1: {"processes": [fake.process(4242, 30 * fake.GiB)]}})
+
+
+def page_accepts(lab: Lab, batch: int, placement: dict) -> bool:
+    at = lab.page("views/train.py", user_name="ana")
+    at.number_input(key="train_batch").set_value(batch)
+    if "cpu" in placement:
+        at.number_input(key="train_cpu_procs").set_value(placement["cpu"])
+    for index in placement.get("gpus", []):
+        box = at.checkbox(key=f"gpu_pick_{index}")
+        if box.disabled:
+            return False  # the page does not let it be chosen
+        box.check()
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    if at.button(key="train_submit").disabled:
+        return False
+    before = len(store.list_jobs())
+    at.button(key="train_submit").click().run()
+    return len(store.list_jobs()) > before
+
+
+def cli_accepts(lab: Lab, tmp_path, machine: str, batch: int, placement: dict, capsys) -> bool:
+    # The page's own form with the same values: the CLI gets exactly the config the page would queue.
+    values = FormValues(activation_source=str(lab.home / "datasets" / TOY_FILE), batch_size=batch)
+    values.device = "cpu" if machine == "cpu" else "auto"
+    cfg, errors = form_to_config(values)
+    assert cfg is not None, errors
+    path = tmp_path / "cfg.json"
+    path.write_text(cfg.model_dump_json())
+    where = (
+        ["--cpu-procs", str(placement["cpu"])]
+        if "cpu" in placement
+        else ["--gpus", ",".join(map(str, placement["gpus"]))]
+    )
+    code = cli_jobs.cli_submit(["--config", str(path), *where, "--user", "ana", "--no-daemon"])
+    capsys.readouterr()
+    assert code in (0, 2)
+    return code == 0
+
+
+@pytest.mark.parametrize(
+    ("machine", "batch", "placement", "accepted"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_page_and_cli_agree(lab, tmp_path, capsys, machine, batch, placement, accepted):  # noqa: F811
+    _toy(lab)
+    set_up_machine(lab, machine)
+    by_page = page_accepts(lab, batch, placement)
+    page_jobs = {j.id for j in store.list_jobs()}
+    for job in store.list_jobs(["queued"]):  # leave the CLI the same queue the page saw
+        store.request_cancel(job.id)
+    by_cli = cli_accepts(lab, tmp_path, machine, batch, placement, capsys)
+    assert (by_page, by_cli) == (accepted, accepted)
+    if accepted:
+        (page_job,) = [
+            j for j in store.list_jobs() if j.id in page_jobs and j.submitted_by == "ana" and j.status == "cancelled"
+        ]
+        (cli_job,) = [j for j in store.list_jobs() if j.id not in page_jobs]
+        assert cli_job.config_json == page_job.config_json and cli_job.gpu_ids == page_job.gpu_ids
