@@ -114,13 +114,15 @@ class SparseAutoencoder(nn.Module):
         dead_mask: torch.Tensor | None = None,
         aux_k: int = 0,
         aux_coefficient: float = 0.0,
-        reference: bool = False,  # noqa: ARG002  (the dense path is every architecture's reference)
+        reference: bool = False,
     ) -> StepOutput:
         """Forward pass and loss on a (scaled) batch x [B, d_in].
 
         `dead_mask` None means "no latent can be dead now" (the trainer knows this without a host sync
-        most steps), which skips AuxK. `reference=True` runs the plain dense path that the TopK family's
-        sparse fast path is tested against."""
+        most steps), which skips AuxK. `reference=True` runs the plain dense path that an architecture's
+        fast step (the TopK family's sparse one) is tested against."""
+        if not reference and (fast := self.fast_step(x, dead_mask, aux_k, aux_coefficient)) is not None:
+            return fast
         pre = self.pre_activations(x)
         z, sparsity = self.dense_latents(pre)
         x_hat = self.decode(z)
@@ -136,6 +138,10 @@ class SparseAutoencoder(nn.Module):
             l0=active.sum(-1).float().mean(),
             fired_counts=active.sum(0),
         )
+
+    def fast_step(self, x, dead_mask, aux_k, aux_coefficient) -> StepOutput | None:  # noqa: ARG002
+        """The architecture's own faster training step, when it has one; None: the dense path is it."""
+        return None
 
     def dense_latents(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(latents z [B, d_sae] with gradients, sparsity penalty) of the training forward pass."""
@@ -252,26 +258,6 @@ class TopKSAE(SparseAutoencoder):
         vals, idx = pre.topk(self.k, dim=-1)
         return torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
 
-    def training_step(
-        self,
-        x: torch.Tensor,
-        *,
-        sparsity_coefficient: float = 0.0,
-        dead_mask: torch.Tensor | None = None,
-        aux_k: int = 0,
-        aux_coefficient: float = 0.0,
-        reference: bool = False,
-    ) -> StepOutput:
-        if reference:
-            return super().training_step(
-                x,
-                sparsity_coefficient=sparsity_coefficient,
-                dead_mask=dead_mask,
-                aux_k=aux_k,
-                aux_coefficient=aux_coefficient,
-            )
-        return self._sparse_step(x, dead_mask, aux_k, aux_coefficient)
-
     # -- selection: which (row, latent) pairs a batch keeps
     @torch.no_grad()
     def select(self, pre: torch.Tensor) -> Selection:
@@ -284,7 +270,8 @@ class TopKSAE(SparseAutoencoder):
     def after_selection(self, vals: torch.Tensor, active: torch.Tensor) -> None:
         """Hook for what an architecture learns from the batch's selection (BatchTopK's threshold)."""
 
-    def _sparse_step(self, x, dead_mask, aux_k, aux_coefficient) -> StepOutput:
+    def fast_step(self, x, dead_mask, aux_k, aux_coefficient) -> StepOutput:
+        """The sparse step: no dense [B, d_sae] tensor in the backward pass."""
         x_cent = x - self.b_dec
         with torch.no_grad():
             pre = torch.addmm(self.b_enc.to(x.dtype), x_cent, self.W_enc.to(x.dtype))  # [B, d_sae]: the floor

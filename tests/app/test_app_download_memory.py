@@ -16,8 +16,6 @@ from streamlit.testing.v1 import AppTest
 
 from sae_core import files, outputs
 from sae_core.jobs import store
-from tests.app.test_app_pages import Lab, lab  # noqa: F401  (fixture)
-from tests.fakes.fixtures import fake_gpus  # noqa: F401  (fixture)
 
 SIZE = 1024**3
 MiB = 1024**2
@@ -70,7 +68,7 @@ def _big_sae(directory: Path) -> Path:
 
 
 @pytest.mark.parametrize("page", ["views/jobs.py", "views/saes.py"])
-def test_offered_1gb_download_is_not_read_on_reruns(lab, page):  # noqa: F811
+def test_offered_1gb_download_is_not_read_on_reruns(lab, page):
     job_id = lab.job("completed")
     _big_sae(Path(store.get_job(job_id).out_dir))
     at = lab.page(page)

@@ -14,9 +14,8 @@ from sae_core.cli import jobs as cli_jobs
 from sae_core.files import TOY_FILE
 from sae_core.jobs import store
 from sae_core.ui.forms import FormValues, form_to_config
-from tests.app.test_app_pages import Lab, _toy, lab  # noqa: F401  (fixture)
+from tests.app.conftest import Lab
 from tests.fakes import fake_pynvml as fake
-from tests.fakes.fixtures import fake_gpus  # noqa: F401  (fixture)
 
 CASES = [
     # id, machine, global batch, placement, accepted
@@ -80,8 +79,8 @@ def cli_accepts(lab: Lab, tmp_path, machine: str, batch: int, placement: dict, c
 @pytest.mark.parametrize(
     ("machine", "batch", "placement", "accepted"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
 )
-def test_page_and_cli_agree(lab, tmp_path, capsys, machine, batch, placement, accepted):  # noqa: F811
-    _toy(lab)
+def test_page_and_cli_agree(lab, tmp_path, capsys, machine, batch, placement, accepted):
+    lab.toy_dataset()
     set_up_machine(lab, machine)
     by_page = page_accepts(lab, batch, placement)
     page_jobs = {j.id for j in store.list_jobs()}
