@@ -9,12 +9,25 @@ from __future__ import annotations
 
 import json
 import math
+import stat
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .architectures import Architecture, ArchitectureName, architecture
+from .text import brief
+
+# Upper bounds of the counts (documented in README): far beyond any real run, well inside int64 and float64.
+MAX_STEPS = 10**9  # optimizer steps, and every step count (warm-ups, decay, log and checkpoint intervals)
+MAX_TOKENS = 2**24  # tokens per step (batch_size, micro_batch_size)
+MAX_HOLDOUT = 2**31
+MAX_WIDTH = 2**24  # latents (d_sae)
+MAX_K = 2**16  # k and aux_k
+MAX_SEED = 2**63 - 1
+MAX_COEFFICIENT = 1e6
+MAX_PATH_CHARS = 4096
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few hundred bytes; a bigger one is not read
 
 
 class ConfigError(ValueError):
@@ -24,68 +37,96 @@ class ConfigError(ValueError):
 class TrainConfig(BaseModel):
     """Everything one SAE training run needs. Defaults train well on their own."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan: NaN and Infinity (which JSON readers accept) are refused for every float field.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     activation_source: str = Field(
-        description="Path of the activations: a .safetensors file, a .npy file, or a directory of shards of either kind."
+        min_length=1,
+        max_length=MAX_PATH_CHARS,
+        description="Path of the activations: a .safetensors file, a .npy file, or a directory of shards of either kind.",
     )
-    activation_key: str = Field("activations", description="Tensor name inside .safetensors files.")
+    activation_key: str = Field(
+        "activations", min_length=1, max_length=256, description="Tensor name inside .safetensors files."
+    )
     architecture: ArchitectureName = Field(
         "topk", description="SAE kind: standard (ReLU + L1), topk, batchtopk or jumprelu."
     )
-    d_sae: int = Field(gt=0, le=2**24, description="Number of latents (dictionary size).")
-    k: int = Field(32, gt=0, description="Active latents per token for topk/batchtopk (mean per token for batchtopk).")
+    d_sae: int = Field(gt=0, le=MAX_WIDTH, description="Number of latents (dictionary size).")
+    k: int = Field(
+        32, gt=0, le=MAX_K, description="Active latents per token for topk/batchtopk (mean per token for batchtopk)."
+    )
     l1_coefficient: float = Field(
         5.0,
         ge=0,
+        le=MAX_COEFFICIENT,
         description="Sparsity penalty weight: L1 (scaled by decoder norms) for standard, L0 for jumprelu.",
     )
     l1_warmup_steps: int | None = Field(
-        None, ge=0, description="Steps over which the sparsity penalty ramps up from 0; default 5% of total_steps."
+        None,
+        ge=0,
+        le=MAX_STEPS,
+        description="Steps over which the sparsity penalty ramps up from 0; default 5% of total_steps.",
     )
-    batch_size: int = Field(4096, gt=0, description="GLOBAL tokens per optimizer step, split evenly across ranks.")
-    total_steps: int = Field(gt=0, description="Optimizer steps to train.")
+    batch_size: int = Field(
+        4096, gt=0, le=MAX_TOKENS, description="GLOBAL tokens per optimizer step, split evenly across ranks."
+    )
+    total_steps: int = Field(gt=0, le=MAX_STEPS, description="Optimizer steps to train.")
     micro_batch_size: int | None = Field(
         None,
         gt=0,
+        le=MAX_TOKENS,
         description="Tokens per forward/backward on one rank; the per-rank batch is processed in chunks of this size "
         "with gradients accumulated (one all-reduce per step). Default: the whole per-rank batch.",
     )
     lr: float | None = Field(
         None, gt=0, lt=1, description="Adam learning rate; default 2e-4 / sqrt(d_sae / 2**14) (Gao et al. 2024)."
     )
-    lr_warmup_steps: int | None = Field(None, ge=0, description="Linear LR warm-up steps; default 1% of total_steps.")
-    lr_decay_steps: int | None = Field(
-        None, ge=0, description="Linear decay to zero over the last N steps; default 20% of total_steps."
+    lr_warmup_steps: int | None = Field(
+        None, ge=0, le=MAX_STEPS, description="Linear LR warm-up steps; default 1% of total_steps."
     )
-    seed: int = Field(0, ge=0, description="Seed for initialisation and data order.")
+    lr_decay_steps: int | None = Field(
+        None, ge=0, le=MAX_STEPS, description="Linear decay to zero over the last N steps; default 20% of total_steps."
+    )
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed for initialisation and data order.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Dtype the weights are stored in.")
     autocast: Literal["bf16"] | None = Field(None, description="null or 'bf16': bf16 autocast for matmuls on CUDA.")
     checkpoint_every: int = Field(
-        1000, gt=0, description="Steps between checkpoints (one is always written at the end)."
+        1000, gt=0, le=MAX_STEPS, description="Steps between checkpoints (one is always written at the end)."
     )
-    keep_checkpoints: int = Field(3, gt=0, description="How many recent checkpoints are kept.")
-    log_every: int = Field(10, gt=0, description="Steps between metric records.")
-    holdout_tokens: int = Field(4096, ge=0, description="Rows kept out of training for evaluation.")
+    keep_checkpoints: int = Field(3, gt=0, le=1000, description="How many recent checkpoints are kept.")
+    log_every: int = Field(10, gt=0, le=MAX_STEPS, description="Steps between metric records.")
+    holdout_tokens: int = Field(4096, ge=0, le=MAX_HOLDOUT, description="Rows kept out of training for evaluation.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu.")
     aux_k: int | None = Field(
-        None, gt=0, description="Dead latents used by the AuxK loss (topk/batchtopk); default min(512, d_in/2)."
+        None,
+        gt=0,
+        le=MAX_K,
+        description="Dead latents used by the AuxK loss (topk/batchtopk); default min(512, d_in/2).",
     )
-    aux_k_coefficient: float = Field(1 / 32, ge=0, description="Weight of the AuxK loss.")
+    aux_k_coefficient: float = Field(1 / 32, ge=0, le=MAX_COEFFICIENT, description="Weight of the AuxK loss.")
     dead_tokens_window: int = Field(
-        1_000_000, gt=0, description="A latent that has not fired for this many tokens counts as dead."
+        1_000_000,
+        gt=0,
+        le=MAX_STEPS * MAX_TOKENS,
+        description="A latent that has not fired for this many tokens counts as dead.",
     )
     b_dec_init: Literal["mean", "geometric_median", "zeros"] = Field(
         "geometric_median", description="How b_dec is initialised from the first batch of data."
     )
-    grad_clip: float | None = Field(1.0, gt=0, description="Max gradient norm; null disables clipping.")
+    grad_clip: float | None = Field(
+        1.0, gt=0, le=MAX_COEFFICIENT, description="Max gradient norm; null disables clipping."
+    )
     torch_compile: bool = Field(
         False,
         description="Compile the decoder's gather-dot with torch.compile for CUDA and non-float32 runs: faster "
         "steps after a one-off compile (~20 s per process, cached on disk). Float32 CPU runs use a C kernel anyway.",
     )
-    jumprelu_bandwidth: float = Field(0.001, gt=0, description="Straight-through estimator bandwidth for jumprelu.")
-    jumprelu_init_threshold: float = Field(0.001, gt=0, description="Initial per-latent threshold for jumprelu.")
+    jumprelu_bandwidth: float = Field(
+        0.001, gt=0, le=MAX_COEFFICIENT, description="Straight-through estimator bandwidth for jumprelu."
+    )
+    jumprelu_init_threshold: float = Field(
+        0.001, gt=0, le=MAX_COEFFICIENT, description="Initial per-latent threshold for jumprelu."
+    )
 
     @model_validator(mode="after")
     def _cross_field_checks(self) -> TrainConfig:
@@ -156,19 +197,40 @@ class TrainConfig(BaseModel):
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> TrainConfig:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a JSON object of TrainConfig keys")
-        return cls.from_dict(data)
+        return cls.from_dict(read_json_object(path, "config file", "TrainConfig keys"))
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
+
+
+def read_json_object(path: str | Path, what: str, holds: str) -> dict:
+    """The JSON object in a regular file of at most MAX_CONFIG_BYTES, or ConfigError saying what is wrong.
+
+    Only a regular file is opened (a FIFO or a device would block the reader); nothing is read from a file
+    that is too large, and nesting too deep for the parser is an error, not a crash."""
+    path = Path(path)
+    shown = brief(path)
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} not found: {shown}") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} {shown} cannot be read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"{what} {shown} is not a regular file")
+    if info.st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{what} {shown} is {info.st_size:,} bytes; at most {MAX_CONFIG_BYTES:,} are read")
+    try:
+        data = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"{what} {shown} cannot be read ({exc.strerror or exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{what} {shown} is not valid JSON: {brief(exc)}") from None
+    except RecursionError:
+        raise ConfigError(f"{what} {shown} is not valid JSON: nested too deeply") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {shown} must hold a JSON object of {holds}")
+    return data
 
 
 def field_names() -> list[str]:
@@ -176,10 +238,10 @@ def field_names() -> list[str]:
 
 
 def describe_validation_error(exc: ValidationError) -> str:
-    """One line per problem: `field: what is wrong (allowed: ...)`."""
+    """One line per problem: `field: what is wrong (allowed: ...)`; a value is repeated briefly at most."""
     lines = []
     for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "config"
+        field = brief(".".join(str(p) for p in err["loc"]) or "config", 60)
         kind = err["type"]
         if kind == "extra_forbidden":
             lines.append(f"{field}: unknown key (allowed keys: {', '.join(field_names())})")
@@ -187,8 +249,10 @@ def describe_validation_error(exc: ValidationError) -> str:
             lines.append(f"{field}: required")
         elif kind == "literal_error":
             allowed = err.get("ctx", {}).get("expected", "")
-            lines.append(f"{field}: got {err.get('input')!r}; allowed: {allowed}")
+            lines.append(f"{field}: got {brief(repr(err.get('input')), 60)}; allowed: {allowed}")
+        elif kind == "finite_number":
+            lines.append(f"{field}: must be a finite number, got {brief(err.get('input'), 60)}")
         else:
-            msg = err["msg"].removeprefix("Value error, ")
+            msg = brief(err["msg"].removeprefix("Value error, "))
             lines.append(f"{field}: {msg}" if field != "config" else msg)
     return "; ".join(lines)

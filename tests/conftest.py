@@ -11,17 +11,20 @@ from pathlib import Path
 import pytest
 
 from sae_core import db
+from sae_core.data.catalog import DATA_ROOTS_ENV
 from sae_core.data.toy import write_toy
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def lab_home(tmp_path, monkeypatch) -> Path:
-    """A fresh, empty SAE_LAB_HOME; engines of earlier tests are forgotten."""
+def lab_home(tmp_path, tmp_path_factory, monkeypatch) -> Path:
+    """A fresh, empty SAE_LAB_HOME whose allowed data roots hold this session's temporary folders (where
+    the toy sets are written); engines of earlier tests are forgotten."""
     home = tmp_path / "lab"
     home.mkdir()
     monkeypatch.setenv("SAE_LAB_HOME", str(home))
+    monkeypatch.setenv(DATA_ROOTS_ENV, str(tmp_path_factory.getbasetemp()))
     db.dispose_engines()
     yield home
     db.dispose_engines()

@@ -1,6 +1,7 @@
 """TrainConfig: defaults, every out-of-range value and unknown key, with messages naming the field."""
 
 import json
+import os
 
 import pytest
 
@@ -90,3 +91,63 @@ def test_json_file_round_trip_and_file_errors(tmp_path):
     path.write_text(json.dumps([1, 2]))
     with pytest.raises(ConfigError, match="must hold a JSON object"):
         TrainConfig.from_json_file(path)
+
+
+# --------------------------------------------------------------------------- hardening (issue 11)
+
+FLOAT_FIELDS = [name for name, field in TrainConfig.model_fields.items() if field.annotation in (float, float | None)]
+
+
+def test_every_float_field_is_known():
+    assert set(FLOAT_FIELDS) == {
+        "l1_coefficient",
+        "lr",
+        "aux_k_coefficient",
+        "grad_clip",
+        "jumprelu_bandwidth",
+        "jumprelu_init_threshold",
+    }
+
+
+@pytest.mark.parametrize("field", FLOAT_FIELDS)
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers_are_refused_naming_the_field(tmp_path, field, literal):
+    # JSON readers accept NaN and Infinity; the config must not (Infinity once turned grad_clip off).
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(MINIMAL)[:-1] + f', "{field}": {literal}}}')
+    with pytest.raises(ConfigError) as refused:
+        TrainConfig.from_json_file(path)
+    assert str(refused.value).startswith(f"{field}: must be a finite number")
+
+
+@pytest.mark.parametrize("field", ["total_steps", "checkpoint_every", "log_every", "lr_warmup_steps"])
+def test_step_counts_have_a_documented_maximum(field):
+    with pytest.raises(ConfigError, match=f"{field}: Input should be less than or equal to 1000000000"):
+        make(**{field: 10**20})
+
+
+def test_a_deeply_nested_config_is_a_message_not_a_recursion_error(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ConfigError, match="not valid JSON: nested too deeply"):
+        TrainConfig.from_json_file(path)
+
+
+def test_a_large_config_file_is_not_read(tmp_path):
+    path = tmp_path / "big.json"
+    path.write_bytes(b" " * (2 << 20))
+    with pytest.raises(ConfigError, match="at most 1,048,576 are read"):
+        TrainConfig.from_json_file(path)
+
+
+def test_a_fifo_as_config_file_is_refused_without_blocking(tmp_path):
+    path = tmp_path / "cfg.json"
+    os.mkfifo(path)  # opening it for reading would wait for a writer forever
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        TrainConfig.from_json_file(path)
+
+
+def test_messages_repeat_at_most_a_little_of_a_value():
+    with pytest.raises(ConfigError) as refused:
+        TrainConfig.from_dict({**MINIMAL, "x" * 100_000: 1, "architecture": "y" * 100_000})
+    assert len(str(refused.value)) < 1000 and "unknown key" in str(refused.value)

@@ -11,7 +11,15 @@ import pytest
 from tests.conftest import REPO
 
 PACKAGE = REPO / "sae_core"
-SHARED = {"config", "architectures", "paths", "files", "outputs", "access"}  # facts and files every layer shares
+SHARED = {
+    "config",
+    "architectures",
+    "paths",
+    "files",
+    "outputs",
+    "access",
+    "text",
+}  # facts and files every layer shares
 
 # layer -> the sae_core layers it must never import
 FORBIDDEN = {

@@ -16,9 +16,9 @@ from sae_core.jobs.lifecycle import cancel_job
 from sae_core.jobs.logs import log_dir_of, tail_text
 from sae_core.jobs.metrics import metrics_frame
 from sae_core.outputs import is_trained_sae
+from sae_core.text import format_duration, format_rate
 from sae_core.ui import charts, frames, html
 from sae_core.ui.downloads import metrics_csv
-from sae_core.ui.format import format_duration, format_rate
 from sae_core.ui.forms import parse_job_param
 from views.widgets import sae_download
 

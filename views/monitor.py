@@ -8,8 +8,8 @@ import streamlit as st
 
 from sae_core import db
 from sae_core.gpu.history import latest_probe, query_host, query_series
+from sae_core.text import format_bytes, format_percent, power_label
 from sae_core.ui import charts, frames, html, labels
-from sae_core.ui.format import format_bytes, format_percent, power_label
 
 WINDOWS = ["5m", "1h", "24h", "7d"]
 CARD_COLUMNS = 4

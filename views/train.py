@@ -11,15 +11,15 @@ import streamlit as st
 from sae_core import db, paths
 from sae_core.architectures import ARCHITECTURE_NAMES, architecture
 from sae_core.data.activations import open_activations
-from sae_core.data.catalog import list_datasets
+from sae_core.data.catalog import OUTSIDE_ROOTS, in_data_roots, list_datasets
 from sae_core.data.formats import DatasetError
 from sae_core.gpu import memory, scaling
 from sae_core.gpu.availability import recommend
 from sae_core.gpu.history import latest_probe
 from sae_core.jobs import submission
 from sae_core.jobs.gpus import gpu_statuses
+from sae_core.text import format_bytes, format_percent
 from sae_core.ui import frames, html, labels
-from sae_core.ui.format import format_bytes, format_percent
 from sae_core.ui.forms import FormValues, form_to_config, gpu_choice, path_mtime
 
 OTHER_PATH = "Other path…"
@@ -44,6 +44,8 @@ def dataset_widgets() -> tuple[str, object | None, list[str]]:
     source = str(paths.datasets_dir() / choice) if choice != OTHER_PATH else (typed or "").strip()
     if not source:
         return "", None, []
+    if not in_data_roots(source, paths.lab_home()):
+        return source, None, [f"dataset: {OUTSIDE_ROOTS}"]
     try:
         dataset = open_dataset(source, "activations", path_mtime(source))
     except DatasetError as exc:
@@ -250,7 +252,16 @@ world = len(gpu_ids) or cpu_procs or 1
 notes: list[str] = []
 if cfg is not None and dataset is not None and not placement_errors:
     # The gate, without the full value scan (Submit does that): every rule the CLI applies.
-    verdict = submission.check(cfg, gpu_ids or None, cpu_procs, scan_values=False, statuses=statuses, engine=engine)
+    verdict = submission.check(
+        cfg,
+        gpu_ids or None,
+        cpu_procs,
+        name=job_name,
+        submitted_by=user.strip(),
+        scan_values=False,
+        statuses=statuses,
+        engine=engine,
+    )
     errors += [str(problem) for problem in verdict.problems]
     notes = verdict.notes
 

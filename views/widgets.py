@@ -8,8 +8,8 @@ import streamlit as st
 
 from sae_core.files import SAE_ZIP_FILE
 from sae_core.outputs import build_sae_zip, zip_is_current
+from sae_core.text import format_bytes
 from sae_core.ui.downloads import file_reader
-from sae_core.ui.format import format_bytes
 
 
 def sae_download(container, sae_dir: Path, file_name: str, download_key: str, prepare_key: str) -> None:

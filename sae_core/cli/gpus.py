@@ -16,7 +16,7 @@ from ..gpu.nvml import probe
 from ..gpu.processes import JobIndex
 from ..gpu.types import Probe
 from ..jobs.gpus import job_index
-from ..ui.format import format_bytes
+from ..text import format_bytes
 
 
 def _na(value: Any, fmt: str = "{}") -> str:

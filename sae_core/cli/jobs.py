@@ -22,6 +22,7 @@ from ..jobs.daemon_control import daemon_status, ensure_daemon
 from ..jobs.errors import JobError
 from ..jobs.lifecycle import GRACE_S, cancel_job
 from ..jobs.logs import log_dir_of
+from ..text import brief, format_duration
 
 REJECTED = 2
 
@@ -105,7 +106,7 @@ def _duration(job: Job, now: float) -> str:
     if job.started_at is None:
         return f"queued {now - job.created_at:.0f}s"
     end = job.finished_at or now
-    return time.strftime("%H:%M:%S", time.gmtime(max(0.0, end - job.started_at)))
+    return format_duration(max(0.0, end - job.started_at))
 
 
 def format_jobs(jobs: list[Job], now: float | None = None) -> str:
@@ -113,17 +114,17 @@ def format_jobs(jobs: list[Job], now: float | None = None) -> str:
     header = ("ID", "NAME", "STATUS", "WHERE", "STEP", "TOK/S", "USER", "TIME", "ERROR")
     rows = [header]
     for job in jobs:
-        error = (job.error or "").splitlines()[0][:60] if job.error else ""
+        error = brief(job.error.splitlines()[0], 60) if job.error else ""
         status = job.status + ("*" if job.cancel_requested and job.status not in FINAL_STATUSES else "")
         rows.append(
             (
                 str(job.id),
-                job.name[:24],
+                brief(job.name, 24),  # one line per job, whatever an older row holds
                 status,
                 _placement(job),
                 f"{job.last_step}/{job.total_steps}",
                 f"{job.tokens_per_s:,.0f}" if job.tokens_per_s else "-",
-                job.submitted_by[:12],
+                brief(job.submitted_by, 12),
                 _duration(job, now),
                 error,
             )

@@ -7,15 +7,18 @@ asked for, as float32 numpy (the torch side turns them into tensors).
 
 from __future__ import annotations
 
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..files import ACTIVATION_SUFFIXES, FEATURES_KEY
+from ..text import brief
 from .formats import (
     DatasetError,
     is_features_file,
+    is_regular_file,
     list_shards,
     map_file,
     map_npy,
@@ -101,17 +104,24 @@ def open_activations(source: str | Path, key: str = "activations") -> Activation
     differing width. Values are not scanned here (see `check_dataset`).
     """
     path = Path(source).expanduser()
-    if not path.exists():
+    shown = brief(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
         raise DatasetError(
-            f"activation source not found: {path} (expected a .safetensors file, a .npy file or a directory of them)"
-        )
-    if path.is_dir():
+            f"activation source not found: {shown} (expected a .safetensors file, a .npy file or a directory of them)"
+        ) from None
+    except (OSError, ValueError) as exc:  # a name too long, a permission refused, a loop of links, a NUL byte
+        raise DatasetError(f"{shown}: cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+    if stat.S_ISDIR(mode):
         paths = list_shards(path)
+    elif not stat.S_ISREG(mode):
+        raise DatasetError(f"{shown}: not a regular file or a directory of them")
     elif path.suffix.lower() in ACTIVATION_SUFFIXES:
         paths = [path]
     else:
         raise DatasetError(
-            f"{path}: unsupported file type {path.suffix or '(no suffix)'!r}; "
+            f"{shown}: unsupported file type {brief(path.suffix or '(no suffix)', 20)!r}; "
             f"allowed: {', '.join(ACTIVATION_SUFFIXES)}, or a directory of such shards"
         )
     shards: list[Shard] = []
@@ -148,7 +158,7 @@ def _load_features(source: Path, shards: list[Shard], key: str, d_in: int) -> np
     if key == FEATURES_KEY:
         return None
     for candidate in _features_candidates(source, shards):
-        if not candidate.is_file() or not _may_hold_features(candidate):
+        if not is_regular_file(candidate) or not _may_hold_features(candidate):
             continue
         safetensors = candidate.suffix.lower() == ".safetensors"
         array, dtype = map_safetensors(candidate, FEATURES_KEY) if safetensors else map_npy(candidate)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..files import ACTIVATION_SUFFIXES, FEATURES_KEY
+from ..text import brief
 
 ALLOWED_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16", "float64")
 
@@ -126,9 +128,13 @@ def map_npy(path: Path) -> tuple[np.ndarray, str]:
 
 
 def map_file(path: Path, key: str) -> tuple[np.ndarray, str]:
-    if path.suffix.lower() == ".safetensors":
-        return map_safetensors(path, key)
-    return map_npy(path)
+    """Memory-map an activation file of either kind; a file the OS will not give us is a DatasetError."""
+    try:
+        if path.suffix.lower() == ".safetensors":
+            return map_safetensors(path, key)
+        return map_npy(path)
+    except OSError as exc:
+        raise DatasetError(f"{brief(path)}: cannot be read ({exc.strerror or exc})") from None
 
 
 def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
@@ -146,12 +152,30 @@ def is_features_file(path: Path) -> bool:
 
 
 def list_shards(directory: Path) -> list[Path]:
-    files = sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
-    shards = [p for p in files if p.suffix.lower() in ACTIVATION_SUFFIXES and not is_features_file(p)]
+    """The activation shards of a directory: regular files of a known kind. What else the directory holds is
+    never named (on a shared URL that would list any folder of the server)."""
+    try:
+        entries = sorted(directory.iterdir())
+    except OSError as exc:
+        raise DatasetError(f"{brief(directory)}: cannot be read ({exc.strerror or exc})") from None
+    shards = [p for p in entries if _is_shard(p)]
     if not shards:
-        found = f" (found: {', '.join(p.name for p in files[:10])}{' ...' if len(files) > 10 else ''})" if files else ""
         raise DatasetError(
-            f"{directory}: directory holds no activation shards; expected files ending in {' or '.join(ACTIVATION_SUFFIXES)}"
-            f"{found}"
+            f"{brief(directory)}: directory holds no activation shards; expected files ending in "
+            f"{' or '.join(ACTIVATION_SUFFIXES)}"
         )
     return shards
+
+
+def _is_shard(path: Path) -> bool:
+    if path.name.startswith(".") or path.suffix.lower() not in ACTIVATION_SUFFIXES or is_features_file(path):
+        return False
+    return is_regular_file(path)
+
+
+def is_regular_file(path: Path) -> bool:
+    """A regular file (after symlinks): never a FIFO, socket or device, which would block or mislead a reader."""
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return False

@@ -25,6 +25,7 @@ from ..data.order import RankBatches
 from ..data.prefetch import Prefetcher
 from ..files import EVAL_FILE, METRICS_FILE, SPARSITY_FILE, TRAIN_CONFIG_FILE
 from ..outputs import latest_checkpoint
+from ..text import format_duration
 from . import checkpoint
 from .distributed import DistEnv, all_reduce_
 from .evaluation import evaluate
@@ -339,7 +340,7 @@ class Trainer:
 
 
 def progress_line(record: dict, eta_s: float) -> str:
-    eta = time.strftime("%H:%M:%S", time.gmtime(max(eta_s, 0))) if math.isfinite(eta_s) else "?"
+    eta = format_duration(eta_s) if math.isfinite(eta_s) else "?"
     return (
         f"step {record['step']}/{record['total_steps']} | {record['tokens_per_s']:,.0f} tok/s | "
         f"loss {record['loss']:.4g} | fvu {record['fvu']:.4f} | l0 {record['l0']:.1f} | ETA {eta}"

@@ -23,6 +23,7 @@ from sqlmodel import col, select
 from .. import db, paths
 from ..config import TrainConfig
 from ..db.tables import FINAL_STATUSES, JOB_STATUSES, Job
+from ..text import brief
 from .errors import JobError
 from .placement import check_placement
 
@@ -77,7 +78,17 @@ def submit_job(
 # --------------------------------------------------------------------------- queries
 
 
+MAX_JOB_ID = 2**63 - 1  # SQLite's largest integer: anything beyond names no row (and would overflow a query)
+
+
+def is_job_id(job_id: object) -> bool:
+    """Whether `job_id` can name a stored job at all (a whole number SQLite can hold)."""
+    return isinstance(job_id, int) and not isinstance(job_id, bool) and 1 <= job_id <= MAX_JOB_ID
+
+
 def get_job(job_id: int, engine: Engine | None = None) -> Job | None:
+    if not is_job_id(job_id):
+        return None
     with db.read_session(engine_or_default(engine)) as session:
         return session.get(Job, job_id)
 
@@ -85,7 +96,7 @@ def get_job(job_id: int, engine: Engine | None = None) -> Job | None:
 def require_job(job_id: int, engine: Engine | None = None) -> Job:
     job = get_job(job_id, engine)
     if job is None:
-        raise JobError(f"no job with id {job_id}")
+        raise JobError(f"no job with id {brief(job_id, 30)}")
     return job
 
 
@@ -167,9 +178,9 @@ def request_cancel(job_id: int, engine: Engine | None = None) -> Job:
     """Cancel a job: a queued one is cancelled at once (no daemon needed); a starting/running
     one gets `cancel_requested`, which the launcher acts on. Final jobs raise JobError."""
     with db.write_session(engine_or_default(engine)) as session:
-        job = session.get(Job, job_id)
+        job = session.get(Job, job_id) if is_job_id(job_id) else None
         if job is None:
-            raise JobError(f"no job with id {job_id}")
+            raise JobError(f"no job with id {brief(job_id, 30)}")
         if job.status in FINAL_STATUSES:
             raise JobError(f"job {job_id} is already {job.status}")
         job.cancel_requested = True

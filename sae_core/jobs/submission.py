@@ -16,14 +16,19 @@ from sqlalchemy.engine import Engine
 
 from ..config import ConfigError, TrainConfig
 from ..data.activations import ActivationSet
+from ..data.catalog import OUTSIDE_ROOTS, in_data_roots
 from ..data.checks import DatasetError, check_dataset
+from ..data.formats import is_regular_file
 from ..db.tables import Job
 from ..gpu.availability import GpuStatus, validate
 from ..outputs import checkpoint_root, latest_checkpoint
+from ..text import label_problem
 from . import store
 from .errors import JobError
 from .gpus import gpu_statuses
 from .placement import parse_placement
+
+MAX_NAME_CHARS = 200  # a job's name and who submitted it: shown to colleagues on one line
 
 # Above this size the gate checks the dataset's structure only; rank 0 still scans every value when the
 # job starts (a full NaN scan of a huge set would freeze the web form for minutes).
@@ -71,15 +76,20 @@ def check(
     gpu_ids: Sequence[int] | str | None,
     cpu_procs: int | None,
     *,
+    name: str = "",
+    submitted_by: str = "",
     scan_values: bool | None = None,
     statuses: Sequence[GpuStatus] | None = None,
     engine: Engine | None = None,
 ) -> Verdict:
-    """Every problem of queueing `cfg` on `gpu_ids` or `cpu_procs` CPU processes.
+    """Every problem of queueing `cfg` on `gpu_ids` or `cpu_procs` CPU processes, named `name` by `submitted_by`.
 
     `scan_values` None scans every value for NaN/Inf up to FULL_SCAN_MAX_BYTES (False: structure only, as the
     Train page does while a person types). `statuses` defaults to the GPUs as the queue sees them now."""
     verdict = Verdict()
+    for field_name, value in (("name", name), ("submitted_by", submitted_by)):
+        if (why := label_problem(value, MAX_NAME_CHARS)) is not None:
+            verdict.problems.append(Problem(field_name, f"{field_name}: {why}"))
     try:
         verdict.gpus = parse_placement(gpu_ids, cpu_procs)
     except JobError as exc:
@@ -87,7 +97,7 @@ def check(
         return verdict
     if not verdict.gpus:
         _check_cpu_job(cfg, int(cpu_procs or 1), verdict)
-    _check_dataset(cfg, scan_values, verdict)
+    _check_dataset(cfg, scan_values, store.engine_home(store.engine_or_default(engine)), verdict)
     if verdict.gpus:  # after the dataset: the memory fit needs its width
         _check_gpus(cfg, statuses, engine, verdict)
     return verdict
@@ -103,7 +113,10 @@ def _check_cpu_job(cfg: TrainConfig, cpu_procs: int, verdict: Verdict) -> None:
         verdict.problems.append(Problem("device", message))
 
 
-def _check_dataset(cfg: TrainConfig, scan_values: bool | None, verdict: Verdict) -> None:
+def _check_dataset(cfg: TrainConfig, scan_values: bool | None, home: Path, verdict: Verdict) -> None:
+    if not in_data_roots(cfg.activation_source, home):
+        verdict.problems.append(Problem("activation_source", f"activation_source: {OUTSIDE_ROOTS}"))
+        return
     try:
         scan = _dataset_bytes(cfg.activation_source) <= FULL_SCAN_MAX_BYTES if scan_values is None else scan_values
         # One rank: the batch's split across the real ranks is the placement's problem, reported once.
@@ -128,8 +141,8 @@ def _check_gpus(
 def _dataset_bytes(source: str) -> int:
     path = Path(source)
     if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size if path.is_file() else 0
+        return sum(p.stat().st_size for p in path.rglob("*") if is_regular_file(p))
+    return path.stat().st_size if is_regular_file(path) else 0
 
 
 def submit(
@@ -142,7 +155,7 @@ def submit(
     engine: Engine | None = None,
 ) -> tuple[Job, Verdict]:
     """Queue a job if the gate finds no problem (else SubmissionRejected, nothing written)."""
-    verdict = check(cfg, gpu_ids, cpu_procs, engine=engine)
+    verdict = check(cfg, gpu_ids, cpu_procs, name=name, submitted_by=submitted_by, engine=engine)
     if not verdict.ok:
         raise SubmissionRejected(verdict.problems)
     job = store.submit_job(cfg, verdict.gpus, cpu_procs, name, submitted_by, resumed_from, engine)

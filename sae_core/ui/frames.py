@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from ..outputs import DEAD_LOG10
-from .format import format_bytes, format_duration, format_rate
+from ..text import format_bytes, format_duration, format_rate
 
 
 def job_progress(last_step: int | None, total_steps: int | None) -> float:

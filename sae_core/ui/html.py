@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .format import format_bytes
+from ..text import format_bytes
 
 # Thresholds from the GPU-selector design: >90 % used is red, >70 % yellow, else green.
 MEMORY_RED_ABOVE = 90.0

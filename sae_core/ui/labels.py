@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .format import format_duration
+from ..text import format_duration
 
 
 def load_snippets(sae_dir: Path) -> tuple[str, str]:

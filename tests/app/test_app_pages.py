@@ -13,8 +13,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from sae_core import files
+from sae_core import text as fmt
 from sae_core.jobs import metrics, store
-from sae_core.ui import format as fmt
 from tests.app.conftest import APP, Lab
 from tests.fakes import fake_pynvml as fake
 

@@ -45,7 +45,8 @@ def nothing_written(lab_home) -> bool:
     ("overrides", "where", "message"),
     [
         ({"bogus": 1}, ["--cpu-procs", "1"], "bogus: unknown key"),
-        ({"activation_source": "/missing.safetensors"}, ["--cpu-procs", "1"], "/missing.safetensors"),
+        ({"activation_source": "{tmp}/missing.safetensors"}, ["--cpu-procs", "1"], "activation source not found: "),
+        ({"activation_source": "/etc/passwd.npy"}, ["--cpu-procs", "1"], "reads activations only from SAE_LAB_HOME"),
         ({}, ["--cpu-procs", "3"], "batch_size 256 does not divide evenly across 3"),
         ({"device": "cuda"}, ["--cpu-procs", "1"], "device: 'cuda' cannot run as a CPU job"),
         ({}, ["--gpus", "5"], "GPU 5 does not exist (this machine has GPU 0, 1)"),
@@ -57,6 +58,7 @@ def test_rejected_submission_leaves_nothing_behind(
     lab_home, tmp_path, toy_path, capsys, fake_gpus, overrides, where, message
 ):
     fake_gpus.set(n_gpus=2, overrides={1: {"processes": [fake.process(1, 40 * fake.GiB)]}})
+    overrides = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in overrides.items()}
     code, out, err = submit(capsys, "--config", str(write_cfg(tmp_path, toy_path, **overrides)), *where)
     assert code == 2 and out == ""
     assert err.startswith("rejected: ") and message in err
@@ -162,3 +164,24 @@ def test_logs_follow_prints_until_the_job_ends(lab_home, tmp_path, toy_path, cap
     thread.join()
     assert capsys.readouterr().out == "step 1/20\nstep 10/20\nstep 20/20\n"
     assert time.time() - started < 10
+
+
+# --------------------------------------------------------------------------- hardening (issue 11)
+
+
+@pytest.mark.parametrize("command", [cli_jobs.cli_cancel, cli_jobs.cli_resume, cli_jobs.cli_logs])
+@pytest.mark.parametrize("job_id", ["99999999999999999999", "0", "-3"])
+def test_an_id_no_job_can_have_is_a_message(lab_home, capsys, command, job_id):
+    assert command([job_id]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rejected: no job with id ") and "Traceback" not in err
+
+
+def test_an_overlong_step_count_and_a_newline_in_a_name_are_refused(lab_home, tmp_path, toy_path, capsys):
+    code, _, err = submit(
+        capsys, "--config", str(write_cfg(tmp_path, toy_path, total_steps=10**20)), "--cpu-procs", "1"
+    )
+    assert code == 2 and "total_steps: Input should be less than or equal to 1000000000" in err
+    code, _, err = submit(capsys, "--config", str(write_cfg(tmp_path, toy_path)), "--cpu-procs", "1", "--name", "a\nb")
+    assert code == 2 and "name: no control characters" in err
+    assert nothing_written(lab_home)

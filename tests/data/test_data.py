@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -159,7 +161,7 @@ def test_empty_directory_is_an_error(tmp_path):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "acts.pt").write_bytes(b"x")
     message = dataset_error(tmp_path / "other")
-    assert "holds no activation shards" in message and "acts.pt" in message
+    assert "holds no activation shards" in message and "acts.pt" not in message  # what else it holds is not named
 
 
 def test_unknown_tensor_key_lists_the_keys_present(tmp_path):
@@ -450,3 +452,24 @@ def test_toy_cli_writes_the_set(tmp_path):
     assert (summary["tokens"], summary["d_in"], summary["features"], summary["seed"]) == (500, 8, 20, 0)
     ds = open_activations(out)
     assert (ds.n_rows, ds.d_in, ds.features.shape) == (500, 8, (20, 8))
+
+
+# ------------------------------------------------------------------------------------------- hardening (issue 11)
+
+
+def test_a_fifo_is_refused_before_it_is_opened(tmp_path):
+    os.mkfifo(tmp_path / "x.safetensors")  # opening it would block until a writer came
+    started = time.monotonic()
+    assert "not a regular file" in dataset_error(tmp_path / "x.safetensors")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    np.save(shards / "a.npy", random_rows(30, 4).numpy())
+    os.mkfifo(shards / "b.npy")  # not a shard: only regular files are
+    assert open_activations(shards).n_rows == 30
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("name", ["a" * 300 + ".npy", "a\x00b.npy"])  # a name too long for the OS; a NUL
+def test_an_unopenable_path_is_a_dataset_error_not_an_os_error(tmp_path, name):
+    message = dataset_error(tmp_path / name)
+    assert "cannot be read" in message and len(message) < 400  # the path is repeated briefly

@@ -3,9 +3,12 @@ the rule for GPUs other SAE Lab jobs hold, and resume through the same gate."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from sae_core.config import TrainConfig
+from sae_core.data import catalog
 from sae_core.jobs import scheduler, store, submission
 from tests.fakes import fake_pynvml as fake
 from tests.fakes.fixtures import fake_gpus  # noqa: F401  (fixture)
@@ -28,13 +31,14 @@ def test_a_good_cpu_submission_has_no_problem_and_opens_the_dataset(lab_home, cf
     assert verdict.dataset is not None and verdict.dataset.d_in == 32
 
 
-def test_every_problem_is_reported_at_once_naming_its_field(lab_home, cfg):
-    bad = cfg.model_copy(update={"activation_source": "/nowhere/acts.safetensors", "device": "cuda"})
+def test_every_problem_is_reported_at_once_naming_its_field(lab_home, cfg, tmp_path):
+    missing = tmp_path / "nowhere" / "acts.safetensors"
+    bad = cfg.model_copy(update={"activation_source": str(missing), "device": "cuda"})
     verdict = submission.check(bad, None, 3)
     fields = [field for field, _ in problems(verdict)]
     assert fields == ["batch_size", "device", "activation_source"]
     assert "batch_size 256 does not divide evenly across 3 ranks" in verdict.describe()
-    assert "activation source not found: /nowhere/acts.safetensors" in verdict.describe()
+    assert f"activation source not found: {missing}" in verdict.describe()
 
 
 @pytest.mark.parametrize(
@@ -124,3 +128,34 @@ def test_resume_passes_the_gate_a_gpu_taken_meanwhile_is_refused(lab_home, cfg, 
     fake_gpus.set(n_gpus=2, overrides={1: {"processes": [fake.process(4242, 30 * GiB)]}})
     with pytest.raises(submission.SubmissionRejected, match="GPU 1 is busy"):
         submission.resume(j.id)
+
+
+# --------------------------------------------------------------------------- hardening (issue 11)
+
+
+@pytest.mark.parametrize("source", ["/etc", "/etc/passwd", "/no/such/path.npy", "", "/proc/1/cwd"])
+def test_outside_the_data_roots_every_path_gets_the_same_answer(lab_home, cfg, source):
+    verdict = submission.check(cfg.model_copy(update={"activation_source": source or "."}), None, 1)
+    ((field, message),) = problems(verdict)
+    assert field == "activation_source"
+    assert message == f"activation_source: {catalog.OUTSIDE_ROOTS}"  # nothing listed, nothing revealed
+
+
+def test_a_link_inside_the_datasets_folder_pointing_outside_is_refused(lab_home, cfg, monkeypatch):
+    monkeypatch.delenv(catalog.DATA_ROOTS_ENV)
+    link = lab_home / "datasets" / "acts.safetensors"
+    link.parent.mkdir()
+    link.symlink_to(cfg.activation_source)  # the toy set lives outside the lab
+    verdict = submission.check(cfg.model_copy(update={"activation_source": str(link)}), None, 1)
+    assert [field for field, _ in problems(verdict)] == ["activation_source"]
+    monkeypatch.setenv(catalog.DATA_ROOTS_ENV, str(Path(cfg.activation_source).parent))  # its folder allowed
+    assert submission.check(cfg.model_copy(update={"activation_source": str(link)}), None, 1).ok
+
+
+@pytest.mark.parametrize(("name", "words"), [("x" * 201, "at most 200 characters"), ("a\nb", "no control characters")])
+def test_job_and_user_names_are_short_single_lines(lab_home, cfg, name, words):
+    verdict = submission.check(cfg, None, 1, name=name, submitted_by=name)
+    assert [(field, words in message) for field, message in problems(verdict)] == [
+        ("name", True),
+        ("submitted_by", True),
+    ]

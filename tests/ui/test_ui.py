@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 
 from sae_core import access, files, outputs
+from sae_core import text as fmt
 from sae_core.data import catalog
 from sae_core.jobs import logs
 from sae_core.ui import charts, downloads, forms, frames, html, labels
-from sae_core.ui import format as fmt
 
 # --------------------------------------------------------------------------- formatting
 

@@ -1,8 +1,13 @@
-"""Numbers as people read them: bytes, durations, rates, percentages, power."""
+"""Values as people read them: numbers (bytes, durations, rates, percentages, power) and user-given text
+kept short and on one line wherever a message repeats it."""
 
 from __future__ import annotations
 
 import math
+import unicodedata
+
+# A message repeats at most this much of a value a person gave (a path, a key, a name).
+ECHO_CHARS = 200
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
@@ -45,3 +50,18 @@ def power_label(power_w: float | None, limit_w: float | None) -> str:
     if power_w is None:
         return "—"
     return f"{power_w:.0f} / {limit_w:.0f} W" if limit_w else f"{power_w:.0f} W"
+
+
+def brief(value: object, limit: int = ECHO_CHARS) -> str:
+    """`value` as text for a message: at most `limit` characters, control characters shown as escapes."""
+    text = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(value))
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def label_problem(value: str, limit: int) -> str | None:
+    """Why `value` cannot be a name shown to colleagues (too long, control characters), or None."""
+    if len(value) > limit:
+        return f"at most {limit} characters, got {len(value):,}"
+    if any(unicodedata.category(ch).startswith("C") for ch in value):
+        return "no control characters (newlines, tabs, escapes)"
+    return None
