@@ -19,7 +19,7 @@ import streamlit as st
 from sae_core import access, db, paths
 from sae_core.gpu.history import latest_probe
 from sae_core.jobs import daemon_control
-from sae_core.ui.html import badge
+from sae_core.ui.html import badge, md_text
 from sae_core.ui.labels import gpu_summary
 
 st.set_page_config(page_title="SAE Lab", page_icon=":material/neurology:", layout="wide")
@@ -74,16 +74,16 @@ def sidebar() -> None:
             st.markdown(badge(f"running · pid {status.pid}", "green"))
         elif status.running:
             st.markdown(badge("not responding", "orange"))
-            st.caption(status.message)
+            st.caption(md_text(status.message))
         else:
             st.markdown(badge("not running", "red"))
             st.caption("Queued jobs start only while the launcher runs.")
             st.button("Start launcher", key="start_launcher", on_click=start_launcher, icon=":material/play_arrow:")
         probe = latest_probe(engine)
         st.markdown("**GPUs**")
-        st.caption(gpu_summary(probe, now=time.time()))
+        st.caption(md_text(gpu_summary(probe, now=time.time())))
         st.markdown("**SAE_LAB_HOME**")
-        st.caption(f"`{home}`")
+        st.caption(md_text(home))
 
 
 password_gate()

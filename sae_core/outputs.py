@@ -2,12 +2,17 @@
 
 The training engine writes these folders (engine/trainer.py, engine/checkpoint.py); the pages, the CLI
 and the queue read them here. File names come from `files.py`.
+
+What the app serves to a shared URL is read only through here, and only from inside SAE_LAB_HOME: a folder
+must resolve inside the home, and a file must be a regular file that is not a symbolic link (a link in a
+job folder, or a crafted `out_dir` in the database, cannot make a page read or zip anything else).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import zipfile
 from pathlib import Path
 
@@ -29,6 +34,26 @@ from .files import (
 )
 
 DEAD_LOG10 = -9.99  # the trainer clamps frequencies at 1e-10 before log10: that value means "never fired"
+
+# --------------------------------------------------------------------------- what may be served
+
+
+def served_dir(path: str | Path, home: Path) -> Path | None:
+    """`path` if it is a directory that resolves inside `home` (links resolved), else None."""
+    try:
+        real = Path(os.path.realpath(path))
+        return Path(path) if real.is_dir() and real.is_relative_to(os.path.realpath(home)) else None
+    except (OSError, ValueError):
+        return None
+
+
+def plain_file(path: Path) -> bool:
+    """A regular file that is not a symbolic link (what the pages read and zip)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
 
 # --------------------------------------------------------------------------- checkpoints
 
@@ -55,7 +80,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def is_trained_sae(directory: Path) -> bool:
-    return all((directory / name).is_file() for name in SAE_REQUIRED)
+    return all(plain_file(directory / name) for name in SAE_REQUIRED)
 
 
 def find_trained_saes(home: Path) -> list[Path]:
@@ -66,7 +91,7 @@ def find_trained_saes(home: Path) -> list[Path]:
         dirs[:] = sorted(
             d for d in dirs if d not in (CHECKPOINTS_DIR, LOGS_DIR, DATASETS_DIR) and not d.startswith(".")
         )
-        if CFG_FILE in names and WEIGHTS_FILE in names:
+        if CFG_FILE in names and WEIGHTS_FILE in names and is_trained_sae(Path(root)):
             found.append(Path(root))
     return sorted(found, key=_sae_sort_key)
 
@@ -80,7 +105,9 @@ def _sae_sort_key(path: Path) -> tuple:
 
 
 def read_json(path: Path) -> dict:
-    """A JSON object from a file; {} when it is missing, unreadable or not an object."""
+    """A JSON object from a plain file; {} when it is missing, a link, unreadable or not an object."""
+    if not plain_file(path):
+        return {}
     try:
         value = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
@@ -89,7 +116,9 @@ def read_json(path: Path) -> dict:
 
 
 def read_log10_frequency(path: Path) -> np.ndarray | None:
-    """The per-latent log10 firing frequency from sparsity.safetensors (None if absent/unreadable)."""
+    """The per-latent log10 firing frequency from sparsity.safetensors (None if absent, a link, unreadable)."""
+    if not plain_file(path):
+        return None
     try:
         tensors = load_file(str(path))
     except (FileNotFoundError, SafetensorError, OSError):
@@ -105,12 +134,12 @@ def read_log10_frequency(path: Path) -> np.ndarray | None:
 
 def zip_is_current(zip_path: Path, sae_dir: Path) -> bool:
     """The prepared zip exists and is newer than every file it packs."""
-    if not zip_path.is_file():
+    if not plain_file(zip_path):
         return False
     zip_mtime = zip_path.stat().st_mtime
     for name in SAE_ZIP_MEMBERS:
         member = sae_dir / name
-        if member.is_file() and member.stat().st_mtime > zip_mtime:
+        if plain_file(member) and member.stat().st_mtime > zip_mtime:
             return False
     return True
 
@@ -123,10 +152,11 @@ def build_sae_zip(sae_dir: Path, zip_path: Path | None = None) -> Path:
         raise FileNotFoundError(f"{sae_dir} holds no trained SAE (needs {' and '.join(SAE_REQUIRED)})")
     zip_path = zip_path or sae_dir / SAE_ZIP_FILE
     partial = zip_path.with_name(zip_path.name + ".partial")
-    with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+    partial.unlink(missing_ok=True)  # a link left there must not be written through
+    with zipfile.ZipFile(partial, "x", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         for name in SAE_ZIP_MEMBERS:
             member = sae_dir / name
-            if member.is_file():
+            if plain_file(member):  # never through a link
                 zf.write(member, arcname=name)
-    os.replace(partial, zip_path)
+    os.replace(partial, zip_path)  # replaces a link at zip_path itself, never its target
     return zip_path

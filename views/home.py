@@ -7,6 +7,7 @@ import streamlit as st
 from sae_core import paths
 from sae_core.data.catalog import TOY_DEFAULTS, list_datasets
 from sae_core.files import TOY_FILE
+from sae_core.ui.html import md_text
 
 st.title("SAE Lab")
 st.write(
@@ -20,8 +21,8 @@ datasets = list_datasets(datasets_dir)
 
 st.subheader("Datasets")
 if datasets:
-    st.write(f"{len(datasets)} activation set(s) in `{datasets_dir}`:")
-    st.markdown("\n".join(f"- `{p.name}`" for p in datasets))
+    st.write(f"{len(datasets)} activation set(s) in {md_text(datasets_dir)}:")
+    st.markdown("\n".join(f"- {md_text(p.name)}" for p in datasets))
 else:
     st.info(
         f"No activation sets in `{datasets_dir}` yet. Put `.safetensors` / `.npy` files (or shard folders) "
@@ -40,7 +41,7 @@ if not toy_path.exists():
 
         with st.spinner("Writing the toy dataset…"):
             write_toy(toy_path, **toy)
-        st.success(f"Created `{toy_path}`.")
+        st.success(f"Created {md_text(toy_path)}.")
         st.page_link("views/train.py", label="Train an SAE on it", icon=":material/arrow_forward:")
 
 st.subheader("Command line")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import streamlit as st
 
+from sae_core import paths
 from sae_core.db.tables import LIVE_STATUSES
 from sae_core.files import STDERR_LOG, STDOUT_LOG
 from sae_core.jobs import store, submission
@@ -15,11 +15,12 @@ from sae_core.jobs.errors import JobError
 from sae_core.jobs.lifecycle import cancel_job
 from sae_core.jobs.logs import log_dir_of, tail_text
 from sae_core.jobs.metrics import metrics_frame
-from sae_core.outputs import is_trained_sae
+from sae_core.outputs import is_trained_sae, plain_file, served_dir
 from sae_core.text import format_duration, format_rate
 from sae_core.ui import charts, frames, html
 from sae_core.ui.downloads import metrics_csv
 from sae_core.ui.forms import parse_job_param
+from sae_core.ui.html import md_text
 from views.widgets import sae_download
 
 TABLE_LIMIT = 500
@@ -77,15 +78,15 @@ def actions(job) -> None:
         try:
             _, message = cancel_job(job.id)
         except JobError as exc:
-            st.error(str(exc))
+            st.error(md_text(exc))
         else:
-            st.toast(message)
+            st.toast(md_text(message))
             st.rerun()
     if job.status in ("failed", "cancelled") and c2.button("Resume", key="job_resume", icon=":material/replay:"):
         try:
             new, _ = submission.resume(job.id, submitted_by=st.session_state.get("user_name", ""))
         except JobError as exc:
-            st.error(str(exc))
+            st.error(md_text(exc))
         else:
             st.session_state["jobs_pick_pending"] = new.id
             st.rerun(scope="app")
@@ -93,8 +94,10 @@ def actions(job) -> None:
 
 
 def downloads(job, c1, c2) -> None:
-    out_dir = Path(job.out_dir)
-    if is_trained_sae(out_dir):
+    out_dir = served_dir(job.out_dir, paths.lab_home())
+    if out_dir is None:
+        c1.caption("This job's folder is not inside SAE_LAB_HOME, so its files are not served.")
+    elif is_trained_sae(out_dir):
         sae_download(c1, out_dir, f"sae-job-{job.id}.zip", "job_download_zip", "job_prepare_zip")
     else:
         c1.caption("The SAE download appears when the job completes.")
@@ -117,7 +120,7 @@ def job_detail(job_id: int, was_live: bool) -> None:
     if was_live and job.status not in LIVE_STATUSES:
         st.rerun(scope="app")  # it just finished: stop the timer, refresh the table and buttons
     st.markdown(
-        f"### {job.name} {html.badge(job.status, STATUS_COLOURS.get(job.status, 'gray'))}",
+        f"### {md_text(job.name)} {html.badge(job.status, STATUS_COLOURS.get(job.status, 'gray'))}",
     )
     now = time.time()
     cols = st.columns(5)
@@ -128,7 +131,7 @@ def job_detail(job_id: int, was_live: bool) -> None:
     cols[3].metric("Runs on", frames.gpus_label(job.gpu_ids, job.cpu_procs))
     cols[4].metric("Submitted by", job.submitted_by or "—")
     if job.error:
-        st.error(job.error, icon=":material/error:")
+        st.error(md_text(job.error, multiline=True), icon=":material/error:")
     actions(job)
 
     metrics = metrics_frame(job.id, max_points=CHART_POINTS)
@@ -143,8 +146,10 @@ def job_detail(job_id: int, was_live: bool) -> None:
 
     log_tab, config_tab = st.tabs(["Log", "Config"])
     with log_tab:
+        served = served_dir(job.out_dir, paths.lab_home()) is not None
         for name in (STDOUT_LOG, STDERR_LOG):
-            text = tail_text(log_dir_of(job) / name)
+            log = log_dir_of(job) / name
+            text = tail_text(log) if served and plain_file(log) else ""
             st.caption(f"{name} (last lines)")
             st.code(text or "(empty)", language=None)
     with config_tab:

@@ -22,9 +22,9 @@ aggregate = right.toggle("Aggregated view (all GPUs together)", key="monitor_agg
 
 def gpu_card(gpu, series) -> None:
     with st.container(border=True):
-        st.markdown(f"**GPU {gpu.index}** · {gpu.name}")
+        st.markdown(f"**GPU {gpu.index}** · {html.md_text(gpu.name)}")
         if gpu.error:
-            st.error(gpu.error)
+            st.error(html.md_text(gpu.error))
         users = labels.gpu_users(gpu)
         badges = [html.badge(u, "violet" if u.startswith("job") else "orange") for u in users]
         st.markdown(" ".join(badges) or html.badge("no processes", "gray"))
@@ -80,7 +80,7 @@ def live() -> None:
         )
         return
     if not probe.gpus:
-        st.warning(f"No NVIDIA GPU found: {labels.no_gpu_reason(probe)}")
+        st.warning(f"No NVIDIA GPU found: {html.md_text(labels.no_gpu_reason(probe))}")
         host_section(engine, probe)
         return
     series = frames.gpu_history_long(query_series(engine, window, aggregate))

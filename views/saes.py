@@ -10,13 +10,14 @@ from sae_core import paths
 from sae_core.files import CFG_FILE, EVAL_FILE, SPARSITY_FILE
 from sae_core.outputs import find_trained_saes, read_json, read_log10_frequency
 from sae_core.ui import charts, frames, labels
+from sae_core.ui.html import md_text
 from views.widgets import sae_download
 
 st.title("Trained SAEs")
 home = paths.lab_home()
 saes = find_trained_saes(home)
 if not saes:
-    st.info(f"No trained SAE under `{home}` yet (a folder with cfg.json and sae_weights.safetensors).")
+    st.info(f"No trained SAE under {md_text(home)} yet (a folder with cfg.json and sae_weights.safetensors).")
     st.page_link("views/train.py", label="Train one", icon=":material/arrow_forward:")
     st.stop()
 

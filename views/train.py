@@ -50,7 +50,7 @@ def dataset_widgets() -> tuple[str, object | None, list[str]]:
         dataset = open_dataset(source, "activations", path_mtime(source))
     except DatasetError as exc:
         return source, None, [f"dataset: {exc}"]
-    st.caption(dataset.describe())
+    st.caption(html.md_text(dataset.describe()))
     return source, dataset, []
 
 
@@ -204,7 +204,7 @@ def placement(statuses, probe, cfg, d_in: int | None) -> tuple[list[int], int | 
         if not gpu_ids:
             return [], None, ["GPUs: tick at least one free GPU (or press Recommend)"]
         return gpu_ids, None, []
-    st.caption(f"No NVIDIA GPU ({labels.no_gpu_reason(probe)}): the job runs as CPU processes (gloo).")
+    st.caption(f"No NVIDIA GPU ({html.md_text(labels.no_gpu_reason(probe))}): the job runs as CPU processes (gloo).")
     cpu_procs = int(st.number_input("CPU processes", min_value=1, max_value=64, value=2, key="train_cpu_procs"))
     return [], cpu_procs, []
 
@@ -215,7 +215,7 @@ def submit(engine, cfg, gpu_ids: list[int], cpu_procs: int | None, name: str, us
             job, _ = submission.submit(cfg, gpu_ids or None, cpu_procs, name=name, submitted_by=user, engine=engine)
     except submission.SubmissionRejected as exc:
         for problem in exc.problems:
-            st.error(str(problem), icon=":material/error:")
+            st.error(html.md_text(problem), icon=":material/error:")
     else:
         st.session_state["train_submitted"] = job.id
 
@@ -274,9 +274,9 @@ with estimate_box:
 
 with submit_box:
     for message in errors:
-        st.error(message, icon=":material/error:")
+        st.error(html.md_text(message), icon=":material/error:")
     for note in notes:
-        st.info(note, icon=":material/schedule:")
+        st.info(html.md_text(note), icon=":material/schedule:")
     if st.button("Submit", key="train_submit", type="primary", disabled=bool(errors), icon=":material/send:"):
         submit(engine, cfg, gpu_ids, cpu_procs, job_name, user.strip())
     if job_id := st.session_state.get("train_submitted"):

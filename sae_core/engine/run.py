@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch.distributed as dist
-from torch.distributed.elastic.multiprocessing.errors import record
+from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, record
 
 from ..config import ConfigError, TrainConfig
 from ..data.checks import DatasetError, check_dataset
@@ -35,12 +35,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def fail_before_training(out_dir: Path, env_rank: int, message: str) -> int:
-    """Bad config or data: only the error is written to the output dir, nothing else."""
-    if env_rank == 0:
+def fail_before_training(out_dir: Path, exc: Exception) -> int:
+    """Bad config or data, found by every rank: each says so itself, so the reason survives whichever rank
+    torchrun stops first. It goes to stderr prefixed with the rank and into this rank's torchrun error file
+    (which torchrun's root-cause report and SAE Lab's diagnosis read); rank 0 also writes error.txt. Nothing
+    else is written."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    message = str(exc)
+    prefix = f"error (rank {rank} of {world})" if world > 1 else "error"
+    print(f"{prefix}: {message}", file=sys.stderr, flush=True)
+    ErrorHandler().record_exception(exc)  # a no-op outside torchrun (no error file is named)
+    if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / REFUSED_FILE).write_text(message + "\n")
-        print(f"error: {message}", file=sys.stderr, flush=True)
     return 2
 
 
@@ -48,14 +55,13 @@ def fail_before_training(out_dir: Path, env_rank: int, message: str) -> int:
 def main(argv: list[str] | None = None, extra_sinks: Callable[[], list[MetricsSink]] | None = None) -> int:
     args = parse_args(argv)
     out_dir = Path(args.out)
-    rank = int(os.environ.get("RANK", 0))
     try:
         cfg = TrainConfig.from_json_file(args.config)
         env = read_dist_env(cfg)
         cfg.per_rank_batch(env.world_size)
         data = check_dataset(cfg, env.world_size)
     except (ConfigError, DatasetError) as exc:
-        return fail_before_training(out_dir, rank, str(exc))
+        return fail_before_training(out_dir, exc)
     init_process_group(env)
     try:
         if env.is_main:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,7 +15,8 @@ def file_reader(path: Path) -> Callable[[], io.BufferedReader]:
     when the user clicks, never during a rerun."""
 
     def open_file() -> io.BufferedReader:
-        return open(path, "rb")
+        # O_NOFOLLOW: a link swapped in after the page checked the file is refused, not followed.
+        return os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb")
 
     return open_file
 

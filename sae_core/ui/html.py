@@ -42,7 +42,34 @@ def memory_bar_html(used: float | None, total: float | None) -> str:
     )
 
 
+# Inline markdown: emphasis, code, links, images, HTML, tables, strike, math. (Streamlit's `:red[...]`
+# directives need a bracket, escaped here; a bare `:smile:` can only become an emoji.)
+_INLINE_MARKUP = set("\\`*_[]<>!|~${}")
+# What makes markup at the start of a line: headings, lists, quotes, rules, setext underlines.
+_LINE_MARKUP = set("#-+>=")
+
+
+def md_text(value: object, multiline: bool = False) -> str:
+    """`value` as markdown that renders as exactly this text: no heading, link, image or HTML can come from
+    it (job names, errors, paths and commands are other people's words). Newlines become spaces, or line
+    breaks with `multiline`."""
+    lines = str(value).splitlines() or [""]
+    escaped = [_escape_line(line) for line in lines]
+    return "  \n".join(escaped) if multiline else " ".join(escaped)
+
+
+def _escape_line(line: str) -> str:
+    out = "".join(f"\\{ch}" if ch in _INLINE_MARKUP else ch for ch in line)
+    stripped = out.lstrip()
+    starts_list = stripped[:1].isdigit() and stripped.lstrip("0123456789")[:1] in (".", ")")
+    if stripped[:1] in _LINE_MARKUP or starts_list:
+        indent = len(out) - len(stripped)
+        digits = len(stripped) - len(stripped.lstrip("0123456789")) if starts_list else 0
+        out = out[: indent + digits] + "\\" + out[indent + digits :]
+    return out
+
+
 def badge(text: str, colour: str) -> str:
-    """Streamlit markdown badge; brackets in `text` are escaped so names cannot break it."""
-    safe = text.replace("[", "(").replace("]", ")")
+    """Streamlit markdown badge whose text renders literally (brackets become parentheses: a badge ends at ])."""
+    safe = md_text(text.replace("[", "(").replace("]", ")"))
     return f":{colour}-badge[{safe}]"

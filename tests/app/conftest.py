@@ -4,6 +4,7 @@ launcher daemon's boundary patched (no real daemon is started by AppTests)."""
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -19,6 +20,11 @@ from tests.conftest import REPO
 from tests.fakes.fixtures import fake_gpus  # noqa: F401  (fixture)
 
 APP = str(REPO / "app.py")
+
+
+def rendered(markdown: str) -> str:
+    """The text a markdown source shows: its backslash escapes (of ASCII punctuation) resolved."""
+    return re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", markdown)
 
 
 class Lab:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -12,10 +13,12 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from sae_core import files
+from sae_core import db, files
 from sae_core import text as fmt
+from sae_core.data import catalog
+from sae_core.db.tables import Job
 from sae_core.jobs import metrics, store
-from tests.app.conftest import APP, Lab
+from tests.app.conftest import APP, Lab, rendered
 from tests.fakes import fake_pynvml as fake
 
 GiB = fake.GiB
@@ -24,8 +27,9 @@ GiB = fake.GiB
 def texts(at: AppTest) -> str:
     """Everything a person reads on the page (markdown, captions, alerts, metrics), as one string."""
     parts = []
-    for kind in ("markdown", "caption", "info", "warning", "error", "success", "title", "subheader", "code"):
-        parts += [str(e.value) for e in getattr(at, kind)]
+    for kind in ("markdown", "caption", "info", "warning", "error", "success", "title", "subheader"):
+        parts += [rendered(str(e.value)) for e in getattr(at, kind)]
+    parts += [str(e.value) for e in at.code]  # code is shown as written
     parts += [f"{m.label}: {m.value}" for m in at.metric]
     return "\n".join(parts)
 
@@ -55,7 +59,7 @@ def test_first_run_creates_the_database_and_offers_a_toy_dataset(lab):
 def test_sidebar_names_home_launcher_and_gpus(lab):
     lab.sample(n_gpus=8)
     at = lab.page()
-    side = "\n".join(str(e.value) for e in [*at.sidebar.markdown, *at.sidebar.caption, *at.sidebar.code])
+    side = "\n".join(rendered(str(e.value)) for e in [*at.sidebar.markdown, *at.sidebar.caption, *at.sidebar.code])
     assert "running · pid 4242" in side
     assert "8 × NVIDIA H100 80GB HBM3" in side
     assert str(lab.home) in side
@@ -64,7 +68,7 @@ def test_sidebar_names_home_launcher_and_gpus(lab):
 def test_sidebar_without_gpus_gives_the_reason(lab):
     lab.sample(fake.no_driver())
     at = lab.page()
-    side = "\n".join(str(e.value) for e in at.sidebar.caption)
+    side = "\n".join(rendered(str(e.value)) for e in at.sidebar.caption)
     assert "No NVIDIA GPU found:" in side
 
 
@@ -347,7 +351,7 @@ def _train(lab: Lab) -> AppTest:
 
 
 def _submit_errors(at: AppTest) -> list[str]:
-    return [str(e.value) for e in at.error]
+    return [rendered(str(e.value)) for e in at.error]
 
 
 def test_cpu_only_machine_submits_a_queued_cpu_job(lab):
@@ -502,3 +506,69 @@ def test_train_shows_the_predicted_multi_gpu_speedup(lab):
     no_exception(at)
     captions = [c.value for c in at.caption]
     assert any(c.startswith("Predicted speed-up: 2 GPUs: ≈") and "4 GPUs: ≈" in c for c in captions), captions
+
+
+# --------------------------------------------------------------------------- hardening (issue 11)
+
+INJECTED = "x\n### heading\n![tracker](http://attacker.example/t.png) [link](http://attacker.example)"
+UNESCAPED_MARKUP = re.compile(r"(?<!\\)!\[|(?<!\\)\[[^\]]*(?<!\\)\]\(|^\s{0,3}#{1,6}\s(?!.*-badge)", re.MULTILINE)
+
+
+def markup_from_users(at: AppTest) -> list[str]:
+    """Markdown sources that would render an image, a link or a heading of their own."""
+    sources = [str(e.value) for kind in ("markdown", "caption", "info", "warning", "error", "success")
+               for e in getattr(at, kind)]  # fmt: skip
+    return [s for s in sources if UNESCAPED_MARKUP.search(s.removeprefix("### "))]
+
+
+def test_names_and_errors_of_other_people_render_as_text(lab):
+    job_id = lab.job("running", gpus="0", name=None)
+    with db.write_session(lab.engine) as session:  # a row from before names were checked, or written by hand
+        job = session.get(Job, job_id)
+        job.name, job.error = INJECTED, INJECTED
+        session.add(job)
+    lab.sample(n_gpus=2)
+    for page in ("views/jobs.py", "views/monitor.py", "views/train.py"):
+        at = lab.page(page, user_name="ana")
+        no_exception(at)
+        assert markup_from_users(at) == [], page
+    at = lab.page("views/jobs.py")
+    assert "### heading" in texts(at) and "![tracker]" in texts(at)  # shown, as text
+
+
+def test_a_job_id_beyond_any_row_in_the_url_is_no_crash(lab):
+    lab.job("completed")
+    at = AppTest.from_file(APP, default_timeout=30)
+    at.query_params["job"] = "99999999999999999999999"
+    at.switch_page("views/jobs.py").run()
+    no_exception(at)
+
+
+@pytest.mark.parametrize("typed", ["/proc/1/cwd", "/" + "a" * 5000, "/etc", ""])
+def test_other_path_answers_the_same_outside_the_data_roots(lab, typed):
+    lab.sample(fake.no_driver())
+    at = _train(lab)
+    at.selectbox(key="train_dataset").set_value("Other path…").run()
+    at.text_input(key="train_dataset_path").input(typed or " ").run()
+    no_exception(at)
+    errors = _submit_errors(at)
+    if typed:
+        assert [e for e in errors if e.startswith("dataset:")] == [f"dataset: {catalog.OUTSIDE_ROOTS}"]
+    assert at.button(key="train_submit").disabled
+
+
+def test_a_job_folder_outside_the_home_is_not_served(lab, tmp_path):
+    outside = tmp_path / "elsewhere"
+    _fake_sae(outside)
+    (outside / "logs").mkdir()
+    (outside / "logs" / "stdout.log").write_text("a secret line\n")
+    job_id = lab.job("completed")
+    with db.write_session(lab.engine) as session:  # a crafted row
+        job = session.get(Job, job_id)
+        job.out_dir = str(outside)
+        session.add(job)
+    at = lab.page("views/jobs.py")
+    no_exception(at)
+    assert "not inside SAE_LAB_HOME" in texts(at) and "a secret line" not in texts(at)
+    assert [b.key for b in at.button if b.key == "job_prepare_zip"] == []
+    assert not (outside / files.SAE_ZIP_FILE).exists()
