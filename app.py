@@ -11,22 +11,36 @@ skipping this script and so the password gate and the sidebar.
 
 from __future__ import annotations
 
+import math
 import os
+import sys
 import time
 
 import streamlit as st
 
 from sae_core import access, db, paths
+from sae_core.db import LabDatabaseError
 from sae_core.gpu.history import latest_probe
 from sae_core.jobs import daemon_control
 from sae_core.ui.html import badge, md_text
 from sae_core.ui.labels import gpu_summary
 
 st.set_page_config(page_title="SAE Lab", page_icon=":material/neurology:", layout="wide")
+paths.use_private_files()  # lab.db and the launcher this app starts create private files
 
 
 def _secret(name: str):
     return st.secrets.get(name)
+
+
+# The pages, and the URL path each is served at (`/jobs` for views/jobs.py; Home at `/`).
+PAGES = [
+    ("views/home.py", "Home", ":material/home:"),
+    ("views/monitor.py", "Monitor", ":material/monitoring:"),
+    ("views/train.py", "Train", ":material/model_training:"),
+    ("views/jobs.py", "Jobs", ":material/list_alt:"),
+    ("views/saes.py", "SAEs", ":material/download:"),
+]
 
 
 def sign_in_page() -> None:
@@ -34,25 +48,51 @@ def sign_in_page() -> None:
     with st.form("login", border=False):
         given = st.text_input("Password", type="password", key="login_password")
         submitted = st.form_submit_button("Enter", type="primary")
-    if submitted:
-        if access.password_matches(given or "", st.session_state["expected_password"]):
-            st.session_state["authenticated"] = True
-            del st.session_state["expected_password"]
-            st.rerun()
+    if not submitted:
+        return
+    address = st.context.ip_address  # None behind some proxies (and not a string under AppTest)
+    client = address if isinstance(address, str) and address else "unknown address"
+    wait = access.THROTTLE.wait_s(client)
+    if wait > 0:
+        st.error(f"Too many wrong passwords: try again in {math.ceil(wait)} s.")
+    elif access.password_matches(given or "", st.session_state["expected_password"]):
+        access.THROTTLE.succeeded(client)
+        st.session_state["authenticated"] = True
+        del st.session_state["expected_password"]
+        st.rerun()  # the same URL, now with the real pages: a deep link lands where it pointed
+    else:
+        access.THROTTLE.failed(client)
         st.error("Wrong password.")
 
 
 def password_gate() -> None:
-    """When SAE_LAB_PASSWORD is set, nothing renders until this browser session has given it.
+    """When SAE_LAB_PASSWORD is set, nothing renders until this browser tab has given it (Streamlit keeps
+    no cookie: a reload or a new tab asks again).
 
-    The locked app still routes through st.navigation, with the sign-in page as its only page, so any
-    URL (/jobs, /train, ...) lands on the sign-in page."""
+    The locked app routes every page's URL (/jobs, /train, ...) to the sign-in page, so a deep link is not
+    "page not found" and, once signed in, opens the page it named."""
     expected = access.configured_password(os.environ, _secret)
     if expected is None or st.session_state.get("authenticated"):
         return
     st.session_state["expected_password"] = expected
-    st.navigation([st.Page(sign_in_page, title="Sign in", icon=":material/lock:")], position="hidden").run()
+    locked = [
+        st.Page(sign_in_page, title="Sign in", icon=":material/lock:", url_path=url_path(script), default=i == 0)
+        for i, (script, _, _) in enumerate(PAGES)
+    ]
+    st.navigation(locked, position="hidden").run()
     st.stop()
+
+
+def url_path(script: str) -> str:
+    return "" if script == PAGES[0][0] else script.removeprefix("views/").removesuffix(".py")
+
+
+@st.cache_resource(show_spinner=False)
+def warn_if_exposed() -> None:
+    """Once per server process: say so when anyone on the network can use the app."""
+    warning = access.exposure_warning(st.get_option("server.address"), access.configured_password(os.environ, _secret))
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
 
 
 def start_launcher() -> None:
@@ -86,15 +126,20 @@ def sidebar() -> None:
         st.caption(md_text(home))
 
 
+def database_problem_page(problem: LabDatabaseError) -> None:
+    """The one page shown while lab.db cannot be used: what is wrong, what was saved, what to do."""
+    st.title("SAE Lab cannot open its database")
+    st.error(md_text(problem, multiline=True), icon=":material/database:")
+    st.caption("Nothing else is shown until it is fixed; reload this page afterwards.")
+
+
+warn_if_exposed()
 password_gate()
-sidebar()
-navigation = st.navigation(
-    [
-        st.Page("views/home.py", title="Home", icon=":material/home:", default=True),
-        st.Page("views/monitor.py", title="Monitor", icon=":material/monitoring:"),
-        st.Page("views/train.py", title="Train", icon=":material/model_training:"),
-        st.Page("views/jobs.py", title="Jobs", icon=":material/list_alt:"),
-        st.Page("views/saes.py", title="SAEs", icon=":material/download:"),
-    ]
-)
-navigation.run()
+try:
+    sidebar()
+    navigation = st.navigation(
+        [st.Page(script, title=title, icon=icon, default=i == 0) for i, (script, title, icon) in enumerate(PAGES)]
+    )
+    navigation.run()
+except LabDatabaseError as problem:
+    database_problem_page(problem)

@@ -11,6 +11,7 @@ import os
 from .engine.run import exit_now
 from .engine.run import main as run_training
 from .engine.sinks import MetricsSink
+from .paths import use_private_files
 
 
 def job_sinks() -> list[MetricsSink]:
@@ -25,6 +26,7 @@ def job_sinks() -> list[MetricsSink]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    use_private_files()
     code = run_training(argv, extra_sinks=job_sinks)  # torchrun's @record types it as optional
     return 0 if code is None else code
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 import importlib
 import sys
 
+from ..db.health import LabDatabaseError
+from ..paths import use_private_files
+
 COMMANDS: dict[str, tuple[str, str]] = {
     "toy": ("sae_core.cli.toy", "Write a toy activation set with ground-truth features."),
     "gpus": ("sae_core.cli.gpus", "List GPUs, their processes and the host figures."),
@@ -30,6 +33,7 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    use_private_files()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
@@ -39,4 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    return int(getattr(module, f"cli_{name}")(rest) or 0)
+    try:
+        return int(getattr(module, f"cli_{name}")(rest) or 0)
+    except LabDatabaseError as exc:  # one message saying what is wrong with lab.db and what to do
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

@@ -1,5 +1,6 @@
 """lab.db, the one channel between SAE Lab's processes: engine, tables and schema upgrades (no torch)."""
 
 from .engine import dispose_engines, get_engine, read_session, write_session
+from .health import LabDatabaseError
 
-__all__ = ["dispose_engines", "get_engine", "read_session", "write_session"]
+__all__ = ["LabDatabaseError", "dispose_engines", "get_engine", "read_session", "write_session"]

@@ -5,21 +5,26 @@
 - Write transactions take the write lock up front (BEGIN IMMEDIATE): a read that
   later upgrades to a write is what produces SQLITE_BUSY that no timeout can fix.
 - One engine per process and database file; short sessions per operation.
+- A damaged file surfaces as one LabDatabaseError that says what to do (health.py), from any query.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session, SQLModel, create_engine
 
 from .. import paths
 from . import migrations
+from .health import LabDatabaseError, check_history, explain
 
 BUSY_TIMEOUT_MS = 30_000
 
@@ -44,20 +49,39 @@ def _begin(conn) -> None:
 
 
 def get_engine(home: Path | None = None) -> Engine:
-    """The process's engine for `home`'s lab.db, created (with its tables) on first use."""
+    """The process's engine for `home`'s lab.db, created (with its tables) on first use.
+
+    Raises LabDatabaseError for a database that is damaged, cannot be written, or is missing beside the
+    job folders of an earlier history."""
     path = paths.db_path(home).resolve()
     with _engines_lock:
         engine = _engines.get(path)
         if engine is None:
+            check_history(path)
+            new = not path.exists() or path.stat().st_size == 0
             engine = create_engine(
                 f"sqlite:///{path}",
                 connect_args={"check_same_thread": False, "timeout": BUSY_TIMEOUT_MS / 1000},
             )
             event.listen(engine, "connect", _configure_connection)
             event.listen(engine, "begin", _begin)
-            init_db(engine)
+            event.listen(engine, "handle_error", lambda context: _damage(path, context.original_exception))
+            try:
+                init_db(engine)
+            except (DBAPIError, sqlite3.Error) as exc:
+                _damage(path, getattr(exc, "orig", exc))  # raises the explanation when it is the file's fault
+                raise
+            if new:
+                os.chmod(path, paths.file_mode())  # SQLite creates its file 0644 whatever the umask allows
             _engines[path] = engine
     return engine
+
+
+def _damage(path: Path, exc: BaseException | None) -> None:
+    """For the handle_error event: a damaged or unwritable file is raised as its LabDatabaseError."""
+    damaged = explain(path, exc) if exc is not None else None
+    if damaged is not None:
+        raise damaged from exc
 
 
 def dispose_engines() -> None:
@@ -92,4 +116,4 @@ def write_session(engine: Engine) -> Iterator[Session]:
             conn.info["write"] = False
 
 
-__all__ = ["SQLModel", "get_engine", "read_session", "write_session", "dispose_engines", "init_db"]
+__all__ = ["LabDatabaseError", "SQLModel", "dispose_engines", "get_engine", "init_db", "read_session", "write_session"]

@@ -197,21 +197,33 @@ def build(directory: Path, compiler: str | None = None) -> Path:
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
     errors = []
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    require_private(directory)
     for flags in FLAG_SETS:
         target = directory / f"cpu_kernels-{_build_key(compiler, flags)}.so"
         if target.exists():
+            require_private(target)
             return target
-        directory.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=directory, suffix=".so", delete=False) as tmp:
             partial = Path(tmp.name)
         command = [compiler, *flags, "-shared", "-fPIC", str(SOURCE), "-o", str(partial), "-lm"]
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
         if done.returncode == 0:
+            os.chmod(partial, 0o700)  # ours alone, whatever the umask (require_private checks it on load)
             os.replace(partial, target)  # atomic: another rank building the same file is harmless
             return target
         partial.unlink(missing_ok=True)
         errors.append(f"{' '.join(command)}: {done.stderr.strip()[-500:]}")
     raise RuntimeError("could not compile the CPU kernels: " + " | ".join(errors))
+
+
+def require_private(path: Path) -> None:
+    """Loading a library runs its code: refuse one (or its folder) that someone else owns or may write."""
+    info = path.stat()
+    if info.st_uid != os.getuid():
+        raise RuntimeError(f"refusing {path}: owned by uid {info.st_uid}, not by this user ({os.getuid()})")
+    if info.st_mode & 0o022:
+        raise RuntimeError(f"refusing {path}: writable by group or others (mode {info.st_mode & 0o777:o})")
 
 
 def find_compiler() -> str | None:

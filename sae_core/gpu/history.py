@@ -31,11 +31,11 @@ from dataclasses import dataclass
 
 import pandas as pd
 from sqlalchemy import insert, text
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 
 from .. import db
-from ..db.tables import GpuSample, HostSample, Snapshot
+from ..db import snapshots
+from ..db.tables import GpuSample, HostSample
 from .nvml import probe
 from .processes import JobIndex
 from .types import Probe
@@ -147,14 +147,12 @@ def write_probe(engine: Engine, result: Probe) -> None:
         "ram_total": host.ram_total,
     }
     payload = json.dumps(result.to_dict(), separators=(",", ":"))
-    upsert = sqlite_insert(Snapshot).values(key=SNAPSHOT_KEY, t=result.t, payload=payload)
-    upsert = upsert.on_conflict_do_update(index_elements=["key"], set_={"t": result.t, "payload": payload})
     with db.write_session(engine) as session:
         conn = session.connection()  # Core executemany: the ORM's bulk path costs more than the rows
         if gpu_rows:
             conn.execute(insert(GpuSample), gpu_rows)
         conn.execute(insert(HostSample), [host_row])
-        conn.execute(upsert)
+        conn.execute(snapshots.upsert(SNAPSHOT_KEY, result.t, payload))
 
 
 def compact(engine: Engine, now: float, raw_keep_s: float = RAW_KEEP_S, minute_keep_s: float = MINUTE_KEEP_S) -> None:
@@ -398,11 +396,8 @@ def clear_query_cache() -> None:
 def latest_probe(engine: Engine) -> Probe | None:
     """The sampler's most recent probe (None before its first tick). Check `.t` for staleness: a
     stopped daemon leaves an old snapshot behind."""
-    with engine.connect() as conn:
-        row = conn.execute(text("SELECT payload FROM snapshot WHERE key = :k"), {"k": SNAPSHOT_KEY}).first()
-    if row is None:
-        return None
-    return Probe.from_dict(json.loads(row[0]))
+    payload = snapshots.get(engine, SNAPSHOT_KEY)
+    return None if payload is None else Probe.from_dict(json.loads(payload))
 
 
 def row_counts(engine: Engine) -> dict[str, int]:

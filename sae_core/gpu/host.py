@@ -25,3 +25,8 @@ def host_info() -> HostInfo:
         ram_used=int(memory.total - memory.available),
         ram_total=int(memory.total),
     )
+
+
+def available_ram() -> int:
+    """Bytes of RAM a new process could use now (psutil's `available`: free plus reclaimable cache)."""
+    return int(psutil.virtual_memory().available)

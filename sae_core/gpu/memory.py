@@ -219,6 +219,16 @@ def estimate(cfg: TrainConfig, world_size: int, d_in: int) -> MemoryEstimate:
     )
 
 
+# Terms that only exist on a GPU: a CPU rank has no CUDA context and talks over gloo, not NCCL.
+GPU_ONLY_TERMS = ("cuda_context", "nccl_buffers")
+
+
+def host_bytes(cfg: TrainConfig, cpu_procs: int, d_in: int) -> int:
+    """Host RAM of a CPU job: every rank's estimate without the GPU-only terms, all ranks together."""
+    per_rank = estimate(cfg, cpu_procs, d_in)
+    return cpu_procs * (per_rank.total_bytes - sum(per_rank.breakdown[t] for t in GPU_ONLY_TERMS))
+
+
 # How the estimate's terms are named on the Train page and by `python -m sae_core estimate`.
 TERM_LABELS = {
     "cuda_context": "CUDA context + libraries",

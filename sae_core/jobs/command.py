@@ -14,8 +14,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .. import paths
+from ..access import without_secrets
 from ..db.tables import Job
 from ..files import LOGS_DIR, TORCHRUN_ERROR_FILE, TORCHRUN_LOG_DIR, TRAIN_REQUEST_FILE
+
+LOOPBACK = "127.0.0.1"
+LOOPBACK_INTERFACE = "lo"
 
 # Variables a torchrun context would leave behind; a job must get torchrun's fresh ones.
 _INHERITED_DIST_VARS = (
@@ -50,17 +54,19 @@ def build_command(
 ) -> tuple[list[str], dict[str, str]]:
     """The torchrun argv and the environment of a job. Pure: same inputs, same plan.
 
-    - one node, `--nproc-per-node` = number of GPUs (or cpu_procs), c10d rendezvous on localhost:0
-      (a free port each time, so two jobs never collide), `--rdzv-id` = job id, no restarts;
+    - one node, `--nproc-per-node` = number of GPUs (or cpu_procs), c10d rendezvous on 127.0.0.1:0
+      (a free port each time, so two jobs never collide), `--rdzv-id` = job id, no restarts; torchrun
+      through `sae_core.engine.torchrun`, whose stores listen on loopback only, and gloo/NCCL on `lo`;
     - `--log-dir jobs/<id>/logs/torchrun --tee 3`: per-rank stdout/stderr/error.json files, and the
       same lines on torchrun's console (jobs/<id>/logs/stdout.log, stderr.log);
     - GPU job with CUDA here: CUDA_VISIBLE_DEVICES = its GPUs in PCI bus order. A CPU job — or a GPU
       job on a machine without CUDA (the GPU ids are then only a reservation) — gets
       CUDA_VISIBLE_DEVICES="" so it never touches a GPU, and train falls back to gloo on the CPU.
-    - OMP_NUM_THREADS = cores // ranks (at most the value already in the environment, if any).
+    - OMP_NUM_THREADS = cores // ranks (at most the value already in the environment, if any);
+    - no secret of the app (SAE_LAB_PASSWORD and the like) travels into the job.
     """
     home = Path(home)
-    env = dict(os.environ if base_env is None else base_env)
+    env = without_secrets(os.environ if base_env is None else base_env)
     cpu_count = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
     nproc = job.world_size
     out_dir = Path(job.out_dir) if job.out_dir else paths.job_dir(job.id, home)
@@ -69,7 +75,7 @@ def build_command(
     argv = [
         python,
         "-m",
-        "torch.distributed.run",
+        "sae_core.engine.torchrun",
         "--nnodes",
         "1",
         "--nproc-per-node",
@@ -77,7 +83,9 @@ def build_command(
         "--rdzv-backend",
         "c10d",
         "--rdzv-endpoint",
-        "localhost:0",
+        f"{LOOPBACK}:0",
+        "--local-addr",
+        LOOPBACK,
         "--rdzv-id",
         str(job.id),
         "--max-restarts",
@@ -113,6 +121,9 @@ def build_command(
             # torchrun's own @record copies the first failing rank's error file here.
             "TORCHELASTIC_ERROR_FILE": str(logs / TORCHRUN_ERROR_FILE),
             "PYTHONUNBUFFERED": "1",
+            # the ranks' own sockets (gloo pairs, NCCL's bootstrap) on loopback too: this is one node
+            "GLOO_SOCKET_IFNAME": LOOPBACK_INTERFACE,
+            "NCCL_SOCKET_IFNAME": LOOPBACK_INTERFACE,
         }
     )
     return argv, env

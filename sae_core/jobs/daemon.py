@@ -37,13 +37,14 @@ import psutil
 from filelock import FileLock, Timeout
 
 from .. import db, paths
+from ..db.health import LabDatabaseError
 from ..db.tables import ACTIVE_STATUSES, Job
 from ..files import DAEMON_LOCK_FILE
 from ..gpu.history import Sampler
 from ..gpu.processes import process_if_same
 from . import store
 from .command import build_command, write_job_config
-from .daemon_control import POLL_S, daemon_status, write_daemon_file
+from .daemon_control import POLL_S, beat, daemon_status
 from .gpus import job_index
 from .lifecycle import GRACE_S, finalize_job
 from .logs import log_dir_of
@@ -235,36 +236,55 @@ def serve(
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: stop.set())
-        launcher = Launcher(home, grace_s=grace_s, cpu_budget=cpu_budget)
-        me = psutil.Process()
-        info = {
-            "pid": me.pid,
-            "create_time": me.create_time(),
-            "started_at": time.time(),
-            "interval": interval_s,
-            "home": str(home),
-        }
-        info["heartbeat"] = time.time()
-        write_daemon_file(home, info)
-        log.info("launcher serving %s (pid %s)", home, me.pid)
-        sampler = None
-        if sampler_interval_s and not once:
-            sampler = _start_sampler(launcher.engine, stop, sampler_interval_s)
-        while True:
-            try:
-                launcher.tick()
-            except Exception:  # a locked database or a full disk must not end the daemon
-                log.exception("launcher pass failed; retrying")
-            info["heartbeat"] = time.time()
-            write_daemon_file(home, info)
-            if once or stop.wait(interval_s):
-                break
-        if sampler is not None:
-            stop.set()
-            sampler.join(5)
-        info["stopped_at"] = time.time()
-        write_daemon_file(home, info)
-        log.info("launcher stopped; running jobs keep running and are re-adopted on the next start")
-        return 0
+        try:
+            launcher = Launcher(home, grace_s=grace_s, cpu_budget=cpu_budget)
+        except LabDatabaseError as exc:
+            log.error("launcher cannot start: %s", exc)
+            return 1
+        return _serve_loop(launcher, home, interval_s, once, sampler_interval_s, stop)
     finally:
         lock.release()
+
+
+def _serve_loop(
+    launcher: Launcher, home: Path, interval_s: float, once: bool, sampler_interval_s: float | None, stop
+) -> int:
+    me = psutil.Process()
+    info = {"pid": me.pid, "create_time": me.create_time(), "started_at": time.time(), "interval": interval_s}
+    info.update(home=str(home), heartbeat=time.time())
+    problem = _report(beat(home, info, launcher.engine), None)
+    log.info("launcher serving %s (pid %s)", home, me.pid)
+    sampler = _start_sampler(launcher.engine, stop, sampler_interval_s) if sampler_interval_s and not once else None
+    code = 0
+    while True:
+        try:
+            launcher.tick()
+        except LabDatabaseError as exc:
+            if exc.kind == "damaged":  # no pass can succeed any more: say why and stop
+                log.error("launcher stops: %s", exc)
+                code = 1
+                break
+            log.warning("launcher pass failed: %s; retrying", exc)
+        except Exception:  # a locked database or a full disk must not end the daemon
+            log.exception("launcher pass failed; retrying")
+        info["heartbeat"] = time.time()
+        problem = _report(beat(home, info, launcher.engine), problem)
+        if once or stop.wait(interval_s):
+            break
+    if sampler is not None:
+        stop.set()
+        sampler.join(5)
+    info["stopped_at"] = time.time()
+    beat(home, info, launcher.engine)
+    log.info("launcher stopped; running jobs keep running and are re-adopted on the next start")
+    return code
+
+
+def _report(problem: str | None, before: str | None) -> str | None:
+    """Log a status-file problem when it appears, changes or clears (not on every pass)."""
+    if problem != before:
+        if problem:
+            log.warning("%s; the status goes to lab.db meanwhile, and the file is tried again every pass", problem)
+        else:
+            log.info("the status file is written again")
+    return problem

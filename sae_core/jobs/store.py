@@ -13,19 +13,24 @@ lock upgrade that fails with SQLITE_BUSY.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from sqlalchemy import func
 from sqlalchemy.engine import Engine
 from sqlmodel import col, select
 
 from .. import db, paths
 from ..config import TrainConfig
+from ..db.health import job_folders
 from ..db.tables import FINAL_STATUSES, JOB_STATUSES, Job
 from ..text import brief
 from .errors import JobError
 from .placement import check_placement
+
+log = logging.getLogger("sae_core.jobs")
 
 
 def engine_or_default(engine: Engine | None) -> Engine:
@@ -53,9 +58,11 @@ def submit_job(
     (a row must name a valid one); people submit through the gate (submission.py), which checks all."""
     gpus = check_placement(cfg, gpu_ids, cpu_procs)
     engine = engine_or_default(engine)
-    jobs_root = paths.jobs_dir(engine_home(engine))
+    home = engine_home(engine)
+    jobs_root = paths.jobs_dir(home)
     with db.write_session(engine) as session:
         job = Job(
+            id=_next_free_id(session, home),
             name=name.strip(),
             submitted_by=submitted_by,
             config_json=cfg.model_dump_json(),
@@ -73,6 +80,19 @@ def submit_job(
             job.name = f"job-{job.id}"
         session.add(job)
     return job
+
+
+def _next_free_id(session, home: Path) -> int:
+    """The next job id whose folder does not exist yet: a job never writes into an older job's folder (left
+    by an earlier history, or made by hand). Read inside the write transaction, so racing submits agree."""
+    next_row = (session.exec(select(func.max(Job.id))).one() or 0) + 1
+    folders = job_folders(home)
+    if folders and folders[-1] >= next_row:
+        log.warning(
+            "job folders up to %s exist without rows in lab.db; new jobs start at %d", folders[-1], folders[-1] + 1
+        )
+        return folders[-1] + 1
+    return next_row
 
 
 # --------------------------------------------------------------------------- queries

@@ -21,6 +21,8 @@ from ..data.checks import DatasetError, check_dataset
 from ..data.formats import is_regular_file
 from ..db.tables import Job
 from ..gpu.availability import GpuStatus, validate
+from ..gpu.host import available_ram
+from ..gpu.memory import GiB, host_bytes
 from ..outputs import checkpoint_root, latest_checkpoint
 from ..text import label_problem
 from . import store
@@ -98,8 +100,11 @@ def check(
     if not verdict.gpus:
         _check_cpu_job(cfg, int(cpu_procs or 1), verdict)
     _check_dataset(cfg, scan_values, store.engine_home(store.engine_or_default(engine)), verdict)
-    if verdict.gpus:  # after the dataset: the memory fit needs its width
+    # after the dataset: the memory fit needs its width
+    if verdict.gpus:
         _check_gpus(cfg, statuses, engine, verdict)
+    elif verdict.dataset is not None and not verdict.problems:
+        _check_host_memory(cfg, int(cpu_procs or 1), verdict.dataset.d_in, verdict)
     return verdict
 
 
@@ -111,6 +116,18 @@ def _check_cpu_job(cfg: TrainConfig, cpu_procs: int, verdict: Verdict) -> None:
     if cfg.device == "cuda":
         message = "device: 'cuda' cannot run as a CPU job; choose GPUs, or device 'auto' or 'cpu'"
         verdict.problems.append(Problem("device", message))
+
+
+def _check_host_memory(cfg: TrainConfig, cpu_procs: int, d_in: int, verdict: Verdict) -> None:
+    need, free = host_bytes(cfg, cpu_procs, d_in), available_ram()
+    if need > free:
+        verdict.problems.append(
+            Problem(
+                "cpu_procs",
+                f"cpu_procs: the run needs about {need / GiB:.1f} GiB of RAM for {cpu_procs} process(es), but this "
+                f"machine has {free / GiB:.1f} GiB available; lower d_sae or batch_size, or use fewer processes",
+            )
+        )
 
 
 def _check_dataset(cfg: TrainConfig, scan_values: bool | None, home: Path, verdict: Verdict) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from sae_core import db, files
+from sae_core import access, db, files
 from sae_core import text as fmt
 from sae_core.data import catalog
 from sae_core.db.tables import Job
@@ -327,6 +327,7 @@ def test_saes_page_empty(lab):
 
 
 def test_saes_page_figures_histogram_snippets_download(lab):
+    assert lab.engine  # the lab's database first: job folders without it would be a lost history
     sae = _fake_sae(lab.home / "jobs" / "3")
     at = lab.page("views/saes.py")
     no_exception(at)
@@ -572,3 +573,18 @@ def test_a_job_folder_outside_the_home_is_not_served(lab, tmp_path):
     assert "not inside SAE_LAB_HOME" in texts(at) and "a secret line" not in texts(at)
     assert [b.key for b in at.button if b.key == "job_prepare_zip"] == []
     assert not (outside / files.SAE_ZIP_FILE).exists()
+
+
+def test_guessing_the_password_backs_off(lab, monkeypatch):
+    throttle = access.GuessThrottle(clock=lambda: 5000.0)  # time stands still: the wait never passes
+    monkeypatch.setattr(access, "THROTTLE", throttle)
+    monkeypatch.setenv("SAE_LAB_PASSWORD", "s3cret")
+    at = AppTest.from_file(APP, default_timeout=30).run()
+    for _ in range(5):
+        at.text_input(key="login_password").input("guess")
+        at.button[0].click().run()
+        assert "Wrong password." in texts(at)
+    at.text_input(key="login_password").input("s3cret")  # even the right one waits now
+    at.button[0].click().run()
+    no_exception(at)
+    assert "Too many wrong passwords: try again in 1 s." in texts(at) and "Datasets" not in texts(at)

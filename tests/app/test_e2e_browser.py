@@ -112,6 +112,11 @@ def processes_of(home: Path) -> list[psutil.Process]:
     return found
 
 
+def launcher_processes(home: Path) -> list[psutil.Process]:
+    """The lab's processes that the app started (everything but the streamlit server itself)."""
+    return [p for p in processes_of(home) if "streamlit" not in " ".join(p.cmdline())]
+
+
 def stop_everything(server: subprocess.Popen, home: Path) -> None:
     if server.poll() is None:
         os.killpg(server.pid, signal.SIGTERM)
@@ -207,7 +212,8 @@ def test_toy_dataset_cpu_job_to_completion_and_download(tmp_path):
 
 
 def test_password_gate_holds_for_every_url(tmp_path):
-    """With SAE_LAB_PASSWORD set, a deep link shows only the sign-in form until the password is given."""
+    """With SAE_LAB_PASSWORD set, a deep link shows only the sign-in form until the password is given, then
+    the page it named; the password never reaches the launcher the app starts."""
     chromium = require_browser()
     from playwright.sync_api import expect, sync_playwright
 
@@ -215,17 +221,24 @@ def test_password_gate_holds_for_every_url(tmp_path):
         browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         page = browser.new_page()
         page.set_default_timeout(30_000)
-        for path in ("/jobs", "/train", "/"):
+        for path in ("/train", "/", "/jobs?job=1"):
             page.goto(url + path)
             expect(page.get_by_label("Password", exact=True)).to_be_visible()
             assert page.get_by_role("heading", name="Jobs").count() == 0
             assert page.get_by_text("Launcher", exact=True).count() == 0  # no sidebar either
+            assert page.get_by_text("Page not found").count() == 0  # every page's URL asks for the password
         page.get_by_label("Password", exact=True).fill("wrong")
         button(page, "Enter").click()
         expect(page.get_by_text("Wrong password.")).to_be_visible()
         page.get_by_label("Password", exact=True).fill("open sesame")
         button(page, "Enter").click()
+        expect(page.get_by_role("heading", name="Jobs")).to_be_visible()  # the page the deep link named
         expect(page.get_by_text("Launcher", exact=True)).to_be_visible()
-        page.get_by_role("link", name="Jobs").click()
-        expect(page.get_by_role("heading", name="Jobs")).to_be_visible()
+        assert "/jobs" in page.url
         browser.close()
+        deadline = time.time() + 30
+        while not (lab_processes := launcher_processes(_home)) and time.time() < deadline:
+            time.sleep(0.5)  # the app starts the launcher once signed in
+        assert lab_processes, "the app started no launcher"
+        for proc in lab_processes:
+            assert "SAE_LAB_PASSWORD" not in proc.environ(), proc.cmdline()

@@ -277,3 +277,23 @@ def test_a_build_without_openmp_or_native_flags_gives_the_same_results(lib, tmp_
     assert torch.equal(cpu_kernels.row_topk(pre, 16)[1], reference_topk(pre, 16)[1])
     order, rows, crow = cpu_kernels.latent_layout(cpu_kernels.row_topk(pre, 16)[1], 1000)
     assert torch.equal(crow[-1], torch.tensor(300 * 16))
+
+
+def test_a_cached_library_others_may_write_is_refused(lib, tmp_path):
+    built = cpu_kernels.build(tmp_path / "cache")
+    assert built.stat().st_mode & 0o777 == 0o700 and (tmp_path / "cache").stat().st_mode & 0o777 == 0o700
+    built.chmod(0o766)  # anyone could have swapped its code
+    with pytest.raises(RuntimeError, match="writable by group or others"):
+        cpu_kernels.build(tmp_path / "cache")
+    built.chmod(0o700)
+    (tmp_path / "cache").chmod(0o777)  # or put another file in its place
+    with pytest.raises(RuntimeError, match="writable by group or others"):
+        cpu_kernels.build(tmp_path / "cache")
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="giving a file to another user needs root")
+def test_a_cached_library_of_another_user_is_refused(lib, tmp_path):
+    built = cpu_kernels.build(tmp_path / "cache")
+    os.chown(built, 65534, -1)  # nobody (the tests run as root on CI)
+    with pytest.raises(RuntimeError, match="owned by uid 65534"):
+        cpu_kernels.build(tmp_path / "cache")

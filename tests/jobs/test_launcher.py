@@ -39,6 +39,7 @@ def test_gpu_job_command_and_environment():
     base = {
         "PATH": "/bin",
         "PYTHONPATH": "/extra",
+        "SAE_LAB_PASSWORD": "s3cret",
         "RANK": "3",
         "MASTER_PORT": "29500",
         "TORCHELASTIC_ERROR_FILE": "/x",
@@ -47,8 +48,9 @@ def test_gpu_job_command_and_environment():
         a_job(gpus="2,3"), Path("/lab"), python="/py", gpu_available=True, cpu_count=16, base_env=base
     )
     assert argv == [
-        "/py", "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-        "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", "--rdzv-id", "7", "--max-restarts", "0",
+        "/py", "-m", "sae_core.engine.torchrun", "--nnodes", "1", "--nproc-per-node", "2",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "--local-addr", "127.0.0.1",
+        "--rdzv-id", "7", "--max-restarts", "0",
         "--log-dir", "/lab/jobs/7/logs/torchrun", "--tee", "3",
         "-m", "sae_core.train", "--config", "/lab/jobs/7/train_request.json", "--out", "/lab/jobs/7",
     ]  # fmt: skip
@@ -59,6 +61,8 @@ def test_gpu_job_command_and_environment():
     assert env["PYTHONUNBUFFERED"] == "1" and env["PATH"] == "/bin"
     assert env["PYTHONPATH"] == "/extra"  # untouched: jobs run the venv's interpreter, with sae_core installed
     assert "RANK" not in env and "MASTER_PORT" not in env  # a torchrun context must not leak into the job
+    assert "SAE_LAB_PASSWORD" not in env  # the app's secret stays with the app
+    assert env["GLOO_SOCKET_IFNAME"] == env["NCCL_SOCKET_IFNAME"] == "lo"  # one node: loopback sockets
     assert base["RANK"] == "3"  # the input is not modified: the function is pure
 
 

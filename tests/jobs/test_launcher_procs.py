@@ -232,6 +232,27 @@ def test_kill_9_of_one_rank_fails_the_job_fast_with_the_cause(lab, toy_path, tmp
     assert store.list_jobs(ACTIVE_STATUSES) == []  # nothing holds a GPU or a CPU slot
 
 
+def test_a_job_listens_on_loopback_only_and_carries_no_secret(lab, toy_path, tmp_path):
+    home, start_daemon = lab
+    start_daemon(env=subprocess_env(SAE_LAB_HOME=str(home), SAE_LAB_PASSWORD="s3cret"))  # as the app's daemon
+    cfg = write_cfg(tmp_path, toy_path, total_steps=100_000, log_every=20, checkpoint_every=100_000)
+    job_id = submit_cpu(cfg, 2)
+    wait_for(lambda: store.get_job(job_id).last_step > 0, 120, "training to start")
+    procs = job_processes_left(job_id, home)
+    listening = []
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            listening += [
+                (proc.pid, c.laddr.ip, c.laddr.port) for c in proc.net_connections("inet") if c.status == "LISTEN"
+            ]
+    # torchrun's agent hosts two stores, and each gloo rank a listener: all of them, only on loopback
+    assert len(listening) >= 4, listening
+    assert {ip for _, ip, _ in listening} <= {"127.0.0.1", "::1"}, listening
+    assert all("SAE_LAB_PASSWORD" not in _env(p) for p in procs)
+    store.request_cancel(job_id)
+    assert wait_status(job_id, FINAL_STATUSES, timeout=60).status == "cancelled"
+
+
 def test_errors_in_the_worker_become_the_failure_message(lab, toy_path, tmp_path):
     home, start_daemon = lab
     start_daemon()

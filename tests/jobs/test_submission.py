@@ -159,3 +159,10 @@ def test_job_and_user_names_are_short_single_lines(lab_home, cfg, name, words):
         ("name", True),
         ("submitted_by", True),
     ]
+
+
+def test_a_cpu_job_must_fit_the_hosts_ram(lab_home, cfg):
+    huge = cfg.model_copy(update={"d_sae": 2**24, "k": 32, "batch_size": 4096})  # hundreds of GiB per rank
+    ((field, message),) = problems(submission.check(huge, None, 1))
+    assert field == "cpu_procs" and "GiB of RAM for 1 process(es), but this machine has" in message
+    assert submission.check(cfg, None, 2).ok  # the toy run fits
