@@ -19,7 +19,7 @@ from sae_core.data.checks import check_dataset
 from sae_core.engine import saelens
 from sae_core.engine.distributed import DistEnv
 from sae_core.engine.schedule import learning_rate, sparsity_coefficient
-from sae_core.engine.trainer import Trainer
+from sae_core.engine.trainer import Trainer, progress_line
 from sae_core.files import CHECKPOINT_MARKER as MARKER
 from sae_core.outputs import complete_checkpoints
 from sae_core.train import main
@@ -229,3 +229,9 @@ def test_two_ranks_with_micro_batches_match_one_process(tmp_path, toy_path):
     finish(one), finish(two)
     for name, tensor in weights(tmp_path / "one").items():
         torch.testing.assert_close(weights(tmp_path / "two")[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_progress_line_shows_days_for_a_long_eta():
+    record = {"step": 5, "total_steps": 10**9, "tokens_per_s": 1.0, "loss": 0.5, "fvu": 0.25, "l0": 8.0}
+    assert progress_line(record, 3 * 86_400 + 5).endswith("ETA 3 d 00:00:05")  # not wrapped at 24 h
+    assert progress_line(record, 10**15).endswith(" d 01:46:40")  # no overflow either
