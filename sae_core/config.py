@@ -28,6 +28,8 @@ MAX_SEED = 2**63 - 1
 MAX_COEFFICIENT = 1e6
 MAX_PATH_CHARS = 4096
 MAX_CONFIG_BYTES = 1 << 20  # a config file is a few hundred bytes; a bigger one is not read
+MAX_SHUFFLE_BYTES = 64 * 2**30  # shuffle buffer (host RAM per rank, see data/order.py)
+MAX_READER_THREADS = 64
 
 
 class ConfigError(ValueError):
@@ -97,6 +99,23 @@ class TrainConfig(BaseModel):
     log_every: int = Field(10, gt=0, le=MAX_STEPS, description="Steps between metric records.")
     holdout_tokens: int = Field(4096, ge=0, le=MAX_HOLDOUT, description="Rows kept out of training for evaluation.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu.")
+    shuffle_block_bytes: int = Field(
+        2**20,
+        ge=4096,
+        le=2**30,
+        description="Rows are read in contiguous blocks of about this many bytes (at least one row), visited in a "
+        "seeded random order each epoch.",
+    )
+    shuffle_buffer_bytes: int = Field(
+        256 * 2**20,
+        ge=4096,
+        le=MAX_SHUFFLE_BYTES,
+        description="Rows of this many bytes of consecutive blocks are shuffled together before they form batches; "
+        "a set no larger than this is shuffled as a whole. Each rank holds about twice its share in RAM.",
+    )
+    reader_threads: int = Field(
+        4, gt=0, le=MAX_READER_THREADS, description="Threads per rank reading blocks ahead of the training loop."
+    )
     aux_k: int | None = Field(
         None,
         gt=0,
@@ -140,6 +159,11 @@ class TrainConfig(BaseModel):
             )
         if self.lr_decay_steps is not None and self.lr_decay_steps > self.total_steps:
             raise ValueError(f"lr_decay_steps ({self.lr_decay_steps}) must be at most total_steps ({self.total_steps})")
+        if self.shuffle_buffer_bytes < self.shuffle_block_bytes:
+            raise ValueError(
+                f"shuffle_buffer_bytes ({self.shuffle_buffer_bytes}) must be at least shuffle_block_bytes "
+                f"({self.shuffle_block_bytes})"
+            )
         return self
 
     @property
@@ -203,8 +227,8 @@ class TrainConfig(BaseModel):
         return self.model_dump_json(indent=2)
 
 
-def read_json_object(path: str | Path, what: str, holds: str) -> dict:
-    """The JSON object in a regular file of at most MAX_CONFIG_BYTES, or ConfigError saying what is wrong.
+def read_json_object(path: str | Path, what: str, holds: str, max_bytes: int = MAX_CONFIG_BYTES) -> dict:
+    """The JSON object in a regular file of at most `max_bytes`, or ConfigError saying what is wrong.
 
     Only a regular file is opened (a FIFO or a device would block the reader); nothing is read from a file
     that is too large, and nesting too deep for the parser is an error, not a crash."""
@@ -218,8 +242,8 @@ def read_json_object(path: str | Path, what: str, holds: str) -> dict:
         raise ConfigError(f"{what} {shown} cannot be read ({exc.strerror or exc})") from None
     if not stat.S_ISREG(info.st_mode):
         raise ConfigError(f"{what} {shown} is not a regular file")
-    if info.st_size > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{what} {shown} is {info.st_size:,} bytes; at most {MAX_CONFIG_BYTES:,} are read")
+    if info.st_size > max_bytes:
+        raise ConfigError(f"{what} {shown} is {info.st_size:,} bytes; at most {max_bytes:,} are read")
     try:
         data = json.loads(path.read_bytes())
     except OSError as exc:

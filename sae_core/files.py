@@ -46,3 +46,10 @@ DAEMON_LOG_FILE = "launcher.log"
 ACTIVATION_SUFFIXES = (".safetensors", ".npy")
 FEATURES_KEY = "features"  # ground-truth feature directions of a toy set
 TOY_FILE = "toy.safetensors"
+MANIFEST_FILE = "manifest.json"  # an activation folder's index, written last (its presence means "complete")
+ACTIVATIONS_KEY = "activations"  # the [rows, d_in] tensor of a shard or toy file
+
+
+def shard_file_name(index: int) -> str:
+    """`shard_00000.safetensors`: the name of an extraction's index-th shard."""
+    return f"shard_{index:05d}.safetensors"

@@ -123,18 +123,20 @@ def job_detail(job_id: int, was_live: bool) -> None:
         f"### {md_text(job.name)} {html.badge(job.status, STATUS_COLOURS.get(job.status, 'gray'))}",
     )
     now = time.time()
-    cols = st.columns(5)
+    metrics = metrics_frame(job.id, max_points=CHART_POINTS)
+    cols = st.columns(6)
     cols[0].metric("Step", f"{job.last_step:,} / {job.total_steps:,}")
     cols[1].metric("Tokens/s", format_rate(job.tokens_per_s).removesuffix(" tok/s"))
     eta = frames.job_eta_seconds(job.status, job.started_at, job.last_step, job.total_steps, now)
     cols[2].metric("ETA", format_duration(eta))
     cols[3].metric("Runs on", frames.gpus_label(job.gpu_ids, job.cpu_procs))
     cols[4].metric("Submitted by", job.submitted_by or "—")
+    data_wait = frames.data_wait_summary(metrics)
+    cols[5].metric("Data wait", data_wait[0] if data_wait else "—", help=data_wait[1] if data_wait else None)
     if job.error:
         st.error(md_text(job.error, multiline=True), icon=":material/error:")
     actions(job)
 
-    metrics = metrics_frame(job.id, max_points=CHART_POINTS)
     if metrics.empty:
         st.caption("No metrics yet: rank 0 records them every log_every steps once training runs.")
     else:

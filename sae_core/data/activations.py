@@ -1,21 +1,25 @@
-"""An activation set: one [n_rows, d_in] matrix over memory-mapped shard files, read by rows (no torch).
+"""An activation set: one [n_rows, d_in] matrix over shard files, read by ranges or by rows (no torch).
 
-Sources are a `.safetensors` file, a `.npy` file, or a directory of shards of either kind. Nothing here
-reads a whole set into RAM: every shard is memory-mapped and `ActivationSet.read` copies only the rows
-asked for, as float32 numpy (the torch side turns them into tensors).
+Sources are a `.safetensors` file, a `.npy` file, or a directory of shards of either kind (with a
+`manifest.json`, or scanned). Nothing here reads a whole set into RAM: `read_range` reads a contiguous
+run of rows in their stored dtype with one large pread per shard (what training reads, block by block),
+and `read` gathers scattered rows as float32 from the memory maps (evaluation, the first batch).
 """
 
 from __future__ import annotations
 
+import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..files import ACTIVATION_SUFFIXES, FEATURES_KEY
+from ..files import ACTIVATION_SUFFIXES, FEATURES_KEY, MANIFEST_FILE
 from ..text import brief
 from .formats import (
+    STORAGE,
+    STORAGE_ITEMSIZE,
     DatasetError,
     is_features_file,
     is_regular_file,
@@ -26,37 +30,102 @@ from .formats import (
     read_safetensors_header,
     to_float32,
 )
+from .manifest import Manifest, read_manifest
 
 
 @dataclass
 class Shard:
-    """One memory-mapped file of a set: rows [start, start + rows) of the whole."""
+    """One file of a set: rows [start, start + rows) of the whole, memory-mapped when first used.
+
+    A shard listed in a manifest is not opened until a row of it is read; its file must then match the
+    manifest's rows, width and dtype.
+    """
 
     path: Path
-    array: np.ndarray  # [rows, d_in], stored dtype (bfloat16 as raw uint16), memory-mapped
-    dtype: str  # logical dtype, one of ALLOWED_DTYPES
+    key: str
     start: int
+    rows: int
+    d_in: int
+    dtype: str  # logical dtype, one of ALLOWED_DTYPES
+    _array: np.ndarray | None = None
 
-    @property
-    def rows(self) -> int:
-        return int(self.array.shape[0])
+    @classmethod
+    def mapped(cls, path: Path, key: str, start: int) -> Shard:
+        array, dtype = map_file(path, key)
+        if array.ndim != 2:
+            what = f"tensor {key!r}" if path.suffix.lower() == ".safetensors" else "array"
+            raise DatasetError(
+                f"{path}: {what} has shape {list(array.shape)} ({array.ndim}-D); activations must be 2-D [tokens, d_in]"
+            )
+        return cls(path, key, start, int(array.shape[0]), int(array.shape[1]), dtype, array)
 
     @property
     def stop(self) -> int:
         return self.start + self.rows
 
+    @property
+    def nbytes(self) -> int:
+        return self.rows * self.d_in * STORAGE_ITEMSIZE[self.dtype]
+
+    @property
+    def array(self) -> np.ndarray:
+        """[rows, d_in] in the stored dtype (bfloat16 as raw uint16), memory-mapped."""
+        if self._array is None:
+            array, dtype = map_file(self.path, self.key)
+            if array.shape != (self.rows, self.d_in) or dtype != self.dtype:
+                raise DatasetError(
+                    f"{self.path}: holds {list(array.shape)} {dtype} but the manifest says "
+                    f"[{self.rows}, {self.d_in}] {self.dtype}"
+                )
+            self._array = array
+        return self._array
+
+    def read_range(self, lo: int, hi: int) -> np.ndarray:
+        """Rows [lo, hi) of this shard in the stored dtype, C-contiguous and native-endian: one large read
+        straight into a new buffer where the file's layout allows, else a copy out of the memory map."""
+        array = self.array
+        if isinstance(array, np.memmap) and array.flags.c_contiguous and array.dtype.isnative:
+            out = np.empty((hi - lo, self.d_in), dtype=array.dtype)
+            _pread_exactly(self.path, out, array.offset + lo * self.d_in * array.dtype.itemsize)
+            return out
+        return np.ascontiguousarray(array[lo:hi], dtype=array.dtype.newbyteorder("="))
+
+
+def _pread_exactly(path: Path, out: np.ndarray, offset: int) -> None:
+    """Fill `out` with the file's bytes from `offset` (pread releases the GIL: reader threads overlap)."""
+    view = memoryview(out.reshape(-1).view(np.uint8).data)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise DatasetError(f"{brief(path)}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n == 0:
+                raise DatasetError(f"{brief(path)}: ends early (was it truncated while in use?)")
+            done += n
+    except OSError as exc:
+        raise DatasetError(f"{brief(path)}: cannot be read ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
+
 
 class ActivationSet:
-    """A memory-mapped [n_rows, d_in] activation matrix, possibly split over several shard files."""
+    """A [n_rows, d_in] activation matrix over shard files, read by rows or by contiguous ranges."""
 
-    def __init__(self, source: Path, shards: list[Shard], features: np.ndarray | None = None):
+    def __init__(self, source: Path, shards: list[Shard], features: np.ndarray | None = None, manifest=None):
         self.source = source
         self.shards = shards
         self.features = features  # [n_features, d_in] float32 ground truth, when the data carries it
+        self.manifest = manifest  # the folder's Manifest (provenance included), when it has one
         self.n_rows = shards[-1].stop
-        self.d_in = int(shards[0].array.shape[1])
+        self.d_in = shards[0].d_in
         dtypes = sorted({s.dtype for s in shards})
         self.dtype = dtypes[0] if len(dtypes) == 1 else "+".join(dtypes)
+        # What read_range returns: the stored dtype when every shard shares one we train from directly,
+        # else float32 (float64 is rounded, mixed shards are made alike).
+        self.storage = self.dtype if self.dtype in ("float32", "float16", "bfloat16") else "float32"
         self._starts = np.array([s.start for s in shards] + [self.n_rows], dtype=np.int64)
 
     def __len__(self) -> int:
@@ -67,13 +136,45 @@ class ActivationSet:
 
     @property
     def nbytes(self) -> int:
-        return sum(int(s.array.nbytes) for s in self.shards)
+        return sum(s.nbytes for s in self.shards)
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row as read_range returns it."""
+        return self.d_in * STORAGE_ITEMSIZE[self.storage]
 
     def describe(self) -> str:
         """One line for people: where, how many rows, how wide, which dtype."""
         files = f"{len(self.shards)} shards" if len(self.shards) > 1 else "1 file"
         truth = f", {self.features.shape[0]} ground-truth features" if self.features is not None else ""
         return f"{self.source}: {self.n_rows:,} rows x {self.d_in} {self.dtype} ({files}{truth})"
+
+    def shard_of(self, row: int) -> tuple[Shard, int]:
+        """The shard holding global row `row`, and the row's index within it."""
+        shard = self.shards[int(np.searchsorted(self._starts, row, side="right")) - 1]
+        return shard, row - shard.start
+
+    def where(self, row: int) -> str:
+        """`row N` (with its shard and local index when the set has several shards), for messages."""
+        if len(self.shards) == 1:
+            return f"row {row}"
+        shard, local = self.shard_of(row)
+        return f"row {row} (row {local} of shard {shard.path.name})"
+
+    def read_range(self, lo: int, hi: int) -> np.ndarray:
+        """Rows [lo, hi) as [hi - lo, d_in] in `storage` dtype (bfloat16 as raw uint16), read in large pieces."""
+        if not 0 <= lo <= hi <= self.n_rows:
+            raise IndexError(f"rows [{lo}, {hi}) are out of range for {self.source} ({self.n_rows} rows)")
+        pieces = []
+        first = int(np.searchsorted(self._starts, lo, side="right")) - 1
+        for shard in self.shards[max(first, 0) :]:
+            if shard.start >= hi:
+                break
+            piece = shard.read_range(max(lo, shard.start) - shard.start, min(hi, shard.stop) - shard.start)
+            pieces.append(piece if shard.dtype == self.storage else to_float32(piece, shard.dtype))
+        if len(pieces) == 1:
+            return pieces[0]
+        return np.concatenate(pieces) if pieces else np.empty((0, self.d_in), STORAGE[self.storage])
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         """Rows `rows` (any order, repeats allowed) as float32 [len(rows), d_in], in the order given."""
@@ -101,7 +202,8 @@ def open_activations(source: str | Path, key: str = "activations") -> Activation
 
     Raises DatasetError for anything that cannot be read as a 2-D float matrix: a missing path, an unsupported
     suffix, an empty directory, a missing tensor key, a shape that is not 2-D, a non-float dtype, shards of
-    differing width. Values are not scanned here (see `check_dataset`).
+    differing width. A directory with a `manifest.json` is opened from it alone (see manifest.py). Values are
+    not scanned here (see `check_dataset`).
     """
     path = Path(source).expanduser()
     shown = brief(path)
@@ -114,6 +216,10 @@ def open_activations(source: str | Path, key: str = "activations") -> Activation
     except (OSError, ValueError) as exc:  # a name too long, a permission refused, a loop of links, a NUL byte
         raise DatasetError(f"{shown}: cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
     if stat.S_ISDIR(mode):
+        manifest = read_manifest(path)
+        if manifest is not None:
+            shards = _manifest_shards(path, manifest, key)
+            return ActivationSet(path, shards, _load_features(path, shards, key, manifest.d_in), manifest)
         paths = list_shards(path)
     elif not stat.S_ISREG(mode):
         raise DatasetError(f"{shown}: not a regular file or a directory of them")
@@ -124,26 +230,35 @@ def open_activations(source: str | Path, key: str = "activations") -> Activation
             f"{shown}: unsupported file type {brief(path.suffix or '(no suffix)', 20)!r}; "
             f"allowed: {', '.join(ACTIVATION_SUFFIXES)}, or a directory of such shards"
         )
+    shards = _map_shards(paths, key, path)
+    features = _load_features(path, shards, key, shards[0].d_in)
+    return ActivationSet(path, shards, features)
+
+
+def _map_shards(paths: list[Path], key: str, source: Path) -> list[Shard]:
     shards: list[Shard] = []
-    start = 0
     for p in paths:
-        array, dtype = map_file(p, key)
-        if array.ndim != 2:
-            what = f"tensor {key!r}" if p.suffix.lower() == ".safetensors" else "array"
-            raise DatasetError(
-                f"{p}: {what} has shape {list(array.shape)} ({array.ndim}-D); activations must be 2-D [tokens, d_in]"
-            )
-        if shards and array.shape[1] != shards[0].array.shape[1]:
+        shard = Shard.mapped(p, key, shards[-1].stop if shards else 0)
+        if shards and shard.d_in != shards[0].d_in:
             first = shards[0]
             raise DatasetError(
-                f"shards differ in width: {first.path.name} has d_in {first.array.shape[1]} but {p.name} has "
-                f"{array.shape[1]}; all shards in {path} must have the same width"
+                f"shards differ in width: {first.path.name} has d_in {first.d_in} but {p.name} has "
+                f"{shard.d_in}; all shards in {source} must have the same width"
             )
-        shards.append(Shard(p, array, dtype, start))
-        start += array.shape[0]
-    d_in = int(shards[0].array.shape[1])
-    features = _load_features(path, shards, key, d_in)
-    return ActivationSet(path, shards, features)
+        shards.append(shard)
+    return shards
+
+
+def _manifest_shards(directory: Path, manifest: Manifest, key: str) -> list[Shard]:
+    """Shards as the manifest lists them, none opened yet (each is checked against it on first read)."""
+    shards, start = [], 0
+    for entry in manifest.shards:
+        path = directory / entry.file
+        if not is_regular_file(path):
+            raise DatasetError(f"{brief(path)}: listed in {MANIFEST_FILE} but not a regular file in the folder")
+        shards.append(Shard(path, key, start, entry.rows, manifest.d_in, manifest.dtype))
+        start += entry.rows
+    return shards
 
 
 def _features_candidates(source: Path, shards: list[Shard]) -> list[Path]:

@@ -22,12 +22,13 @@ ALLOWED_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16", "float64")
 
 # safetensors dtype codes we read, and how their bytes are mapped (bfloat16 has no numpy dtype: kept as raw uint16).
 _ST_FLOATS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-_STORAGE: dict[str, np.dtype] = {
+STORAGE: dict[str, np.dtype] = {
     "float64": np.dtype("<f8"),
     "float32": np.dtype("<f4"),
     "float16": np.dtype("<f2"),
     "bfloat16": np.dtype("<u2"),
 }
+STORAGE_ITEMSIZE = {name: dtype.itemsize for name, dtype in STORAGE.items()}
 _ST_ITEMSIZE = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
     "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
@@ -110,8 +111,8 @@ def map_safetensors(path: Path, key: str) -> tuple[np.ndarray, str]:
     entry = entries[key]
     dtype = _logical_dtype_of_safetensors(path, entry)
     if entry.nbytes == 0:  # mmap cannot map zero bytes
-        return np.empty(entry.shape, _STORAGE[dtype]), dtype
-    return np.memmap(path, dtype=_STORAGE[dtype], mode="r", offset=entry.offset, shape=entry.shape), dtype
+        return np.empty(entry.shape, STORAGE[dtype]), dtype
+    return np.memmap(path, dtype=STORAGE[dtype], mode="r", offset=entry.offset, shape=entry.shape), dtype
 
 
 def map_npy(path: Path) -> tuple[np.ndarray, str]:
@@ -142,7 +143,8 @@ def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "bfloat16":
         # bfloat16 is the top half of a float32: shifting the bits up is an exact conversion.
         return (raw.astype(np.uint32, order="C") << 16).view(np.float32)
-    return raw.astype(np.float32, order="C")
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes Inf, which the value checks name
+        return raw.astype(np.float32, order="C")
 
 
 def is_features_file(path: Path) -> bool:

@@ -41,9 +41,15 @@ def _v2_cancel_grace_metric_time_and_step_index(conn: Connection) -> None:
     conn.execute(text("CREATE INDEX IF NOT EXISTS ix_metric_point_job_step ON metric_point (job_id, step)"))
 
 
+def _v3_data_wait(conn: Connection) -> None:
+    """v3: metric_point.data_wait (the fraction of step time spent waiting for data)."""
+    _add_column(conn, "metric_point", "data_wait", "FLOAT")
+
+
 # MIGRATIONS[i] upgrades version i+1 to version i+2.
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _v2_cancel_grace_metric_time_and_step_index,
+    _v3_data_wait,
 ]
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 

@@ -89,6 +89,7 @@ class MetricPoint(SQLModel, table=True):
     lr: float | None = None
     tokens_per_s: float | None = None
     aux_loss: float | None = None
+    data_wait: float | None = None  # v3: fraction of the interval rank 0 waited for data
     peak_mem_json: str = "[]"  # per-rank peak memory in bytes, index = rank
     time: float
 

@@ -1,8 +1,8 @@
 """The training entry's body: read the config and torchrun's environment, check the data, train, exit.
 
 `sae_core.train` (what `python -m sae_core.train` and torchrun run) calls `main` here with the sinks a
-launcher job adds. A bad config or bad data ends the run before training with exit code 2 and the
-reason in error.txt.
+launcher job adds. A bad config or bad data ends the run with exit code 2 and the reason in error.txt:
+before training, or during it when a batch holds a non-finite value.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def fail_before_training(out_dir: Path, exc: Exception) -> int:
-    """Bad config or data, found by every rank: each says so itself, so the reason survives whichever rank
-    torchrun stops first. It goes to stderr prefixed with the rank and into this rank's torchrun error file
+def report_bad_input(out_dir: Path, exc: Exception) -> int:
+    """Bad config or data: the rank that finds it says so itself (before training every rank does), so the
+    reason survives whichever rank torchrun stops first. It goes to stderr prefixed with the rank and into this rank's torchrun error file
     (which torchrun's root-cause report and SAE Lab's diagnosis read); rank 0 also writes error.txt. Nothing
     else is written."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None, extra_sinks: Callable[[], list[MetricsSi
         cfg.per_rank_batch(env.world_size)
         data = check_dataset(cfg, env.world_size)
     except (ConfigError, DatasetError) as exc:
-        return fail_before_training(out_dir, exc)
+        return report_bad_input(out_dir, exc)
     init_process_group(env)
     try:
         if env.is_main:
@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None, extra_sinks: Callable[[], list[MetricsSi
         trainer.run()
         del trainer  # DDP's reducer and gloo's threads go before the process group, not at teardown
         gc.collect()
+    except DatasetError as exc:  # a non-finite row met in training, or a checkpoint of another data order
+        return report_bad_input(out_dir, exc)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -18,7 +18,6 @@ from ..config import ConfigError, TrainConfig
 from ..data.activations import ActivationSet
 from ..data.catalog import OUTSIDE_ROOTS, in_data_roots
 from ..data.checks import DatasetError, check_dataset
-from ..data.formats import is_regular_file
 from ..db.tables import Job
 from ..gpu.availability import GpuStatus, validate
 from ..gpu.host import available_ram
@@ -31,10 +30,6 @@ from .gpus import gpu_statuses
 from .placement import parse_placement
 
 MAX_NAME_CHARS = 200  # a job's name and who submitted it: shown to colleagues on one line
-
-# Above this size the gate checks the dataset's structure only; rank 0 still scans every value when the
-# job starts (a full NaN scan of a huge set would freeze the web form for minutes).
-FULL_SCAN_MAX_BYTES = 2 * 2**30
 
 
 @dataclass(frozen=True)
@@ -86,8 +81,8 @@ def check(
 ) -> Verdict:
     """Every problem of queueing `cfg` on `gpu_ids` or `cpu_procs` CPU processes, named `name` by `submitted_by`.
 
-    `scan_values` None scans every value for NaN/Inf up to FULL_SCAN_MAX_BYTES (False: structure only, as the
-    Train page does while a person types). `statuses` defaults to the GPUs as the queue sees them now."""
+    `scan_values` None scans values for NaN/Inf as `check_dataset` does (all of a set up to 2 GiB, a sample of a
+    larger one); False checks the structure only, as the Train page does while a person types. `statuses` defaults to the GPUs as the queue sees them now."""
     verdict = Verdict()
     for field_name, value in (("name", name), ("submitted_by", submitted_by)):
         if (why := label_problem(value, MAX_NAME_CHARS)) is not None:
@@ -135,7 +130,7 @@ def _check_dataset(cfg: TrainConfig, scan_values: bool | None, home: Path, verdi
         verdict.problems.append(Problem("activation_source", f"activation_source: {OUTSIDE_ROOTS}"))
         return
     try:
-        scan = _dataset_bytes(cfg.activation_source) <= FULL_SCAN_MAX_BYTES if scan_values is None else scan_values
+        scan = True if scan_values is None else scan_values
         # One rank: the batch's split across the real ranks is the placement's problem, reported once.
         verdict.dataset = check_dataset(cfg, 1, scan_values=scan)
     except (DatasetError, ConfigError, OSError) as exc:
@@ -153,13 +148,6 @@ def _check_gpus(
         status = by_index.get(index)
         if status is not None and status.available and status.queue_note:
             verdict.notes.append(f"GPU {index}: {status.queue_note}")
-
-
-def _dataset_bytes(source: str) -> int:
-    path = Path(source)
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if is_regular_file(p))
-    return path.stat().st_size if is_regular_file(path) else 0
 
 
 def submit(

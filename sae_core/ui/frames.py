@@ -63,7 +63,18 @@ def jobs_table(jobs: Iterable[Any], now: float) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=JOB_TABLE_COLUMNS)
 
 
-CHART_METRICS = ("loss", "fvu", "l0", "dead_fraction", "lr")
+CHART_METRICS = ("loss", "fvu", "l0", "dead_fraction", "lr", "data_wait")
+DATA_BOUND_WAIT = 0.2  # waiting for data this much of the time: reading, not compute, sets the pace
+
+
+def data_wait_summary(frame: pd.DataFrame) -> tuple[str, str] | None:
+    """The latest data_wait as (tile value, what it means); None before it was measured."""
+    if frame.empty or "data_wait" not in frame.columns or frame["data_wait"].dropna().empty:
+        return None
+    wait = float(frame["data_wait"].dropna().iloc[-1])
+    if wait >= DATA_BOUND_WAIT:
+        return f"{wait:.0%}", "Training waits for data: reading (disk or network filesystem) is the limit."
+    return f"{wait:.0%}", "Data arrives ahead of the steps: compute is the limit."
 
 
 def metrics_long(frame: pd.DataFrame, metrics: Iterable[str] = CHART_METRICS) -> pd.DataFrame:

@@ -210,6 +210,7 @@ def _metrics(job_id: int, steps: int, ranks: int = 2) -> None:
                 "dead_fraction": 0.01,
                 "lr": 1e-3,
                 "tokens_per_s": 5e4,
+                "data_wait": 0.5 if s == steps else 0.01,
                 "peak_mem": [1000 * s + r for r in range(ranks)],
                 "time": time.time(),
             },
@@ -237,6 +238,8 @@ def test_jobs_table_and_detail_of_the_job_in_the_url(lab):
     page = texts(at)
     assert "running-job" in page and "step 50/200" in page
     assert any(m.label == "Step" and m.value == "50 / 200" for m in at.metric)
+    wait = next(m for m in at.metric if m.label == "Data wait")
+    assert wait.value == "50%" and "reading" in wait.proto.help  # the latest interval waited half the time
     assert len(at.get("vega_lite_chart")) == 1
     peaks = at.dataframe[1].value
     assert peaks["rank"].tolist() == [0, 1] and peaks["peak"].tolist() == [

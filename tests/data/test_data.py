@@ -1,4 +1,4 @@
-"""Activation datasets: readers, bad-data errors, data order across ranks, prefetching, the toy generator."""
+"""Activation datasets: readers, bad-data errors, value scans, the toy generator (order: test_order.py)."""
 
 from __future__ import annotations
 
@@ -22,8 +22,6 @@ from sae_core.cli.toy import cli_toy
 from sae_core.config import ConfigError, TrainConfig
 from sae_core.data.activations import open_activations
 from sae_core.data.checks import DatasetError, check_dataset, find_nonfinite
-from sae_core.data.order import RankBatches
-from sae_core.data.prefetch import Prefetcher
 from sae_core.data.toy import ToyGenerator, write_toy
 from tests.conftest import REPO, subprocess_env
 
@@ -88,10 +86,13 @@ def test_npy_is_memory_mapped_and_reads_back(tmp_path):
 def test_fortran_order_and_big_endian_npy_read_back(tmp_path):
     source = random_rows(20, 5).numpy()
     np.save(tmp_path / "f.npy", np.asfortranarray(source))
-    np.save(tmp_path / "be.npy", source.astype(">f8"))
+    np.save(tmp_path / "be.npy", source.astype(">f4"))
     rows = np.array([19, 2, 5])
     for name in ("f.npy", "be.npy"):
-        assert torch.equal(read(open_activations(tmp_path / name), rows), torch.from_numpy(source[rows]))
+        ds = open_activations(tmp_path / name)
+        assert torch.equal(read(ds, rows), torch.from_numpy(source[rows]))
+        block = ds.read_range(3, 17)  # the block reader copies these out of the memory map instead of pread
+        assert block.flags.c_contiguous and block.dtype.isnative and np.array_equal(block, source[3:17])
 
 
 def test_shard_directory_concatenates_rows_across_shards(tmp_path):
@@ -282,98 +283,6 @@ def test_reading_and_scanning_never_load_the_whole_file(tmp_path):
         tracemalloc.stop()
     assert "row 399999, column 7 holds Inf" in problem
     assert peak < size / 8  # numpy allocations in the scan stay near the chunk size
-
-
-# ---------------------------------------------------------------------------------------------------------- order
-
-
-def ranks(world_size: int, n_rows: int = 1000, holdout: int = 100, global_batch: int = 64, seed: int = 3):
-    return [RankBatches(n_rows, holdout, global_batch, r, world_size, seed) for r in range(world_size)]
-
-
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_ranks_slices_concatenate_to_the_one_rank_batch(world_size):
-    (single,), split = ranks(1), ranks(world_size)
-    for _ in range(30):  # 14 batches per epoch: crosses two epoch boundaries
-        expected = single.peek_global_rows()
-        assert np.array_equal(split[0].peek_global_rows(), expected)
-        got = single.next_rows()
-        parts = [r.next_rows() for r in split]
-        assert np.array_equal(got, expected)
-        assert np.array_equal(np.concatenate(parts), got)
-        assert all(len(p) == 64 // world_size for p in parts)
-        assert len(np.unique(got)) == 64  # no row twice in a batch, hence disjoint rank slices
-
-
-def test_holdout_is_fixed_disjoint_from_training_and_independent_of_ranks_and_batch():
-    a = RankBatches(1000, 100, 64, 0, 1, seed=3)
-    holdout = a.holdout_rows()
-    assert len(np.unique(holdout)) == 100
-    for other in (RankBatches(1000, 100, 64, 1, 4, seed=3), RankBatches(1000, 100, 128, 0, 2, seed=3)):
-        assert np.array_equal(other.holdout_rows(), holdout)
-    assert not np.array_equal(RankBatches(1000, 100, 64, 0, 1, seed=4).holdout_rows(), holdout)
-    trained = np.concatenate([a.next_rows() for _ in range(a.batches_per_epoch * 2)])
-    assert not np.isin(trained, holdout).any()
-
-
-def test_each_epoch_is_a_fresh_shuffle_without_repeats_and_drops_the_tail():
-    batches = RankBatches(1000, 100, 64, 0, 1, seed=3)
-    assert batches.batches_per_epoch == 900 // 64
-    epochs = [np.concatenate([batches.next_rows() for _ in range(batches.batches_per_epoch)]) for _ in range(3)]
-    for rows in epochs:
-        assert len(rows) == 14 * 64 and len(np.unique(rows)) == len(rows)
-    assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
-    assert batches.state_dict()["epoch"] == 2
-    same_seed = RankBatches(1000, 100, 64, 0, 1, seed=3)
-    assert np.array_equal(same_seed.next_rows(), epochs[0][:64])
-
-
-def test_state_dict_resumes_exactly_mid_epoch():
-    original = RankBatches(1000, 100, 64, 1, 2, seed=3)
-    for _ in range(20):
-        original.next_rows()
-    state = json.loads(json.dumps(original.state_dict()))
-    assert (state["epoch"], state["position"]) == (1, 6)
-    continued = [original.next_rows() for _ in range(20)]
-    resumed = RankBatches(1000, 100, 64, 1, 2, seed=3)
-    resumed.load_state_dict(state)
-    assert all(np.array_equal(resumed.next_rows(), rows) for rows in continued)
-    # The state is world-size free: a 2-rank run resumed on 1 rank continues the same global batches.
-    single = RankBatches(1000, 100, 64, 0, 1, seed=3)
-    single.load_state_dict(state)
-    assert np.array_equal(single.next_rows()[32:], continued[0])
-
-
-def test_load_state_dict_refuses_another_data_order():
-    state = RankBatches(1000, 100, 64, 0, 1, seed=3).state_dict()
-    with pytest.raises(ValueError, match="seed was 3, now 4"):
-        RankBatches(1000, 100, 64, 0, 1, seed=4).load_state_dict(state)
-
-
-def test_rank_batches_refuse_bad_arguments():
-    with pytest.raises(ValueError, match="does not split evenly across 3 ranks"):
-        RankBatches(1000, 0, 64, 0, 3, seed=0)
-    with pytest.raises(ValueError, match="rank 2 is not in"):
-        RankBatches(1000, 0, 64, 2, 2, seed=0)
-    with pytest.raises(DatasetError, match="100 rows are fewer than one global batch"):
-        RankBatches(100, 40, 64, 0, 1, seed=0)
-
-
-def test_prefetcher_gives_the_batches_of_the_plain_path_and_reports_consumed_state(tmp_path):
-    np.save(tmp_path / "a.npy", random_rows(300, 8).numpy())
-    ds = open_activations(tmp_path / "a.npy")
-    plain = RankBatches(300, 20, 32, 1, 2, seed=5)
-    expected = [read(ds, plain.next_rows()) for _ in range(12)]  # 8 batches per epoch
-    with Prefetcher(ds, RankBatches(300, 20, 32, 1, 2, seed=5)) as prefetched:
-        got = [prefetched.next() for _ in range(5)]
-        state = prefetched.state_dict()
-        assert (state["epoch"], state["position"]) == (0, 5)  # not the batch already read ahead
-        got += [next(prefetched) for _ in range(7)]
-    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
-    with Prefetcher(ds, RankBatches(300, 20, 32, 1, 2, seed=5)) as resumed:
-        resumed.next()
-        resumed.load_state_dict(state)
-        assert all(torch.equal(resumed.next(), e) for e in expected[5:])
 
 
 # ---------------------------------------------------------------------------------------------------------- toy

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +25,10 @@ from sae_core.files import CHECKPOINT_MARKER as MARKER
 from sae_core.outputs import complete_checkpoints
 from sae_core.train import main
 from tests.conftest import read_jsonl, subprocess_env, tiny_config
+
+# Blocks of 32 rows and windows of 512 on the 16k-row toy set, so that runs exercise the block shuffle
+# (by default the whole 2 MiB set is one shuffle window).
+SMALL_BLOCKS = {"shuffle_block_bytes": 4096, "shuffle_buffer_bytes": 65536}
 
 
 def write_config(tmp_path: Path, toy_path: Path, **overrides) -> Path:
@@ -90,8 +95,10 @@ def test_single_process_writes_every_output(tmp_path, toy_path):
         assert (out / name).exists(), name
     records = [r for r in read_jsonl(out / "metrics.jsonl") if "event" not in r]
     assert [r["step"] for r in records] == [10, 20, 30]
-    for key in ("loss", "mse", "fvu", "l0", "dead_fraction", "lr", "tokens_per_s", "aux_loss", "peak_mem"):
+    for key in ("loss", "mse", "fvu", "l0", "dead_fraction", "lr", "tokens_per_s", "aux_loss", "peak_mem", "data_wait"):
         assert key in records[-1], key
+    assert all(0 <= r["data_wait"] <= 1 for r in records)
+    assert "data wait" in output
     assert records[-1]["l0"] == pytest.approx(4.0, abs=0.5)
     figures = json.loads((out / "eval.json").read_text())
     assert {"fvu", "l0", "dead_fraction", "tokens_per_s", "steps", "mmcs"} <= figures.keys()
@@ -126,7 +133,7 @@ def test_batchtopk_trains_the_same_with_and_without_the_cpu_kernels(tmp_path, to
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["topk", "standard"])
 def test_two_and_four_ranks_match_one_process(tmp_path, toy_path, arch):
-    config = write_config(tmp_path, toy_path, architecture=arch, total_steps=20, l1_coefficient=0.5)
+    config = write_config(tmp_path, toy_path, architecture=arch, total_steps=20, l1_coefficient=0.5, **SMALL_BLOCKS)
     runs = {n: run_train(config, tmp_path / f"ranks{n}", nproc=n) for n in (1, 2, 4) if n != 4 or arch == "topk"}
     outputs = {n: finish(proc) for n, proc in runs.items()}
     assert "step 20/20" in outputs[2]
@@ -143,7 +150,7 @@ def test_two_and_four_ranks_match_one_process(tmp_path, toy_path, arch):
 
 @pytest.mark.slow
 def test_kill_and_resume_ends_bit_for_bit_equal(tmp_path, toy_path):
-    config = write_config(tmp_path, toy_path, total_steps=400, checkpoint_every=25, log_every=25)
+    config = write_config(tmp_path, toy_path, total_steps=400, checkpoint_every=25, log_every=25, **SMALL_BLOCKS)
     finish(run_train(config, tmp_path / "straight"))
 
     killed = tmp_path / "killed"
@@ -163,6 +170,72 @@ def test_kill_and_resume_ends_bit_for_bit_equal(tmp_path, toy_path):
     straight, again = weights(tmp_path / "straight"), weights(resumed)
     for name, tensor in straight.items():
         assert torch.equal(again[name], tensor), name
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_torchrun_nodes_on_localhost_match_one_process(tmp_path, toy_path):
+    """Multi-node as a scheduler starts it (README, examples/slurm_train.sbatch): one torchrun agent per
+    node, c10d rendezvous on the head node's address; here both "nodes" are this machine."""
+    config = write_config(tmp_path, toy_path, total_steps=20, **SMALL_BLOCKS)
+    single = run_train(config, tmp_path / "single")
+    port, out = free_port(), tmp_path / "nodes"
+    agents = []
+    for node_rank in (0, 1):
+        argv = [
+            sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+            "--node-rank", str(node_rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+            "--rdzv-id", "two-nodes", "--local-addr", "127.0.0.1",
+            "-m", "sae_core.train", "--config", str(config), "--out", str(out),
+        ]  # fmt: skip
+        env = subprocess_env(GLOO_SOCKET_IFNAME="lo")
+        agents.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [finish(agent) for agent in agents]
+    finish(single)
+    assert "step 20/20" in "".join(outputs)
+    assert json.loads((out / "eval.json").read_text())["world_size"] == 2
+    reference, got = weights(tmp_path / "single"), weights(out)
+    for name, tensor in reference.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_a_non_finite_row_beyond_the_up_front_sample_stops_training_at_the_batch_that_reads_it(tmp_path):
+    """A set over 2 GiB gets a sampled scan before training; every batch is checked as it is read."""
+    import numpy as np
+
+    from sae_core.data.activations import open_activations
+    from sae_core.data.checks import sample_ranges
+    from sae_core.engine.trainer import data_order
+
+    path = tmp_path / "big.npy"
+    rows, d_in = 8_600_000, 64  # 2.05 GiB of float32, a sparse file of zeros
+    big = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, d_in))
+    cfg = TrainConfig.from_dict(tiny_config(path, d_sae=16, batch_size=4096, total_steps=5, holdout_tokens=0))
+    ds = open_activations(path)
+    sampled = np.zeros(rows, dtype=bool)
+    for lo, hi in sample_ranges(ds):
+        sampled[lo:hi] = True
+    order = data_order(cfg, ds)
+    third = order.global_rows(order.following(order.following(order.key)))
+    bad = int(next(r for r in third if not sampled[r]))
+    big[bad, 5] = np.nan
+    big.flush()
+    del big
+    config = tmp_path / "cfg.json"
+    config.write_text(cfg.to_json())
+    out = tmp_path / "run"
+    proc = run_train(config, out)
+    output, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 2, output
+    message = f"row {bad}, column 5 holds NaN"
+    assert message in (out / "error.txt").read_text() and message in output
+    assert not (out / "eval.json").exists()
 
 
 def test_bad_data_writes_only_the_error(tmp_path):

@@ -82,17 +82,25 @@ def test_the_memory_fit_uses_the_datasets_width(lab_home, cfg, fake_gpus):  # no
     assert field == "gpus" and "free but the run needs about" in message
 
 
-def test_values_are_scanned_up_to_the_size_limit_only(lab_home, cfg, tmp_path, monkeypatch):
+def test_values_are_scanned_whole_up_to_the_size_limit_and_sampled_beyond(lab_home, cfg, tmp_path, monkeypatch):
     import numpy as np
 
+    from sae_core.data import checks
+
     acts = np.random.default_rng(0).standard_normal((2048, 8)).astype(np.float32)
-    acts[-1, 3] = np.nan
+    acts[1000, 3] = np.nan
     np.save(tmp_path / "nan.npy", acts)
     nan_cfg = cfg.model_copy(update={"activation_source": str(tmp_path / "nan.npy"), "holdout_tokens": 256})
-    assert "NaN" in submission.check(nan_cfg, None, 1).describe()
+    assert "row 1000, column 3 holds NaN" in submission.check(nan_cfg, None, 1).describe()
     assert submission.check(nan_cfg, None, 1, scan_values=False).ok  # the page while a person types
-    monkeypatch.setattr(submission, "FULL_SCAN_MAX_BYTES", 1000)  # a "huge" set: rank 0 scans it at start
+    # A "huge" set: a sample is scanned up front (first and last rows included); training checks the rest.
+    monkeypatch.setattr(checks, "FULL_SCAN_MAX_BYTES", 1000)
+    monkeypatch.setattr(checks, "SAMPLE_SCAN_BYTES", 4096)
+    monkeypatch.setattr(checks, "SAMPLE_PIECE_BYTES", 1024)  # 4 runs of 32 rows: 0-31, ..., 2016-2047
     assert submission.check(nan_cfg, None, 1).ok
+    acts[1000, 3], acts[-1, 0] = 0.0, np.inf
+    np.save(tmp_path / "nan.npy", acts)
+    assert "row 2047, column 0 holds Inf" in submission.check(nan_cfg, None, 1).describe()
 
 
 def test_resume_needs_a_failed_or_cancelled_job_with_a_complete_checkpoint(lab_home, cfg, fake_gpus):  # noqa: F811

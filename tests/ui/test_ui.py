@@ -224,6 +224,15 @@ def test_metrics_long_drops_missing():
     assert frames.metrics_long(pd.DataFrame()).empty
 
 
+def test_data_wait_summary_says_which_side_is_the_limit():
+    assert frames.data_wait_summary(pd.DataFrame()) is None
+    assert frames.data_wait_summary(pd.DataFrame({"step": [1], "data_wait": [None]})) is None
+    value, meaning = frames.data_wait_summary(pd.DataFrame({"step": [1, 2], "data_wait": [0.9, 0.03]}))
+    assert value == "3%" and "compute is the limit" in meaning
+    value, meaning = frames.data_wait_summary(pd.DataFrame({"step": [1, 2], "data_wait": [0.0, 0.35]}))
+    assert value == "35%" and "reading" in meaning and "is the limit" in meaning
+
+
 def test_peak_memory_by_rank_takes_the_max_per_rank():
     frame = pd.DataFrame({"peak_mem": [[100, 200], [150, 180], [None, 250]]})
     peaks = frames.peak_memory_by_rank(frame)
