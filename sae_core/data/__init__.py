@@ -1,5 +1,5 @@
-"""Activation data: file formats, activation sets, checks, the rank data order, read-ahead, toy sets.
+"""Activation data: file formats, manifests, activation sets, checks, the block-shuffled order, the loader, toy sets.
 
-Everything but `prefetch` and `toy` is numpy only, so the submission gate and the pages can check a
+Everything but `loader` and `toy` is numpy only, so the submission gate and the pages can check a
 dataset without loading torch. Import from the modules (`sae_core.data.checks`, ...).
 """

@@ -51,12 +51,14 @@ def bad_value_message(ds: ActivationSet, row: int, raw_row: np.ndarray, dtype: s
     return f"{ds.source}: {ds.where(row)}, column {col} holds {what}; activations must be finite (no NaN or Inf)"
 
 
-def check_batch(ds: ActivationSet, rows: np.ndarray, raw: np.ndarray) -> None:
-    """Raise DatasetError naming the first non-finite row of a batch read for training (`raw` in ds.storage)."""
-    mask = nonfinite_rows(raw, ds.storage)
+def check_batch(ds: ActivationSet, rows: np.ndarray, raw: np.ndarray, dtype: str | None = None) -> None:
+    """Raise DatasetError naming the first non-finite row of a batch read for training (`raw` in `dtype`,
+    default ds.storage)."""
+    dtype = dtype or ds.storage
+    mask = nonfinite_rows(raw, dtype)
     if mask.any():
         i = int(np.argmax(mask))
-        raise DatasetError(bad_value_message(ds, int(rows[i]), raw[i], ds.storage))
+        raise DatasetError(bad_value_message(ds, int(rows[i]), raw[i], dtype))
 
 
 def find_nonfinite(

@@ -59,10 +59,14 @@ class Loader:
         threads: int = 4,
         cache_bytes: int = 512 * 2**20,
         depth: int = 4,
+        host_float32: bool = True,
         pin_memory: bool = False,
     ):
+        """`host_float32`: batches as float32 (a CPU run); else in the stored dtype, in pinned memory with
+        `pin_memory` (a CUDA run converts them on the device)."""
         self._data, self._order, self._rank, self._world = data, order, rank, world_size
         self._cache_bytes, self._depth = cache_bytes, depth
+        self._float32 = host_float32
         self._pin = pin_memory and torch.cuda.is_available()
         self._reads = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sae-read")
         self._assembly = ThreadPoolExecutor(max_workers=_ASSEMBLY_THREADS, thread_name_prefix="sae-batch")
@@ -119,19 +123,30 @@ class Loader:
 
     # -- assembling (assembly threads)
     def _assemble(self, rows: np.ndarray, blocks: list[tuple[int, Future]]) -> torch.Tensor:
-        data = self._data
-        raw = np.empty((len(rows), data.d_in), dtype=_numpy_storage(data.storage))
+        """Gather the rows out of their blocks straight into the batch's buffer, then check the values."""
+        batch, view, dtype = self._batch_buffer(len(rows))
         block_of = rows // self._order.block_rows
         cuts = np.searchsorted(block_of, [b for b, _ in blocks] + [block_of[-1] + 1])
         for (block, future), lo, hi in zip(blocks, cuts[:-1], cuts[1:], strict=True):
-            raw[lo:hi] = future.result()[rows[lo:hi] - block * self._order.block_rows]
-        check_batch(data, rows, raw)
-        if not self._pin:
-            return torch.from_numpy(to_float32(raw, data.storage))
-        host = torch.from_numpy(raw)
-        if data.storage == "bfloat16":
-            host = host.view(torch.bfloat16)  # the raw uint16 bits are bfloat16's
-        return host.pin_memory()
+            view[lo:hi] = future.result()[rows[lo:hi] - block * self._order.block_rows]  # float16 → float32 here
+        check_batch(self._data, rows, view, dtype)
+        if batch is None:  # bfloat16 for a CPU run: widened after the check
+            return torch.from_numpy(to_float32(view, dtype))
+        return batch
+
+    def _batch_buffer(self, n: int) -> tuple[torch.Tensor | None, np.ndarray, str]:
+        """(the batch tensor, a numpy view of its memory to fill, that view's dtype). float16 is widened
+        while it is gathered; bfloat16 (no numpy dtype) is gathered raw and widened after."""
+        storage, shape = self._data.storage, (n, self._data.d_in)
+        if self._float32 and storage != "bfloat16":
+            view = np.empty(shape, dtype=np.float32)
+            return torch.from_numpy(view), view, "float32"
+        if self._float32:
+            return None, np.empty(shape, dtype=np.uint16), storage
+        batch = torch.empty(shape, dtype=_TORCH_DTYPES[storage], pin_memory=self._pin)
+        # numpy has no bfloat16: its bits are filled through a uint16 view of the same memory
+        view = batch.view(torch.int16).numpy().view(np.uint16) if storage == "bfloat16" else batch.numpy()
+        return batch, view, storage
 
     # -- consuming (caller's thread)
     def next(self) -> torch.Tensor:
@@ -176,10 +191,6 @@ class Loader:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _numpy_storage(dtype: str) -> np.dtype:
-    return np.dtype(np.uint16) if dtype == "bfloat16" else np.dtype(dtype)
 
 
 class DeviceFeed:

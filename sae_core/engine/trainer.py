@@ -103,6 +103,7 @@ class Trainer:
             env.world_size,
             threads=cfg.reader_threads,
             cache_bytes=2 * cfg.shuffle_buffer_bytes // env.world_size,
+            host_float32=env.device.type != "cuda",
             pin_memory=env.device.type == "cuda",
         )
         self.reader = DeviceFeed(loader, env.device)

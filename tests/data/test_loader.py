@@ -137,6 +137,20 @@ def test_a_non_finite_value_stops_the_batch_that_reads_it_naming_shard_and_row(t
     assert np.isfinite(whole).all()
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, "bfloat16"])
+def test_batches_in_the_stored_dtype_are_what_a_cuda_run_copies(tmp_path, dtype):
+    from safetensors.torch import save_file
+
+    rows = torch.randn(N_ROWS, D_IN)
+    stored = rows.to(torch.bfloat16) if dtype == "bfloat16" else rows.to(torch.from_numpy(np.zeros(1, dtype)).dtype)
+    save_file({"activations": stored}, str(tmp_path / "a.safetensors"))
+    ds = open_activations(tmp_path)
+    with Loader(ds, small_order(), 1, 2, host_float32=False) as loader:
+        for expected in expected_batches(small_order(), 1, 2, 4, stored.float().numpy()):
+            batch = loader.next()
+            assert batch.dtype == stored.dtype and torch.equal(batch.float(), torch.from_numpy(expected))
+
+
 def test_cpu_feed_passes_float32_batches_through_with_their_state(tmp_path):
     whole = write_shards(tmp_path)
     ds = open_activations(tmp_path)
@@ -156,7 +170,7 @@ def test_cuda_feed_copies_stored_dtype_and_converts_on_the_device(tmp_path, dtyp
     whole = write_shards(tmp_path, dtype=dtype)
     ds = open_activations(tmp_path)
     device = torch.device("cuda", 0)
-    feed = DeviceFeed(Loader(ds, small_order(), 0, 1, pin_memory=True), device)
+    feed = DeviceFeed(Loader(ds, small_order(), 0, 1, host_float32=False, pin_memory=True), device)
     try:
         for expected in expected_batches(small_order(), 0, 1, 6, whole):
             batch = feed.next()

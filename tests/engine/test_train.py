@@ -170,6 +170,11 @@ def test_kill_and_resume_ends_bit_for_bit_equal(tmp_path, toy_path):
     straight, again = weights(tmp_path / "straight"), weights(resumed)
     for name, tensor in straight.items():
         assert torch.equal(again[name], tensor), name
+    # In place, as examples/slurm_train.sbatch resumes after a pre-emption: --out and --resume the same folder.
+    finish(run_train(config, killed, resume=killed))
+    in_place = weights(killed)
+    for name, tensor in straight.items():
+        assert torch.equal(in_place[name], tensor), name
 
 
 def free_port() -> int:
