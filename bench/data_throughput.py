@@ -6,6 +6,8 @@ extraction writes it (shards + manifest.json). Then, in one run:
 - the loader's rows/s cold and warm with 1 rank, in the stored dtype (what a CUDA run copies to the device)
   and as float32 (a CPU run: converted in the reader threads);
 - 2 ranks as 2 processes reading their own rows of the same batches at once, cold;
+- where a GPU exists, rows/s into CUDA memory from the warm set and data_wait of a TopK step at d_sae 16384,
+  k 64 on it;
 - a tiny SAE trained on the cold set (`python -m sae_core.train`, CPU), its tokens/s and data_wait.
 "Cold" drops the set's pages with posix_fadvise(DONTNEED) after a sync (and says so if it could not).
 
@@ -56,8 +58,8 @@ def build_set(directory: Path, gb: float) -> Path:
     return directory
 
 
-def drop_cache(directory: Path) -> bool:
-    """Evict the set's pages from the page cache; False when the kernel kept them (then figures are warm)."""
+def drop_cache(directory: Path) -> None:
+    """Evict the set's pages from the page cache (clean pages: after a sync)."""
     os.sync()
     for path in sorted(directory.glob("shard_*.safetensors")):
         fd = os.open(path, os.O_RDONLY)
@@ -65,8 +67,16 @@ def drop_cache(directory: Path) -> bool:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-    # A first 64 MiB read far faster than a disk says the pages stayed.
-    return sequential_rate(directory, limit=64 * 2**20) < 6e9
+
+
+def cache_drop_works(directory: Path) -> bool:
+    """Whether a read after drop_cache comes from the disk: much slower than one from the page cache."""
+    sequential_rate(directory, limit=256 * 2**20)
+    warm = sequential_rate(directory, limit=256 * 2**20)
+    drop_cache(directory)
+    cold = sequential_rate(directory, limit=256 * 2**20)
+    drop_cache(directory)
+    return cold < warm / 2
 
 
 def sequential_rate(directory: Path, limit: int | None = None) -> float:
@@ -151,12 +161,52 @@ def train_rate(directory: Path, steps: int) -> dict:
     return {"tokens_per_s": figures["tokens_per_s"], "data_wait": float(np.mean(waits))}
 
 
+def cuda_figures(directory: Path, args) -> None:
+    """Where a GPU exists: rows/s into CUDA memory from the warm set (DeviceFeed: pinned stored dtype, side
+    stream), and data_wait of a gemma-scale TopK step (d_sae 16384, k 64) that consumes them."""
+    import torch
+
+    if not torch.cuda.is_available():
+        print("no CUDA device: the rows/s into GPU memory and the GPU step's data_wait were not measured")
+        return
+    from sae_core.data.loader import DeviceFeed, Loader
+
+    ds = open_activations(directory)
+    order = BlockOrder(ds.n_rows, 4096, BATCH, 0, *blocks_for(ds.row_bytes, 2**20, 256 * 2**20))
+    sequential_rate(directory)  # warm
+    device = torch.device("cuda", 0)
+    feed = DeviceFeed(Loader(ds, order, 0, 1, host_float32=False, pin_memory=True), device)
+    try:
+        feed.next()
+        torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        for _ in range(args.batches):
+            feed.next()
+        torch.cuda.synchronize(device)
+        rate = args.batches * BATCH / (time.perf_counter() - started)
+    finally:
+        feed.close()
+    print(f"into CUDA memory (warm set): {rate:,.0f} rows/s = {rate * ROW_BYTES / 1e9:.2f} GB/s of float16")
+    out = Path(tempfile.mkdtemp(prefix="sae-bench-cuda-"))
+    cfg = {"activation_source": str(directory), "architecture": "topk", "d_sae": 16384, "k": 64,
+           "batch_size": BATCH, "total_steps": args.batches, "log_every": 20, "checkpoint_every": args.batches,
+           "holdout_tokens": 4096, "device": "cuda"}  # fmt: skip
+    (out / "cfg.json").write_text(json.dumps(cfg))
+    argv = [sys.executable, "-m", "sae_core.train", "--config", str(out / "cfg.json"), "--out", str(out / "run")]
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+    records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    waits = [r["data_wait"] for r in records if "data_wait" in r][1:]  # the first interval includes start-up
+    tokens_per_s = json.loads((out / "run" / "eval.json").read_text())["tokens_per_s"]
+    print(f"TopK d_sae 16384 k 64 on CUDA (warm set): {tokens_per_s:,.0f} tokens/s, data_wait {np.mean(waits):.1%}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dir", type=Path, default=Path("/var/tmp/sae-bench-data"))
     parser.add_argument("--gb", type=float, default=10.5)
-    parser.add_argument("--batches", type=int, default=500)
+    parser.add_argument("--batches", type=int, default=300)
     parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # "rank/world": one reading process of ranks_rate
     args = parser.parse_args()
@@ -169,33 +219,48 @@ def main() -> None:
     build_set(directory, args.gb)
     ds = open_activations(directory)
     print(f"set: {ds.describe()}, {ds.nbytes / 1e9:.1f} GB; {os.cpu_count()} CPUs")
-    figures: dict[str, float] = {}
-    cold = drop_cache(directory)
-    print(f"cache drop: {'cold' if cold else 'FAILED, figures below are warm'}")
-    figures["sequential cold GB/s"] = sequential_rate(directory) / 1e9
-    seq_rows = figures["sequential cold GB/s"] * 1e9 / ROW_BYTES
-    print(f"sequential cold: {figures['sequential cold GB/s']:.2f} GB/s = {seq_rows:,.0f} rows/s")
+    print(f"cache drop: {'works' if cache_drop_works(directory) else 'FAILED, the cold figures below are warm'}")
+    # This VM's disk rate drifts from second to second (0.5-1.7 GB/s), so each cold figure is divided by a
+    # sequential cold read of as many bytes measured just before it, and each pair is repeated.
+    volume = args.batches * BATCH * ROW_BYTES
     runs = [
-        ("loader 1 rank, stored dtype, cold", True, lambda: loader_rate(directory, 0, 1, args.batches, False)),
-        ("loader 1 rank, stored dtype, warm", False, lambda: loader_rate(directory, 0, 1, args.batches, False)),
-        ("loader 1 rank, float32, cold", True, lambda: loader_rate(directory, 0, 1, args.batches, True)),
-        ("loader 1 rank, float32, warm", False, lambda: loader_rate(directory, 0, 1, args.batches, True)),
-        ("loader 2 ranks (2 processes), stored dtype, cold", True, lambda: ranks_rate(directory, 2, args.batches)),
+        ("loader 1 rank, stored dtype", lambda: loader_rate(directory, 0, 1, args.batches, False)),
+        ("loader 1 rank, float32", lambda: loader_rate(directory, 0, 1, args.batches, True)),
+        ("loader 2 ranks (2 processes), stored dtype", lambda: ranks_rate(directory, 2, args.batches)),
     ]
-    for name, want_cold, run in runs:
-        if want_cold:
+    for name, run in runs:
+        ratios = []
+        for _ in range(args.repeats):
+            seq_rows = sequential_rows(directory, volume)
             drop_cache(directory)
-        else:
-            sequential_rate(directory)  # warm: every page in the cache (the set must fit in RAM)
+            rate = run()
+            ratios.append(rate / seq_rows)
+            print(
+                f"{name}, cold: {rate:,.0f} rows/s = {rate * ROW_BYTES / 1e9:.2f} GB/s = {ratios[-1]:.2f}x "
+                f"the sequential cold read just before ({seq_rows * ROW_BYTES / 1e9:.2f} GB/s)",
+                flush=True,
+            )
+        print(f"  median {np.median(ratios):.2f}x sequential")
+        sequential_rate(directory)  # warm: every page in the cache (the set fits in RAM)
         rate = run()
-        print(f"{name}: {rate:,.0f} rows/s = {rate * ROW_BYTES / 1e9:.2f} GB/s = {rate / seq_rows:.2f}x sequential")
+        print(f"{name}, warm: {rate:,.0f} rows/s = {rate * ROW_BYTES / 1e9:.2f} GB/s", flush=True)
+    cuda_figures(directory, args)
     if not args.skip_train:
+        seq_rows = sequential_rows(directory, volume)
         drop_cache(directory)
         trained = train_rate(directory, args.train_steps)
+        rate = trained["tokens_per_s"]
         print(
-            f"training a tiny TopK SAE (d_sae 32, k 4, CPU) on the cold set: {trained['tokens_per_s']:,.0f} rows/s "
-            f"= {trained['tokens_per_s'] / seq_rows:.2f}x sequential, mean data_wait {trained['data_wait']:.0%}"
+            f"tiny TopK SAE (d_sae 32, k 4) trained on the CPU, cold: {rate:,.0f} rows/s = {rate / seq_rows:.2f}x "
+            f"the sequential cold read just before ({seq_rows * ROW_BYTES / 1e9:.2f} GB/s); mean data_wait "
+            f"{trained['data_wait']:.0%}"
         )
+
+
+def sequential_rows(directory: Path, volume: int) -> float:
+    """Rows/s of a sequential cold read of the set's first `volume` bytes."""
+    drop_cache(directory)
+    return sequential_rate(directory, limit=volume) / ROW_BYTES
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ batch drawn from few blocks would be badly skewed. It trains the same TopK SAE o
 - a full shuffle (one window as large as the set), and
 - the block shuffle at the defaults' proportions scaled to this set (256 blocks per window; the window is
   1/64 of the set, as 256 MiB is a small fraction of a real multi-GB set),
-and prints holdout FVU and mmcs of each (target: block within 1 % of full on FVU).
+and, as a control that the bench can tell orders apart, blocks in random order with no mixing across
+them; it prints holdout FVU and mmcs of each (target: block within 1 % of full on FVU).
 
     .venv/bin/python -m bench.shuffle_quality [--rows 1048576] [--steps 1500] [--seeds 0,1]
 """
@@ -81,6 +82,11 @@ def main() -> None:
             "shuffle_block_bytes": window // 256,
             "shuffle_buffer_bytes": window,
         },
+        # The control: blocks in random order but no mixing across them (a batch is ~4 blocks of few features).
+        f"blocks only ({window // 256} B blocks, window = 1 block)": {
+            "shuffle_block_bytes": window // 256,
+            "shuffle_buffer_bytes": window // 256,
+        },
     }
     print(f"sorted toy set: {args.rows:,} rows x {D_IN} float32 ({set_bytes / 2**20:.0f} MiB), {args.steps} steps")
     results: dict[str, list[dict]] = {}
@@ -93,8 +99,9 @@ def main() -> None:
         fvu = [f["fvu"] for f in figures]
         mmcs = [f["mmcs"] for f in figures]
         print(f"{name}: FVU {' / '.join(f'{v:.4f}' for v in fvu)}; mmcs {' / '.join(f'{v:.3f}' for v in mmcs)}")
-    full, block = (np.mean([f["fvu"] for f in figures]) for figures in results.values())
+    full, block, control = (np.mean([f["fvu"] for f in figures]) for figures in results.values())
     print(f"block / full FVU: {block / full:.4f} ({(block / full - 1) * 100:+.2f} %)")
+    print(f"control (blocks only) / full FVU: {control / full:.4f} ({(control / full - 1) * 100:+.2f} %)")
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def measure(cfg: TrainConfig, device: torch.device, steps: int, warmup: int = 5,
         sync(device)
         step_times.append(time.perf_counter() - start)
     step, floor_s = statistics.median(step_times), statistics.median(floor_times)
-    figures = evaluate(trainer.sae, data, trainer.batches.holdout_rows(), device)
+    figures = evaluate(trainer.sae, data, trainer.order.holdout_rows(), device)
     return {
         "tokens_per_s": cfg.batch_size / step,
         "step_ms": step * 1e3,

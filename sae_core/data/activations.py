@@ -185,7 +185,7 @@ class ActivationSet:
         if rows.size and (rows.min() < 0 or rows.max() >= self.n_rows):
             bad = rows[(rows < 0) | (rows >= self.n_rows)][0]
             raise IndexError(f"row {bad} is out of range for {self.source} ({self.n_rows} rows)")
-        # Read in ascending order (sequential pages, one pass per shard), then scatter back to the caller's order.
+        # Read in ascending order, in runs of nearby rows, then scatter back to the caller's order.
         order = np.argsort(rows, kind="stable")
         ascending = rows[order]
         cuts = np.searchsorted(ascending, self._starts)  # cuts[i]:cuts[i+1] fall in shard i
@@ -193,8 +193,25 @@ class ActivationSet:
         for i, shard in enumerate(self.shards):
             lo, hi = cuts[i], cuts[i + 1]
             if hi > lo:
-                out[order[lo:hi]] = to_float32(shard.array[ascending[lo:hi] - shard.start], shard.dtype)
+                out[order[lo:hi]] = to_float32(_gather(shard, ascending[lo:hi] - shard.start), shard.dtype)
         return out
+
+
+_MERGE_GAP_BYTES = 64 * 2**10  # rows closer than this are read in one piece, gap included
+
+
+def _gather(shard: Shard, local: np.ndarray) -> np.ndarray:
+    """Rows `local` (ascending) of a shard in its stored dtype: one pread per run of nearby rows. Scattered
+    rows of a huge set would otherwise fault in (and read around) a page range of the memory map each."""
+    row_bytes = max(1, shard.nbytes // max(1, shard.rows))
+    breaks = np.flatnonzero(np.diff(local) * row_bytes > _MERGE_GAP_BYTES) + 1
+    starts, stops = np.r_[0, breaks], np.r_[breaks, len(local)]
+    pieces = []
+    for first, stop in zip(starts.tolist(), stops.tolist(), strict=True):
+        lo = int(local[first])
+        run = shard.read_range(lo, int(local[stop - 1]) + 1)
+        pieces.append(run[local[first:stop] - lo])
+    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
 
 def open_activations(source: str | Path, key: str = "activations") -> ActivationSet:

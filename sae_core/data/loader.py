@@ -83,31 +83,40 @@ class Loader:
 
     # -- planning (caller's thread)
     def _top_up(self) -> None:
-        while len(self._ready) < self._depth:
-            batch = self._planned.popleft() if self._planned else self._plan_next()
+        while len(self._ready) < self._depth:  # what is about to be trained on is read whatever the budget
+            batch = self._planned.popleft() if self._planned else self._plan_next(within_budget=False)
+            assert batch is not None
             self._ready.append((batch.key, self._assembly.submit(self._assemble, batch.rows, batch.blocks)))
-        while self._cached < self._cache_bytes and len(self._planned) < _MAX_PLANNED_BATCHES:
-            self._planned.append(self._plan_next())
+        while len(self._planned) < _MAX_PLANNED_BATCHES and (batch := self._plan_next(within_budget=True)):
+            self._planned.append(batch)
 
-    def _plan_next(self) -> _PlannedBatch:
-        """Submit the reads of the next unplanned batch's blocks (those not already read or being read)."""
+    def _plan_next(self, within_budget: bool) -> _PlannedBatch | None:
+        """Submit the reads of the next unplanned batch's blocks (those not already read or being read);
+        None, and nothing submitted, when they would take the blocks read ahead beyond `cache_bytes`."""
         key = self._next_plan
-        self._next_plan = self._order.following(key)
         rows = self._order.rank_rows(key, self._rank, self._world)
-        until = self._order.last_position_of_windows(key)
         block_ids = rows // self._order.block_rows
+        needed = block_ids[np.r_[True, block_ids[1:] != block_ids[:-1]]].tolist()
+        missing = [b for b in needed if (key.epoch, b) not in self._blocks]
+        if within_budget and self._cached + sum(self._block_bytes(b) for b in missing) > self._cache_bytes:
+            return None
+        self._next_plan = self._order.following(key)
+        until = self._order.last_position_of_windows(key)
+        for block in missing:
+            lo, hi = self._block_range(block)
+            future = self._reads.submit(self._data.read_range, lo, hi)
+            self._blocks[(key.epoch, block)] = _CachedBlock(future, until, self._block_bytes(block))
+            self._cached += self._block_bytes(block)
         blocks = []
-        for block in block_ids[np.r_[True, block_ids[1:] != block_ids[:-1]]].tolist():
-            cached = self._blocks.get((key.epoch, block))
-            if cached is None:
-                lo, hi = self._block_range(block)
-                cached = _CachedBlock(self._reads.submit(self._data.read_range, lo, hi), until, (hi - lo))
-                cached.nbytes *= self._data.row_bytes
-                self._blocks[(key.epoch, block)] = cached
-                self._cached += cached.nbytes
+        for block in needed:
+            cached = self._blocks[(key.epoch, block)]
             cached.until = max(cached.until, until)
             blocks.append((block, cached.future))
         return _PlannedBatch(key, rows, blocks)
+
+    def _block_bytes(self, block: int) -> int:
+        lo, hi = self._block_range(block)
+        return (hi - lo) * self._data.row_bytes
 
     def _block_range(self, block: int) -> tuple[int, int]:
         lo = block * self._order.block_rows

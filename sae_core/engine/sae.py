@@ -272,13 +272,15 @@ class TopKSAE(SparseAutoencoder):
 
     def fast_step(self, x, dead_mask, aux_k, aux_coefficient) -> StepOutput:
         """The sparse step: no dense [B, d_sae] tensor in the backward pass."""
-        x_cent = x - self.b_dec
-        with torch.no_grad():
+        with torch.no_grad():  # b_dec's gradient through x_cent comes from SelectedPreActivations
+            x_cent = x - self.b_dec
             pre = torch.addmm(self.b_enc.to(x.dtype), x_cent, self.W_enc.to(x.dtype))  # [B, d_sae]: the floor
             selection = self.select(pre)
             layout = LatentLayout(selection.idx, self.d_sae, selection.rows, batch=len(x), kernels=self.kernels)
         idx = selection.idx
-        vals = SelectedPreActivations.apply(x_cent, self.W_enc, self.b_enc, selection.values, idx, layout).relu()
+        vals = SelectedPreActivations.apply(
+            x_cent, self.b_dec, self.W_enc, self.b_enc, selection.values, idx, layout
+        ).relu()
         x_hat = sparse_decode(vals, idx, self.W_dec, layout) + self.b_dec
         recon = SquaredError.apply(x_hat, x)
         aux = recon.new_zeros(())
@@ -316,7 +318,7 @@ class TopKSAE(SparseAutoencoder):
             aux_idx = masked.topk(min(aux_k, self.d_sae), dim=-1, sorted=False).indices
             layout = LatentLayout(aux_idx, self.d_sae, kernels=self.kernels)  # shared by both backward passes
         selected = pre.gather(1, aux_idx)
-        aux_vals = SelectedPreActivations.apply(x_cent, self.W_enc, self.b_enc, selected, aux_idx, layout)
+        aux_vals = SelectedPreActivations.apply(x_cent, self.b_dec, self.W_enc, self.b_enc, selected, aux_idx, layout)
         aux_vals = torch.where(dead_mask[aux_idx], aux_vals.relu(), torch.zeros_like(aux_vals))
         return _aux_from_residual(sparse_decode(aux_vals, aux_idx, self.W_dec, layout), x, x_hat, dead_mask)
 

@@ -117,14 +117,17 @@ def sparse_decode(vals: torch.Tensor, idx: torch.Tensor, W_dec: torch.Tensor, la
 
 
 class SelectedPreActivations(torch.autograd.Function):
-    """The selected pre-activations (values = pre[b, idx[b, j]], computed without grad by the caller)
-    with gradients that touch only the selected (row, latent) pairs.
+    """The selected pre-activations (values = pre[b, idx[b, j]] of x_cent = x − b_dec, computed without
+    grad by the caller) with gradients that touch only the selected (row, latent) pairs.
 
-    d/dW_enc[:, i] = Σ x_cent[b] g[b, j] over idx[b, j] = i; d/db_enc likewise; d/dx_cent[b] =
-    Σ_j g[b, j] W_enc[:, idx[b, j]]. Cost O(B·k·d_in) instead of two dense O(B·d_in·d_sae) matmuls."""
+    d/dW_enc[:, i] = Σ x_cent[b] g[b, j] over idx[b, j] = i; d/db_enc[i] = Σ g[b, j] likewise. x_cent
+    depends on the parameters only through b_dec, so d/db_dec = −Σ_b Σ_j g[b, j] W_enc[:, idx[b, j]]
+    = −W_enc · d/db_enc: one [d_in × d_sae] matrix-vector product instead of a [B, d_in] gradient for x_cent
+    that would only be summed (18 of 83 ms of a CPU step at d_in 2304). Cost O(B·k·d_in) instead of two
+    dense O(B·d_in·d_sae) matmuls."""
 
     @staticmethod
-    def forward(ctx, x_cent, W_enc, b_enc, values, idx, layout):  # noqa: ARG004  (b_enc: for its gradient)
+    def forward(ctx, x_cent, b_dec, W_enc, b_enc, values, idx, layout):  # noqa: ARG004  (biases: for gradients)
         ctx.save_for_backward(x_cent, W_enc, idx)
         ctx.layout = layout
         return values.clone()  # a new tensor, so autograd can own it
@@ -133,18 +136,16 @@ class SelectedPreActivations(torch.autograd.Function):
     def backward(ctx, grad):
         x_cent, W_enc, idx = ctx.saved_tensors
         g = grad.to(W_enc.dtype)  # [B, k]
-        grad_x = grad_W = grad_b = None
-        if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(W_enc.shape[1], dtype=W_enc.dtype, device=W_enc.device).index_add_(
+        grad_b_dec = grad_W = grad_b_enc = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
+            grad_b_enc = torch.zeros(W_enc.shape[1], dtype=W_enc.dtype, device=W_enc.device).index_add_(
                 0, idx.flatten(), g.flatten()
             )
         if ctx.needs_input_grad[1]:
+            grad_b_dec = -(W_enc @ grad_b_enc)
+        if ctx.needs_input_grad[2]:
             grad_W = ctx.layout.weight_grad(g, x_cent.to(W_enc.dtype)).t()
-        if ctx.needs_input_grad[0]:
-            # Fused gather-scale-sum over the selected encoder columns: no [pairs, d_in] temporary.
-            columns = W_enc.t().contiguous()  # [d_sae, d_in], one cheap copy
-            grad_x = ctx.layout.bags(idx, columns, g).to(x_cent.dtype)
-        return grad_x, grad_W, grad_b, None, None, None
+        return None, grad_b_dec, grad_W, grad_b_enc if ctx.needs_input_grad[3] else None, None, None, None
 
 
 class SquaredError(torch.autograd.Function):
