@@ -30,6 +30,7 @@ MAX_PATH_CHARS = 4096
 MAX_CONFIG_BYTES = 1 << 20  # a config file is a few hundred bytes; a bigger one is not read
 MAX_SHUFFLE_BYTES = 64 * 2**30  # shuffle buffer (host RAM per rank, see data/order.py)
 MAX_READER_THREADS = 64
+READY_BATCHES = 4  # batches each rank's loader keeps assembled ahead of the training loop
 
 
 class ConfigError(ValueError):
@@ -192,6 +193,15 @@ class TrainConfig(BaseModel):
         """AuxK width: Gao et al. use 512 for large models; d_in/2 keeps small ones from decoding more
         dead latents per token than there are input dimensions."""
         return self.aux_k if self.aux_k is not None else max(1, min(512, d_in // 2))
+
+    def read_ahead_bytes(self, world_size: int) -> int:
+        """Host RAM each rank's loader may fill with blocks read ahead: its share of two windows (the one
+        being trained on and the next), so reading the next overlaps training on this one."""
+        return 2 * self.shuffle_buffer_bytes // world_size
+
+    def loader_bytes(self, world_size: int, d_in: int) -> int:
+        """Host RAM of each rank's loader: blocks read ahead plus READY_BATCHES assembled float32 batches."""
+        return self.read_ahead_bytes(world_size) + READY_BATCHES * self.per_rank_batch(world_size) * d_in * 4
 
     def per_rank_batch(self, world_size: int, ranks: str = "ranks") -> int:
         """Tokens each rank processes per step; the global batch must split evenly. `ranks` names the

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..config import READY_BATCHES
 from .activations import ActivationSet
 from .checks import check_batch
 from .formats import to_float32
@@ -58,7 +59,7 @@ class Loader:
         *,
         threads: int = 4,
         cache_bytes: int = 512 * 2**20,
-        depth: int = 4,
+        depth: int = READY_BATCHES,
         host_float32: bool = True,
         pin_memory: bool = False,
     ):

@@ -102,7 +102,7 @@ class Trainer:
             env.rank,
             env.world_size,
             threads=cfg.reader_threads,
-            cache_bytes=2 * cfg.shuffle_buffer_bytes // env.world_size,
+            cache_bytes=cfg.read_ahead_bytes(env.world_size),
             host_float32=env.device.type != "cuda",
             pin_memory=env.device.type == "cuda",
         )

@@ -224,9 +224,11 @@ GPU_ONLY_TERMS = ("cuda_context", "nccl_buffers")
 
 
 def host_bytes(cfg: TrainConfig, cpu_procs: int, d_in: int) -> int:
-    """Host RAM of a CPU job: every rank's estimate without the GPU-only terms, all ranks together."""
+    """Host RAM of a CPU job: every rank's estimate without the GPU-only terms, plus its loader's blocks
+    read ahead and its assembled float32 batches, all ranks together."""
     per_rank = estimate(cfg, cpu_procs, d_in)
-    return cpu_procs * (per_rank.total_bytes - sum(per_rank.breakdown[t] for t in GPU_ONLY_TERMS))
+    compute = per_rank.total_bytes - sum(per_rank.breakdown[t] for t in GPU_ONLY_TERMS)
+    return cpu_procs * (compute + cfg.loader_bytes(cpu_procs, d_in))
 
 
 # How the estimate's terms are named on the Train page and by `python -m sae_core estimate`.

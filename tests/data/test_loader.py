@@ -92,6 +92,20 @@ def test_each_rank_reads_whole_blocks_of_its_own_rows_about_once_per_epoch(tmp_p
     assert len(shared) < len(read[0]) / 2  # each rank reads mostly its own part of every window
 
 
+def test_blocks_read_ahead_stay_within_the_budget(tmp_path):
+    write_shards(tmp_path)
+    ds = open_activations(tmp_path)
+    # 30 blocks: the 4 batches being assembled span at most 5 windows of 4 blocks; the rest is read-ahead.
+    budget = 30 * 25 * D_IN * 4
+    read_ahead = []
+    with Loader(ds, small_order(), 0, 1, cache_bytes=budget) as loader:
+        for _ in range(40):
+            loader.next()
+            assert loader._cached <= budget
+            read_ahead.append(len(loader._planned))
+    assert max(read_ahead) > 0  # it does read ahead beyond the batches being assembled
+
+
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 def test_half_precision_is_converted_exactly_on_the_host(tmp_path, dtype):
     whole = write_shards(tmp_path, dtype=dtype)

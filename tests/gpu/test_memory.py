@@ -175,3 +175,13 @@ def test_micro_batches_shrink_the_activation_terms_only():
     for term in ("parameters", "gradients", "adam_states"):
         assert micro.breakdown[term] == whole.breakdown[term]
     assert micro.total_bytes < whole.total_bytes
+
+
+@pytest.mark.parametrize("cpu_procs", [1, 2])
+def test_a_cpu_jobs_ram_includes_each_ranks_read_ahead_and_ready_batches(cpu_procs):
+    small = make_cfg(shuffle_buffer_bytes=2**20)
+    large = small.model_copy(update={"shuffle_buffer_bytes": 2**30 + 2**20})
+    # Two windows' worth read ahead, shared by the ranks: 2 GiB more in all, however many processes.
+    assert memory.host_bytes(large, cpu_procs, 768) - memory.host_bytes(small, cpu_procs, 768) == 2 * 2**30
+    per_rank_batch = small.per_rank_batch(cpu_procs)
+    assert small.loader_bytes(cpu_procs, 768) == 2 * 2**20 // cpu_procs + 4 * per_rank_batch * 768 * 4
