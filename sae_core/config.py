@@ -11,7 +11,7 @@ import json
 import math
 import stat
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -37,11 +37,29 @@ class ConfigError(ValueError):
     """A configuration problem, phrased for a person: field name and what is allowed."""
 
 
-class TrainConfig(BaseModel):
-    """Everything one SAE training run needs. Defaults train well on their own."""
+class StrictConfig(BaseModel):
+    """A config read from JSON: unknown keys, NaN and Infinity are errors, and every error names its field."""
 
     # allow_inf_nan: NaN and Infinity (which JSON readers accept) are refused for every float field.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Self:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(describe_validation_error(exc, list(cls.model_fields))) from None
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> Self:
+        return cls.from_dict(read_json_object(path, "config file", f"{cls.__name__} keys"))
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+
+class TrainConfig(StrictConfig):
+    """Everything one SAE training run needs. Defaults train well on their own."""
 
     activation_source: str = Field(
         min_length=1,
@@ -221,20 +239,56 @@ class TrainConfig(BaseModel):
             )
         return per_rank
 
-    # -- construction helpers with person-readable errors
-    @classmethod
-    def from_dict(cls, data: dict) -> TrainConfig:
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise ConfigError(describe_validation_error(exc)) from None
 
-    @classmethod
-    def from_json_file(cls, path: str | Path) -> TrainConfig:
-        return cls.from_dict(read_json_object(path, "config file", "TrainConfig keys"))
+MAX_CONTEXT = 2**17  # tokens per context
+MAX_EXTRACT_TOKENS = 2**40  # rows an extraction writes
+HOOK_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$"  # a module path: model.layers.12, transformer.h.6.mlp
 
-    def to_json(self) -> str:
-        return self.model_dump_json(indent=2)
+
+class ExtractConfig(StrictConfig):
+    """One extraction: a language model's activations at one module, over a text dataset, as shards."""
+
+    model: str = Field(
+        min_length=1,
+        max_length=MAX_PATH_CHARS,
+        description="A local Hugging Face model folder, or a hub name found in the local Hugging Face cache "
+        "(nothing is downloaded).",
+    )
+    hook: str = Field(
+        min_length=1,
+        max_length=300,
+        pattern=HOOK_PATTERN,
+        description="Module path in the model (model.layers.12, transformer.h.6.mlp, encoder.layer.2): its output "
+        "(the first tensor of a tuple) is the activation. `python -m sae_core hooks MODEL` lists them.",
+    )
+    dataset: str = Field(
+        min_length=1,
+        max_length=MAX_PATH_CHARS,
+        description="Text: a .txt file (a document per line), .jsonl/.json (field text_field), .parquet, a folder of "
+        "those, a folder written by datasets.save_to_disk, or a hub dataset name where the hub is reachable.",
+    )
+    text_field: str = Field("text", min_length=1, max_length=200, description="The field holding the text.")
+    split: str = Field("train", min_length=1, max_length=200, description="Split of a multi-split dataset.")
+    context_size: int = Field(128, ge=2, le=MAX_CONTEXT, description="Tokens per context fed to the model.")
+    n_tokens: int = Field(gt=0, le=MAX_EXTRACT_TOKENS, description="Activation rows to write.")
+    batch_size: int = Field(32, gt=0, le=2**16, description="Contexts per forward pass.")
+    model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="The model's dtype: auto = as saved (float32 on a CPU for half-precision weights)."
+    )
+    storage_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Dtype of the activations written."
+    )
+    prepend_bos: bool | None = Field(
+        None, description="Start every context with the tokenizer's BOS (or CLS) token; null: as the tokenizer does."
+    )
+    exclude_special_tokens: bool = Field(
+        True, description="Positions holding special tokens (BOS, EOS, PAD, ...) are fed to the model but not written."
+    )
+    shard_rows: int = Field(
+        65536, gt=0, le=2**31, description="About this many rows per shard (shards hold whole contexts)."
+    )
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Which contexts go to which shard (contexts are shuffled).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu.")
 
 
 def read_json_object(path: str | Path, what: str, holds: str, max_bytes: int = MAX_CONFIG_BYTES) -> dict:
@@ -271,19 +325,26 @@ def field_names() -> list[str]:
     return list(TrainConfig.model_fields)
 
 
-def describe_validation_error(exc: ValidationError) -> str:
-    """One line per problem: `field: what is wrong (allowed: ...)`; a value is repeated briefly at most."""
+def describe_validation_error(exc: ValidationError, fields: list[str] | None = None) -> str:
+    """One line per problem: `field: what is wrong (allowed: ...)`; a value is repeated briefly at most.
+    `fields` are the allowed keys named for an unknown one (default: TrainConfig's)."""
+    fields = fields if fields is not None else field_names()
     lines = []
     for err in exc.errors():
         field = brief(".".join(str(p) for p in err["loc"]) or "config", 60)
         kind = err["type"]
         if kind == "extra_forbidden":
-            lines.append(f"{field}: unknown key (allowed keys: {', '.join(field_names())})")
+            lines.append(f"{field}: unknown key (allowed keys: {', '.join(fields)})")
         elif kind == "missing":
             lines.append(f"{field}: required")
         elif kind == "literal_error":
             allowed = err.get("ctx", {}).get("expected", "")
             lines.append(f"{field}: got {brief(repr(err.get('input')), 60)}; allowed: {allowed}")
+        elif kind == "string_pattern_mismatch":  # only hook has a pattern
+            lines.append(
+                f"{field}: {brief(repr(err.get('input')), 60)} is not a module path (dot-separated names, such as "
+                "model.layers.12)"
+            )
         elif kind == "finite_number":
             lines.append(f"{field}: must be a finite number, got {brief(err.get('input'), 60)}")
         else:

@@ -48,6 +48,8 @@ FEATURES_KEY = "features"  # ground-truth feature directions of a toy set
 TOY_FILE = "toy.safetensors"
 MANIFEST_FILE = "manifest.json"  # an activation folder's index, written last (its presence means "complete")
 ACTIVATIONS_KEY = "activations"  # the [rows, d_in] tensor of a shard or toy file
+CONTEXTS_FILE = "contexts.safetensors"  # an extraction's token ids fed to the model: `tokens` [contexts, size]
+EXTRACT_CONFIG_FILE = "extract_config.json"  # the ExtractConfig a folder's shards were computed with
 
 
 def shard_file_name(index: int) -> str:

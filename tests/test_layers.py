@@ -23,15 +23,19 @@ SHARED = {
 
 # layer -> the sae_core layers it must never import
 FORBIDDEN = {
-    "db": {"engine", "data", "gpu", "jobs", "cli", "ui", "train", "sae"},
-    "data": {"engine", "gpu", "jobs", "cli", "ui", "db", "train", "sae"},
-    "engine": {"gpu", "jobs", "cli", "ui", "db", "train", "sae"},
-    "gpu": {"engine", "jobs", "cli", "ui", "train", "sae"},
-    "jobs": {"engine", "cli", "ui", "train", "sae"},
-    "ui": {"engine", "jobs", "cli", "train", "sae"},
-    **{name: {"engine", "data", "gpu", "jobs", "cli", "ui", "db", "train", "sae"} for name in SHARED},
+    "db": {"engine", "data", "model", "gpu", "jobs", "cli", "ui", "train", "extract", "sae"},
+    "data": {"engine", "model", "gpu", "jobs", "cli", "ui", "db", "train", "extract", "sae"},
+    "engine": {"model", "gpu", "jobs", "cli", "ui", "db", "train", "extract", "sae"},
+    "model": {"gpu", "jobs", "cli", "ui", "db", "train", "extract", "sae"},
+    "gpu": {"engine", "model", "jobs", "cli", "ui", "train", "extract", "sae"},
+    "jobs": {"engine", "model", "cli", "ui", "train", "extract", "sae"},
+    "ui": {"engine", "model", "jobs", "cli", "train", "extract", "sae"},
+    **{
+        name: {"engine", "data", "model", "gpu", "jobs", "cli", "ui", "db", "train", "extract", "sae"}
+        for name in SHARED
+    },
 }
-TORCH_LAYERS = {"engine", "data"}
+TORCH_LAYERS = {"engine", "data", "model"}
 MAX_LINES = 500
 
 
@@ -75,7 +79,9 @@ def test_torch_only_where_tensors_are_and_no_streamlit(path):
     names = {name.split(".")[0] for name in imported(path)}
     assert "streamlit" not in names, f"{path.relative_to(REPO)} imports streamlit (pages live in views/)"
     if layer_of(path) not in TORCH_LAYERS:
-        assert "torch" not in names, f"{path.relative_to(REPO)} imports torch outside engine/ and data/"
+        assert not names & {"torch", "transformers", "tokenizers", "datasets"}, (
+            f"{path.relative_to(REPO)} imports torch or transformers outside engine/, data/ and model/"
+        )
 
 
 @pytest.mark.parametrize("path", modules(), ids=lambda p: str(p.relative_to(PACKAGE)))

@@ -22,7 +22,9 @@ from .formats import ALLOWED_DTYPES, DatasetError
 MANIFEST_KIND = "activations"
 MAX_MANIFEST_BYTES = 256 * 2**20  # ~3 M shards; more than any set we expect, less than a stray big file
 # Provenance: what produced the rows (the extraction writes them; DESIGN.md's contract names them).
-PROVENANCE_FIELDS = ("model", "hook", "context_size", "tokenizer", "bos_token_id", "n_contexts", "dataset")
+PROVENANCE_FIELDS = (
+    "model", "hook", "context_size", "tokenizer", "bos_token_id", "special_token_ids", "n_contexts", "dataset", "text_field",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,119 @@
+"""Tiny Hugging Face models for tests: randomly initialised from a config, with a tokenizer trained here.
+
+Three families, as users bring them: a GPT-2-style causal LM (its tokenizer adds no BOS), a Llama-style
+causal LM (its tokenizer starts every text with <s>) and a BERT-style encoder ([CLS] ... [SEP]). Each is
+saved with `save_pretrained` to a folder and loaded back from disk by the code under test.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WORDS = [
+    "the",
+    "a",
+    "sparse",
+    "autoencoder",
+    "learns",
+    "features",
+    "of",
+    "language",
+    "model",
+    "activations",
+    "while",
+    "researchers",
+    "read",
+    "latents",
+    "that",
+    "fire",
+    "on",
+    "tokens",
+    "in",
+    "contexts",
+    "across",
+    "many",
+    "documents",
+    "about",
+    "cats",
+    "dogs",
+    "rivers",
+    "and",
+    "code",
+]
+
+
+def corpus(n_documents: int = 200, seed: int = 0) -> list[str]:
+    """Deterministic documents of 5-40 words."""
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40))) for _ in range(n_documents)]
+
+
+def _tokenizer(family: str, texts: list[str]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = {
+        "gpt2": {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"},
+        "llama": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"},
+        "bert": {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]", "unk_token": "[UNK]"},
+    }[family]
+    names = list(dict.fromkeys(specials.values()))
+    tokenizer = Tokenizer(models.BPE(unk_token=specials["unk_token"]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=names, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    if family == "llama":
+        bos = tokenizer.token_to_id("<s>")
+        tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    elif family == "bert":
+        cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+        )
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **specials)
+
+
+def save_tiny_model(family: str, directory: Path, width: int = 32, layers: int = 2, seed: int = 0) -> Path:
+    """Write a tiny `family` model (gpt2 | llama | bert) and its tokenizer to `directory`."""
+    import torch
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    tokenizer = _tokenizer(family, corpus())
+    vocab = len(tokenizer)
+    torch.manual_seed(seed)
+    if family == "gpt2":
+        config = transformers.GPT2Config(
+            vocab_size=vocab, n_positions=256, n_embd=width, n_layer=layers, n_head=2,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        )  # fmt: skip
+        model = transformers.GPT2LMHeadModel(config)
+    elif family == "llama":
+        config = transformers.LlamaConfig(
+            vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )  # fmt: skip
+        model = transformers.LlamaForCausalLM(config)
+    else:
+        config = transformers.BertConfig(
+            vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, num_attention_heads=2,
+            intermediate_size=2 * width, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+        )  # fmt: skip
+        model = transformers.BertModel(config)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def write_corpus(path: Path, n_documents: int = 200, seed: int = 0) -> Path:
+    """The corpus as a .txt file, one document per line."""
+    path.write_text("\n".join(corpus(n_documents, seed)) + "\n")
+    return path
