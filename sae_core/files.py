@@ -27,6 +27,7 @@ CHECKPOINT_STATE = "state.json"
 
 # --- a job's process files: <out>/logs/ -----------------------------------------------------------
 TRAIN_REQUEST_FILE = "train_request.json"  # the job row's config, as the file `--config` names
+EXTRACT_REQUEST_FILE = "extract_request.json"  # the same for an extraction job
 LOGS_DIR = "logs"
 STDOUT_LOG = "stdout.log"
 STDERR_LOG = "stderr.log"

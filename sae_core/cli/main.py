@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "resume": ("sae_core.cli.jobs", "Queue a job that resumes a failed or cancelled one."),
     "logs": ("sae_core.cli.jobs", "Show a job's log."),
     "serve": ("sae_core.cli.serve", "Run the launcher daemon (queue + GPU sampler)."),
+    "hooks": ("sae_core.cli.hooks", "List a model's hookable modules and their widths."),
 }
 
 

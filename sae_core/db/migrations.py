@@ -46,10 +46,18 @@ def _v3_data_wait(conn: Connection) -> None:
     _add_column(conn, "metric_point", "data_wait", "FLOAT")
 
 
+def _v4_job_kinds_dependencies_and_disk(conn: Connection) -> None:
+    """v4: job.kind (every older job trained), job.depends_on; metric_point.disk_bytes."""
+    _add_column(conn, "job", "kind", "VARCHAR NOT NULL DEFAULT 'train'")
+    _add_column(conn, "job", "depends_on", "INTEGER REFERENCES job (id)")
+    _add_column(conn, "metric_point", "disk_bytes", "FLOAT")
+
+
 # MIGRATIONS[i] upgrades version i+1 to version i+2.
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _v2_cancel_grace_metric_time_and_step_index,
     _v3_data_wait,
+    _v4_job_kinds_dependencies_and_disk,
 ]
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 

@@ -10,6 +10,7 @@ from sqlalchemy import Index
 from sqlmodel import Field, SQLModel
 
 JOB_STATUSES = ("queued", "starting", "running", "completed", "failed", "cancelled")
+JOB_KINDS = ("train", "extract")  # what a job runs: sae_core.train or sae_core.extract
 LIVE_STATUSES = ("queued", "starting", "running")  # a job in these holds (or will hold) its GPUs
 ACTIVE_STATUSES = ("starting", "running")  # processes exist (or are being created)
 FINAL_STATUSES = ("completed", "failed", "cancelled")
@@ -24,16 +25,17 @@ class SchemaInfo(SQLModel, table=True):
 
 
 class Job(SQLModel, table=True):
-    """One training run. Lifecycle: queued -> starting (GPUs reserved by the launcher) -> running
-    (processes exist) -> completed | failed | cancelled. Only the launcher moves a job out of
-    starting/running; a queued job may be cancelled by anyone."""
+    """One run: a training or an extraction. Lifecycle: queued -> starting (GPUs reserved by the launcher)
+    -> running (processes exist) -> completed | failed | cancelled. Only the launcher moves a job out of
+    starting/running; a queued job may be cancelled by anyone. A job that depends on another waits
+    queued until that one completes, and is cancelled if it fails or is cancelled."""
 
     __tablename__ = "job"
     # Assigned by SQLite on insert; every row read back has one, so it is typed as set.
     id: int = Field(default=None, primary_key=True)
     name: str = ""
     submitted_by: str = ""
-    config_json: str  # TrainConfig as JSON, exactly as submitted
+    config_json: str  # TrainConfig (or ExtractConfig, by kind) as JSON, exactly as submitted
     gpu_ids: str = ""  # "0,1" (NVML / PCI-bus indices); "" for a CPU job
     cpu_procs: int | None = None  # number of gloo processes for a CPU job
     status: str = Field(default="queued", index=True)
@@ -56,6 +58,9 @@ class Job(SQLModel, table=True):
     term_sent_at: float | None = None
     # v2: time of the last metrics flush (a stalled job shows as a growing gap)
     last_metric_at: float | None = None
+    # v4: what the job runs, and the job it waits for (an extraction before its training)
+    kind: str = "train"
+    depends_on: int | None = Field(default=None, foreign_key="job.id")
 
     @property
     def gpu_list(self) -> list[int]:
@@ -90,6 +95,7 @@ class MetricPoint(SQLModel, table=True):
     tokens_per_s: float | None = None
     aux_loss: float | None = None
     data_wait: float | None = None  # v3: fraction of the interval rank 0 waited for data
+    disk_bytes: float | None = None  # v4: bytes an extraction has written so far
     peak_mem_json: str = "[]"  # per-rank peak memory in bytes, index = rank
     time: float
 

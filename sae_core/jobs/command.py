@@ -16,7 +16,7 @@ from pathlib import Path
 from .. import paths
 from ..access import without_secrets
 from ..db.tables import Job
-from ..files import LOGS_DIR, TORCHRUN_ERROR_FILE, TORCHRUN_LOG_DIR, TRAIN_REQUEST_FILE
+from ..files import EXTRACT_REQUEST_FILE, LOGS_DIR, TORCHRUN_ERROR_FILE, TORCHRUN_LOG_DIR, TRAIN_REQUEST_FILE
 
 LOOPBACK = "127.0.0.1"
 LOOPBACK_INTERFACE = "lo"
@@ -94,15 +94,8 @@ def build_command(
         str(logs / TORCHRUN_LOG_DIR),
         "--tee",
         "3",
-        "-m",
-        "sae_core.train",
-        "--config",
-        str(out_dir / TRAIN_REQUEST_FILE),
-        "--out",
-        str(out_dir),
+        *entry_args(job, out_dir, home),
     ]
-    if job.resumed_from is not None:
-        argv += ["--resume", str(paths.job_dir(job.resumed_from, home))]
 
     for name in _INHERITED_DIST_VARS:
         env.pop(name, None)
@@ -129,9 +122,21 @@ def build_command(
     return argv, env
 
 
+def entry_args(job: Job, out_dir: Path, home: Path) -> list[str]:
+    """The entry module and its arguments: training (continuing a checkpoint with --resume), or extraction
+    (a resumed one continues in the folder that holds its shards)."""
+    if job.kind == "extract":
+        data_dir = paths.job_dir(job.resumed_from, home) if job.resumed_from is not None else out_dir
+        return ["-m", "sae_core.extract", "--config", str(out_dir / EXTRACT_REQUEST_FILE), "--out", str(data_dir)]
+    argv = ["-m", "sae_core.train", "--config", str(out_dir / TRAIN_REQUEST_FILE), "--out", str(out_dir)]
+    if job.resumed_from is not None:
+        argv += ["--resume", str(paths.job_dir(job.resumed_from, home))]
+    return argv
+
+
 def write_job_config(job: Job) -> Path:
     """The job's config as the file `--config` names (the row is the source of truth)."""
-    path = Path(job.out_dir) / TRAIN_REQUEST_FILE
+    path = Path(job.out_dir) / (EXTRACT_REQUEST_FILE if job.kind == "extract" else TRAIN_REQUEST_FILE)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(json.loads(job.config_json), indent=2))
     return path

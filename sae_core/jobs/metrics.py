@@ -24,7 +24,18 @@ from .store import engine_or_default
 if TYPE_CHECKING:
     import pandas as pd
 
-METRIC_FIELDS = ("loss", "mse", "fvu", "l0", "dead_fraction", "lr", "tokens_per_s", "aux_loss", "data_wait")
+METRIC_FIELDS = (
+    "loss",
+    "mse",
+    "fvu",
+    "l0",
+    "dead_fraction",
+    "lr",
+    "tokens_per_s",
+    "aux_loss",
+    "data_wait",
+    "disk_bytes",
+)
 METRIC_COLUMNS = ("step", "tokens", *METRIC_FIELDS, "peak_mem", "peak_mem_max", "time")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..config import TrainConfig
+from ..config import ExtractConfig, TrainConfig
 from .errors import JobError
 
 MAX_CPU_PROCS = 512
@@ -44,8 +44,12 @@ def parse_placement(gpu_ids: Sequence[int] | str | None, cpu_procs: int | None) 
     return gpus
 
 
-def check_placement(cfg: TrainConfig, gpu_ids: Sequence[int] | str | None, cpu_procs: int | None) -> list[int]:
-    """`parse_placement`, and a batch that splits across the ranks (ConfigError naming both numbers)."""
+def check_placement(
+    cfg: TrainConfig | ExtractConfig, gpu_ids: Sequence[int] | str | None, cpu_procs: int | None
+) -> list[int]:
+    """`parse_placement`, and for training a batch that splits across the ranks (ConfigError naming both
+    numbers; an extraction splits whole shards, any number of ranks)."""
     gpus = parse_placement(gpu_ids, cpu_procs)
-    cfg.per_rank_batch(len(gpus) or int(cpu_procs or 1))
+    if isinstance(cfg, TrainConfig):
+        cfg.per_rank_batch(len(gpus) or int(cpu_procs or 1))
     return gpus

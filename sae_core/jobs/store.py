@@ -23,7 +23,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import col, select
 
 from .. import db, paths
-from ..config import TrainConfig
+from ..config import ExtractConfig, TrainConfig
 from ..db.health import job_folders
 from ..db.tables import FINAL_STATUSES, JOB_STATUSES, Job
 from ..text import brief
@@ -46,16 +46,18 @@ def engine_home(engine: Engine) -> Path:
 
 
 def submit_job(
-    cfg: TrainConfig,
+    cfg: TrainConfig | ExtractConfig,
     gpu_ids: Sequence[int] | str | None,
     cpu_procs: int | None,
     name: str = "",
     submitted_by: str = "",
     resumed_from: int | None = None,
     engine: Engine | None = None,
+    depends_on: int | None = None,
 ) -> Job:
-    """Insert a queued job; its output dir is SAE_LAB_HOME/jobs/<id>. Only its placement is checked here
-    (a row must name a valid one); people submit through the gate (submission.py), which checks all."""
+    """Insert a queued job (a training for a TrainConfig, an extraction for an ExtractConfig); its output dir
+    is SAE_LAB_HOME/jobs/<id>. Only its placement is checked here (a row must name a valid one); people
+    submit through the gate (submission.py), which checks all. `depends_on`: the job it waits for."""
     gpus = check_placement(cfg, gpu_ids, cpu_procs)
     engine = engine_or_default(engine)
     home = engine_home(engine)
@@ -70,8 +72,10 @@ def submit_job(
             cpu_procs=None if gpus else cpu_procs,
             status="queued",
             created_at=time.time(),
-            total_steps=cfg.total_steps,
+            total_steps=cfg.n_tokens if isinstance(cfg, ExtractConfig) else cfg.total_steps,  # rows for extraction
             resumed_from=resumed_from,
+            kind="extract" if isinstance(cfg, ExtractConfig) else "train",
+            depends_on=depends_on,
         )
         session.add(job)
         session.flush()  # assigns the id inside this same transaction
@@ -93,6 +97,12 @@ def _next_free_id(session, home: Path) -> int:
         )
         return folders[-1] + 1
     return next_row
+
+
+def job_config(job: Job) -> TrainConfig | ExtractConfig:
+    """The config a job was submitted with, as its kind's class."""
+    cls = ExtractConfig if job.kind == "extract" else TrainConfig
+    return cls.model_validate_json(job.config_json)
 
 
 # --------------------------------------------------------------------------- queries

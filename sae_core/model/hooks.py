@@ -81,6 +81,18 @@ def list_hooks(model_dir: Path) -> list[HookInfo]:
     return [HookInfo(n, kind, shape[-1]) for n, (kind, shape) in sorted(shapes.items(), key=lambda x: order[x[0]])]
 
 
+def model_facts(model_dir: Path) -> dict:
+    """What the gate needs to know of a model without torch: its folder, class, parameter count, saved dtype."""
+    model = meta_model(model_dir)
+    dtype = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None) or "float32"
+    return {
+        "model_dir": str(model_dir),
+        "class": type(model).__name__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
 class _ReachedHook(Exception):
     """Raised by the forward hook to stop the model right after the hooked module."""
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.text import is_hub_name
 from ..text import brief
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -27,11 +28,6 @@ def _quiet_transformers():
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     return transformers
-
-
-def is_hub_name(name: str) -> bool:
-    """`org/name` or `name` (what the hub calls a repository), not a path on this machine."""
-    return not name.startswith((".", "/", "~")) and name.count("/") <= 1 and "\\" not in name
 
 
 def resolve_model(name: str) -> Path:

@@ -23,6 +23,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from ..config import ConfigError, ExtractConfig
 from ..data.formats import DatasetError
 from ..data.manifest import read_manifest, write_manifest
+from ..data.text import Specials, TextError, iter_documents, kept_positions, pack_contexts
 from ..engine.distributed import DistEnv, init_process_group, read_dist_env
 from ..engine.run import report_bad_input
 from ..engine.sinks import JsonlSink, MetricsSink
@@ -31,7 +32,6 @@ from ..text import format_bytes
 from . import extraction
 from .hooks import HookReader, find_module, list_hooks
 from .loading import ModelError, load_model, load_tokenizer, meta_model, resolve_model
-from .text import Specials, TextError, iter_documents, kept_positions, pack_contexts
 
 BAD_INPUT = (ConfigError, DatasetError, ModelError, TextError)
 _INDEX_BYTES = 4 + 8 + 4  # token_ids int32, context_ids int64, positions int32 per row

@@ -83,9 +83,10 @@ def test_v1_file_is_upgraded_in_place_with_rows_kept(lab_home, with_schema_info)
     engine = db.get_engine(lab_home)
 
     with engine.connect() as conn:
-        assert migrations.current_version(conn) == migrations.SCHEMA_VERSION == 3
+        assert migrations.current_version(conn) == migrations.SCHEMA_VERSION == 4
     assert {"term_sent_at", "last_metric_at"} <= columns(path, "job")
-    assert "data_wait" in columns(path, "metric_point")
+    assert {"data_wait", "disk_bytes"} <= columns(path, "metric_point")
+    assert {"kind", "depends_on"} <= columns(path, "job")
     assert "ix_metric_point_job_step" in indices(path, "metric_point")
     assert "ix_metric_point_job_id" not in indices(path, "metric_point")
     old, resumed = store.get_job(1), store.get_job(2)
@@ -98,6 +99,7 @@ def test_v1_file_is_upgraded_in_place_with_rows_kept(lab_home, with_schema_info)
         1700000000.5,
     )
     assert (old.last_step, old.tokens_per_s, old.term_sent_at, old.last_metric_at) == (50, 12345.0, None, None)
+    assert (old.kind, old.depends_on) == ("train", None)  # every job before v4 trained
     assert (resumed.resumed_from, resumed.cpu_procs, resumed.error, resumed.cancel_requested) == (
         1,
         2,

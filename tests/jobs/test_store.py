@@ -8,7 +8,7 @@ import time
 import pytest
 
 from sae_core import db
-from sae_core.config import ConfigError, TrainConfig
+from sae_core.config import ConfigError, ExtractConfig, TrainConfig
 from sae_core.db.tables import ACTIVE_STATUSES, Job
 from sae_core.jobs import metrics, scheduler, store
 
@@ -115,6 +115,53 @@ def test_claim_marks_starting_and_never_double_books(lab_home):
     assert holders == {0: 1, 1: 3}
     store.finish_job(1, "completed", exit_code=0)
     assert ids(scheduler.claim_runnable(cpu_budget=2)) == [2]
+
+
+def extract_cfg(**overrides) -> ExtractConfig:
+    return ExtractConfig(
+        **{"model": "/m", "hook": "model.layers.0", "dataset": "/d.txt", "n_tokens": 5000, **overrides}
+    )
+
+
+def test_an_extraction_job_counts_rows_and_reads_back_its_config(lab_home):
+    extraction = store.submit_job(extract_cfg(), None, 3)  # any number of ranks: they split whole shards
+    assert (extraction.kind, extraction.total_steps, extraction.world_size) == ("extract", 5000, 3)
+    assert store.job_config(store.get_job(extraction.id)) == extract_cfg()
+    training = store.submit_job(make_cfg(activation_source=extraction.out_dir), None, 1, depends_on=extraction.id)
+    assert (training.kind, training.depends_on) == ("train", extraction.id)
+    assert isinstance(store.job_config(training), TrainConfig)
+
+
+def test_plan_a_dependent_job_waits_for_its_parent_to_complete_and_holds_nothing_meanwhile():
+    child = job(2, "0")
+    child.depends_on = 1
+    later = job(3, "0")
+    for status in ("queued", "starting", "running"):
+        assert ids(scheduler.plan_starts([child, later], [], 1, now=0, parent_status={1: status})) == [3]
+    assert ids(scheduler.plan_starts([child, later], [], 1, now=0, parent_status={1: "completed"})) == [2]
+
+
+def test_claim_cancels_the_dependents_of_a_failed_or_cancelled_job_with_the_reason(lab_home):
+    failed = store.submit_job(extract_cfg(), None, 1)
+    child = store.submit_job(make_cfg(activation_source=failed.out_dir), None, 1, depends_on=failed.id)
+    cancelled = store.submit_job(extract_cfg(), None, 1)
+    orphan = store.submit_job(make_cfg(activation_source=cancelled.out_dir), None, 1, depends_on=cancelled.id)
+    assert ids(scheduler.claim_runnable(cpu_budget=4)) == [failed.id, cancelled.id]
+    store.finish_job(failed.id, "failed", exit_code=2, error="error: hook: 'x' is not a module\nmore")
+    store.finish_job(cancelled.id, "cancelled", exit_code=None, error="cancelled by ada")
+    assert scheduler.claim_runnable(cpu_budget=4) == []
+    child_after, orphan_after = store.get_job(child.id), store.get_job(orphan.id)
+    assert child_after.status == "cancelled" and orphan_after.status == "cancelled"
+    assert child_after.error == f"job {failed.id} (extract) it depends on failed: error: hook: 'x' is not a module"
+    assert orphan_after.error.startswith(f"job {cancelled.id} (extract) it depends on cancelled")
+
+
+def test_claim_starts_a_dependent_once_its_parent_completed(lab_home):
+    parent = store.submit_job(extract_cfg(), "0", None)
+    child = store.submit_job(make_cfg(activation_source=parent.out_dir), "0", None, depends_on=parent.id)
+    assert ids(scheduler.claim_runnable(cpu_budget=1)) == [parent.id]
+    store.finish_job(parent.id, "completed", exit_code=0)
+    assert ids(scheduler.claim_runnable(cpu_budget=1)) == [child.id]
 
 
 # --------------------------------------------------------------------------- lifecycle

@@ -1,5 +1,7 @@
 """Text datasets and contexts: documents from files or `datasets`, tokenised and packed into fixed contexts.
 
+No torch: the gate reads a dataset's first document to check it; the tokenizer is passed in by the caller.
+
 Sources: a `.txt` file (one document per non-empty line), `.jsonl` (an object per line) or `.json` (a list
 of objects, or an object of lists) with `text_field`, `.parquet` (column `text_field`), a folder of such
 files (sorted by name), a folder written by `datasets.save_to_disk` (its `split`), or a hub dataset name
@@ -20,7 +22,6 @@ from pathlib import Path
 import numpy as np
 
 from ..text import brief
-from .loading import is_hub_name
 
 _TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 _TOKENIZE_BATCH = 256  # documents per tokenizer call
@@ -28,6 +29,11 @@ _TOKENIZE_BATCH = 256  # documents per tokenizer call
 
 class TextError(ValueError):
     """A problem with the text dataset, phrased for a person."""
+
+
+def is_hub_name(name: str) -> bool:
+    """`org/name` or `name` (what the Hugging Face hub calls a repository), not a path on this machine."""
+    return not name.startswith((".", "/", "~")) and name.count("/") <= 1 and "\\" not in name
 
 
 # ------------------------------------------------------------------------------------------- documents
