@@ -38,6 +38,7 @@ TORCHRUN_LOG_DIR = "torchrun"  # per-rank stdout/stderr/error.json
 # --- SAE_LAB_HOME ---------------------------------------------------------------------------------
 DATABASE_FILE = "lab.db"
 DATASETS_DIR = "datasets"
+MODELS_DIR = "models"  # Hugging Face model folders for extraction
 JOBS_DIR = "jobs"
 DAEMON_FILE = "daemon.json"  # the launcher's pid and heartbeat
 DAEMON_LOCK_FILE = "launcher.lock"

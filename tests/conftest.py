@@ -61,6 +61,18 @@ def toy_path(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def hf(tmp_path_factory) -> dict[str, Path]:
+    """Tiny GPT-2, Llama and BERT models (tests/hf_models.py) and a 200-document corpus (.txt), saved once
+    per session under the pytest base folder (inside the data roots the lab_home fixture names)."""
+    from tests.hf_models import HOOKS, save_tiny_model, write_corpus
+
+    base = tmp_path_factory.mktemp("hf")
+    paths = {family: save_tiny_model(family, base / family) for family in HOOKS}
+    paths["corpus"] = write_corpus(base / "corpus.txt")
+    return paths
+
+
 def tiny_config(toy_path: Path, **overrides) -> dict:
     """A TopK config that trains on the toy set in seconds on one CPU core (process-level tests)."""
     return {

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# A module of each family that outputs [batch, tokens, 32]
+HOOKS = {"gpt2": "transformer.h.0", "llama": "model.layers.1", "bert": "encoder.layer.0"}
+
 WORDS = [
     "the",
     "a",

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .. import paths
-from ..config import ConfigError, TrainConfig
+from ..config import ConfigError, ExtractConfig, TrainConfig, read_json_object
 from ..db.tables import FINAL_STATUSES, JOB_STATUSES, Job
 from ..files import STDERR_LOG, STDOUT_LOG
 from ..jobs import store, submission
@@ -81,6 +81,51 @@ def cli_submit(argv: list[str]) -> int:
         return _reject(str(exc))
     _print_notes(verdict.notes)
     return _queued(job, args, f"queued job {job.id} ({job.name}) on {_placement(job)}; output in {job.out_dir}")
+
+
+def cli_extract(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m sae_core extract",
+        description="Queue an extraction job (a model's activations at a hook, over a text dataset), and with "
+        "--then-train a training on its output that waits for it.",
+    )
+    parser.add_argument("--config", required=True, help="ExtractConfig JSON file.")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--gpus", help="GPU indices (NVML / PCI bus order), e.g. 0,1.")
+    where.add_argument("--cpu-procs", type=int, help="Run as N processes on the CPU.")
+    parser.add_argument("--name", default="", help="A name to find the job by (default job-<id>).")
+    parser.add_argument(
+        "--then-train", metavar="TRAIN.json", help="TrainConfig to train on the output (its activation_source is set)."
+    )
+    parser.add_argument("--user", default=None, help="Who submits (default: the login name).")
+    parser.add_argument("--json", action="store_true", help="Print the queued job(s) as JSON.")
+    parser.add_argument("--no-daemon", action="store_true", help="Do not start the launcher if none runs.")
+    args = parser.parse_args(argv)
+    try:
+        cfg = ExtractConfig.from_json_file(args.config)
+        then_train = _then_train_config(args.then_train) if args.then_train else None
+        extraction, training, verdict = submission.submit_extract(
+            cfg, args.gpus, args.cpu_procs, name=args.name, submitted_by=args.user or _user(), then_train=then_train
+        )
+    except (ConfigError, JobError) as exc:
+        return _reject(str(exc))
+    _print_notes(verdict.notes)
+    if args.json:
+        print(json.dumps([store.job_to_dict(j) for j in (extraction, training) if j is not None]))
+        _daemon_note(args.no_daemon, args.json)
+        return 0
+    message = f"queued extraction job {extraction.id} ({extraction.name}) on {_placement(extraction)}; output in {extraction.out_dir}"
+    if training is not None:
+        message += f"\nqueued training job {training.id} ({training.name}): starts when job {extraction.id} completes"
+    print(message)
+    _daemon_note(args.no_daemon, args.json)
+    return 0
+
+
+def _then_train_config(path: str) -> TrainConfig:
+    """The training config of --then-train; its activation_source is the extraction's folder, whatever it says."""
+    data = read_json_object(path, "config file", "TrainConfig keys")
+    return TrainConfig.from_dict({**data, "activation_source": data.get("activation_source") or "(the extraction)"})
 
 
 def _print_notes(notes: list[str]) -> None:

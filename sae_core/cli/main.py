@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "logs": ("sae_core.cli.jobs", "Show a job's log."),
     "serve": ("sae_core.cli.serve", "Run the launcher daemon (queue + GPU sampler)."),
     "hooks": ("sae_core.cli.hooks", "List a model's hookable modules and their widths."),
+    "extract": ("sae_core.cli.jobs", "Queue an extraction job (and a training on its output)."),
 }
 
 

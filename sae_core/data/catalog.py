@@ -1,8 +1,10 @@
-"""Where a lab's activations may come from: SAE_LAB_HOME/datasets and the roots an operator names, and the
-sets lying in the datasets folder (no torch).
+"""Where a lab's data may come from, and what lies there (no torch).
 
-A shared URL must not let anyone probe the server's files: a path outside the allowed roots gets one answer,
-whatever lies there (it is not opened, and its existence is not revealed).
+Activations and text: SAE_LAB_HOME/datasets, the lab's job folders (an extraction writes its activations
+there) and the roots an operator names in SAE_LAB_DATA_ROOTS. Models: SAE_LAB_HOME/models, the same named
+roots, and the local Hugging Face cache. A shared URL must not let anyone probe the server's files: a path
+outside the allowed roots gets one answer, whatever lies there (it is not opened, and its existence is not
+revealed).
 """
 
 from __future__ import annotations
@@ -10,12 +12,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..files import ACTIVATION_SUFFIXES, DATASETS_DIR
+from ..files import ACTIVATION_SUFFIXES, DATASETS_DIR, JOBS_DIR, MANIFEST_FILE, MODELS_DIR
 
 DATA_ROOTS_ENV = "SAE_LAB_DATA_ROOTS"  # more folders to read activations from, separated by os.pathsep
 OUTSIDE_ROOTS = (
-    f"SAE Lab reads activations only from SAE_LAB_HOME/{DATASETS_DIR} and the folders named in {DATA_ROOTS_ENV}; "
-    "put the set (or a link to it) there, or ask the operator to add its folder"
+    f"SAE Lab reads data only from SAE_LAB_HOME/{DATASETS_DIR}, its job folders and the folders named in "
+    f"{DATA_ROOTS_ENV}; put the set (or a link to it) there, or ask the operator to add its folder"
+)
+OUTSIDE_MODEL_ROOTS = (
+    f"SAE Lab loads models only from SAE_LAB_HOME/{MODELS_DIR}, the local Hugging Face cache and the folders "
+    f"named in {DATA_ROOTS_ENV}; save the model there, or name a model in the cache by its hub name"
 )
 
 # The toy set the Home page offers on a first run: small enough to write and train on in a minute.
@@ -37,16 +43,44 @@ def _is_activation_set(entry: Path) -> bool:
     return entry.is_file() and entry.suffix in ACTIVATION_SUFFIXES
 
 
+def named_roots() -> list[Path]:
+    return [Path(p).expanduser() for p in os.environ.get(DATA_ROOTS_ENV, "").split(os.pathsep) if p.strip()]
+
+
 def data_roots(home: Path) -> list[Path]:
-    """The folders activations may be read from: the lab's datasets folder, then SAE_LAB_DATA_ROOTS."""
-    named = [Path(p).expanduser() for p in os.environ.get(DATA_ROOTS_ENV, "").split(os.pathsep) if p.strip()]
-    return [home / DATASETS_DIR, *named]
+    """The folders activations and text may be read from: the lab's datasets and job folders, then
+    SAE_LAB_DATA_ROOTS."""
+    return [home / DATASETS_DIR, home / JOBS_DIR, *named_roots()]
+
+
+def model_roots(home: Path) -> list[Path]:
+    """The folders models may be loaded from: the lab's models folder, the Hugging Face cache, the named roots."""
+    hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).expanduser()
+    cache = Path(os.environ["HF_HUB_CACHE"]).expanduser() if os.environ.get("HF_HUB_CACHE") else hf_home / "hub"
+    return [home / MODELS_DIR, cache, *named_roots()]
+
+
+def _inside(source: str | Path, roots: list[Path]) -> bool:
+    try:
+        real = Path(os.path.realpath(Path(source).expanduser()))
+        return any(real.is_relative_to(os.path.realpath(root)) for root in roots)
+    except (OSError, ValueError):  # a name too long, a NUL byte
+        return False
 
 
 def in_data_roots(source: str | Path, home: Path) -> bool:
     """Whether `source`, symlinks resolved, lies inside one of the allowed roots (an unreadable path: no)."""
-    try:
-        real = Path(os.path.realpath(Path(source).expanduser()))
-        return any(real.is_relative_to(os.path.realpath(root)) for root in data_roots(home))
-    except (OSError, ValueError):  # a name too long, a NUL byte
-        return False
+    return _inside(source, data_roots(home))
+
+
+def in_model_roots(source: str | Path, home: Path) -> bool:
+    return _inside(source, model_roots(home))
+
+
+def list_extracted(home: Path) -> list[Path]:
+    """The lab's complete extractions: job folders holding a manifest, newest first."""
+    jobs = home / JOBS_DIR
+    if not jobs.is_dir():
+        return []
+    found = [p for p in jobs.iterdir() if p.name.isdigit() and (p / MANIFEST_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name), reverse=True)

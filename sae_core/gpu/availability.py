@@ -214,9 +214,16 @@ def _grow(start: GpuStatus, candidates: list[GpuStatus], count: int) -> list[Gpu
 # ---------------------------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------------------------
-def validate(gpu_ids: Sequence[int], cfg: TrainConfig, statuses: Sequence[GpuStatus], d_in: int | None) -> list[str]:
+def validate(
+    gpu_ids: Sequence[int],
+    cfg: TrainConfig | None,
+    statuses: Sequence[GpuStatus],
+    d_in: int | None,
+    need_bytes: int | None = None,
+) -> list[str]:
     """Problems with running `cfg` on `gpu_ids` (NVML indices); an empty list means it can go. The memory
-    fit is checked when the activations' width `d_in` is known."""
+    fit is checked when the activations' width `d_in` is known, or against `need_bytes` per GPU (a job
+    that is not a training, cfg None)."""
     ids = list(gpu_ids)
     if not ids:
         return ["select at least one GPU (or run the job on CPU processes)"]
@@ -233,13 +240,16 @@ def validate(gpu_ids: Sequence[int], cfg: TrainConfig, statuses: Sequence[GpuSta
         elif status.busy:
             errors.append(f"GPU {i} is busy: {status.reason}")
     world = len(set(ids))
-    try:
-        cfg.per_rank_batch(world, ranks="GPUs")
-    except ConfigError as exc:
-        errors.append(f"{exc}, or another number of GPUs")
-        return errors
-    if d_in is not None:
-        errors += _memory_errors(ids, cfg, world, d_in, by_index)
+    if cfg is not None:
+        try:
+            cfg.per_rank_batch(world, ranks="GPUs")
+            if need_bytes is None and d_in is not None:
+                need_bytes = estimate(cfg, world, d_in).total_bytes
+        except ConfigError as exc:
+            errors.append(f"{exc}, or another number of GPUs")
+            return errors
+    if need_bytes is not None:
+        errors += _memory_errors(ids, need_bytes, world, by_index)
     return errors
 
 
@@ -250,13 +260,7 @@ def _missing_gpu(index: int, by_index: dict[int, GpuStatus]) -> str:
     return f"GPU {index} does not exist (this machine has GPU {known})"
 
 
-def _memory_errors(
-    ids: list[int], cfg: TrainConfig, world: int, d_in: int, by_index: dict[int, GpuStatus]
-) -> list[str]:
-    try:
-        need = estimate(cfg, world, d_in).total_bytes
-    except ConfigError as exc:
-        return [f"cannot estimate GPU memory for this config: {exc}"]
+def _memory_errors(ids: list[int], need: int, world: int, by_index: dict[int, GpuStatus]) -> list[str]:
     errors = []
     for i in dict.fromkeys(ids):
         status = by_index.get(i)

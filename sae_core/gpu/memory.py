@@ -248,3 +248,25 @@ TERM_LABELS = {
     "other_peak_excess": "init/optimizer/evaluation peak above the step",
     "allocator_headroom": "allocator headroom",
 }
+
+
+# --- an extraction: the model's weights and one forward batch (no gradients: inference mode)
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+# Per token of the batch, the live tensors of one transformer layer in inference mode: the residual stream,
+# the attention projections and output, the MLP's up/gate/down (typically 4x wide): about 16 widths. A
+# generous round figure; the attention scores are counted apart (eager attention holds heads x T x T).
+FORWARD_WIDTHS_PER_TOKEN = 16
+
+
+def extraction_bytes(
+    parameters: int, model_dtype: str, batch_size: int, context_size: int, hidden_size: int, heads: int
+) -> dict[str, int]:
+    """Memory of one extraction rank, by term: weights, one forward batch, attention scores, CUDA context.
+    `model_dtype` is the dtype the weights are loaded in (an "auto" already resolved)."""
+    width = DTYPE_BYTES.get(model_dtype, 4)
+    return {
+        "weights": parameters * width,
+        "forward_batch": batch_size * context_size * hidden_size * FORWARD_WIDTHS_PER_TOKEN * width,
+        "attention_scores": batch_size * heads * context_size * context_size * width,
+        "cuda_context": CUDA_CONTEXT_BYTES,
+    }

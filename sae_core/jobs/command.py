@@ -16,7 +16,15 @@ from pathlib import Path
 from .. import paths
 from ..access import without_secrets
 from ..db.tables import Job
-from ..files import EXTRACT_REQUEST_FILE, LOGS_DIR, TORCHRUN_ERROR_FILE, TORCHRUN_LOG_DIR, TRAIN_REQUEST_FILE
+from ..files import (
+    EVAL_FILE,
+    EXTRACT_REQUEST_FILE,
+    LOGS_DIR,
+    MANIFEST_FILE,
+    TORCHRUN_ERROR_FILE,
+    TORCHRUN_LOG_DIR,
+    TRAIN_REQUEST_FILE,
+)
 
 LOOPBACK = "127.0.0.1"
 LOOPBACK_INTERFACE = "lo"
@@ -126,12 +134,25 @@ def entry_args(job: Job, out_dir: Path, home: Path) -> list[str]:
     """The entry module and its arguments: training (continuing a checkpoint with --resume), or extraction
     (a resumed one continues in the folder that holds its shards)."""
     if job.kind == "extract":
-        data_dir = paths.job_dir(job.resumed_from, home) if job.resumed_from is not None else out_dir
+        data_dir = extraction_dir(job)
         return ["-m", "sae_core.extract", "--config", str(out_dir / EXTRACT_REQUEST_FILE), "--out", str(data_dir)]
     argv = ["-m", "sae_core.train", "--config", str(out_dir / TRAIN_REQUEST_FILE), "--out", str(out_dir)]
     if job.resumed_from is not None:
         argv += ["--resume", str(paths.job_dir(job.resumed_from, home))]
     return argv
+
+
+def extraction_dir(job: Job) -> Path:
+    """Where an extraction job writes its shards: its own folder, or for a resumed one its source's (a
+    sibling job folder), so that the shards already computed are kept."""
+    out_dir = Path(job.out_dir)
+    return out_dir.parent / str(job.resumed_from) if job.resumed_from is not None else out_dir
+
+
+def finished_marker(job: Job) -> Path:
+    """The file whose presence says the job did all its work: eval.json of a training, the manifest of an
+    extraction."""
+    return extraction_dir(job) / MANIFEST_FILE if job.kind == "extract" else Path(job.out_dir) / EVAL_FILE
 
 
 def write_job_config(job: Job) -> Path:

@@ -13,9 +13,9 @@ import psutil
 
 from .. import db, paths
 from ..db.tables import FINAL_STATUSES, Job
-from ..files import EVAL_FILE
 from ..gpu.processes import process_if_same
 from . import daemon_control, store
+from .command import finished_marker
 from .diagnosis import read_exit_code, root_cause
 from .logs import log_dir_of
 from .metrics import backfill_metrics_from_jsonl
@@ -29,13 +29,14 @@ LOST_MESSAGE = "launcher lost the job"
 
 def outcome(job: Job, exit_code: int | None, log_dir: Path) -> tuple[str, str | None]:
     """(final status, error message) of a job whose processes are gone."""
-    finished = exit_code == 0 and (Path(job.out_dir) / EVAL_FILE).is_file()
-    if finished:
+    marker = finished_marker(job)
+    if exit_code == 0 and marker.is_file():
         return "completed", None  # even if a cancel arrived: it came too late to stop anything
     if job.cancel_requested:
         return "cancelled", "cancelled on request"
     if exit_code == 0:
-        return "failed", "training exited with code 0 but wrote no eval.json"
+        noun = "extraction" if job.kind == "extract" else "training"
+        return "failed", f"{noun} exited with code 0 but wrote no {marker.name}"
     if exit_code is None:
         return "failed", LOST_MESSAGE
     return "failed", root_cause(log_dir, exit_code)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from sqlalchemy.engine import Engine
 
-from ..config import ConfigError, TrainConfig
+from .. import paths
+from ..config import ConfigError, ExtractConfig, TrainConfig
 from ..data.activations import ActivationSet
 from ..data.catalog import OUTSIDE_ROOTS, in_data_roots
 from ..data.checks import DatasetError, check_dataset
@@ -24,9 +25,10 @@ from ..gpu.host import available_ram
 from ..gpu.memory import GiB, host_bytes
 from ..outputs import checkpoint_root, latest_checkpoint
 from ..text import label_problem
-from . import store
+from . import extract_checks, store
 from .errors import JobError
 from .gpus import gpu_statuses
+from .models import ModelFacts
 from .placement import parse_placement
 
 MAX_NAME_CHARS = 200  # a job's name and who submitted it: shown to colleagues on one line
@@ -51,6 +53,9 @@ class Verdict:
     notes: list[str] = field(default_factory=list)  # e.g. "GPU 1: queued behind SAE Lab job 12 ..."
     gpus: list[int] = field(default_factory=list)
     dataset: ActivationSet | None = None
+    model: ModelFacts | None = None  # an extraction's model, as the hooks command read it
+    memory: dict[str, int] = field(default_factory=dict)  # an extraction's memory per rank, by term
+    disk_bytes: int | None = None  # what an extraction will write
 
     @property
     def ok(self) -> bool:
@@ -78,11 +83,14 @@ def check(
     scan_values: bool | None = None,
     statuses: Sequence[GpuStatus] | None = None,
     engine: Engine | None = None,
+    planned_d_in: int | None = None,
 ) -> Verdict:
     """Every problem of queueing `cfg` on `gpu_ids` or `cpu_procs` CPU processes, named `name` by `submitted_by`.
 
     `scan_values` None scans values for NaN/Inf as `check_dataset` does (all of a set up to 2 GiB, a sample of a
-    larger one); False checks the structure only, as the Train page does while a person types. `statuses` defaults to the GPUs as the queue sees them now."""
+    larger one); False checks the structure only, as the Train page does while a person types. `statuses`
+    defaults to the GPUs as the queue sees them now. `planned_d_in`: the activations do not exist yet (an
+    extraction queued before this training will write them, this wide); their checks are the job's."""
     verdict = Verdict()
     for field_name, value in (("name", name), ("submitted_by", submitted_by)):
         if (why := label_problem(value, MAX_NAME_CHARS)) is not None:
@@ -94,12 +102,14 @@ def check(
         return verdict
     if not verdict.gpus:
         _check_cpu_job(cfg, int(cpu_procs or 1), verdict)
-    _check_dataset(cfg, scan_values, store.engine_home(store.engine_or_default(engine)), verdict)
+    if planned_d_in is None:
+        _check_dataset(cfg, scan_values, store.engine_home(store.engine_or_default(engine)), verdict)
     # after the dataset: the memory fit needs its width
+    d_in = planned_d_in if planned_d_in is not None else verdict.dataset.d_in if verdict.dataset else None
     if verdict.gpus:
-        _check_gpus(cfg, statuses, engine, verdict)
-    elif verdict.dataset is not None and not verdict.problems:
-        _check_host_memory(cfg, int(cpu_procs or 1), verdict.dataset.d_in, verdict)
+        _check_gpus(cfg, statuses, engine, verdict, d_in)
+    elif d_in is not None and not verdict.problems:
+        _check_host_memory(cfg, int(cpu_procs or 1), d_in, verdict)
     return verdict
 
 
@@ -138,11 +148,16 @@ def _check_dataset(cfg: TrainConfig, scan_values: bool | None, home: Path, verdi
 
 
 def _check_gpus(
-    cfg: TrainConfig, statuses: Sequence[GpuStatus] | None, engine: Engine | None, verdict: Verdict
+    cfg: TrainConfig | None,
+    statuses: Sequence[GpuStatus] | None,
+    engine: Engine | None,
+    verdict: Verdict,
+    d_in: int | None,
+    need_bytes: int | None = None,
 ) -> None:
     statuses = list(statuses) if statuses is not None else gpu_statuses(engine)
-    d_in = verdict.dataset.d_in if verdict.dataset is not None else None
-    verdict.problems += [Problem("gpus", message) for message in validate(verdict.gpus, cfg, statuses, d_in)]
+    problems = validate(verdict.gpus, cfg, statuses, d_in, need_bytes)
+    verdict.problems += [Problem("gpus", message) for message in problems]
     by_index = {s.index: s for s in statuses}
     for index in verdict.gpus:
         status = by_index.get(index)
@@ -167,12 +182,97 @@ def submit(
     return job, verdict
 
 
+def check_extract(
+    cfg: ExtractConfig,
+    gpu_ids: Sequence[int] | str | None,
+    cpu_procs: int | None,
+    *,
+    name: str = "",
+    submitted_by: str = "",
+    statuses: Sequence[GpuStatus] | None = None,
+    engine: Engine | None = None,
+) -> Verdict:
+    """Every problem of queueing the extraction `cfg`: names, placement, where the model and text come from,
+    the model and its hook, the text's first document, the disk, the memory per GPU (or of the host)."""
+    verdict = Verdict()
+    for field_name, value in (("name", name), ("submitted_by", submitted_by)):
+        if (why := label_problem(value, MAX_NAME_CHARS)) is not None:
+            verdict.problems.append(Problem(field_name, f"{field_name}: {why}"))
+    try:
+        verdict.gpus = parse_placement(gpu_ids, cpu_procs)
+    except JobError as exc:
+        verdict.problems.append(Problem("placement", str(exc)))
+        return verdict
+    if not verdict.gpus and cfg.device == "cuda":
+        message = "device: 'cuda' cannot run as a CPU job; choose GPUs, or device 'auto' or 'cpu'"
+        verdict.problems.append(Problem("device", message))
+    home = store.engine_home(store.engine_or_default(engine))
+    if outside := extract_checks.locations(cfg, home):
+        verdict.problems += [Problem(f, m) for f, m in outside]
+        return verdict
+    verdict.model, problems = extract_checks.model_and_hook(cfg)
+    problems += extract_checks.first_document(cfg)
+    verdict.problems += [Problem(f, m) for f, m in problems]
+    if verdict.model is None or cfg.hook not in verdict.model.hooks:
+        return verdict
+    d_in = verdict.model.hooks[cfg.hook]
+    verdict.disk_bytes = extract_checks.disk_needed(cfg, d_in)
+    verdict.problems += [
+        Problem(f, m) for f, m in extract_checks.disk_problem(verdict.disk_bytes, paths.jobs_dir(home))
+    ]
+    verdict.memory = extract_checks.memory_per_rank(cfg, verdict.model, on_gpu=bool(verdict.gpus))
+    need = sum(verdict.memory.values())
+    if verdict.gpus:
+        _check_gpus(None, statuses, engine, verdict, None, need)
+    elif need * int(cpu_procs or 1) > (free := available_ram()):
+        message = (
+            f"cpu_procs: the extraction needs about {need * int(cpu_procs or 1) / GiB:.1f} GiB of RAM for "
+            f"{cpu_procs} process(es), but this machine has {free / GiB:.1f} GiB available; lower batch_size, "
+            "or use fewer processes"
+        )
+        verdict.problems.append(Problem("cpu_procs", message))
+    return verdict
+
+
+def submit_extract(
+    cfg: ExtractConfig,
+    gpu_ids: Sequence[int] | str | None,
+    cpu_procs: int | None,
+    name: str = "",
+    submitted_by: str = "",
+    then_train: TrainConfig | None = None,
+    engine: Engine | None = None,
+) -> tuple[Job, Job | None, Verdict]:
+    """Queue an extraction, and with `then_train` a training on its output that waits for it (same placement).
+    Both are checked first; SubmissionRejected with every problem of either, and nothing is queued."""
+    verdict = check_extract(cfg, gpu_ids, cpu_procs, name=name, submitted_by=submitted_by, engine=engine)
+    if then_train is not None and verdict.model is not None and cfg.hook in verdict.model.hooks:
+        planned = check(
+            then_train, gpu_ids, cpu_procs, name=name, submitted_by=submitted_by, engine=engine,
+            planned_d_in=verdict.model.hooks[cfg.hook],
+        )  # fmt: skip
+        verdict.problems += [Problem(p.field, f"then train: {p.message}") for p in planned.problems]
+    if not verdict.ok:
+        raise SubmissionRejected(verdict.problems)
+    extraction = store.submit_job(cfg, verdict.gpus, cpu_procs, name, submitted_by, engine=engine)
+    training = None
+    if then_train is not None:
+        trained = then_train.model_copy(update={"activation_source": extraction.out_dir})
+        train_name = f"{extraction.name} (train)"
+        training = store.submit_job(
+            trained, verdict.gpus, cpu_procs, train_name, submitted_by, engine=engine, depends_on=extraction.id
+        )
+    return extraction, training, verdict
+
+
 def resume(job_id: int, submitted_by: str = "", engine: Engine | None = None) -> tuple[Job, Verdict]:
     """Queue a job that continues a failed or cancelled one from its last complete checkpoint, on the same
     placement, through the same gate as a new submission."""
     old = store.require_job(job_id, engine)
     if old.status not in ("failed", "cancelled"):
         raise JobError(f"job {job_id} is {old.status}; only failed or cancelled jobs can be resumed")
+    if old.kind == "extract":
+        return _resume_extraction(old, submitted_by, engine)
     # A resume that died before its first checkpoint continues from its own source's checkpoint.
     source = old
     while _checkpoint_of(source) is None and source.resumed_from is not None:
@@ -188,6 +288,21 @@ def resume(job_id: int, submitted_by: str = "", engine: Engine | None = None) ->
         resumed_from=source.id,
         engine=engine,
     )
+
+
+def _resume_extraction(old: Job, submitted_by: str, engine: Engine | None) -> tuple[Job, Verdict]:
+    """An extraction continues in the folder that holds its shards (its own, or its source's): the finished
+    shards are kept, the rest computed."""
+    cfg = store.job_config(old)
+    assert isinstance(cfg, ExtractConfig)
+    cpu_procs = old.cpu_procs if old.is_cpu_job else None
+    name = old.name if old.name.endswith("(resumed)") else f"{old.name} (resumed)"
+    verdict = check_extract(cfg, old.gpu_list, cpu_procs, name=name, submitted_by=submitted_by, engine=engine)
+    if not verdict.ok:
+        raise SubmissionRejected(verdict.problems)
+    data_job = old.resumed_from if old.resumed_from is not None else old.id
+    job = store.submit_job(cfg, verdict.gpus, cpu_procs, name, submitted_by or old.submitted_by, data_job, engine)
+    return job, verdict
 
 
 def _checkpoint_of(job: Job) -> Path | None:

@@ -84,12 +84,15 @@ def list_hooks(model_dir: Path) -> list[HookInfo]:
 def model_facts(model_dir: Path) -> dict:
     """What the gate needs to know of a model without torch: its folder, class, parameter count, saved dtype."""
     model = meta_model(model_dir)
-    dtype = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None) or "float32"
+    config = model.config
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
     return {
         "model_dir": str(model_dir),
         "class": type(model).__name__,
         "parameters": sum(p.numel() for p in model.parameters()),
         "dtype": str(dtype).removeprefix("torch."),
+        "hidden_size": getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0),
+        "heads": getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 0),
     }
 
 

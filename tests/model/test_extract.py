@@ -23,18 +23,7 @@ from sae_core.model.hooks import HookReader, list_hooks
 from sae_core.model.loading import load_model, load_tokenizer
 from sae_core.model.run import main as extract_main
 from tests.conftest import subprocess_env
-from tests.hf_models import corpus, save_tiny_model, write_corpus
-
-HOOKS = {"gpt2": "transformer.h.0", "llama": "model.layers.1", "bert": "encoder.layer.0"}
-
-
-@pytest.fixture(scope="session")
-def hf(tmp_path_factory) -> dict[str, Path]:
-    """The three tiny models and a 200-document corpus (.txt), saved once per session."""
-    base = tmp_path_factory.mktemp("hf")
-    paths = {family: save_tiny_model(family, base / family) for family in HOOKS}
-    paths["corpus"] = write_corpus(base / "corpus.txt")
-    return paths
+from tests.hf_models import HOOKS, corpus
 
 
 def write_config(tmp_path: Path, **fields) -> Path:

@@ -1,0 +1,82 @@
+"""What the gate and the pages know of a model without loading torch: `python -m sae_core hooks MODEL --json`
+run in a child process (transformers and torch stay out of the app and the daemon), remembered per model
+folder until its config.json changes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..access import without_secrets
+from ..text import brief
+from .errors import JobError
+
+FACTS_TIMEOUT_S = 180.0  # tracing a large model's modules on the meta device takes seconds, not minutes
+_HUB_NAME_TTL_S = 60.0  # a hub name's cache entry may change under us: look again after a minute
+_cache: dict[tuple[str, float | None], tuple[float, ModelFacts]] = {}
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    model_dir: str
+    cls: str
+    parameters: int
+    dtype: str  # as saved
+    hidden_size: int
+    heads: int
+    hooks: dict[str, int]  # module path -> output width, in model order
+
+    @classmethod
+    def from_json(cls, data: dict) -> ModelFacts:
+        return cls(
+            model_dir=data["model_dir"],
+            cls=data["class"],
+            parameters=int(data["parameters"]),
+            dtype=data["dtype"],
+            hidden_size=int(data.get("hidden_size") or 0),
+            heads=int(data.get("heads") or 0),
+            hooks={h["path"]: int(h["width"]) for h in data["hooks"]},
+        )
+
+
+class ModelProblem(JobError):
+    """The model or hook cannot be used; `field` is the config field to change."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(message)
+
+
+def _key(model: str) -> tuple[str, float | None]:
+    config = Path(model).expanduser() / "config.json"
+    try:
+        return model, config.stat().st_mtime
+    except OSError:
+        return model, None
+
+
+def model_facts(model: str, timeout_s: float = FACTS_TIMEOUT_S) -> ModelFacts:
+    """The model's class, size, saved dtype and hookable modules; ModelProblem with the child's message."""
+    key = _key(model)
+    cached = _cache.get(key)
+    if cached is not None and (key[1] is not None or time.monotonic() - cached[0] < _HUB_NAME_TTL_S):
+        return cached[1]
+    argv = [sys.executable, "-m", "sae_core", "hooks", model, "--json"]
+    try:
+        child = subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout_s, env=without_secrets(os.environ), check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise ModelProblem("model", f"model: listing its modules took over {timeout_s:.0f} s; try again") from None
+    if child.returncode != 0:
+        message = (child.stderr.strip().splitlines() or ["the model could not be read"])[-1].removeprefix("error: ")
+        field = message.split(":", 1)[0] if message.startswith(("model:", "hook:")) else "model"
+        raise ModelProblem(field, brief(message, 400))
+    facts = ModelFacts.from_json(json.loads(child.stdout))
+    _cache[key] = (time.monotonic(), facts)
+    return facts
