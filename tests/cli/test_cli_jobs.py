@@ -46,7 +46,7 @@ def nothing_written(lab_home) -> bool:
     [
         ({"bogus": 1}, ["--cpu-procs", "1"], "bogus: unknown key"),
         ({"activation_source": "{tmp}/missing.safetensors"}, ["--cpu-procs", "1"], "activation source not found: "),
-        ({"activation_source": "/etc/passwd.npy"}, ["--cpu-procs", "1"], "reads activations only from SAE_LAB_HOME"),
+        ({"activation_source": "/etc/passwd.npy"}, ["--cpu-procs", "1"], "reads data only from SAE_LAB_HOME"),
         ({}, ["--cpu-procs", "3"], "batch_size 256 does not divide evenly across 3"),
         ({"device": "cuda"}, ["--cpu-procs", "1"], "device: 'cuda' cannot run as a CPU job"),
         ({}, ["--gpus", "5"], "GPU 5 does not exist (this machine has GPU 0, 1)"),
