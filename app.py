@@ -37,6 +37,7 @@ def _secret(name: str):
 PAGES = [
     ("views/home.py", "Home", ":material/home:"),
     ("views/monitor.py", "Monitor", ":material/monitoring:"),
+    ("views/extract.py", "Extract", ":material/input:"),
     ("views/train.py", "Train", ":material/model_training:"),
     ("views/jobs.py", "Jobs", ":material/list_alt:"),
     ("views/saes.py", "SAEs", ":material/download:"),

@@ -46,6 +46,7 @@ DAEMON_LOG_FILE = "launcher.log"
 
 # --- activation data ------------------------------------------------------------------------------
 ACTIVATION_SUFFIXES = (".safetensors", ".npy")
+TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")  # text an extraction reads
 FEATURES_KEY = "features"  # ground-truth feature directions of a toy set
 TOY_FILE = "toy.safetensors"
 MANIFEST_FILE = "manifest.json"  # an activation folder's index, written last (its presence means "complete")

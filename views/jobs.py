@@ -16,7 +16,7 @@ from sae_core.jobs.lifecycle import cancel_job
 from sae_core.jobs.logs import log_dir_of, tail_text
 from sae_core.jobs.metrics import metrics_frame
 from sae_core.outputs import is_trained_sae, plain_file, served_dir
-from sae_core.text import format_duration, format_rate
+from sae_core.text import format_bytes, format_duration, format_rate
 from sae_core.ui import charts, frames, html
 from sae_core.ui.downloads import metrics_csv
 from sae_core.ui.forms import parse_job_param
@@ -125,14 +125,21 @@ def job_detail(job_id: int, was_live: bool) -> None:
     now = time.time()
     metrics = metrics_frame(job.id, max_points=CHART_POINTS)
     cols = st.columns(6)
-    cols[0].metric("Step", f"{job.last_step:,} / {job.total_steps:,}")
+    extracting = job.kind == "extract"
+    cols[0].metric("Rows" if extracting else "Step", f"{job.last_step:,} / {job.total_steps:,}")
     cols[1].metric("Tokens/s", format_rate(job.tokens_per_s).removesuffix(" tok/s"))
     eta = frames.job_eta_seconds(job.status, job.started_at, job.last_step, job.total_steps, now)
     cols[2].metric("ETA", format_duration(eta))
     cols[3].metric("Runs on", frames.gpus_label(job.gpu_ids, job.cpu_procs))
     cols[4].metric("Submitted by", job.submitted_by or "—")
-    data_wait = frames.data_wait_summary(metrics)
-    cols[5].metric("Data wait", data_wait[0] if data_wait else "—", help=data_wait[1] if data_wait else None)
+    if extracting:
+        disk = metrics["disk_bytes"].dropna() if "disk_bytes" in metrics else []
+        cols[5].metric("Disk used", format_bytes(disk.iloc[-1]) if len(disk) else "—")
+    else:
+        data_wait = frames.data_wait_summary(metrics)
+        cols[5].metric("Data wait", data_wait[0] if data_wait else "—", help=data_wait[1] if data_wait else None)
+    if job.depends_on is not None and job.status == "queued":
+        st.info(f"Waits for job {job.depends_on} to complete.", icon=":material/schedule:")
     if job.error:
         st.error(md_text(job.error, multiline=True), icon=":material/error:")
     actions(job)
@@ -140,7 +147,8 @@ def job_detail(job_id: int, was_live: bool) -> None:
     if metrics.empty:
         st.caption("No metrics yet: rank 0 records them every log_every steps once training runs.")
     else:
-        st.vega_lite_chart(frames.metrics_long(metrics), charts.metrics_spec(), width="stretch")
+        shown = frames.EXTRACT_CHART_METRICS if extracting else frames.CHART_METRICS
+        st.vega_lite_chart(frames.metrics_long(metrics, shown), charts.metrics_spec(), width="stretch")
         peaks = frames.peak_memory_by_rank(metrics)
         if not peaks.empty:
             st.markdown("**Peak memory per rank**")

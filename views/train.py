@@ -11,16 +11,17 @@ import streamlit as st
 from sae_core import db, paths
 from sae_core.architectures import ARCHITECTURE_NAMES, architecture
 from sae_core.data.activations import open_activations
-from sae_core.data.catalog import OUTSIDE_ROOTS, in_data_roots, list_datasets
+from sae_core.data.catalog import OUTSIDE_ROOTS, in_data_roots, list_datasets, list_extracted
 from sae_core.data.formats import DatasetError
+from sae_core.data.manifest import read_manifest
 from sae_core.gpu import memory, scaling
-from sae_core.gpu.availability import recommend
 from sae_core.gpu.history import latest_probe
 from sae_core.jobs import submission
 from sae_core.jobs.gpus import gpu_statuses
-from sae_core.text import format_bytes, format_percent
-from sae_core.ui import frames, html, labels
-from sae_core.ui.forms import FormValues, form_to_config, gpu_choice, path_mtime
+from sae_core.text import format_bytes
+from sae_core.ui import frames, html
+from sae_core.ui.forms import FormValues, form_to_config, path_mtime
+from views.widgets import placement
 
 OTHER_PATH = "Other path…"
 
@@ -31,17 +32,35 @@ def open_dataset(path: str, key: str, mtime: float):  # noqa: ARG001  (mtime: pa
     return open_activations(path, key)
 
 
+def dataset_options() -> dict[str, str]:
+    """label → path: the sets in SAE_LAB_HOME/datasets, then the lab's extractions with their provenance."""
+    options = {p.name: str(p) for p in list_datasets(paths.datasets_dir())}
+    for folder in list_extracted(paths.lab_home()):
+        try:
+            manifest = read_manifest(folder)
+        except DatasetError:
+            continue  # a broken manifest: the folder is not offered (typing its path shows why)
+        if manifest is not None:
+            origin = manifest.provenance
+            model = str(origin.get("model", "?")).rstrip("/").rsplit("/", 1)[-1]
+            options[f"job {folder.name}: {model} · {origin.get('hook', '?')} · {manifest.n_rows:,} rows"] = str(folder)
+    return options
+
+
 def dataset_widgets() -> tuple[str, object | None, list[str]]:
     """The chosen activation source, the opened set (for d_in and rows) and any problem with it."""
-    names = [p.name for p in list_datasets(paths.datasets_dir())]
-    choice = st.selectbox("Dataset", [*names, OTHER_PATH], key="train_dataset", help="Sets in SAE_LAB_HOME/datasets")
+    options = dataset_options()
+    choice = st.selectbox(
+        "Dataset", [*options, OTHER_PATH], key="train_dataset",
+        help="Sets in SAE_LAB_HOME/datasets, then the lab's extractions (model · hook · rows)",
+    )  # fmt: skip
     typed = st.text_input(
         "…or the path of an activation file / shard folder",
         key="train_dataset_path",
         placeholder="/data/acts/layer12",
         disabled=choice != OTHER_PATH,
     )
-    source = str(paths.datasets_dir() / choice) if choice != OTHER_PATH else (typed or "").strip()
+    source = options[choice] if choice != OTHER_PATH else (typed or "").strip()
     if not source:
         return "", None, []
     if not in_data_roots(source, paths.lab_home()):
@@ -110,79 +129,11 @@ def model_widgets(d_in: int | None) -> FormValues:
     )
 
 
-def recommend_gpus(statuses, required: int, count: int) -> None:
-    picks = recommend(required, count, statuses)
-    for status in statuses:
-        st.session_state[f"gpu_pick_{status.index}"] = status.index in picks
-    st.session_state["train_recommend_note"] = (
-        None if len(picks) == count else f"Only {len(picks)} GPU(s) are free with room for {format_bytes(required)}."
-    )
-
-
 def per_gpu_bytes(cfg, world: int, d_in: int | None) -> int | None:
     """The estimate for `world` GPUs, or None while the config, dataset or batch split is not valid."""
     if cfg is None or d_in is None or cfg.batch_size % world:
         return None
     return memory.estimate(cfg, world, d_in=d_in).total_bytes
-
-
-def recommend_row(statuses, cfg, d_in: int | None, required: int | None) -> None:
-    if cfg is None or d_in is None:
-        return
-    c1, c2 = st.columns([1, 2], vertical_alignment="bottom")
-    count = c1.number_input("How many GPUs", min_value=1, max_value=len(statuses), value=1, key="train_gpu_count")
-    need = per_gpu_bytes(cfg, count, d_in) or required
-    c2.button(
-        "Recommend",
-        key="train_recommend",
-        on_click=recommend_gpus,
-        args=(statuses, need or 0, count),
-        icon=":material/auto_awesome:",
-        help="Tick the idle GPUs with room for the estimate, closest together",
-    )
-    if note := st.session_state.get("train_recommend_note"):
-        st.caption(note)
-
-
-def gpu_row(status, required: int | None) -> bool:
-    """One GPU: checkbox (disabled when busy, lost or too full), badges, memory bar. True if ticked."""
-    row = gpu_choice(
-        status.index,
-        status.name,
-        status.memory_used,
-        status.memory_total,
-        status.memory_free,
-        status.util_gpu,
-        None if status.available else (status.reason or "not available"),
-        required,
-    )
-    key = f"gpu_pick_{status.index}"
-    if not row.selectable and st.session_state.get(key):
-        st.session_state[key] = False  # a GPU that became busy/too full is unticked, not silently used
-    with st.container(border=True):
-        c1, c2 = st.columns([2, 3], vertical_alignment="center")
-        picked = c1.checkbox(f"GPU {status.index}", key=key, disabled=not row.selectable)
-        c1.caption(f"{status.name} · util {format_percent(status.util_gpu)}")
-        badges = []
-        if row.busy_reason:
-            badges.append(html.badge(f"Busy: {row.busy_reason}", "orange"))
-        if status.queue_note:
-            badges.append(html.badge(status.queue_note.capitalize(), "blue"))
-        if row.low_memory:
-            badges.append(html.badge(f"Low memory: {format_bytes(status.memory_free)} free", "red"))
-        if badges:
-            c2.markdown(" ".join(badges))
-        c2.markdown(html.memory_bar_html(status.memory_used, status.memory_total), unsafe_allow_html=True)
-    return picked and row.selectable
-
-
-def gpu_selector(statuses, cfg, d_in: int | None) -> list[int]:
-    """Recommend, then one row per GPU. Returns the ticked (and tickable) indices."""
-    ticked_before = [s.index for s in statuses if st.session_state.get(f"gpu_pick_{s.index}")]
-    # Low memory is judged against the estimate for the GPUs ticked so far (one when none is).
-    required = per_gpu_bytes(cfg, max(1, len(ticked_before)), d_in)
-    recommend_row(statuses, cfg, d_in, required)
-    return [s.index for s in statuses if gpu_row(s, required)]
 
 
 def estimate_panel(cfg, world: int, d_in: int, gpus) -> None:
@@ -195,18 +146,6 @@ def estimate_panel(cfg, world: int, d_in: int, gpus) -> None:
         st.caption("Predicted speed-up: " + " · ".join(speedups), help=scaling.__doc__)
     with st.expander("Breakdown"):
         st.dataframe(frames.breakdown_frame(estimate.breakdown, memory.TERM_LABELS), hide_index=True, width="stretch")
-
-
-def placement(statuses, probe, cfg, d_in: int | None) -> tuple[list[int], int | None, list[str]]:
-    """GPU rows, or a number of CPU processes on a machine without GPUs → (gpu_ids, cpu_procs, errors)."""
-    if statuses:
-        gpu_ids = gpu_selector(statuses, cfg, d_in)
-        if not gpu_ids:
-            return [], None, ["GPUs: tick at least one free GPU (or press Recommend)"]
-        return gpu_ids, None, []
-    st.caption(f"No NVIDIA GPU ({html.md_text(labels.no_gpu_reason(probe))}): the job runs as CPU processes (gloo).")
-    cpu_procs = int(st.number_input("CPU processes", min_value=1, max_value=64, value=2, key="train_cpu_procs"))
-    return [], cpu_procs, []
 
 
 def submit(engine, cfg, gpu_ids: list[int], cpu_procs: int | None, name: str, user: str) -> None:
@@ -246,7 +185,8 @@ if not user.strip():
 with place_col:
     st.subheader("Where it runs")
     estimate_box = st.container()  # filled once the ticked GPUs are known
-    gpu_ids, cpu_procs, placement_errors = placement(statuses, probe, cfg, d_in)
+    need = None if cfg is None or d_in is None else (lambda world: per_gpu_bytes(cfg, world, d_in))
+    gpu_ids, cpu_procs, placement_errors = placement(statuses, probe, need, "train")
 errors += placement_errors
 world = len(gpu_ids) or cpu_procs or 1
 notes: list[str] = []

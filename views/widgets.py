@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import streamlit as st
 
 from sae_core.files import SAE_ZIP_FILE
+from sae_core.gpu.availability import recommend
 from sae_core.outputs import build_sae_zip, zip_is_current
-from sae_core.text import format_bytes
+from sae_core.text import format_bytes, format_percent
+from sae_core.ui import html, labels
 from sae_core.ui.downloads import file_reader
+from sae_core.ui.forms import gpu_choice
+
+NeedPerGpu = Callable[[int], int | None]  # GPUs → bytes each one needs (None: not known yet)
 
 
 def sae_download(container, sae_dir: Path, file_name: str, download_key: str, prepare_key: str) -> None:
@@ -33,3 +39,83 @@ def sae_download(container, sae_dir: Path, file_name: str, download_key: str, pr
         with st.spinner("Packing cfg.json, weights, sparsity and eval into a zip…"):
             build_sae_zip(sae_dir)
         st.rerun()
+
+
+# --------------------------------------------------------------------------- where a job runs
+def recommend_gpus(statuses, required: int, count: int, prefix: str) -> None:
+    picks = recommend(required, count, statuses)
+    for status in statuses:
+        st.session_state[f"{prefix}_gpu_pick_{status.index}"] = status.index in picks
+    st.session_state[f"{prefix}_recommend_note"] = (
+        None if len(picks) == count else f"Only {len(picks)} GPU(s) are free with room for {format_bytes(required)}."
+    )
+
+
+def recommend_row(statuses, need: NeedPerGpu, prefix: str) -> None:
+    c1, c2 = st.columns([1, 2], vertical_alignment="bottom")
+    count = c1.number_input("How many GPUs", min_value=1, max_value=len(statuses), value=1, key=f"{prefix}_gpu_count")
+    c2.button(
+        "Recommend",
+        key=f"{prefix}_recommend",
+        on_click=recommend_gpus,
+        args=(statuses, need(count) or 0, count, prefix),
+        icon=":material/auto_awesome:",
+        help="Tick the idle GPUs with room for the estimate, closest together",
+    )
+    if note := st.session_state.get(f"{prefix}_recommend_note"):
+        st.caption(note)
+
+
+def gpu_row(status, required: int | None, prefix: str) -> bool:
+    """One GPU: checkbox (disabled when busy, lost or too full), badges, memory bar. True if ticked."""
+    row = gpu_choice(
+        status.index,
+        status.name,
+        status.memory_used,
+        status.memory_total,
+        status.memory_free,
+        status.util_gpu,
+        None if status.available else (status.reason or "not available"),
+        required,
+    )
+    key = f"{prefix}_gpu_pick_{status.index}"
+    if not row.selectable and st.session_state.get(key):
+        st.session_state[key] = False  # a GPU that became busy/too full is unticked, not silently used
+    with st.container(border=True):
+        c1, c2 = st.columns([2, 3], vertical_alignment="center")
+        picked = c1.checkbox(f"GPU {status.index}", key=key, disabled=not row.selectable)
+        c1.caption(f"{status.name} · util {format_percent(status.util_gpu)}")
+        badges = []
+        if row.busy_reason:
+            badges.append(html.badge(f"Busy: {row.busy_reason}", "orange"))
+        if status.queue_note:
+            badges.append(html.badge(status.queue_note.capitalize(), "blue"))
+        if row.low_memory:
+            badges.append(html.badge(f"Low memory: {format_bytes(status.memory_free)} free", "red"))
+        if badges:
+            c2.markdown(" ".join(badges))
+        c2.markdown(html.memory_bar_html(status.memory_used, status.memory_total), unsafe_allow_html=True)
+    return picked and row.selectable
+
+
+def gpu_selector(statuses, need: NeedPerGpu | None, prefix: str) -> list[int]:
+    """Recommend, then one row per GPU. Returns the ticked (and tickable) indices."""
+    ticked_before = [s.index for s in statuses if st.session_state.get(f"{prefix}_gpu_pick_{s.index}")]
+    # Low memory is judged against the estimate for the GPUs ticked so far (one when none is).
+    required = need(max(1, len(ticked_before))) if need is not None else None
+    if need is not None:
+        recommend_row(statuses, need, prefix)
+    return [s.index for s in statuses if gpu_row(s, required, prefix)]
+
+
+def placement(statuses, probe, need: NeedPerGpu | None, prefix: str) -> tuple[list[int], int | None, list[str]]:
+    """GPU rows, or a number of CPU processes on a machine without GPUs → (gpu_ids, cpu_procs, errors).
+    `need(world)`: the memory per GPU the job needs on `world` GPUs (None while it is not known)."""
+    if statuses:
+        gpu_ids = gpu_selector(statuses, need, prefix)
+        if not gpu_ids:
+            return [], None, ["GPUs: tick at least one free GPU (or press Recommend)"]
+        return gpu_ids, None, []
+    st.caption(f"No NVIDIA GPU ({html.md_text(labels.no_gpu_reason(probe))}): the job runs as CPU processes.")
+    cpu_procs = int(st.number_input("CPU processes", min_value=1, max_value=64, value=2, key=f"{prefix}_cpu_procs"))
+    return [], cpu_procs, []

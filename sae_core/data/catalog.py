@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..files import ACTIVATION_SUFFIXES, DATASETS_DIR, JOBS_DIR, MANIFEST_FILE, MODELS_DIR
+from ..files import ACTIVATION_SUFFIXES, DATASETS_DIR, JOBS_DIR, MANIFEST_FILE, MODELS_DIR, TEXT_SUFFIXES
 
 DATA_ROOTS_ENV = "SAE_LAB_DATA_ROOTS"  # more folders to read activations from, separated by os.pathsep
 OUTSIDE_ROOTS = (
@@ -84,3 +84,34 @@ def list_extracted(home: Path) -> list[Path]:
         return []
     found = [p for p in jobs.iterdir() if p.name.isdigit() and (p / MANIFEST_FILE).is_file()]
     return sorted(found, key=lambda p: int(p.name), reverse=True)
+
+
+def list_models(home: Path) -> list[str]:
+    """Models to extract from: folders of SAE_LAB_HOME/models with a config.json, then the hub names the
+    local Hugging Face cache holds (`models--org--name` -> `org/name`)."""
+    models_dir = home / MODELS_DIR
+    local = sorted(str(p) for p in models_dir.iterdir() if (p / "config.json").is_file()) if models_dir.is_dir() else []
+    cache = model_roots(home)[1]
+    cached = (
+        sorted(
+            p.name.removeprefix("models--").replace("--", "/") for p in cache.iterdir() if p.name.startswith("models--")
+        )
+        if cache.is_dir()
+        else []
+    )
+    return local + cached
+
+
+def list_texts(datasets_dir: Path) -> list[Path]:
+    """Text datasets in the datasets folder: files of a text kind, and folders holding them or written by
+    `datasets.save_to_disk`."""
+    if not datasets_dir.is_dir():
+        return []
+    return [e for e in sorted(datasets_dir.iterdir()) if not e.name.startswith(".") and _is_text_set(e)]
+
+
+def _is_text_set(entry: Path) -> bool:
+    if entry.is_file():
+        return entry.suffix.lower() in TEXT_SUFFIXES
+    saved = (entry / "dataset_dict.json").is_file() or (entry / "state.json").is_file()
+    return entry.is_dir() and (saved or any(p.suffix.lower() in TEXT_SUFFIXES for p in entry.iterdir()))

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import TEXT_SUFFIXES
 from ..text import brief
 
-_TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 _TOKENIZE_BATCH = 256  # documents per tokenizer call
 
 
@@ -44,9 +44,9 @@ def iter_documents(dataset: str, text_field: str = "text", split: str = "train")
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             yield from _saved_dataset(path, text_field, split)
             return
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in _TEXT_SUFFIXES)
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
         if not files:
-            raise TextError(f"dataset: {brief(path)} holds no {', '.join(_TEXT_SUFFIXES)} files")
+            raise TextError(f"dataset: {brief(path)} holds no {', '.join(TEXT_SUFFIXES)} files")
         for file in files:
             yield from _file_documents(file, text_field)
     elif path.is_file():
@@ -59,8 +59,8 @@ def iter_documents(dataset: str, text_field: str = "text", split: str = "train")
 
 def _file_documents(path: Path, text_field: str) -> Iterator[str]:
     suffix = path.suffix.lower()
-    if suffix not in _TEXT_SUFFIXES:
-        raise TextError(f"dataset: {brief(path)} has an unsupported type; allowed: {', '.join(_TEXT_SUFFIXES)}")
+    if suffix not in TEXT_SUFFIXES:
+        raise TextError(f"dataset: {brief(path)} has an unsupported type; allowed: {', '.join(TEXT_SUFFIXES)}")
     try:
         if suffix == ".txt":
             with open(path, encoding="utf-8", errors="replace") as f:

@@ -37,7 +37,9 @@ def gpus_label(gpu_ids: str, cpu_procs: int | None) -> str:
     return f"CPU × {cpu_procs or 1}"
 
 
-JOB_TABLE_COLUMNS = ["ID", "Name", "Status", "Progress", "Step", "ETA", "GPUs", "Tokens/s", "Submitted by", "Submitted"]
+JOB_TABLE_COLUMNS = [
+    "ID", "Name", "Kind", "Status", "Progress", "Step", "ETA", "GPUs", "Tokens/s", "Submitted by", "Submitted",
+]  # fmt: skip
 
 
 def jobs_table(jobs: Iterable[Any], now: float) -> pd.DataFrame:
@@ -48,6 +50,7 @@ def jobs_table(jobs: Iterable[Any], now: float) -> pd.DataFrame:
             {
                 "ID": job.id,
                 "Name": job.name,
+                "Kind": getattr(job, "kind", "train"),
                 "Status": job.status,
                 "Progress": job_progress(job.last_step, job.total_steps),
                 "Step": f"{job.last_step or 0:,}/{job.total_steps or 0:,}",
@@ -64,6 +67,7 @@ def jobs_table(jobs: Iterable[Any], now: float) -> pd.DataFrame:
 
 
 CHART_METRICS = ("loss", "fvu", "l0", "dead_fraction", "lr", "data_wait")
+EXTRACT_CHART_METRICS = ("tokens_per_s", "disk_bytes")  # an extraction's progress
 DATA_BOUND_WAIT = 0.2  # waiting for data this much of the time: reading, not compute, sets the pace
 
 

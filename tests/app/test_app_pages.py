@@ -362,7 +362,7 @@ def test_cpu_only_machine_submits_a_queued_cpu_job(lab):
     lab.sample(fake.no_driver())
     at = _train(lab)
     no_exception(at)
-    assert "No NVIDIA GPU (" in texts(at) and not [c for c in at.checkbox if c.key.startswith("gpu_pick_")]
+    assert "No NVIDIA GPU (" in texts(at) and not [c for c in at.checkbox if c.key.startswith("train_gpu_pick_")]
     at.number_input(key="train_cpu_procs").set_value(2)
     at.number_input(key="train_d_sae").set_value(128)
     at.text_input(key="train_name").input("first-sae").run()
@@ -388,7 +388,7 @@ def test_one_gpu_estimate_and_submit(lab):
     assert "1 rank(s) × 4,096 tokens per rank per step" in texts(at)
     assert not at.dataframe[0].value.empty  # the breakdown
     assert "GPUs: tick at least one free GPU" in "\n".join(_submit_errors(at))
-    at.checkbox(key="gpu_pick_0").check().run()
+    at.checkbox(key="train_gpu_pick_0").check().run()
     assert _submit_errors(at) == []
     at.button(key="train_submit").click().run()
     (job,) = store.list_jobs()
@@ -407,10 +407,10 @@ def test_eight_gpus_busy_and_low_memory_badges_and_recommend(lab):
     )
     at = _train(lab)
     no_exception(at)
-    boxes = {c.key: c for c in at.checkbox if c.key.startswith("gpu_pick_")}
-    assert sorted(boxes) == [f"gpu_pick_{i}" for i in range(8)]
+    boxes = {c.key: c for c in at.checkbox if c.key.startswith("train_gpu_pick_")}
+    assert sorted(boxes) == [f"train_gpu_pick_{i}" for i in range(8)]
     # GPU 2 is held by an SAE Lab job: it may be ticked, and a job placed there queues behind it
-    assert {k for k, c in boxes.items() if c.disabled} == {"gpu_pick_3", "gpu_pick_5"}
+    assert {k for k, c in boxes.items() if c.disabled} == {"train_gpu_pick_3", "train_gpu_pick_5"}
     badges = [m.value for m in at.markdown if "-badge[" in m.value]
     assert any("Queued behind" in b and f"job {holder}" in b for b in badges), badges
     assert any("Busy" in b and f"pid {me}" in b for b in badges), badges
@@ -418,7 +418,9 @@ def test_eight_gpus_busy_and_low_memory_badges_and_recommend(lab):
     at.number_input(key="train_gpu_count").set_value(3).run()
     at.button(key="train_recommend").click().run()
     no_exception(at)
-    ticked = sorted(int(c.key.rsplit("_", 1)[1]) for c in at.checkbox if c.key.startswith("gpu_pick_") and c.value)
+    ticked = sorted(
+        int(c.key.rsplit("_", 1)[1]) for c in at.checkbox if c.key.startswith("train_gpu_pick_") and c.value
+    )
     assert len(ticked) == 3 and not {2, 3, 5} & set(ticked)
     # 4096 tokens do not split across 3 GPUs: said beside the form, not a crash
     assert any("does not divide evenly across 3" in e for e in _submit_errors(at))
@@ -475,7 +477,7 @@ def test_gpu_selection_validation_from_availability(lab):
     at = _train(lab)
     at.number_input(key="train_batch").set_value(4098)
     for i in range(4):
-        at.checkbox(key=f"gpu_pick_{i}").check()
+        at.checkbox(key=f"train_gpu_pick_{i}").check()
     at.run()
     no_exception(at)
     assert any("does not divide evenly across 4 GPUs" in e for e in _submit_errors(at))
@@ -496,7 +498,7 @@ def test_lost_gpu_is_shown_and_cannot_be_ticked(lab):
     lab.sample(n_gpus=2, overrides={1: {"lost": "GpuIsLost"}})
     at = _train(lab)
     no_exception(at)
-    assert at.checkbox(key="gpu_pick_1").disabled and not at.checkbox(key="gpu_pick_0").disabled
+    assert at.checkbox(key="train_gpu_pick_1").disabled and not at.checkbox(key="train_gpu_pick_0").disabled
     at = lab.page("views/monitor.py")
     no_exception(at)
     assert any("GPU 1" in str(e.value) or "lost" in str(e.value).lower() for e in at.error), [e.value for e in at.error]
@@ -505,8 +507,8 @@ def test_lost_gpu_is_shown_and_cannot_be_ticked(lab):
 def test_train_shows_the_predicted_multi_gpu_speedup(lab):
     lab.sample(n_gpus=4)
     at = _train(lab)
-    at.checkbox(key="gpu_pick_0").check().run()
-    at.checkbox(key="gpu_pick_1").check().run()
+    at.checkbox(key="train_gpu_pick_0").check().run()
+    at.checkbox(key="train_gpu_pick_1").check().run()
     no_exception(at)
     captions = [c.value for c in at.caption]
     assert any(c.startswith("Predicted speed-up: 2 GPUs: ≈") and "4 GPUs: ≈" in c for c in captions), captions

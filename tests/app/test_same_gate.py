@@ -44,7 +44,7 @@ def page_accepts(lab: Lab, batch: int, placement: dict) -> bool:
     if "cpu" in placement:
         at.number_input(key="train_cpu_procs").set_value(placement["cpu"])
     for index in placement.get("gpus", []):
-        box = at.checkbox(key=f"gpu_pick_{index}")
+        box = at.checkbox(key=f"train_gpu_pick_{index}")
         if box.disabled:
             return False  # the page does not let it be chosen
         box.check()

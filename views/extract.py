@@ -1,0 +1,201 @@
+"""Extract: a model's activations at one hook over a text dataset, as a job on the GPUs (or CPU processes),
+optionally followed by a training on the result.
+
+The model is read by the gate's own means (the hooks command in a child process: no torch in the app), and
+the submission goes through the same gate as `python -m sae_core extract`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import streamlit as st
+
+from sae_core import db, paths
+from sae_core.architectures import ARCHITECTURE_NAMES, architecture
+from sae_core.config import ConfigError, ExtractConfig, TrainConfig
+from sae_core.data.catalog import list_models, list_texts
+from sae_core.gpu.history import latest_probe
+from sae_core.jobs import submission
+from sae_core.jobs.extract_checks import memory_per_rank
+from sae_core.jobs.gpus import gpu_statuses
+from sae_core.jobs.models import ModelProblem, model_facts
+from sae_core.text import format_bytes
+from sae_core.ui import html
+from views.widgets import placement
+
+OTHER = "Other…"
+_LAYER = re.compile(r"\.(layers|h|layer|blocks)\.(\d+)$")
+
+
+def picker(label: str, options: list[str], key: str, placeholder: str, help_: str) -> str:
+    """A choice among known entries, or a typed path/name."""
+    choice = st.selectbox(label, [*options, OTHER], key=key, help=help_)
+    typed = st.text_input(
+        f"…or another {label.lower()}", key=f"{key}_typed", placeholder=placeholder, disabled=choice != OTHER
+    )
+    return (typed or "").strip() if choice == OTHER else choice
+
+
+def default_hook(hooks: list[str]) -> int:
+    """The middle block of the model (a residual stream output), else the first module."""
+    layers = [i for i, path in enumerate(hooks) if _LAYER.search(path)]
+    return layers[len(layers) // 2] if layers else 0
+
+
+def model_section():
+    model = picker(
+        "Model", list_models(paths.lab_home()), "extract_model", "/models/gemma-2-2b or org/name",
+        "Folders in SAE_LAB_HOME/models and models in the local Hugging Face cache",
+    )  # fmt: skip
+    if not model:
+        return model, None, None
+    try:
+        with st.spinner("Reading the model's modules…"):
+            facts = model_facts(model)
+    except ModelProblem as exc:
+        st.error(html.md_text(str(exc)), icon=":material/error:")
+        return model, None, None
+    st.caption(html.md_text(f"{facts.cls}, {facts.parameters:,} parameters ({facts.dtype})"))
+    hooks = list(facts.hooks)
+    hook = st.selectbox(
+        "Hook (module whose output is extracted)", hooks, index=default_hook(hooks), key="extract_hook",
+        format_func=lambda path: f"{path} · width {facts.hooks[path]}",
+    )  # fmt: skip
+    return model, facts, hook
+
+
+def text_section() -> tuple[str, str, str]:
+    texts = [str(p) for p in list_texts(paths.datasets_dir())]
+    dataset = picker(
+        "Text dataset", texts, "extract_dataset", "/data/corpus.jsonl or org/dataset",
+        "Text files and folders in SAE_LAB_HOME/datasets (.txt, .jsonl, .json, .parquet, datasets.save_to_disk)",
+    )  # fmt: skip
+    c1, c2 = st.columns(2)
+    field = c1.text_input("Text field", value="text", key="extract_field")
+    split = c2.text_input("Split", value="train", key="extract_split")
+    return dataset, field, split
+
+
+def numbers_section() -> dict:
+    c1, c2, c3 = st.columns(3)
+    values = {
+        "n_tokens": c1.number_input("Tokens (rows)", value=1_000_000, step=100_000, min_value=1, key="extract_tokens"),
+        "context_size": c2.number_input("Context size", value=128, step=32, min_value=2, key="extract_context"),
+        "batch_size": c3.number_input("Contexts per forward", value=32, step=8, min_value=1, key="extract_batch"),
+    }
+    c1, c2 = st.columns(2)
+    values["model_dtype"] = c1.selectbox(
+        "Model dtype", ["auto", "float32", "bfloat16", "float16"], key="extract_mdtype"
+    )
+    values["storage_dtype"] = c2.selectbox("Stored as", ["bfloat16", "float16", "float32"], key="extract_sdtype")
+    return values
+
+
+def then_train_section(width: int | None) -> TrainConfig | None | str:
+    """The optional training on the result: its config, None when not asked for, or an error message."""
+    if not st.checkbox("Then train an SAE on the result", key="extract_then_train"):
+        return None
+    arch = st.selectbox("Architecture", ARCHITECTURE_NAMES, index=ARCHITECTURE_NAMES.index("topk"), key="extract_arch")
+    c1, c2, c3 = st.columns(3)
+    expansion = c1.number_input("Expansion factor", value=8.0, step=1.0, min_value=0.1, key="extract_expansion")
+    steps = c2.number_input("Steps", value=1000, step=100, min_value=1, key="extract_steps")
+    batch = c3.number_input("Global batch", value=4096, step=512, min_value=1, key="extract_train_batch")
+    k = st.number_input("k", value=32, step=1, min_value=1, key="extract_k") if architecture(arch).uses_k else 32
+    if width is None:
+        return "then train: pick a model and a hook first"
+    d_sae = max(1, round(expansion * width))
+    st.caption(f"d_sae = {expansion:g} × {width} = {d_sae:,}")
+    try:
+        return TrainConfig.from_dict({
+            "activation_source": "(the extraction)", "architecture": arch, "d_sae": d_sae, "k": int(k),
+            "total_steps": int(steps), "batch_size": int(batch),
+        })  # fmt: skip
+    except ConfigError as exc:
+        return f"then train: {exc}"
+
+
+def estimate_panel(verdict) -> None:
+    if verdict.memory:
+        st.metric("Estimated memory per rank", format_bytes(sum(verdict.memory.values())))
+        st.caption(
+            " · ".join(f"{name.replace('_', ' ')} {format_bytes(value)}" for name, value in verdict.memory.items())
+        )
+    if verdict.disk_bytes is not None:
+        st.metric("Disk needed", format_bytes(verdict.disk_bytes))
+
+
+st.title("Extract activations")
+engine = db.get_engine()
+probe = latest_probe(engine)
+statuses = gpu_statuses(engine, snapshot=probe) if probe is not None and probe.gpus else []
+form_col, place_col = st.columns([3, 2], gap="large")
+errors: list[str] = []
+
+with form_col:
+    model, facts, hook = model_section()
+    dataset, text_field, split = text_section()
+    numbers = numbers_section()
+    width = facts.hooks.get(hook) if facts is not None and hook else None
+    then_train = then_train_section(width)
+    c1, c2 = st.columns(2)
+    job_name = c1.text_input("Job name", key="extract_name", placeholder="e.g. gemma-l12-1M")
+    user = c2.text_input("Your name", key="extract_user", value=st.session_state.get("user_name", ""))
+    st.session_state["user_name"] = user
+    submit_box = st.container()
+
+cfg = None
+if model and hook and dataset:
+    try:
+        cfg = ExtractConfig.from_dict({
+            "model": model, "hook": hook, "dataset": dataset, "text_field": text_field, "split": split,
+            "device": "auto" if statuses else "cpu", **{k: int(v) if isinstance(v, float) else v for k, v in numbers.items()},
+        })  # fmt: skip
+    except ConfigError as exc:
+        errors.append(str(exc))
+else:
+    errors.append("model, hook and text dataset: choose all three")
+if isinstance(then_train, str):
+    errors.append(then_train)
+if not user.strip():
+    errors.append("your name: enter it so colleagues can see whose job this is")
+
+verdict = None
+with place_col:
+    st.subheader("Where it runs")
+    estimate_box = st.container()
+    need = None
+    if cfg is not None and facts is not None:
+        need_bytes = sum(memory_per_rank(cfg, facts, on_gpu=True).values())
+        need = lambda _world: need_bytes  # noqa: E731  (each rank holds the whole model)
+    gpu_ids, cpu_procs, placement_errors = placement(statuses, probe, need, "extract")
+errors += placement_errors
+if cfg is not None and not placement_errors:
+    verdict = submission.check_extract(
+        cfg, gpu_ids or None, cpu_procs, name=job_name, submitted_by=user.strip(), statuses=statuses, engine=engine
+    )
+    errors += [str(p) for p in verdict.problems]
+    with estimate_box:
+        estimate_panel(verdict)
+
+with submit_box:
+    for message in errors:
+        st.error(html.md_text(message), icon=":material/error:")
+    if st.button("Submit", key="extract_submit", type="primary", disabled=bool(errors), icon=":material/send:"):
+        try:
+            extraction, training, _ = submission.submit_extract(
+                cfg, gpu_ids or None, cpu_procs, name=job_name, submitted_by=user.strip(),
+                then_train=then_train if isinstance(then_train, TrainConfig) else None, engine=engine,
+            )  # fmt: skip
+        except submission.SubmissionRejected as exc:
+            for problem in exc.problems:
+                st.error(html.md_text(problem), icon=":material/error:")
+        else:
+            st.session_state["extract_submitted"] = (extraction.id, training.id if training else None)
+    if submitted := st.session_state.get("extract_submitted"):
+        extraction_id, training_id = submitted
+        st.success(
+            f"Extraction job {extraction_id} queued" + (f", then training job {training_id}." if training_id else ".")
+        )
+        st.page_link("views/jobs.py", label=f"Open job {extraction_id}", query_params={"job": str(extraction_id)},
+                     icon=":material/arrow_forward:")  # fmt: skip
