@@ -432,3 +432,45 @@ def test_twenty_racing_submissions_on_two_fake_gpus_run_once_each_without_sharin
         assert job.started_at - PID_START_TOLERANCE_S - 0.01 <= job.pid_start_time <= job.finished_at
         assert job_processes_left(job.id, home) == []
     assert history.row_counts(db.get_engine(home))["gpu_sample"] > 0
+
+
+# --------------------------------------------------------------------------- extraction jobs (issue 13)
+
+
+def test_an_extraction_then_its_training_run_in_the_queue_to_a_loadable_sae(lab, hf, tmp_path):
+    home, start_daemon = lab
+    extract = tmp_path / "extract.json"
+    extract.write_text(json.dumps({"model": str(hf["gpt2"]), "hook": "transformer.h.1", "dataset": str(hf["corpus"]),
+                                   "n_tokens": 3000, "context_size": 32, "shard_rows": 800}))  # fmt: skip
+    train = tmp_path / "train.json"
+    train.write_text(json.dumps({"d_sae": 64, "k": 4, "batch_size": 256, "total_steps": 20, "holdout_tokens": 256,
+                                 "b_dec_init": "mean"}))  # fmt: skip
+    result = cli("extract", "--config", str(extract), "--cpu-procs", "2", "--then-train", str(train), "--no-daemon",
+                 env=subprocess_env(SAE_LAB_HOME=str(home)))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    start_daemon()
+    extraction = wait_status(1, FINAL_STATUSES, timeout=180)
+    assert extraction.status == "completed", extraction.error
+    assert extraction.last_step == 3000 and metrics.metrics_frame(1)["disk_bytes"].iloc[-1] > 0
+    training = wait_status(2, FINAL_STATUSES, timeout=180)
+    assert training.status == "completed", training.error
+    assert training.started_at >= extraction.finished_at  # it waited
+    model = saelens.load(training.out_dir)
+    assert (model.d_in, model.d_sae) == (32, 64)
+    assert job_processes_left(1, home) == [] and job_processes_left(2, home) == []
+
+
+def test_a_failed_extraction_cancels_the_training_waiting_for_it_with_the_reason(lab, hf, tmp_path):
+    home, start_daemon = lab
+    cfg = submission.ExtractConfig(model=str(hf["gpt2"]), hook="transformer.h.1", dataset=str(hf["corpus"]),
+                                   n_tokens=10**6, context_size=32)  # fmt: skip  # more rows than the corpus holds
+    train = TrainConfig(activation_source="(the extraction)", d_sae=64, k=4, batch_size=256, total_steps=20)
+    extraction, training, _ = submission.submit_extract(cfg, None, 1, then_train=train)
+    start_daemon()
+    assert wait_status(extraction.id, FINAL_STATUSES).status == "failed"
+    failed = store.get_job(extraction.id)
+    assert "n_tokens: 1,000,000 asked for, but the dataset gives only" in failed.error
+    cancelled = wait_status(training.id, FINAL_STATUSES)
+    assert cancelled.status == "cancelled"
+    assert cancelled.error.startswith(f"job {extraction.id} (extract) it depends on failed: ")
+    assert not Path(training.out_dir).exists()  # it never started

