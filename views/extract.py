@@ -92,7 +92,7 @@ def numbers_section() -> dict:
     return values
 
 
-def then_train_section(width: int | None) -> TrainConfig | None | str:
+def then_train_section(width: int | None, rows: int) -> TrainConfig | None | str:
     """The optional training on the result: its config, None when not asked for, or an error message."""
     if not st.checkbox("Then train an SAE on the result", key="extract_then_train"):
         return None
@@ -105,11 +105,12 @@ def then_train_section(width: int | None) -> TrainConfig | None | str:
     if width is None:
         return "then train: pick a model and a hook first"
     d_sae = max(1, round(expansion * width))
-    st.caption(f"d_sae = {expansion:g} × {width} = {d_sae:,}")
+    holdout = min(4096, rows // 10)  # evaluation rows kept out of training: a tenth, at most the usual 4,096
+    st.caption(f"d_sae = {expansion:g} × {width} = {d_sae:,} · {holdout:,} rows held out for evaluation")
     try:
         return TrainConfig.from_dict({
             "activation_source": "(the extraction)", "architecture": arch, "d_sae": d_sae, "k": int(k),
-            "total_steps": int(steps), "batch_size": int(batch),
+            "total_steps": int(steps), "batch_size": int(batch), "holdout_tokens": holdout,
         })  # fmt: skip
     except ConfigError as exc:
         return f"then train: {exc}"
@@ -137,7 +138,7 @@ with form_col:
     dataset, text_field, split = text_section()
     numbers = numbers_section()
     width = facts.hooks.get(hook) if facts is not None and hook else None
-    then_train = then_train_section(width)
+    then_train = then_train_section(width, int(numbers["n_tokens"]))
     c1, c2 = st.columns(2)
     job_name = c1.text_input("Job name", key="extract_name", placeholder="e.g. gemma-l12-1M")
     user = c2.text_input("Your name", key="extract_user", value=st.session_state.get("user_name", ""))

@@ -84,13 +84,15 @@ def check(
     statuses: Sequence[GpuStatus] | None = None,
     engine: Engine | None = None,
     planned_d_in: int | None = None,
+    planned_rows: int | None = None,
 ) -> Verdict:
     """Every problem of queueing `cfg` on `gpu_ids` or `cpu_procs` CPU processes, named `name` by `submitted_by`.
 
     `scan_values` None scans values for NaN/Inf as `check_dataset` does (all of a set up to 2 GiB, a sample of a
     larger one); False checks the structure only, as the Train page does while a person types. `statuses`
     defaults to the GPUs as the queue sees them now. `planned_d_in`: the activations do not exist yet (an
-    extraction queued before this training will write them, this wide); their checks are the job's."""
+    extraction queued before this training will write them, this wide, `planned_rows` of them); their other
+    checks are the job's."""
     verdict = Verdict()
     for field_name, value in (("name", name), ("submitted_by", submitted_by)):
         if (why := label_problem(value, MAX_NAME_CHARS)) is not None:
@@ -104,6 +106,13 @@ def check(
         _check_cpu_job(cfg, int(cpu_procs or 1), verdict)
     if planned_d_in is None:
         _check_dataset(cfg, scan_values, store.engine_home(store.engine_or_default(engine)), verdict)
+    elif planned_rows is not None and planned_rows < cfg.batch_size + cfg.holdout_tokens:
+        message = (
+            f"the extraction writes {planned_rows:,} rows, fewer than one global batch (batch_size "
+            f"{cfg.batch_size:,}) plus the holdout (holdout_tokens {cfg.holdout_tokens:,}); extract more tokens "
+            "or lower batch_size/holdout_tokens"
+        )
+        verdict.problems.append(Problem("n_tokens", message))
     # after the dataset: the memory fit needs its width
     d_in = planned_d_in if planned_d_in is not None else verdict.dataset.d_in if verdict.dataset else None
     if verdict.gpus:
@@ -249,7 +258,7 @@ def submit_extract(
     if then_train is not None and verdict.model is not None and cfg.hook in verdict.model.hooks:
         planned = check(
             then_train, gpu_ids, cpu_procs, name=name, submitted_by=submitted_by, engine=engine,
-            planned_d_in=verdict.model.hooks[cfg.hook],
+            planned_d_in=verdict.model.hooks[cfg.hook], planned_rows=cfg.n_tokens,
         )  # fmt: skip
         verdict.problems += [Problem(p.field, f"then train: {p.message}") for p in planned.problems]
     if not verdict.ok:

@@ -242,3 +242,57 @@ def test_password_gate_holds_for_every_url(tmp_path):
         assert lab_processes, "the app started no launcher"
         for proc in lab_processes:
             assert "SAE_LAB_PASSWORD" not in proc.environ(), proc.cmdline()
+
+
+def test_extract_from_a_model_then_train_and_download_the_sae(tmp_path, hf):
+    """The front door: a tiny GPT-2 in SAE_LAB_HOME/models and a text file in datasets/, an extraction with a
+    training after it submitted from the Extract page, both run by the launcher, the SAE downloaded."""
+    chromium = require_browser()
+    from playwright.sync_api import expect, sync_playwright
+
+    with running_lab(tmp_path) as (url, home), sync_playwright() as pw:
+        shutil.copytree(hf["gpt2"], home / "models" / "tiny-gpt2")
+        (home / "datasets").mkdir(exist_ok=True)
+        shutil.copy(hf["corpus"], home / "datasets" / "corpus.txt")
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        page = browser.new_page(accept_downloads=True, viewport={"width": 1400, "height": 1600})
+        page.set_default_timeout(60_000)
+        page.goto(url + "/extract")
+        expect(page.get_by_text("GPT2LMHeadModel", exact=False)).to_be_visible(timeout=90_000)  # the hooks command
+        for label, value in (("Tokens (rows)", "2000"), ("Context size", "32"), ("CPU processes", "1")):
+            field = page.get_by_label(label, exact=True)
+            field.fill(value)
+            field.press("Enter")
+        page.get_by_text("Then train an SAE on the result").click()
+        for label, value in (("Expansion factor", "2"), ("Steps", "30"), ("Global batch", "256"), ("k", "4")):
+            field = page.get_by_label(label, exact=True)
+            field.fill(value)
+            field.press("Enter")
+        expect(page.get_by_text("d_sae = 2 × 32 = 64 · 200 rows held out for evaluation")).to_be_visible()
+        page.get_by_label("Job name").fill("e2e-x")
+        page.get_by_label("Job name").press("Enter")
+        page.get_by_label("Your name").fill("e2e-bot")
+        page.get_by_label("Your name").press("Enter")
+        submit = button(page, "Submit")
+        expect(submit).to_be_enabled()
+        submit.click()
+        expect(page.get_by_text("Extraction job 1 queued, then training job 2.")).to_be_visible()
+
+        page.goto(url + "/jobs?job=2")
+        expect(page.locator("h3", has_text="e2e-x (train)")).to_be_visible()
+        final = page.locator("h3", has_text=re.compile("completed|failed|cancelled"))
+        expect(final).to_be_visible(timeout=300_000)
+        expect(page.locator("h3", has_text="completed")).to_be_visible(timeout=1_000)
+        button(page, "Prepare SAE download").click()
+        with page.expect_download(timeout=60_000) as download_info:
+            button(page, "Download SAE").click()
+        zip_path = tmp_path / "sae.zip"
+        download_info.value.save_as(zip_path)
+        browser.close()
+
+    with zipfile.ZipFile(zip_path) as zf:
+        zf.extractall(tmp_path / "sae")
+    from sae_core.sae import load
+
+    sae = load(tmp_path / "sae")
+    assert (sae.d_in, sae.d_sae) == (32, 64)

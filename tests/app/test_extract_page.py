@@ -56,7 +56,7 @@ def test_submitting_queues_an_extraction_and_the_training_that_waits_for_it(lab_
     at.text_input(key="extract_name").input("tiny-l1").run()
     no_exception(at)
     assert errors(at) == []
-    assert "d_sae = 2 × 32 = 64" in texts(at)
+    assert "d_sae = 2 × 32 = 64 · 200 rows held out for evaluation" in texts(at)
     at.button(key="extract_submit").click().run()
     no_exception(at)
     training, extraction = store.list_jobs()

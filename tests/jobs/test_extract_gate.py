@@ -86,11 +86,16 @@ def test_gpu_memory_and_disk_are_compared_with_what_is_free(lab_home, cfg, fake_
 
 
 def test_extract_then_train_queues_both_the_training_waiting_on_the_extractions_folder(lab_home, cfg):
-    train = TrainConfig(activation_source="(the extraction)", d_sae=64, k=4, batch_size=256, total_steps=10)
+    train = TrainConfig(
+        activation_source="(the extraction)", d_sae=64, k=4, batch_size=256, total_steps=10, holdout_tokens=256
+    )
     extraction, training, _ = submission.submit_extract(cfg, None, 1, name="l0", then_train=train)
     assert (extraction.kind, training.kind, training.depends_on) == ("extract", "train", extraction.id)
     assert store.job_config(training).activation_source == extraction.out_dir
     assert training.name == "l0 (train)"
+    too_few = train.model_copy(update={"holdout_tokens": 2900})  # 3000 rows < 256 + 2900
+    with pytest.raises(submission.SubmissionRejected, match="then train: the extraction writes 3,000 rows, fewer"):
+        submission.submit_extract(cfg, None, 1, then_train=too_few)
     bad = train.model_copy(update={"batch_size": 255})
     with pytest.raises(submission.SubmissionRejected, match="then train: batch_size 255 does not divide"):
         submission.submit_extract(cfg, None, 2, then_train=bad)
@@ -125,7 +130,7 @@ def test_the_extract_and_hooks_commands(lab_home, cfg, tmp_path, capsys):
     config = tmp_path / "extract.json"
     config.write_text(cfg.to_json())
     train = tmp_path / "train.json"
-    train.write_text(json.dumps({"d_sae": 64, "k": 4, "batch_size": 256, "total_steps": 10}))
+    train.write_text(json.dumps({"d_sae": 64, "k": 4, "batch_size": 256, "total_steps": 10, "holdout_tokens": 256}))
     assert cli(["extract", "--config", str(config), "--cpu-procs", "1", "--then-train", str(train), "--no-daemon"]) == 0
     out = capsys.readouterr().out
     assert (

@@ -465,7 +465,7 @@ def test_a_failed_extraction_cancels_the_training_waiting_for_it_with_the_reason
     cfg = submission.ExtractConfig(model=str(hf["gpt2"]), hook="transformer.h.1", dataset=str(hf["corpus"]),
                                    n_tokens=10**6, context_size=32)  # fmt: skip  # more rows than the corpus holds
     train = TrainConfig(activation_source="(the extraction)", d_sae=64, k=4, batch_size=256, total_steps=20)
-    extraction, training, _ = submission.submit_extract(cfg, None, 1, then_train=train)
+    extraction, training, _ = submission.submit_extract(cfg, None, 1, then_train=train)  # 10⁶ rows planned
     start_daemon()
     assert wait_status(extraction.id, FINAL_STATUSES).status == "failed"
     failed = store.get_job(extraction.id)
