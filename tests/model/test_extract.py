@@ -228,3 +228,16 @@ def test_a_real_pretrained_model_shipped_in_a_wheel(tmp_path, hf):
     mine = rows["context_ids"] == first
     np.testing.assert_allclose(rows["activations"][mine], hidden[rows["positions"][mine]], rtol=1e-5, atol=1e-5)
     assert float(rows["activations"].std()) > 0.1  # a trained model's activations, not zeros
+
+
+def test_the_forward_pass_stops_after_the_hooked_module(hf):
+    model = load_model(hf["gpt2"], "float32", torch.device("cpu"))
+    ran = []
+    model.transformer.h[1].register_forward_hook(lambda *_: ran.append("h.1"))
+    model.lm_head.register_forward_hook(lambda *_: ran.append("lm_head"))
+    reader = HookReader(model, "transformer.h.0")
+    out = reader(torch.zeros(2, 8, dtype=torch.long))
+    assert out.shape == (2, 8, 32) and ran == []  # nothing after the hook ran
+    reader.close()
+    model(input_ids=torch.zeros(1, 4, dtype=torch.long))
+    assert ran == ["h.1", "lm_head"]  # and the model is whole again once the reader is closed
