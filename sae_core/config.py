@@ -291,6 +291,56 @@ class ExtractConfig(StrictConfig):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu.")
 
 
+MAX_EVAL_CONTEXTS = 2**24
+
+
+class EvaluateConfig(StrictConfig):
+    """One evaluation of an SAE with its model: CE loss and KL with the SAE spliced in at its hook."""
+
+    sae: str = Field(
+        min_length=1,
+        max_length=MAX_PATH_CHARS,
+        description="The SAE folder (cfg.json + sae_weights.safetensors): one SAE Lab trained, or any in SAELens's "
+        "on-disk format.",
+    )
+    contexts: int = Field(
+        256, gt=0, le=MAX_EVAL_CONTEXTS, description="Contexts to evaluate on (at most the held-out ones there are)."
+    )
+    model: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_PATH_CHARS,
+        description="The causal language model; default: the one the SAE's activations were extracted from.",
+    )
+    hook: str | None = Field(
+        None,
+        min_length=1,
+        max_length=300,
+        pattern=HOOK_PATTERN,
+        description="Module path whose output the SAE replaces; default: the one its activations came from.",
+    )
+    dataset: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_PATH_CHARS,
+        description="Text to evaluate on (as ExtractConfig's dataset); default: the held-out contexts of the SAE's "
+        "own training data.",
+    )
+    text_field: str = Field("text", min_length=1, max_length=200, description="The field holding the text.")
+    split: str = Field("train", min_length=1, max_length=200, description="Split of a multi-split dataset.")
+    context_size: int = Field(
+        128,
+        ge=2,
+        le=MAX_CONTEXT,
+        description="Tokens per context packed from `dataset` (held-out contexts keep theirs).",
+    )
+    batch_size: int = Field(8, gt=0, le=2**16, description="Contexts per forward pass.")
+    model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="The model's dtype: auto = as saved (float32 on a CPU for half-precision weights)."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu.")
+
+
 def read_json_object(path: str | Path, what: str, holds: str, max_bytes: int = MAX_CONFIG_BYTES) -> dict:
     """The JSON object in a regular file of at most `max_bytes`, or ConfigError saying what is wrong.
 

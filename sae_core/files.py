@@ -28,6 +28,8 @@ CHECKPOINT_STATE = "state.json"
 # --- a job's process files: <out>/logs/ -----------------------------------------------------------
 TRAIN_REQUEST_FILE = "train_request.json"  # the job row's config, as the file `--config` names
 EXTRACT_REQUEST_FILE = "extract_request.json"  # the same for an extraction job
+EVALUATE_REQUEST_FILE = "evaluate_request.json"  # the same for a model evaluation job
+MODEL_EVAL_FILE = "model_eval.json"  # a model evaluation's figures and context ids (its job folder)
 LOGS_DIR = "logs"
 STDOUT_LOG = "stdout.log"
 STDERR_LOG = "stderr.log"
@@ -51,6 +53,7 @@ FEATURES_KEY = "features"  # ground-truth feature directions of a toy set
 TOY_FILE = "toy.safetensors"
 MANIFEST_FILE = "manifest.json"  # an activation folder's index, written last (its presence means "complete")
 ACTIVATIONS_KEY = "activations"  # the [rows, d_in] tensor of a shard or toy file
+TOKEN_IDS_KEY, CONTEXT_IDS_KEY, POSITIONS_KEY = "token_ids", "context_ids", "positions"  # per row of a shard
 CONTEXTS_FILE = "contexts.safetensors"  # an extraction's token ids fed to the model: `tokens` [contexts, size]
 EXTRACT_CONFIG_FILE = "extract_config.json"  # the ExtractConfig a folder's shards were computed with
 

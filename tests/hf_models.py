@@ -53,6 +53,19 @@ def corpus(n_documents: int = 200, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40))) for _ in range(n_documents)]
 
 
+def sequence_corpus(n_documents: int = 200, seed: int = 0) -> list[str]:
+    """Documents that walk WORDS in order from a random start: each word says what comes next, so a model
+    trained on them predicts well, and breaking its layers costs it (`corpus` holds no such structure)."""
+    import random
+
+    rng = random.Random(seed)
+    documents = []
+    for _ in range(n_documents):
+        start, length = rng.randrange(len(WORDS)), rng.randint(5, 40)
+        documents.append(" ".join(WORDS[(start + i) % len(WORDS)] for i in range(length)))
+    return documents
+
+
 def _tokenizer(family: str, texts: list[str]):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -116,7 +129,35 @@ def save_tiny_model(family: str, directory: Path, width: int = 32, layers: int =
     return directory
 
 
-def write_corpus(path: Path, n_documents: int = 200, seed: int = 0) -> Path:
-    """The corpus as a .txt file, one document per line."""
-    path.write_text("\n".join(corpus(n_documents, seed)) + "\n")
+def write_corpus(path: Path, n_documents: int = 200, seed: int = 0, documents=None) -> Path:
+    """The corpus (or `documents`) as a .txt file, one document per line."""
+    path.write_text("\n".join(documents if documents is not None else corpus(n_documents, seed)) + "\n")
     return path
+
+
+def train_briefly(source: Path, directory: Path, steps: int = 150, seed: int = 0) -> Path:
+    """A copy of the causal LM at `source` trained for `steps` Adam steps on `sequence_corpus`, so that its
+    next-token predictions carry information (a random model's are near uniform, and ablating a layer of it
+    changes little): what a model evaluation needs to tell a good SAE from a bad one."""
+    import torch
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(source))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(source))
+    stream = [t for text in sequence_corpus() for t in tokenizer(text + tokenizer.eos_token)["input_ids"]]
+    usable = len(stream) // 32 * 32
+    batches = torch.tensor(stream[:usable]).view(-1, 32)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        batch = batches[torch.randint(len(batches), (16,), generator=generator)]
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import ACTIVATION_SUFFIXES, FEATURES_KEY, MANIFEST_FILE
+from ..files import ACTIVATION_SUFFIXES, CONTEXT_IDS_KEY, FEATURES_KEY, MANIFEST_FILE
 from ..text import brief
 from .formats import (
     STORAGE,
@@ -28,6 +28,7 @@ from .formats import (
     map_npy,
     map_safetensors,
     read_safetensors_header,
+    read_shard_tensor,
     to_float32,
 )
 from .manifest import Manifest, read_manifest
@@ -148,6 +149,27 @@ class ActivationSet:
         files = f"{len(self.shards)} shards" if len(self.shards) > 1 else "1 file"
         truth = f", {self.features.shape[0]} ground-truth features" if self.features is not None else ""
         return f"{self.source}: {self.n_rows:,} rows x {self.d_in} {self.dtype} ({files}{truth})"
+
+    @property
+    def from_model(self) -> bool:
+        """Rows an extraction wrote from a model (their contexts are in the folder): the holdout is then
+        the tail of whole contexts (order.tail_holdout), which the model evaluation runs again."""
+        return self.manifest is not None and "context_size" in self.manifest.provenance
+
+    def context_ids(self, lo: int, hi: int) -> np.ndarray:
+        """The context index (into contexts.safetensors) of rows [lo, hi), from the shards' `context_ids`."""
+        if not 0 <= lo <= hi <= self.n_rows:
+            raise IndexError(f"rows [{lo}, {hi}) are out of range for {self.source} ({self.n_rows} rows)")
+        pieces = []
+        first = int(np.searchsorted(self._starts, lo, side="right")) - 1
+        for shard in self.shards[max(first, 0) :]:
+            if shard.start >= hi:
+                break
+            piece = read_shard_tensor(shard.path, CONTEXT_IDS_KEY)
+            if piece is None or len(piece) != shard.rows:
+                raise DatasetError(f"{shard.path}: has no {CONTEXT_IDS_KEY} for its {shard.rows} rows")
+            pieces.append(piece[max(lo, shard.start) - shard.start : min(hi, shard.stop) - shard.start])
+        return np.concatenate(pieces).astype(np.int64) if pieces else np.empty(0, np.int64)
 
     def shard_of(self, row: int) -> tuple[Shard, int]:
         """The shard holding global row `row`, and the row's index within it."""

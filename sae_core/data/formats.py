@@ -115,6 +115,21 @@ def map_safetensors(path: Path, key: str) -> tuple[np.ndarray, str]:
     return np.memmap(path, dtype=STORAGE[dtype], mode="r", offset=entry.offset, shape=entry.shape), dtype
 
 
+_ST_INTEGERS = {"I64": "<i8", "I32": "<i4"}
+
+
+def read_shard_tensor(path: Path, key: str) -> np.ndarray | None:
+    """An integer index tensor of a shard (`context_ids`, `token_ids`, `positions`) read whole; None when the
+    shard has no such tensor (a set not made by extraction)."""
+    entry = read_safetensors_header(path).get(key)
+    if entry is None or entry.dtype not in _ST_INTEGERS:
+        return None
+    dtype = np.dtype(_ST_INTEGERS[entry.dtype])
+    with open(path, "rb") as f:
+        f.seek(entry.offset)
+        return np.frombuffer(f.read(entry.nbytes), dtype=dtype).reshape(entry.shape)
+
+
 def map_npy(path: Path) -> tuple[np.ndarray, str]:
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)

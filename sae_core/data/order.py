@@ -34,6 +34,13 @@ def holdout_rows_for(n_rows: int, holdout: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(n_rows, size=holdout, replace=False)).astype(np.int64)
 
 
+def tail_holdout(n_rows: int, holdout: int) -> np.ndarray:
+    """The last `holdout` rows: the holdout of a set extracted from a model. Extraction writes each context's
+    rows together and the contexts in a seeded random order, so the tail is whole contexts (but the first)
+    drawn at random, and those contexts can be run through the model again to evaluate the SAE there."""
+    return np.arange(n_rows - holdout, n_rows, dtype=np.int64)
+
+
 def blocks_for(row_bytes: int, block_bytes: int, buffer_bytes: int) -> tuple[int, int]:
     """(block_rows, window_blocks): blocks of at least one row and about `block_bytes`, windows of about
     `buffer_bytes` (at least one block)."""
@@ -71,7 +78,15 @@ class BlockOrder:
     """
 
     def __init__(
-        self, n_rows: int, holdout: int, global_batch: int, seed: int, block_rows: int, window_blocks: int = 1
+        self,
+        n_rows: int,
+        holdout: int,
+        global_batch: int,
+        seed: int,
+        block_rows: int,
+        window_blocks: int = 1,
+        *,
+        contiguous_holdout: bool = False,
     ):
         if global_batch < 1 or block_rows < 1 or window_blocks < 1:
             raise ValueError(f"batch ({global_batch}), block ({block_rows}), window ({window_blocks}) must be ≥ 1")
@@ -85,7 +100,8 @@ class BlockOrder:
         self.n_rows, self.holdout, self.global_batch, self.seed = n_rows, holdout, global_batch, seed
         self.block_rows, self.window_blocks = block_rows, window_blocks
         self.n_blocks = -(-n_rows // block_rows)
-        self._holdout = holdout_rows_for(n_rows, holdout, seed)
+        self.contiguous_holdout = contiguous_holdout
+        self._holdout = tail_holdout(n_rows, holdout) if contiguous_holdout else holdout_rows_for(n_rows, holdout, seed)
         per_block = np.full(self.n_blocks, block_rows, dtype=np.int32)
         per_block[-1] = n_rows - (self.n_blocks - 1) * block_rows
         np.subtract.at(per_block, self._holdout // block_rows, 1)
@@ -103,6 +119,10 @@ class BlockOrder:
         if key.position + 1 < self.batches_per_epoch:
             return BatchKey(key.epoch, key.position + 1)
         return BatchKey(key.epoch + 1, 0)
+
+    @property
+    def holdout_kind(self) -> str:
+        return "tail" if self.contiguous_holdout else "random"
 
     def holdout_rows(self) -> np.ndarray:
         return self._holdout.copy()
@@ -180,6 +200,7 @@ class BlockOrder:
             "seed": self.seed,
             "block_rows": self.block_rows,
             "window_blocks": self.window_blocks,
+            "holdout_kind": self.holdout_kind,
         }
 
     def state_dict(self) -> dict:
@@ -192,6 +213,7 @@ class BlockOrder:
                 "cannot resume the data order: the checkpoint was written by an earlier version of SAE Lab whose "
                 "data order differs; start a new run from its config"
             )
+        state = {"holdout_kind": "random", **state}  # checkpoints from before tail holdouts held random ones
         for name, value in self._fingerprint().items():
             if state.get(name) != value:
                 raise DatasetError(f"cannot resume the data order: {name} was {state.get(name)}, now {value}")

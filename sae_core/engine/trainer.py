@@ -348,6 +348,7 @@ class Trainer:
                 steps=self.step,
                 tokens=self.tokens,
                 world_size=self.env.world_size,
+                holdout_kind=self.order.holdout_kind,  # "tail": whole contexts the model evaluation may rerun
             )
             write_outputs(self.sae, self.cfg, self.out_dir, self.fire_counts, self.tokens, figures)
             for sink in self.sinks:
@@ -362,7 +363,10 @@ class Trainer:
 def data_order(cfg: TrainConfig, data) -> BlockOrder:
     """The block-shuffled order of `data` for `cfg` (see data/order.py)."""
     block_rows, window_blocks = blocks_for(data.row_bytes, cfg.shuffle_block_bytes, cfg.shuffle_buffer_bytes)
-    return BlockOrder(data.n_rows, cfg.holdout_tokens, cfg.batch_size, cfg.seed, block_rows, window_blocks)
+    return BlockOrder(
+        data.n_rows, cfg.holdout_tokens, cfg.batch_size, cfg.seed, block_rows, window_blocks,
+        contiguous_holdout=data.from_model,
+    )  # fmt: skip
 
 
 def progress_line(record: dict, eta_s: float) -> str:

@@ -25,7 +25,14 @@ from safetensors.torch import save_file
 
 from ..config import ExtractConfig
 from ..data.manifest import Manifest, ShardEntry
-from ..files import ACTIVATIONS_KEY, CONTEXTS_FILE, shard_file_name
+from ..files import (
+    ACTIVATIONS_KEY,
+    CONTEXT_IDS_KEY,
+    CONTEXTS_FILE,
+    POSITIONS_KEY,
+    TOKEN_IDS_KEY,
+    shard_file_name,
+)
 from .hooks import HookReader
 
 _PLAN_STREAM = 5  # the seed's stream for the context shuffle (order.py uses 1, 2, 4; the toy set 3)
@@ -130,9 +137,9 @@ class Extractor:
             pieces["pos"].append(where[:, 1].to(torch.int32))
         return {
             ACTIVATIONS_KEY: torch.cat(pieces["act"]).contiguous(),
-            "token_ids": torch.cat(pieces["tok"]).to(torch.int32),
-            "context_ids": torch.cat(pieces["ctx"]).to(torch.int64),
-            "positions": torch.cat(pieces["pos"]),
+            TOKEN_IDS_KEY: torch.cat(pieces["tok"]).to(torch.int32),
+            CONTEXT_IDS_KEY: torch.cat(pieces["ctx"]).to(torch.int64),
+            POSITIONS_KEY: torch.cat(pieces["pos"]),
         }
 
 

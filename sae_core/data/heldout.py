@@ -1,0 +1,125 @@
+"""What a model evaluation of an SAE runs on, found without torch: the SAE's width, the model and hook, and
+the contexts (the held-out ones of its training data, or text to pack).
+
+Training on a set extracted from a model holds out the tail of the set (order.tail_holdout): the whole
+contexts there were never trained on, and `contexts.safetensors` holds their exact tokens. The gate
+(jobs/) and the evaluation job (model/evaluate.py) both plan through here, so they agree on every check.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..config import ConfigError, EvaluateConfig, ExtractConfig, TrainConfig
+from ..files import CFG_FILE, CONTEXTS_FILE, EVAL_FILE, EXTRACT_CONFIG_FILE, TRAIN_CONFIG_FILE, WEIGHTS_FILE
+from ..text import brief
+from .activations import ActivationSet, open_activations
+from .formats import DatasetError
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    sae_dir: Path
+    d_in: int  # the SAE's input width: the hook's output must match it
+    model: str
+    hook: str
+    activation_dir: Path | None  # the extraction whose held-out contexts are evaluated (None: cfg.dataset)
+    context_ids: np.ndarray | None  # those contexts, at most cfg.contexts of them, ascending
+    exclude_special_tokens: bool  # positions the SAE was not trained on keep the model's own activation
+    special_token_ids: tuple[int, ...]
+
+
+def held_out_contexts(data: ActivationSet, holdout: int) -> np.ndarray:
+    """The contexts whose every row is in the tail holdout of `data` (the first context of the tail is cut
+    when the tail starts inside it), ascending."""
+    if holdout <= 0:
+        return np.empty(0, np.int64)
+    start = data.n_rows - holdout
+    ids = data.context_ids(start, data.n_rows)
+    if start > 0 and data.context_ids(start - 1, start)[0] == ids[0]:
+        ids = ids[ids != ids[0]]
+    return np.unique(ids)
+
+
+def sae_width(sae_dir: Path) -> int:
+    """d_in from the SAE's cfg.json (SAELens format), or ConfigError naming `sae`."""
+    shown = brief(sae_dir)
+    if not (sae_dir / CFG_FILE).is_file() or not (sae_dir / WEIGHTS_FILE).is_file():
+        raise ConfigError(f"sae: {shown} holds no SAE (it needs {CFG_FILE} and {WEIGHTS_FILE})")
+    try:
+        d_in = json.loads((sae_dir / CFG_FILE).read_text()).get("d_in")
+    except (OSError, ValueError, AttributeError):
+        raise ConfigError(f"sae: {shown}/{CFG_FILE} is not a readable JSON object") from None
+    if isinstance(d_in, bool) or not isinstance(d_in, int) or d_in < 1:
+        raise ConfigError(f"sae: {shown}/{CFG_FILE} has no positive integer d_in")
+    return d_in
+
+
+def plan_evaluation(cfg: EvaluateConfig) -> EvalPlan:
+    """Every check that needs no model: the SAE folder, where the model and hook come from, the contexts."""
+    sae_dir = Path(cfg.sae).expanduser()
+    d_in = sae_width(sae_dir)
+    trained = _training_source(sae_dir)
+    provenance = trained[0].manifest.provenance if trained and trained[0].from_model else {}
+    model, hook = cfg.model or provenance.get("model"), cfg.hook or provenance.get("hook")
+    if model is None or hook is None:
+        missing = "model" if model is None else "hook"
+        raise ConfigError(
+            f"{missing}: the SAE's training data names no {missing} (it was not extracted by SAE Lab); give the "
+            f"model and hook it was trained on (--model, --hook)"
+        )
+    if cfg.dataset is not None:
+        return EvalPlan(sae_dir, d_in, model, hook, None, None, True, ())
+    if trained is None or not trained[0].from_model:
+        raise ConfigError(
+            "dataset: the SAE's training data holds no contexts to evaluate on (it was not extracted by SAE Lab "
+            "from a model); give a text dataset (--dataset)"
+        )
+    data, holdout = trained
+    if cfg.hook not in (None, provenance.get("hook")) or cfg.model not in (None, provenance.get("model")):
+        raise ConfigError(
+            "dataset: the held-out contexts come from the model and hook the SAE was trained on; give a text dataset "
+            "(--dataset) to evaluate it at another model or hook"
+        )
+    ids = held_out_contexts(data, holdout)
+    if not len(ids):
+        raise DatasetError(
+            f"contexts: the SAE's training held out no whole context (holdout_tokens {holdout:,}, context_size "
+            f"{provenance.get('context_size')}); train with holdout_tokens of at least two contexts, or give a "
+            "text dataset (--dataset)"
+        )
+    extract_cfg = ExtractConfig.from_json_file(data.source / EXTRACT_CONFIG_FILE)
+    return EvalPlan(
+        sae_dir, d_in, model, hook, data.source, ids[: cfg.contexts], extract_cfg.exclude_special_tokens,
+        tuple(int(i) for i in provenance.get("special_token_ids", ())),
+    )  # fmt: skip
+
+
+def _training_source(sae_dir: Path) -> tuple[ActivationSet, int] | None:
+    """The activations an SAE Lab SAE was trained on and its holdout size; None for an SAE from elsewhere.
+    Held-out contexts exist only when that training held out the tail (eval.json says so)."""
+    if not (sae_dir / TRAIN_CONFIG_FILE).is_file():
+        return None
+    try:
+        train_cfg = TrainConfig.from_json_file(sae_dir / TRAIN_CONFIG_FILE)
+        data = open_activations(train_cfg.activation_source, train_cfg.activation_key)
+    except (ConfigError, DatasetError, OSError) as exc:
+        raise DatasetError(f"sae: its training data cannot be opened ({brief(exc, 200)})") from None
+    if not data.from_model:
+        return data, 0
+    if not (data.source / CONTEXTS_FILE).is_file():
+        raise DatasetError(f"sae: its training data {brief(data.source)} has lost {CONTEXTS_FILE}")
+    try:
+        kind = json.loads((sae_dir / EVAL_FILE).read_text()).get("holdout_kind")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    if kind != "tail":
+        raise DatasetError(
+            "dataset: this SAE was trained before SAE Lab held out whole contexts, so every context of its data was "
+            "trained on; give a text dataset (--dataset)"
+        )
+    return data, train_cfg.holdout_tokens

@@ -1,0 +1,195 @@
+"""The model evaluation entry's body: plan, load the SAE and the model, splice, reduce, write the figures.
+
+`sae_core.evaluate` (what `python -m sae_core.evaluate` and torchrun run) calls `main` here. Everything the
+user can get wrong is checked before the model runs: the SAE folder, where the model, hook and contexts
+come from (data/heldout.py), the model being a causal LM and the hook's width being the SAE's d_in. A
+problem ends the run with exit code 2 and its reason in error.txt. Each rank takes every world-th context;
+rank 0 writes `model_eval.json` into the job folder (the figures and the context ids) and adds the figures
+to the SAE's eval.json (replaced atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from ..config import ConfigError, EvaluateConfig
+from ..data.formats import DatasetError
+from ..data.heldout import EvalPlan, plan_evaluation
+from ..data.text import Specials, TextError, iter_documents, kept_positions, pack_contexts
+from ..engine.distributed import DistEnv, init_process_group, read_dist_env
+from ..engine.run import report_bad_input
+from ..engine.saelens import load as load_sae
+from ..engine.sinks import JsonlSink, MetricsSink
+from ..files import EVAL_FILE, METRICS_FILE, MODEL_EVAL_FILE
+from ..outputs import read_json
+from . import extraction
+from .hooks import HookReader, find_module, list_hooks
+from .loading import ModelError, load_model, load_tokenizer, meta_model, resolve_model
+from .splice import Splicer, SpliceTotals, input_mean, require_causal_lm, splice_batch
+
+BAD_INPUT = (ConfigError, DatasetError, ModelError, TextError)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m sae_core.evaluate",
+        description="Evaluate an SAE spliced into its model: CE loss and KL recovered (one process, or under torchrun).",
+    )
+    parser.add_argument("--config", required=True, help="EvaluateConfig JSON file")
+    parser.add_argument("--out", required=True, help="folder for model_eval.json (and error.txt)")
+    return parser.parse_args(argv)
+
+
+class Target:
+    """The plan with what needs the model folder: its tokenizer, the hook's width checked, the contexts."""
+
+    def __init__(self, cfg: EvaluateConfig):
+        self.plan: EvalPlan = plan_evaluation(cfg)
+        self.model_dir = resolve_model(self.plan.model)
+        hook = self.plan.hook
+        skeleton = meta_model(self.model_dir)  # no weights: the checks cost no memory
+        require_causal_lm(skeleton)
+        find_module(skeleton, hook)  # an unknown hook is named with the close ones
+        widths = {h.path: h.width for h in list_hooks(self.model_dir)}
+        if hook not in widths:
+            raise ModelError(f"hook: {hook!r} is not a module of this model with a [batch, tokens, width] output")
+        if widths[hook] != self.plan.d_in:
+            raise ConfigError(f"hook: {hook} outputs width {widths[hook]} but the SAE's d_in is {self.plan.d_in}")
+        self.tokens, self.mask = self._contexts(cfg)
+
+    def _contexts(self, cfg: EvaluateConfig) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids [n, context_size] and the positions to replace, from the held-out contexts or the text."""
+        plan = self.plan
+        if plan.activation_dir is not None:
+            assert plan.context_ids is not None
+            tokens = extraction.read_contexts(plan.activation_dir)[plan.context_ids]
+            specials = Specials(None, None, plan.special_token_ids, False)
+            return tokens, kept_positions(tokens, specials, plan.exclude_special_tokens)
+        assert cfg.dataset is not None
+        tokenizer = load_tokenizer(self.model_dir)
+        specials = Specials.of(tokenizer)
+        documents = iter_documents(cfg.dataset, cfg.text_field, cfg.split)
+        count = 0
+
+        def enough(contexts) -> bool:
+            nonlocal count
+            count += len(contexts)
+            return count >= cfg.contexts
+
+        tokens, _ = pack_contexts(tokenizer, documents, cfg.context_size, specials.adds_start, enough, specials)
+        if not len(tokens):
+            raise TextError(f"dataset: it holds fewer than {cfg.context_size} tokens, not one whole context")
+        tokens = tokens[: cfg.contexts]
+        return tokens, kept_positions(tokens, specials, True)
+
+    def summary(self) -> dict:
+        ids = self.plan.context_ids
+        return {
+            "eval_model": self.plan.model,
+            "eval_hook": self.plan.hook,
+            "eval_contexts": len(self.tokens),
+            "eval_context_size": int(self.tokens.shape[1]),
+            "eval_source": str(self.plan.activation_dir) if self.plan.activation_dir else "dataset",
+            "eval_context_ids": ids.tolist() if ids is not None else None,
+        }
+
+
+def run(cfg: EvaluateConfig, target: Target, env: DistEnv, sinks: list[MetricsSink]) -> dict:
+    """This rank's share of the contexts through the four runs; the figures of all ranks together."""
+    sae = load_sae(target.plan.sae_dir, env.device)
+    model = load_model(target.model_dir, cfg.model_dtype, env.device)
+    mine = np.arange(env.rank, len(target.tokens), env.world_size)
+
+    def batches():
+        for start in range(0, len(mine), cfg.batch_size):
+            chosen = mine[start : start + cfg.batch_size]
+            tokens = torch.from_numpy(target.tokens[chosen].astype(np.int64)).to(env.device)
+            yield tokens, torch.from_numpy(target.mask[chosen]).to(env.device)
+
+    reader = HookReader(model, target.plan.hook)
+    mean = input_mean(reader, batches, sae.d_in, env.device)
+    reader.close()
+    splicer = Splicer(model, target.plan.hook)
+    totals = SpliceTotals(sae.d_in, sae.d_sae, env.device)
+    started, done = time.perf_counter(), 0
+    for tokens, mask in batches():
+        splice_batch(splicer, sae, tokens, mask, mean, totals)
+        done += len(tokens)
+        if env.is_main:
+            report_progress(sinks, done * env.world_size, len(target.tokens), tokens.shape[1], started)
+    splicer.close()
+    totals.reduce()
+    return {**totals.figures(), **target.summary()}
+
+
+def report_progress(sinks: list[MetricsSink], contexts: int, total: int, context_size: int, started: float) -> None:
+    contexts = min(contexts, total)
+    seconds = max(time.perf_counter() - started, 1e-9)
+    tokens = contexts * context_size
+    record_ = {"step": contexts, "total_steps": total, "tokens": tokens, "tokens_per_s": tokens / seconds}
+    for sink in sinks:
+        sink.write(record_)
+    print(f"contexts {contexts:,}/{total:,} | {record_['tokens_per_s']:,.0f} tok/s", flush=True)
+
+
+def write_figures(out_dir: Path, sae_dir: Path, figures: dict) -> None:
+    """model_eval.json in the job folder; the figures (not the context ids) added to the SAE's eval.json."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _replace_json(out_dir / MODEL_EVAL_FILE, figures)
+    merged = {**read_json(sae_dir / EVAL_FILE), **{k: v for k, v in figures.items() if k != "eval_context_ids"}}
+    _replace_json(sae_dir / EVAL_FILE, merged)
+
+
+def _replace_json(path: Path, value: dict) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(value, indent=2))
+    os.replace(partial, path)
+
+
+@record
+def main(argv: list[str] | None = None, extra_sinks: Callable[[], list[MetricsSink]] | None = None) -> int:
+    args = parse_args(argv)
+    out_dir = Path(args.out)
+    try:
+        cfg = EvaluateConfig.from_json_file(args.config)
+        env = read_dist_env(cfg)
+        target = Target(cfg)
+    except BAD_INPUT as exc:
+        return report_bad_input(out_dir, exc)
+    init_process_group(env)
+    try:
+        sinks: list[MetricsSink] = []
+        if env.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            sinks = [JsonlSink(out_dir / METRICS_FILE), *(extra_sinks() if extra_sinks else [])]
+        figures = run(cfg, target, env, sinks)
+        if env.is_main:
+            write_figures(out_dir, target.plan.sae_dir, figures)
+            shown = {k: v for k, v in figures.items() if k != "eval_context_ids"}
+            for sink in sinks:
+                sink.write({"event": "done", **shown})
+                sink.close()
+            print(f"done: {json.dumps(shown)}", flush=True)
+        if dist.is_initialized():
+            dist.barrier()
+    except BAD_INPUT as exc:
+        return report_bad_input(out_dir, exc)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

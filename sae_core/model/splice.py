@@ -1,0 +1,175 @@
+"""An SAE spliced into a causal language model: CE loss and KL when the hook's output is its reconstruction.
+
+For each batch of contexts the model runs four times: clean, with the hooked module's output replaced by
+the SAE's reconstruction, by zeros (zero ablation), and by the mean activation (mean ablation). Only the
+positions the SAE was trained on are replaced (special tokens excluded from training keep the model's own
+output). The scores are SAELens's, so figures compare across tools:
+
+    ce_loss_score = (CE_ablated - CE_spliced) / (CE_ablated - CE_clean)      (SAELens `ce_loss_score`)
+    kl_div_score  = (KL_ablated - KL_spliced) / KL_ablated                   (SAELens `kl_div_score`)
+
+with KL = KL(clean ‖ other) of the next-token distributions, averaged over predicted positions, and the
+ablation the zero one (SAELens's); the `_mean_ablation` figures use the mean ablation instead. Sums are
+float64 and reduced across ranks, so N ranks give the figures of one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..engine.distributed import all_reduce_
+from .hooks import HookReader, find_module, first_tensor
+from .loading import ModelError
+
+Replacement = Callable[[torch.Tensor], torch.Tensor]  # [batch, tokens, width] -> the same shape
+
+
+def require_causal_lm(model: torch.nn.Module) -> None:
+    """ModelError unless `model` predicts the next token (its class is a ...ForCausalLM or ...LMHeadModel)."""
+    if not type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")):
+        raise ModelError(
+            f"model: {type(model).__name__} is not a causal language model; the CE evaluation needs one "
+            "(a ...ForCausalLM or ...LMHeadModel)"
+        )
+
+
+class Splicer:
+    """Runs a model with one module's output replaced where `mask` is set; remembers that module's output."""
+
+    def __init__(self, model: torch.nn.Module, hook: str):
+        require_causal_lm(model)
+        self.model = model
+        self._replace: Replacement | None = None
+        self._mask: torch.Tensor | None = None
+        self.captured: torch.Tensor | None = None
+        self._handle = find_module(model, hook).register_forward_hook(self._hook)
+
+    def _hook(self, _module, _inputs, output):
+        original = first_tensor(output)
+        if original is None:
+            raise ModelError(f"hook: the module's output is a {type(output).__name__}, not a tensor")
+        self.captured = original
+        if self._replace is None:
+            return None
+        assert self._mask is not None
+        new = torch.where(self._mask[..., None], self._replace(original).to(original.dtype), original)
+        if isinstance(output, torch.Tensor):
+            return new
+        if isinstance(output, tuple):
+            return (new, *output[1:])
+        raise ModelError(f"hook: the module's {type(output).__name__} output cannot be replaced")
+
+    @torch.inference_mode()
+    def logits(self, tokens: torch.Tensor, replace: Replacement | None = None, mask: torch.Tensor | None = None):
+        """Next-token log-probabilities [batch, tokens - 1, vocab] (float32) of the model on `tokens`."""
+        self._replace, self._mask = replace, mask
+        try:
+            logits = self.model(input_ids=tokens).logits
+        finally:
+            self._replace, self._mask = None, None
+        return F.log_softmax(logits[:, :-1].float(), dim=-1)
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def cross_entropy_sum(log_probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return -log_probs.gather(-1, tokens[:, 1:, None].long()).double().sum()
+
+
+def kl_sum(clean: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """Σ over positions of KL(clean ‖ other), from log-probabilities."""
+    return (clean.exp() * (clean - other)).double().sum()
+
+
+class SpliceTotals:
+    """The sums one rank gathers; `reduce` adds every rank's, `figures` turns them into the reported numbers."""
+
+    SCALARS = (
+        "predicted", "replaced", "ce_clean", "ce_spliced", "ce_zero_ablation", "ce_mean_ablation",
+        "kl_spliced", "kl_zero_ablation", "kl_mean_ablation", "sq_error", "sq_total", "active",
+    )  # fmt: skip
+
+    def __init__(self, d_in: int, d_sae: int, device: torch.device):
+        self.scalars = torch.zeros(len(self.SCALARS), dtype=torch.float64, device=device)
+        self.input_sum = torch.zeros(d_in, dtype=torch.float64, device=device)
+        self.fired = torch.zeros(d_sae, dtype=torch.float64, device=device)
+
+    def add(self, name: str, value) -> None:
+        self.scalars[self.SCALARS.index(name)] += value
+
+    def __getitem__(self, name: str) -> float:
+        return float(self.scalars[self.SCALARS.index(name)])
+
+    def reduce(self) -> None:
+        for tensor in (self.scalars, self.input_sum, self.fired):
+            all_reduce_(tensor)
+
+    def figures(self) -> dict:
+        n, replaced = max(self["predicted"], 1.0), max(self["replaced"], 1.0)
+        ce = {name: self[name] / n for name in ("ce_clean", "ce_spliced", "ce_zero_ablation", "ce_mean_ablation")}
+        kl = {name: self[name] / n for name in ("kl_spliced", "kl_zero_ablation", "kl_mean_ablation")}
+        variance = self["sq_total"] - float(self.input_sum.pow(2).sum()) / replaced
+        return {
+            **ce,
+            **kl,
+            "ce_loss_score": _score(ce["ce_zero_ablation"] - ce["ce_spliced"], ce["ce_zero_ablation"] - ce["ce_clean"]),
+            "ce_loss_score_mean_ablation": _score(
+                ce["ce_mean_ablation"] - ce["ce_spliced"], ce["ce_mean_ablation"] - ce["ce_clean"]
+            ),
+            "kl_div_score": _score(kl["kl_zero_ablation"] - kl["kl_spliced"], kl["kl_zero_ablation"]),
+            "kl_div_score_mean_ablation": _score(kl["kl_mean_ablation"] - kl["kl_spliced"], kl["kl_mean_ablation"]),
+            "explained_variance": 1 - self["sq_error"] / variance if variance > 0 else None,
+            "eval_l0": self["active"] / replaced,
+            "eval_dead_fraction": float((self.fired == 0).double().mean()),
+            "eval_tokens": int(self["predicted"]),
+            "eval_replaced_tokens": int(self["replaced"]),
+        }
+
+
+def _score(gained: float, possible: float) -> float | None:
+    return gained / possible if possible != 0 else None
+
+
+def input_mean(reader: HookReader, batches, d_in: int, device: torch.device) -> torch.Tensor:
+    """The hook's mean output over the positions to replace, across every rank's contexts (mean ablation);
+    the model runs only up to the hook."""
+    total = torch.zeros(d_in + 1, dtype=torch.float64, device=device)
+    for tokens, mask in batches():
+        kept = reader(tokens)[mask].double()
+        total[:d_in] += kept.sum(0)
+        total[d_in] += kept.shape[0]
+    all_reduce_(total)
+    return (total[:d_in] / total[d_in].clamp_min(1)).float()
+
+
+@torch.inference_mode()
+def splice_batch(splicer: Splicer, sae, tokens: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor, totals):
+    """Add one batch's clean, spliced and ablated CE and KL to `totals`; `sae` encodes and decodes raw inputs."""
+    clean = splicer.logits(tokens)
+    assert splicer.captured is not None  # the hook ran
+    original = splicer.captured.float()
+    latents = sae.encode(original[mask])
+    reconstruction = torch.zeros_like(original)
+    reconstruction[mask] = sae.decode(latents)
+    runs = {
+        "spliced": splicer.logits(tokens, lambda _h: reconstruction, mask),
+        "zero_ablation": splicer.logits(tokens, torch.zeros_like, mask),
+        "mean_ablation": splicer.logits(tokens, lambda h: mean.expand_as(h), mask),
+    }
+    totals.add("predicted", clean.shape[0] * clean.shape[1])
+    totals.add("ce_clean", cross_entropy_sum(clean, tokens))
+    for name, log_probs in runs.items():
+        totals.add(f"ce_{name}", cross_entropy_sum(log_probs, tokens))
+        totals.add(f"kl_{name}", kl_sum(clean, log_probs))
+    kept = original[mask].double()
+    totals.add("replaced", kept.shape[0])
+    totals.add("sq_error", (kept - reconstruction[mask].double()).pow(2).sum())
+    totals.add("sq_total", kept.pow(2).sum())
+    totals.input_sum += kept.sum(0)
+    fired = latents > 0
+    totals.add("active", fired.sum())
+    totals.fired += fired.sum(0).double()
