@@ -25,8 +25,10 @@ from .formats import DatasetError
 class EvalPlan:
     sae_dir: Path
     d_in: int  # the SAE's input width: the hook's output must match it
+    d_sae: int
     model: str
     hook: str
+    context_size: int  # tokens per context evaluated
     activation_dir: Path | None  # the extraction whose held-out contexts are evaluated (None: cfg.dataset)
     context_ids: np.ndarray | None  # those contexts, at most cfg.contexts of them, ascending
     exclude_special_tokens: bool  # positions the SAE was not trained on keep the model's own activation
@@ -45,24 +47,25 @@ def held_out_contexts(data: ActivationSet, holdout: int) -> np.ndarray:
     return np.unique(ids)
 
 
-def sae_width(sae_dir: Path) -> int:
-    """d_in from the SAE's cfg.json (SAELens format), or ConfigError naming `sae`."""
+def sae_shape(sae_dir: Path) -> tuple[int, int]:
+    """(d_in, d_sae) from the SAE's cfg.json (SAELens format), or ConfigError naming `sae`."""
     shown = brief(sae_dir)
     if not (sae_dir / CFG_FILE).is_file() or not (sae_dir / WEIGHTS_FILE).is_file():
         raise ConfigError(f"sae: {shown} holds no SAE (it needs {CFG_FILE} and {WEIGHTS_FILE})")
     try:
-        d_in = json.loads((sae_dir / CFG_FILE).read_text()).get("d_in")
+        cfg = json.loads((sae_dir / CFG_FILE).read_text())
+        sizes = cfg.get("d_in"), cfg.get("d_sae")
     except (OSError, ValueError, AttributeError):
         raise ConfigError(f"sae: {shown}/{CFG_FILE} is not a readable JSON object") from None
-    if isinstance(d_in, bool) or not isinstance(d_in, int) or d_in < 1:
-        raise ConfigError(f"sae: {shown}/{CFG_FILE} has no positive integer d_in")
-    return d_in
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
+        raise ConfigError(f"sae: {shown}/{CFG_FILE} needs positive integers d_in and d_sae")
+    return sizes
 
 
 def plan_evaluation(cfg: EvaluateConfig) -> EvalPlan:
     """Every check that needs no model: the SAE folder, where the model and hook come from, the contexts."""
     sae_dir = Path(cfg.sae).expanduser()
-    d_in = sae_width(sae_dir)
+    d_in, d_sae = sae_shape(sae_dir)
     trained = _training_source(sae_dir)
     provenance = trained[0].manifest.provenance if trained and trained[0].from_model else {}
     model, hook = cfg.model or provenance.get("model"), cfg.hook or provenance.get("hook")
@@ -73,7 +76,7 @@ def plan_evaluation(cfg: EvaluateConfig) -> EvalPlan:
             f"model and hook it was trained on (--model, --hook)"
         )
     if cfg.dataset is not None:
-        return EvalPlan(sae_dir, d_in, model, hook, None, None, True, ())
+        return EvalPlan(sae_dir, d_in, d_sae, model, hook, cfg.context_size, None, None, True, ())
     if trained is None or not trained[0].from_model:
         raise ConfigError(
             "dataset: the SAE's training data holds no contexts to evaluate on (it was not extracted by SAE Lab "
@@ -94,7 +97,7 @@ def plan_evaluation(cfg: EvaluateConfig) -> EvalPlan:
         )
     extract_cfg = ExtractConfig.from_json_file(data.source / EXTRACT_CONFIG_FILE)
     return EvalPlan(
-        sae_dir, d_in, model, hook, data.source, ids[: cfg.contexts], extract_cfg.exclude_special_tokens,
+        sae_dir, d_in, d_sae, model, hook, int(provenance["context_size"]), data.source, ids[: cfg.contexts], extract_cfg.exclude_special_tokens,
         tuple(int(i) for i in provenance.get("special_token_ids", ())),
     )  # fmt: skip
 

@@ -270,3 +270,21 @@ def extraction_bytes(
         "attention_scores": batch_size * heads * context_size * context_size * width,
         "cuda_context": CUDA_CONTEXT_BYTES,
     }
+
+
+# --- a model evaluation: an extraction's terms, the next-token distributions, and the SAE
+# log-probabilities [batch, T, vocab] float32 live at once: the logits, the clean run's, the current run's
+LOGIT_COPIES = 3
+
+
+def evaluation_bytes(
+    parameters: int, model_dtype: str, batch_size: int, context_size: int, hidden_size: int, heads: int,
+    vocab_size: int, d_in: int, d_sae: int,
+) -> dict[str, int]:  # fmt: skip
+    """Memory of one evaluation rank, by term: the model's forward as in an extraction, the next-token
+    distributions of the batch, and the SAE's weights and its latents for the batch (float32)."""
+    terms = extraction_bytes(parameters, model_dtype, batch_size, context_size, hidden_size, heads)
+    tokens = batch_size * context_size
+    terms["log_probabilities"] = tokens * vocab_size * 4 * LOGIT_COPIES
+    terms["sae"] = (2 * d_in * d_sae + d_sae + d_in) * 4 + tokens * d_sae * 4 * 2
+    return terms

@@ -16,15 +16,8 @@ from pathlib import Path
 from .. import paths
 from ..access import without_secrets
 from ..db.tables import Job
-from ..files import (
-    EVAL_FILE,
-    EXTRACT_REQUEST_FILE,
-    LOGS_DIR,
-    MANIFEST_FILE,
-    TORCHRUN_ERROR_FILE,
-    TORCHRUN_LOG_DIR,
-    TRAIN_REQUEST_FILE,
-)
+from ..files import EVAL_FILE, LOGS_DIR, MANIFEST_FILE, MODEL_EVAL_FILE, TORCHRUN_ERROR_FILE, TORCHRUN_LOG_DIR
+from .kinds import job_kind
 
 LOOPBACK = "127.0.0.1"
 LOOPBACK_INTERFACE = "lo"
@@ -131,13 +124,12 @@ def build_command(
 
 
 def entry_args(job: Job, out_dir: Path, home: Path) -> list[str]:
-    """The entry module and its arguments: training (continuing a checkpoint with --resume), or extraction
-    (a resumed one continues in the folder that holds its shards)."""
-    if job.kind == "extract":
-        data_dir = extraction_dir(job)
-        return ["-m", "sae_core.extract", "--config", str(out_dir / EXTRACT_REQUEST_FILE), "--out", str(data_dir)]
-    argv = ["-m", "sae_core.train", "--config", str(out_dir / TRAIN_REQUEST_FILE), "--out", str(out_dir)]
-    if job.resumed_from is not None:
+    """The kind's entry module and its arguments: a training continues a checkpoint with --resume, a resumed
+    extraction continues in the folder that holds its shards; an evaluation writes into its own folder."""
+    kind = job_kind(job.kind)
+    target = extraction_dir(job) if kind.name == "extract" else out_dir
+    argv = ["-m", kind.entry, "--config", str(out_dir / kind.request_file), "--out", str(target)]
+    if kind.name == "train" and job.resumed_from is not None:
         argv += ["--resume", str(paths.job_dir(job.resumed_from, home))]
     return argv
 
@@ -151,13 +143,15 @@ def extraction_dir(job: Job) -> Path:
 
 def finished_marker(job: Job) -> Path:
     """The file whose presence says the job did all its work: eval.json of a training, the manifest of an
-    extraction."""
-    return extraction_dir(job) / MANIFEST_FILE if job.kind == "extract" else Path(job.out_dir) / EVAL_FILE
+    extraction, model_eval.json of an evaluation."""
+    if job.kind == "extract":
+        return extraction_dir(job) / MANIFEST_FILE
+    return Path(job.out_dir) / (MODEL_EVAL_FILE if job.kind == "evaluate" else EVAL_FILE)
 
 
 def write_job_config(job: Job) -> Path:
     """The job's config as the file `--config` names (the row is the source of truth)."""
-    path = Path(job.out_dir) / (EXTRACT_REQUEST_FILE if job.kind == "extract" else TRAIN_REQUEST_FILE)
+    path = Path(job.out_dir) / job_kind(job.kind).request_file
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(json.loads(job.config_json), indent=2))
     return path

@@ -16,7 +16,7 @@ from ..data.catalog import OUTSIDE_MODEL_ROOTS, OUTSIDE_ROOTS, in_data_roots, in
 from ..data.text import TextError, is_hub_name, iter_documents
 from ..gpu.memory import DTYPE_BYTES, extraction_bytes
 from ..text import format_bytes
-from .models import ModelProblem, model_facts
+from .models import ModelProblem, loaded_dtype, model_facts
 
 INDEX_BYTES_PER_ROW = 4 + 8 + 4  # token_ids int32, context_ids int64, positions int32
 
@@ -78,9 +78,7 @@ def disk_problem(need: int, jobs_dir: Path) -> list[tuple[str, str]]:
 
 def memory_per_rank(cfg: ExtractConfig, facts, on_gpu: bool) -> dict[str, int]:
     """The estimate's terms for one rank; the weights in the dtype the job will load them in."""
-    dtype = cfg.model_dtype if cfg.model_dtype != "auto" else facts.dtype
-    if not on_gpu and dtype in ("float16", "bfloat16") and cfg.model_dtype == "auto":
-        dtype = "float32"  # "auto" widens half precision on a CPU
+    dtype = loaded_dtype(facts, cfg.model_dtype, on_gpu)
     terms = extraction_bytes(facts.parameters, dtype, cfg.batch_size, cfg.context_size, facts.hidden_size, facts.heads)
     if not on_gpu:
         terms.pop("cuda_context")

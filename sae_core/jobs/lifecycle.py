@@ -17,6 +17,7 @@ from ..gpu.processes import process_if_same
 from . import daemon_control, store
 from .command import finished_marker
 from .diagnosis import read_exit_code, root_cause
+from .kinds import job_kind
 from .logs import log_dir_of
 from .metrics import backfill_metrics_from_jsonl
 from .processes import job_processes, kill_job_processes, signal_processes
@@ -35,7 +36,7 @@ def outcome(job: Job, exit_code: int | None, log_dir: Path) -> tuple[str, str | 
     if job.cancel_requested:
         return "cancelled", "cancelled on request"
     if exit_code == 0:
-        noun = "extraction" if job.kind == "extract" else "training"
+        noun = job_kind(job.kind).noun
         return "failed", f"{noun} exited with code 0 but wrote no {marker.name}"
     if exit_code is None:
         return "failed", LOST_MESSAGE

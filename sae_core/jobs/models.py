@@ -30,6 +30,8 @@ class ModelFacts:
     hidden_size: int
     heads: int
     hooks: dict[str, int]  # module path -> output width, in model order
+    vocab_size: int = 0
+    causal_lm: bool = False  # predicts the next token (what a model evaluation needs)
 
     @classmethod
     def from_json(cls, data: dict) -> ModelFacts:
@@ -41,6 +43,8 @@ class ModelFacts:
             hidden_size=int(data.get("hidden_size") or 0),
             heads=int(data.get("heads") or 0),
             hooks={h["path"]: int(h["width"]) for h in data["hooks"]},
+            vocab_size=int(data.get("vocab_size") or 0),
+            causal_lm=bool(data.get("causal_lm")),
         )
 
 
@@ -80,3 +84,11 @@ def model_facts(model: str, timeout_s: float = FACTS_TIMEOUT_S) -> ModelFacts:
     facts = ModelFacts.from_json(json.loads(child.stdout))
     _cache[key] = (time.monotonic(), facts)
     return facts
+
+
+def loaded_dtype(facts: ModelFacts, model_dtype: str, on_gpu: bool) -> str:
+    """The dtype a job loads the weights in: `model_dtype`, or for "auto" the saved one, which a CPU widens
+    from half precision to float32 (model/loading.py does the same)."""
+    if model_dtype != "auto":
+        return model_dtype
+    return "float32" if not on_gpu and facts.dtype in ("float16", "bfloat16") else facts.dtype

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..config import ExtractConfig, TrainConfig
+from ..config import EvaluateConfig, ExtractConfig, TrainConfig
 from .errors import JobError
 
 MAX_CPU_PROCS = 512
@@ -45,7 +45,7 @@ def parse_placement(gpu_ids: Sequence[int] | str | None, cpu_procs: int | None) 
 
 
 def check_placement(
-    cfg: TrainConfig | ExtractConfig, gpu_ids: Sequence[int] | str | None, cpu_procs: int | None
+    cfg: TrainConfig | ExtractConfig | EvaluateConfig, gpu_ids: Sequence[int] | str | None, cpu_procs: int | None
 ) -> list[int]:
     """`parse_placement`, and for training a batch that splits across the ranks (ConfigError naming both
     numbers; an extraction splits whole shards, any number of ranks)."""

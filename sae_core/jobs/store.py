@@ -23,11 +23,12 @@ from sqlalchemy.engine import Engine
 from sqlmodel import col, select
 
 from .. import db, paths
-from ..config import ExtractConfig, TrainConfig
+from ..config import EvaluateConfig, ExtractConfig, TrainConfig
 from ..db.health import job_folders
 from ..db.tables import FINAL_STATUSES, JOB_STATUSES, Job
 from ..text import brief
 from .errors import JobError
+from .kinds import job_kind, kind_of
 from .placement import check_placement
 
 log = logging.getLogger("sae_core.jobs")
@@ -46,7 +47,7 @@ def engine_home(engine: Engine) -> Path:
 
 
 def submit_job(
-    cfg: TrainConfig | ExtractConfig,
+    cfg: TrainConfig | ExtractConfig | EvaluateConfig,
     gpu_ids: Sequence[int] | str | None,
     cpu_procs: int | None,
     name: str = "",
@@ -55,7 +56,7 @@ def submit_job(
     engine: Engine | None = None,
     depends_on: int | None = None,
 ) -> Job:
-    """Insert a queued job (a training for a TrainConfig, an extraction for an ExtractConfig); its output dir
+    """Insert a queued job of the config's kind (kinds.py: a training, an extraction, an evaluation); its output dir
     is SAE_LAB_HOME/jobs/<id>. Only its placement is checked here (a row must name a valid one); people
     submit through the gate (submission.py), which checks all. `depends_on`: the job it waits for."""
     gpus = check_placement(cfg, gpu_ids, cpu_procs)
@@ -72,9 +73,9 @@ def submit_job(
             cpu_procs=None if gpus else cpu_procs,
             status="queued",
             created_at=time.time(),
-            total_steps=cfg.n_tokens if isinstance(cfg, ExtractConfig) else cfg.total_steps,  # rows for extraction
+            total_steps=kind_of(cfg).total(cfg),  # steps, or rows, or contexts
             resumed_from=resumed_from,
-            kind="extract" if isinstance(cfg, ExtractConfig) else "train",
+            kind=kind_of(cfg).name,
             depends_on=depends_on,
         )
         session.add(job)
@@ -99,10 +100,9 @@ def _next_free_id(session, home: Path) -> int:
     return next_row
 
 
-def job_config(job: Job) -> TrainConfig | ExtractConfig:
+def job_config(job: Job):
     """The config a job was submitted with, as its kind's class."""
-    cls = ExtractConfig if job.kind == "extract" else TrainConfig
-    return cls.model_validate_json(job.config_json)
+    return job_kind(job.kind).config.model_validate_json(job.config_json)
 
 
 # --------------------------------------------------------------------------- queries

@@ -15,17 +15,18 @@ from pathlib import Path
 from sqlalchemy.engine import Engine
 
 from .. import paths
-from ..config import ConfigError, ExtractConfig, TrainConfig
+from ..config import ConfigError, EvaluateConfig, ExtractConfig, TrainConfig
 from ..data.activations import ActivationSet
 from ..data.catalog import OUTSIDE_ROOTS, in_data_roots
 from ..data.checks import DatasetError, check_dataset
+from ..data.heldout import EvalPlan
 from ..db.tables import Job
 from ..gpu.availability import GpuStatus, validate
 from ..gpu.host import available_ram
 from ..gpu.memory import GiB, host_bytes
 from ..outputs import checkpoint_root, latest_checkpoint
 from ..text import label_problem
-from . import extract_checks, store
+from . import evaluate_checks, extract_checks, store
 from .errors import JobError
 from .gpus import gpu_statuses
 from .models import ModelFacts
@@ -56,6 +57,9 @@ class Verdict:
     model: ModelFacts | None = None  # an extraction's model, as the hooks command read it
     memory: dict[str, int] = field(default_factory=dict)  # an extraction's memory per rank, by term
     disk_bytes: int | None = None  # what an extraction will write
+    evaluation: EvalPlan | None = None  # what a model evaluation will run on
+    placement_failed: bool = False  # nothing after the placement was checked
+    then_evaluation: Job | None = None  # the evaluation submit_extract queued after the training
 
     @property
     def ok(self) -> bool:
@@ -93,17 +97,11 @@ def check(
     defaults to the GPUs as the queue sees them now. `planned_d_in`: the activations do not exist yet (an
     extraction queued before this training will write them, this wide, `planned_rows` of them); their other
     checks are the job's."""
-    verdict = Verdict()
-    for field_name, value in (("name", name), ("submitted_by", submitted_by)):
-        if (why := label_problem(value, MAX_NAME_CHARS)) is not None:
-            verdict.problems.append(Problem(field_name, f"{field_name}: {why}"))
-    try:
-        verdict.gpus = parse_placement(gpu_ids, cpu_procs)
-    except JobError as exc:
-        verdict.problems.append(Problem("placement", str(exc)))
+    verdict = _start_verdict(cfg, gpu_ids, cpu_procs, name, submitted_by)
+    if verdict.placement_failed:
         return verdict
     if not verdict.gpus:
-        _check_cpu_job(cfg, int(cpu_procs or 1), verdict)
+        _check_cpu_batch(cfg, int(cpu_procs or 1), verdict)
     if planned_d_in is None:
         _check_dataset(cfg, scan_values, store.engine_home(store.engine_or_default(engine)), verdict)
     elif planned_rows is not None and planned_rows < cfg.batch_size + cfg.holdout_tokens:
@@ -122,14 +120,29 @@ def check(
     return verdict
 
 
-def _check_cpu_job(cfg: TrainConfig, cpu_procs: int, verdict: Verdict) -> None:
+def _start_verdict(cfg, gpu_ids, cpu_procs, name: str, submitted_by: str) -> Verdict:
+    """What every kind checks first: the labels, the placement, and no CUDA-only config on CPU processes."""
+    verdict = Verdict()
+    for field_name, value in (("name", name), ("submitted_by", submitted_by)):
+        if (why := label_problem(value, MAX_NAME_CHARS)) is not None:
+            verdict.problems.append(Problem(field_name, f"{field_name}: {why}"))
+    try:
+        verdict.gpus = parse_placement(gpu_ids, cpu_procs)
+    except JobError as exc:
+        verdict.problems.append(Problem("placement", str(exc)))
+        verdict.placement_failed = True
+        return verdict
+    if not verdict.gpus and cfg.device == "cuda":
+        message = "device: 'cuda' cannot run as a CPU job; choose GPUs, or device 'auto' or 'cpu'"
+        verdict.problems.append(Problem("device", message))
+    return verdict
+
+
+def _check_cpu_batch(cfg: TrainConfig, cpu_procs: int, verdict: Verdict) -> None:
     try:
         cfg.per_rank_batch(cpu_procs)
     except ConfigError as exc:
         verdict.problems.append(Problem("batch_size", str(exc)))
-    if cfg.device == "cuda":
-        message = "device: 'cuda' cannot run as a CPU job; choose GPUs, or device 'auto' or 'cpu'"
-        verdict.problems.append(Problem("device", message))
 
 
 def _check_host_memory(cfg: TrainConfig, cpu_procs: int, d_in: int, verdict: Verdict) -> None:
@@ -203,18 +216,9 @@ def check_extract(
 ) -> Verdict:
     """Every problem of queueing the extraction `cfg`: names, placement, where the model and text come from,
     the model and its hook, the text's first document, the disk, the memory per GPU (or of the host)."""
-    verdict = Verdict()
-    for field_name, value in (("name", name), ("submitted_by", submitted_by)):
-        if (why := label_problem(value, MAX_NAME_CHARS)) is not None:
-            verdict.problems.append(Problem(field_name, f"{field_name}: {why}"))
-    try:
-        verdict.gpus = parse_placement(gpu_ids, cpu_procs)
-    except JobError as exc:
-        verdict.problems.append(Problem("placement", str(exc)))
+    verdict = _start_verdict(cfg, gpu_ids, cpu_procs, name, submitted_by)
+    if verdict.placement_failed:
         return verdict
-    if not verdict.gpus and cfg.device == "cuda":
-        message = "device: 'cuda' cannot run as a CPU job; choose GPUs, or device 'auto' or 'cpu'"
-        verdict.problems.append(Problem("device", message))
     home = store.engine_home(store.engine_or_default(engine))
     if outside := extract_checks.locations(cfg, home):
         verdict.problems += [Problem(f, m) for f, m in outside]
@@ -230,17 +234,69 @@ def check_extract(
         Problem(f, m) for f, m in extract_checks.disk_problem(verdict.disk_bytes, paths.jobs_dir(home))
     ]
     verdict.memory = extract_checks.memory_per_rank(cfg, verdict.model, on_gpu=bool(verdict.gpus))
+    _check_model_memory(verdict, "extraction", cpu_procs, statuses, engine)
+    return verdict
+
+
+def _check_model_memory(verdict: Verdict, noun: str, cpu_procs: int | None, statuses, engine) -> None:
+    """A job that runs a model: its memory per rank (verdict.memory) on the chosen GPUs, or in the host's RAM."""
     need = sum(verdict.memory.values())
     if verdict.gpus:
         _check_gpus(None, statuses, engine, verdict, None, need)
     elif need * int(cpu_procs or 1) > (free := available_ram()):
         message = (
-            f"cpu_procs: the extraction needs about {need * int(cpu_procs or 1) / GiB:.1f} GiB of RAM for "
+            f"cpu_procs: the {noun} needs about {need * int(cpu_procs or 1) / GiB:.1f} GiB of RAM for "
             f"{cpu_procs} process(es), but this machine has {free / GiB:.1f} GiB available; lower batch_size, "
             "or use fewer processes"
         )
         verdict.problems.append(Problem("cpu_procs", message))
+
+
+def check_evaluate(
+    cfg: EvaluateConfig,
+    gpu_ids: Sequence[int] | str | None,
+    cpu_procs: int | None,
+    *,
+    name: str = "",
+    submitted_by: str = "",
+    statuses: Sequence[GpuStatus] | None = None,
+    engine: Engine | None = None,
+    planned: bool = False,
+) -> Verdict:
+    """Every problem of queueing the model evaluation `cfg`: names, placement, where the SAE, model and text
+    come from, what it runs on (the job's own plan), the model and its hook, the memory. `planned`: the SAE
+    does not exist yet (a training queued before it will write it); its checks are then the job's."""
+    verdict = _start_verdict(cfg, gpu_ids, cpu_procs, name, submitted_by)
+    if verdict.placement_failed or planned:
+        return verdict
+    if outside := evaluate_checks.locations(cfg, store.engine_home(store.engine_or_default(engine))):
+        verdict.problems += [Problem(f, m) for f, m in outside]
+        return verdict
+    verdict.evaluation, problems = evaluate_checks.plan(cfg)
+    if verdict.evaluation is not None:
+        verdict.model, problems = evaluate_checks.model_problems(verdict.evaluation)
+    verdict.problems += [Problem(f, m) for f, m in problems]
+    if verdict.ok and verdict.model is not None and verdict.evaluation is not None:
+        on_gpu = bool(verdict.gpus)
+        verdict.memory = evaluate_checks.memory_per_rank(cfg, verdict.model, verdict.evaluation, on_gpu)
+        _check_model_memory(verdict, "evaluation", cpu_procs, statuses, engine)
     return verdict
+
+
+def submit_evaluate(
+    cfg: EvaluateConfig,
+    gpu_ids: Sequence[int] | str | None,
+    cpu_procs: int | None,
+    name: str = "",
+    submitted_by: str = "",
+    engine: Engine | None = None,
+) -> tuple[Job, Verdict]:
+    """Queue a model evaluation if the gate finds no problem (else SubmissionRejected, nothing written)."""
+    verdict = check_evaluate(cfg, gpu_ids, cpu_procs, name=name, submitted_by=submitted_by, engine=engine)
+    if not verdict.ok:
+        raise SubmissionRejected(verdict.problems)
+    job = store.submit_job(cfg, verdict.gpus, cpu_procs, name, submitted_by, engine=engine)
+    return job, verdict
 
 
 def submit_extract(
@@ -251,9 +307,15 @@ def submit_extract(
     submitted_by: str = "",
     then_train: TrainConfig | None = None,
     engine: Engine | None = None,
+    then_evaluate: EvaluateConfig | None = None,
 ) -> tuple[Job, Job | None, Verdict]:
-    """Queue an extraction, and with `then_train` a training on its output that waits for it (same placement).
-    Both are checked first; SubmissionRejected with every problem of either, and nothing is queued."""
+    """Queue an extraction, and with `then_train` a training on its output that waits for it (same placement),
+    and with `then_evaluate` (which needs `then_train`) a model evaluation of the SAE that waits for the
+    training (its `sae` is set to the training's folder). All are checked first; SubmissionRejected with
+    every problem of any, and nothing is queued. Returns the extraction, the training and the verdict;
+    the evaluation is `verdict.then_evaluation`."""
+    if then_evaluate is not None and then_train is None:
+        raise SubmissionRejected([Problem("then_evaluate", "then evaluate: needs a training to evaluate (then train)")])
     verdict = check_extract(cfg, gpu_ids, cpu_procs, name=name, submitted_by=submitted_by, engine=engine)
     if then_train is not None and verdict.model is not None and cfg.hook in verdict.model.hooks:
         planned = check(
@@ -261,6 +323,9 @@ def submit_extract(
             planned_d_in=verdict.model.hooks[cfg.hook], planned_rows=cfg.n_tokens,
         )  # fmt: skip
         verdict.problems += [Problem(p.field, f"then train: {p.message}") for p in planned.problems]
+    if then_evaluate is not None:
+        later = check_evaluate(then_evaluate, gpu_ids, cpu_procs, name=name, submitted_by=submitted_by, engine=engine, planned=True)  # fmt: skip
+        verdict.problems += [Problem(p.field, f"then evaluate: {p.message}") for p in later.problems]
     if not verdict.ok:
         raise SubmissionRejected(verdict.problems)
     extraction = store.submit_job(cfg, verdict.gpus, cpu_procs, name, submitted_by, engine=engine)
@@ -271,6 +336,12 @@ def submit_extract(
         training = store.submit_job(
             trained, verdict.gpus, cpu_procs, train_name, submitted_by, engine=engine, depends_on=extraction.id
         )
+    if then_evaluate is not None and training is not None:
+        evaluated = then_evaluate.model_copy(update={"sae": training.out_dir})
+        verdict.then_evaluation = store.submit_job(
+            evaluated, verdict.gpus, cpu_procs, f"{extraction.name} (evaluate)", submitted_by, engine=engine,
+            depends_on=training.id,
+        )  # fmt: skip
     return extraction, training, verdict
 
 
@@ -282,6 +353,11 @@ def resume(job_id: int, submitted_by: str = "", engine: Engine | None = None) ->
         raise JobError(f"job {job_id} is {old.status}; only failed or cancelled jobs can be resumed")
     if old.kind == "extract":
         return _resume_extraction(old, submitted_by, engine)
+    if old.kind == "evaluate":  # nothing to continue: the same evaluation again
+        name = old.name if old.name.endswith("(resumed)") else f"{old.name} (resumed)"
+        cpu_procs = old.cpu_procs if old.is_cpu_job else None
+        config = store.job_config(old)
+        return submit_evaluate(config, old.gpu_list, cpu_procs, name, submitted_by or old.submitted_by, engine)
     # A resume that died before its first checkpoint continues from its own source's checkpoint.
     source = old
     while _checkpoint_of(source) is None and source.resumed_from is not None:

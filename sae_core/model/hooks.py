@@ -17,6 +17,7 @@ import torch
 from ..text import brief
 from .loading import ModelError, meta_model
 
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # the classes that predict the next token
 _PROBE_TOKENS = 8  # a [1, 8] forward on the meta device gives every module's output shape
 
 
@@ -93,6 +94,8 @@ def model_facts(model_dir: Path) -> dict:
         "dtype": str(dtype).removeprefix("torch."),
         "hidden_size": getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0),
         "heads": getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 0),
+        "vocab_size": getattr(config, "vocab_size", 0) or 0,
+        "causal_lm": type(model).__name__.endswith(CAUSAL_LM_SUFFIXES),
     }
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.distributed import all_reduce_
-from .hooks import HookReader, find_module, first_tensor
+from .hooks import CAUSAL_LM_SUFFIXES, HookReader, find_module, first_tensor
 from .loading import ModelError
 
 Replacement = Callable[[torch.Tensor], torch.Tensor]  # [batch, tokens, width] -> the same shape
@@ -29,7 +29,7 @@ Replacement = Callable[[torch.Tensor], torch.Tensor]  # [batch, tokens, width] -
 
 def require_causal_lm(model: torch.nn.Module) -> None:
     """ModelError unless `model` predicts the next token (its class is a ...ForCausalLM or ...LMHeadModel)."""
-    if not type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")):
+    if not type(model).__name__.endswith(CAUSAL_LM_SUFFIXES):
         raise ModelError(
             f"model: {type(model).__name__} is not a causal language model; the CE evaluation needs one "
             "(a ...ForCausalLM or ...LMHeadModel)"

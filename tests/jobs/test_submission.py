@@ -36,7 +36,7 @@ def test_every_problem_is_reported_at_once_naming_its_field(lab_home, cfg, tmp_p
     bad = cfg.model_copy(update={"activation_source": str(missing), "device": "cuda"})
     verdict = submission.check(bad, None, 3)
     fields = [field for field, _ in problems(verdict)]
-    assert fields == ["batch_size", "device", "activation_source"]
+    assert fields == ["device", "batch_size", "activation_source"]
     assert "batch_size 256 does not divide evenly across 3 ranks" in verdict.describe()
     assert f"activation source not found: {missing}" in verdict.describe()
 

@@ -1,0 +1,66 @@
+"""The submission gate's checks of a model evaluation (called by submission.py, the one gate): where the SAE,
+the model and the text come from, the plan (data/heldout.py: the same checks the job makes), the model
+being a causal LM whose hook is as wide as the SAE, and the memory per rank.
+
+No torch: the model is read by `python -m sae_core hooks` in a child process (models.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import ConfigError, EvaluateConfig
+from ..data.catalog import OUTSIDE_MODEL_ROOTS, OUTSIDE_ROOTS, in_data_roots, in_model_roots
+from ..data.formats import DatasetError
+from ..data.heldout import EvalPlan, plan_evaluation
+from ..data.text import is_hub_name
+from ..gpu.memory import evaluation_bytes
+from .models import ModelFacts, ModelProblem, loaded_dtype, model_facts
+
+
+def locations(cfg: EvaluateConfig, home: Path) -> list[tuple[str, str]]:
+    """(field, message) for an SAE, model or text outside the lab's roots (hub names are fine)."""
+    problems = []
+    if not in_data_roots(cfg.sae, home):
+        problems.append(("sae", f"sae: {OUTSIDE_ROOTS}"))
+    if cfg.model is not None and not is_hub_name(cfg.model) and not in_model_roots(cfg.model, home):
+        problems.append(("model", f"model: {OUTSIDE_MODEL_ROOTS}"))
+    if cfg.dataset is not None and not is_hub_name(cfg.dataset) and not in_data_roots(cfg.dataset, home):
+        problems.append(("dataset", f"dataset: {OUTSIDE_ROOTS}"))
+    return problems
+
+
+def plan(cfg: EvaluateConfig) -> tuple[EvalPlan | None, list[tuple[str, str]]]:
+    try:
+        return plan_evaluation(cfg), []
+    except (ConfigError, DatasetError) as exc:
+        message = str(exc)
+        return None, [(message.split(":", 1)[0], message)]
+
+
+def model_problems(evaluation: EvalPlan) -> tuple[ModelFacts | None, list[tuple[str, str]]]:
+    """The model as the hooks command reads it; whether it predicts the next token and has the SAE's width
+    at the hook."""
+    try:
+        facts = model_facts(evaluation.model)
+    except ModelProblem as exc:
+        return None, [(exc.field, str(exc))]
+    if not facts.causal_lm:
+        return facts, [("model", f"model: {facts.cls} is not a causal language model; the CE evaluation needs one")]
+    width = facts.hooks.get(evaluation.hook)
+    if width is None:
+        return facts, [("hook", f"hook: {evaluation.hook!r} is not a module of this model with a [batch, tokens, width] output")]  # fmt: skip
+    if width != evaluation.d_in:
+        return facts, [("hook", f"hook: {evaluation.hook} outputs width {width} but the SAE's d_in is {evaluation.d_in}")]  # fmt: skip
+    return facts, []
+
+
+def memory_per_rank(cfg: EvaluateConfig, facts: ModelFacts, evaluation: EvalPlan, on_gpu: bool) -> dict[str, int]:
+    """The estimate's terms for one rank; the weights in the dtype the job will load them in."""
+    terms = evaluation_bytes(
+        facts.parameters, loaded_dtype(facts, cfg.model_dtype, on_gpu), cfg.batch_size, evaluation.context_size,
+        facts.hidden_size, facts.heads, facts.vocab_size, evaluation.d_in, evaluation.d_sae,
+    )  # fmt: skip
+    if not on_gpu:
+        terms.pop("cuda_context")
+    return terms
