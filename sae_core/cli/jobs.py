@@ -1,4 +1,4 @@
-"""`python -m sae_core submit | jobs | cancel | resume | logs`: the job commands of the CLI.
+"""`python -m sae_core submit | extract | evaluate | jobs | cancel | resume | logs`: the job commands of the CLI.
 
 Each `cli_<name>(argv) -> exit code`. Exit 0 on success, 2 on a rejected request (the reason on
 stderr, nothing written), 1 when an operation failed. `--json` prints data for scripts.
@@ -14,12 +14,13 @@ import time
 from pathlib import Path
 
 from .. import paths
-from ..config import ConfigError, ExtractConfig, TrainConfig, read_json_object
+from ..config import ConfigError, EvaluateConfig, ExtractConfig, TrainConfig, read_json_object
 from ..db.tables import FINAL_STATUSES, JOB_STATUSES, Job
 from ..files import STDERR_LOG, STDOUT_LOG
 from ..jobs import store, submission
 from ..jobs.daemon_control import daemon_status, ensure_daemon
 from ..jobs.errors import JobError
+from ..jobs.kinds import job_kind
 from ..jobs.lifecycle import GRACE_S, cancel_job
 from ..jobs.logs import log_dir_of
 from ..text import brief, format_duration
@@ -60,16 +61,21 @@ def _daemon_note(no_daemon: bool, quiet: bool) -> None:
 # --------------------------------------------------------------------------- submit
 
 
-def cli_submit(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sae_core submit", description="Queue a training job.")
-    parser.add_argument("--config", required=True, help="TrainConfig JSON file.")
+def _submission_args(parser: argparse.ArgumentParser) -> None:
+    """Where the job runs, what it is called, who submits, how it is reported: the same for every kind."""
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--gpus", help="GPU indices (NVML / PCI bus order), e.g. 0,1.")
     where.add_argument("--cpu-procs", type=int, help="Run as N gloo processes on the CPU.")
     parser.add_argument("--name", default="", help="A name to find the job by (default job-<id>).")
     parser.add_argument("--user", default=None, help="Who submits (default: the login name).")
-    parser.add_argument("--json", action="store_true", help="Print the queued job as JSON.")
+    parser.add_argument("--json", action="store_true", help="Print the queued job(s) as JSON.")
     parser.add_argument("--no-daemon", action="store_true", help="Do not start the launcher if none runs.")
+
+
+def cli_submit(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sae_core submit", description="Queue a training job.")
+    parser.add_argument("--config", required=True, help="TrainConfig JSON file.")
+    _submission_args(parser)
     args = parser.parse_args(argv)
 
     try:
@@ -90,36 +96,75 @@ def cli_extract(argv: list[str]) -> int:
         "--then-train a training on its output that waits for it.",
     )
     parser.add_argument("--config", required=True, help="ExtractConfig JSON file.")
-    where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--gpus", help="GPU indices (NVML / PCI bus order), e.g. 0,1.")
-    where.add_argument("--cpu-procs", type=int, help="Run as N processes on the CPU.")
-    parser.add_argument("--name", default="", help="A name to find the job by (default job-<id>).")
     parser.add_argument(
         "--then-train", metavar="TRAIN.json", help="TrainConfig to train on the output (its activation_source is set)."
     )
-    parser.add_argument("--user", default=None, help="Who submits (default: the login name).")
-    parser.add_argument("--json", action="store_true", help="Print the queued job(s) as JSON.")
-    parser.add_argument("--no-daemon", action="store_true", help="Do not start the launcher if none runs.")
+    parser.add_argument(
+        "--then-evaluate",
+        metavar="CONTEXTS",
+        type=int,
+        help="After --then-train: evaluate the SAE with the model on this many held-out contexts.",
+    )
+    _submission_args(parser)
     args = parser.parse_args(argv)
     try:
         cfg = ExtractConfig.from_json_file(args.config)
         then_train = _then_train_config(args.then_train) if args.then_train else None
+        then_evaluate = None
+        if args.then_evaluate is not None:
+            then_evaluate = EvaluateConfig.from_dict({"sae": "(the training)", "contexts": args.then_evaluate})
         extraction, training, verdict = submission.submit_extract(
-            cfg, args.gpus, args.cpu_procs, name=args.name, submitted_by=args.user or _user(), then_train=then_train
+            cfg, args.gpus, args.cpu_procs, name=args.name, submitted_by=args.user or _user(), then_train=then_train,
+            then_evaluate=then_evaluate,
+        )  # fmt: skip
+    except (ConfigError, JobError) as exc:
+        return _reject(str(exc))
+    _print_notes(verdict.notes)
+    queued = [j for j in (extraction, training, verdict.then_evaluation) if j is not None]
+    if args.json:
+        print(json.dumps([store.job_to_dict(j) for j in queued]))
+        _daemon_note(args.no_daemon, args.json)
+        return 0
+    message = f"queued extraction job {extraction.id} ({extraction.name}) on {_placement(extraction)}; output in {extraction.out_dir}"
+    for before, job in zip(queued, queued[1:], strict=False):
+        message += (
+            f"\nqueued {job_kind(job.kind).noun} job {job.id} ({job.name}): starts when job {before.id} completes"
+        )
+    print(message)
+    _daemon_note(args.no_daemon, args.json)
+    return 0
+
+
+def cli_evaluate(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m sae_core evaluate",
+        description="Queue a model evaluation of an SAE: CE loss and KL recovered with the SAE spliced in at its "
+        "hook (SAELens's ce_loss_score and kl_div_score), on held-out contexts of its training data or on a text.",
+    )
+    parser.add_argument("sae_dir", metavar="SAE_DIR", help="The SAE folder (SAE Lab's, or SAELens's format).")
+    parser.add_argument("--contexts", type=int, default=256, help="Contexts to evaluate on (default 256).")
+    parser.add_argument("--model", help="The causal LM (default: the one the SAE's activations came from).")
+    parser.add_argument("--hook", help="The module the SAE reads (default: the one its activations came from).")
+    parser.add_argument("--dataset", help="Text to evaluate on (default: the held-out contexts).")
+    parser.add_argument("--text-field", default="text", help="The text's field in .jsonl/.parquet (default text).")
+    parser.add_argument("--context-size", type=int, default=128, help="Tokens per context from --dataset.")
+    parser.add_argument("--batch-size", type=int, default=8, help="Contexts per forward pass (default 8).")
+    _submission_args(parser)
+    args = parser.parse_args(argv)
+    given = {
+        "sae": str(Path(args.sae_dir).expanduser().resolve()), "contexts": args.contexts, "model": args.model,
+        "hook": args.hook, "dataset": args.dataset, "text_field": args.text_field,
+        "context_size": args.context_size, "batch_size": args.batch_size,
+    }  # fmt: skip
+    try:
+        cfg = EvaluateConfig.from_dict({k: v for k, v in given.items() if v is not None})
+        job, verdict = submission.submit_evaluate(
+            cfg, args.gpus, args.cpu_procs, name=args.name, submitted_by=args.user or _user()
         )
     except (ConfigError, JobError) as exc:
         return _reject(str(exc))
     _print_notes(verdict.notes)
-    if args.json:
-        print(json.dumps([store.job_to_dict(j) for j in (extraction, training) if j is not None]))
-        _daemon_note(args.no_daemon, args.json)
-        return 0
-    message = f"queued extraction job {extraction.id} ({extraction.name}) on {_placement(extraction)}; output in {extraction.out_dir}"
-    if training is not None:
-        message += f"\nqueued training job {training.id} ({training.name}): starts when job {extraction.id} completes"
-    print(message)
-    _daemon_note(args.no_daemon, args.json)
-    return 0
+    return _queued(job, args, f"queued evaluation job {job.id} ({job.name}) on {_placement(job)} of {cfg.sae}")
 
 
 def _then_train_config(path: str) -> TrainConfig:

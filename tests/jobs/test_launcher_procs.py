@@ -437,7 +437,7 @@ def test_twenty_racing_submissions_on_two_fake_gpus_run_once_each_without_sharin
 # --------------------------------------------------------------------------- extraction jobs (issue 13)
 
 
-def test_an_extraction_then_its_training_run_in_the_queue_to_a_loadable_sae(lab, hf, tmp_path):
+def test_an_extraction_then_its_training_then_its_evaluation_run_in_the_queue(lab, hf, tmp_path):
     home, start_daemon = lab
     extract = tmp_path / "extract.json"
     extract.write_text(json.dumps({"model": str(hf["gpt2"]), "hook": "transformer.h.1", "dataset": str(hf["corpus"]),
@@ -445,9 +445,10 @@ def test_an_extraction_then_its_training_run_in_the_queue_to_a_loadable_sae(lab,
     train = tmp_path / "train.json"
     train.write_text(json.dumps({"d_sae": 64, "k": 4, "batch_size": 256, "total_steps": 20, "holdout_tokens": 256,
                                  "b_dec_init": "mean"}))  # fmt: skip
-    result = cli("extract", "--config", str(extract), "--cpu-procs", "2", "--then-train", str(train), "--no-daemon",
-                 env=subprocess_env(SAE_LAB_HOME=str(home)))  # fmt: skip
+    result = cli("extract", "--config", str(extract), "--cpu-procs", "2", "--then-train", str(train),
+                 "--then-evaluate", "5", "--no-daemon", env=subprocess_env(SAE_LAB_HOME=str(home)))  # fmt: skip
     assert result.returncode == 0, result.stderr
+    assert "queued evaluation job 3" in result.stdout and "starts when job 2 completes" in result.stdout
     start_daemon()
     extraction = wait_status(1, FINAL_STATUSES, timeout=180)
     assert extraction.status == "completed", extraction.error
@@ -457,7 +458,12 @@ def test_an_extraction_then_its_training_run_in_the_queue_to_a_loadable_sae(lab,
     assert training.started_at >= extraction.finished_at  # it waited
     model = saelens.load(training.out_dir)
     assert (model.d_in, model.d_sae) == (32, 64)
-    assert job_processes_left(1, home) == [] and job_processes_left(2, home) == []
+    evaluation = wait_status(3, FINAL_STATUSES, timeout=180)
+    assert evaluation.status == "completed", evaluation.error
+    assert evaluation.kind == "evaluate" and evaluation.last_step == evaluation.total_steps == 5
+    figures = json.loads((Path(training.out_dir) / "eval.json").read_text())
+    assert figures["eval_contexts"] == 5 and figures["ce_clean"] > 0 and "ce_loss_score" in figures
+    assert all(job_processes_left(job, home) == [] for job in (1, 2, 3))
 
 
 def test_a_failed_extraction_cancels_the_training_waiting_for_it_with_the_reason(lab, hf, tmp_path):
