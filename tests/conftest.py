@@ -96,3 +96,45 @@ def read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_json(path: Path, value: dict) -> Path:
+    path.write_text(json.dumps(value))
+    return path
+
+
+# --------------------------------------------------------------------------- model evaluation (issue 14)
+
+
+@pytest.fixture(scope="session")
+def lm(hf, tmp_path_factory) -> Path:
+    """The tiny GPT-2, trained a little on text with structure (tests/hf_models.py)."""
+    from tests.hf_models import train_briefly
+
+    return train_briefly(hf["gpt2"], tmp_path_factory.mktemp("lm") / "gpt2")
+
+
+@pytest.fixture(scope="session")
+def text(tmp_path_factory) -> Path:
+    """Documents that walk a word list in order (what `lm` was trained on), one per line."""
+    from tests.hf_models import sequence_corpus, write_corpus
+
+    return write_corpus(tmp_path_factory.mktemp("text") / "sequences.txt", documents=sequence_corpus(300, seed=1))
+
+
+@pytest.fixture(scope="session")
+def trained(lm, text, tmp_path_factory) -> dict[str, Path]:
+    """An extraction from the tiny GPT-2 and a TopK SAE trained briefly on it (holding out 320 rows)."""
+    from sae_core.engine.run import main as train_main
+    from sae_core.model.run import main as extract_main
+    from tests.hf_models import HOOKS
+
+    base = tmp_path_factory.mktemp("evaluate")
+    acts, sae = base / "acts", base / "sae"
+    extract_cfg = {"model": str(lm), "hook": HOOKS["gpt2"], "dataset": str(text), "n_tokens": 2000,
+                   "context_size": 32, "batch_size": 8, "shard_rows": 500, "storage_dtype": "float32", "device": "cpu"}  # fmt: skip
+    assert extract_main(["--config", str(write_json(base / "extract.json", extract_cfg)), "--out", str(acts)]) == 0
+    train_cfg = {"activation_source": str(acts), "architecture": "topk", "d_sae": 64, "k": 8, "batch_size": 256,
+                 "total_steps": 40, "holdout_tokens": 320, "log_every": 20, "device": "cpu"}  # fmt: skip
+    assert train_main(["--config", str(write_json(base / "train.json", train_cfg)), "--out", str(sae)]) == 0
+    return {"acts": acts, "sae": sae, "base": base}

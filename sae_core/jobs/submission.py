@@ -326,6 +326,12 @@ def submit_extract(
     if then_evaluate is not None:
         later = check_evaluate(then_evaluate, gpu_ids, cpu_procs, name=name, submitted_by=submitted_by, engine=engine, planned=True)  # fmt: skip
         verdict.problems += [Problem(p.field, f"then evaluate: {p.message}") for p in later.problems]
+        if then_train is not None and then_train.holdout_tokens < 2 * cfg.context_size:
+            message = (
+                f"then evaluate: the training holds out {then_train.holdout_tokens:,} rows, not two whole contexts of "
+                f"{cfg.context_size} tokens to evaluate on; raise holdout_tokens"
+            )
+            verdict.problems.append(Problem("holdout_tokens", message))
     if not verdict.ok:
         raise SubmissionRejected(verdict.problems)
     extraction = store.submit_job(cfg, verdict.gpus, cpu_procs, name, submitted_by, engine=engine)

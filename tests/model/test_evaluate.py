@@ -14,46 +14,14 @@ import pytest
 import torch
 
 from sae_core.data.activations import open_activations
-from sae_core.engine.run import main as train_main
 from sae_core.engine.sae import make_sae
 from sae_core.engine.saelens import save as save_sae
 from sae_core.files import EVAL_FILE, MODEL_EVAL_FILE, REFUSED_FILE
 from sae_core.model.evaluate import main as evaluate_main
-from sae_core.model.run import main as extract_main
-from tests.conftest import subprocess_env
-from tests.hf_models import HOOKS, sequence_corpus, train_briefly, write_corpus
+from tests.conftest import subprocess_env, write_json
+from tests.hf_models import HOOKS
 
 HOOK = HOOKS["gpt2"]
-
-
-def write_json(path: Path, value: dict) -> Path:
-    path.write_text(json.dumps(value))
-    return path
-
-
-@pytest.fixture(scope="module")
-def lm(hf, tmp_path_factory) -> Path:
-    """The tiny GPT-2, trained a little on text with structure (tests/hf_models.py)."""
-    return train_briefly(hf["gpt2"], tmp_path_factory.mktemp("lm") / "gpt2")
-
-
-@pytest.fixture(scope="module")
-def text(tmp_path_factory) -> Path:
-    return write_corpus(tmp_path_factory.mktemp("text") / "sequences.txt", documents=sequence_corpus(300, seed=1))
-
-
-@pytest.fixture(scope="module")
-def trained(lm, text, tmp_path_factory) -> dict[str, Path]:
-    """An extraction from the tiny GPT-2 and a TopK SAE trained briefly on it (holding out 320 rows)."""
-    base = tmp_path_factory.mktemp("evaluate")
-    acts, sae = base / "acts", base / "sae"
-    extract_cfg = {"model": str(lm), "hook": HOOK, "dataset": str(text), "n_tokens": 2000,
-                   "context_size": 32, "batch_size": 8, "shard_rows": 500, "storage_dtype": "float32", "device": "cpu"}  # fmt: skip
-    assert extract_main(["--config", str(write_json(base / "extract.json", extract_cfg)), "--out", str(acts)]) == 0
-    train_cfg = {"activation_source": str(acts), "architecture": "topk", "d_sae": 64, "k": 8, "batch_size": 256,
-                 "total_steps": 40, "holdout_tokens": 320, "log_every": 20, "device": "cpu"}  # fmt: skip
-    assert train_main(["--config", str(write_json(base / "train.json", train_cfg)), "--out", str(sae)]) == 0
-    return {"acts": acts, "sae": sae, "base": base}
 
 
 def evaluate(tmp_path: Path, sae: Path, out: Path | None = None, **fields) -> tuple[int, Path]:
