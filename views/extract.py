@@ -13,7 +13,7 @@ import streamlit as st
 
 from sae_core import db, paths
 from sae_core.architectures import ARCHITECTURE_NAMES, architecture
-from sae_core.config import ConfigError, ExtractConfig, TrainConfig
+from sae_core.config import ConfigError, EvaluateConfig, ExtractConfig, TrainConfig
 from sae_core.data.catalog import list_models, list_texts
 from sae_core.gpu.history import latest_probe
 from sae_core.jobs import submission
@@ -116,6 +116,19 @@ def then_train_section(width: int | None, rows: int) -> TrainConfig | None | str
         return f"then train: {exc}"
 
 
+def then_evaluate_section(facts, then_train) -> EvaluateConfig | None | str:
+    """The optional model evaluation after the training: its config, None when not asked for, or an error."""
+    if not isinstance(then_train, TrainConfig):
+        return None
+    causal = facts is not None and facts.causal_lm
+    help_ = None if causal else "Only a causal language model predicts the next token: CE loss needs one."
+    if not st.checkbox("Then evaluate it with the model (CE loss and KL recovered)", key="extract_then_evaluate",
+                       disabled=not causal, help=help_):  # fmt: skip
+        return None
+    contexts = st.number_input("Held-out contexts to evaluate on", value=256, min_value=1, key="extract_eval_contexts")
+    return EvaluateConfig(sae="(the training)", contexts=int(contexts))
+
+
 def estimate_panel(verdict) -> None:
     if verdict.memory:
         st.metric("Estimated memory per rank", format_bytes(sum(verdict.memory.values())))
@@ -139,6 +152,7 @@ with form_col:
     numbers = numbers_section()
     width = facts.hooks.get(hook) if facts is not None and hook else None
     then_train = then_train_section(width, int(numbers["n_tokens"]))
+    then_evaluate = then_evaluate_section(facts, then_train)
     c1, c2 = st.columns(2)
     job_name = c1.text_input("Job name", key="extract_name", placeholder="e.g. gemma-l12-1M")
     user = c2.text_input("Your name", key="extract_user", value=st.session_state.get("user_name", ""))
@@ -184,19 +198,24 @@ with submit_box:
         st.error(html.md_text(message), icon=":material/error:")
     if st.button("Submit", key="extract_submit", type="primary", disabled=bool(errors), icon=":material/send:"):
         try:
-            extraction, training, _ = submission.submit_extract(
+            extraction, training, verdict_after = submission.submit_extract(
                 cfg, gpu_ids or None, cpu_procs, name=job_name, submitted_by=user.strip(),
                 then_train=then_train if isinstance(then_train, TrainConfig) else None, engine=engine,
+                then_evaluate=then_evaluate,
             )  # fmt: skip
         except submission.SubmissionRejected as exc:
             for problem in exc.problems:
                 st.error(html.md_text(problem), icon=":material/error:")
         else:
-            st.session_state["extract_submitted"] = (extraction.id, training.id if training else None)
+            later = [job.id for job in (training, verdict_after.then_evaluation) if job is not None]
+            st.session_state["extract_submitted"] = (extraction.id, later)
     if submitted := st.session_state.get("extract_submitted"):
-        extraction_id, training_id = submitted
+        extraction_id, later = submitted
+        what = ["training", "evaluation"]
         st.success(
-            f"Extraction job {extraction_id} queued" + (f", then training job {training_id}." if training_id else ".")
+            f"Extraction job {extraction_id} queued"
+            + "".join(f", then {what[i]} job {job_id}" for i, job_id in enumerate(later))
+            + "."
         )
         st.page_link("views/jobs.py", label=f"Open job {extraction_id}", query_params={"job": str(extraction_id)},
                      icon=":material/arrow_forward:")  # fmt: skip

@@ -9,15 +9,15 @@ import streamlit as st
 
 from sae_core import paths
 from sae_core.db.tables import LIVE_STATUSES
-from sae_core.files import STDERR_LOG, STDOUT_LOG
+from sae_core.files import MODEL_EVAL_FILE, STDERR_LOG, STDOUT_LOG
 from sae_core.jobs import store, submission
 from sae_core.jobs.errors import JobError
 from sae_core.jobs.lifecycle import cancel_job
 from sae_core.jobs.logs import log_dir_of, tail_text
 from sae_core.jobs.metrics import metrics_frame
-from sae_core.outputs import is_trained_sae, plain_file, served_dir
+from sae_core.outputs import is_trained_sae, plain_file, read_json, served_dir
 from sae_core.text import format_bytes, format_duration, format_rate
-from sae_core.ui import charts, frames, html
+from sae_core.ui import charts, frames, html, labels
 from sae_core.ui.downloads import metrics_csv
 from sae_core.ui.forms import parse_job_param
 from sae_core.ui.html import md_text
@@ -99,6 +99,10 @@ def downloads(job, c1, c2) -> None:
         c1.caption("This job's folder is not inside SAE_LAB_HOME, so its files are not served.")
     elif is_trained_sae(out_dir):
         sae_download(c1, out_dir, f"sae-job-{job.id}.zip", "job_download_zip", "job_prepare_zip")
+    elif job.kind == "evaluate":
+        c1.caption("The figures are added to the SAE's eval.json (SAEs page) when the job completes.")
+    elif job.kind == "extract":
+        c1.caption("The activations appear in the Train page's dataset picker when the job completes.")
     else:
         c1.caption("The SAE download appears when the job completes.")
     c2.download_button(
@@ -110,6 +114,16 @@ def downloads(job, c1, c2) -> None:
         key="job_download_csv",
         icon=":material/table:",
     )
+
+
+def model_figures(job) -> None:
+    """An evaluation job's result (its model_eval.json), once written."""
+    out_dir = served_dir(job.out_dir, paths.lab_home())
+    shown = labels.model_eval_figures(read_json(out_dir / MODEL_EVAL_FILE)) if out_dir is not None else {}
+    if shown:
+        cols = st.columns(len(shown))
+        for col, (label, value) in zip(cols, shown.items(), strict=False):
+            col.metric(label, value)
 
 
 def job_detail(job_id: int, was_live: bool) -> None:
@@ -126,7 +140,8 @@ def job_detail(job_id: int, was_live: bool) -> None:
     metrics = metrics_frame(job.id, max_points=CHART_POINTS)
     cols = st.columns(6)
     extracting = job.kind == "extract"
-    cols[0].metric("Rows" if extracting else "Step", f"{job.last_step:,} / {job.total_steps:,}")
+    counted = {"extract": "Rows", "evaluate": "Contexts"}.get(job.kind, "Step")
+    cols[0].metric(counted, f"{job.last_step:,} / {job.total_steps:,}")
     cols[1].metric("Tokens/s", format_rate(job.tokens_per_s).removesuffix(" tok/s"))
     eta = frames.job_eta_seconds(job.status, job.started_at, job.last_step, job.total_steps, now)
     cols[2].metric("ETA", format_duration(eta))
@@ -135,6 +150,8 @@ def job_detail(job_id: int, was_live: bool) -> None:
     if extracting:
         disk = metrics["disk_bytes"].dropna() if "disk_bytes" in metrics else []
         cols[5].metric("Disk used", format_bytes(disk.iloc[-1]) if len(disk) else "—")
+    elif job.kind == "evaluate":
+        model_figures(job)
     else:
         data_wait = frames.data_wait_summary(metrics)
         cols[5].metric("Data wait", data_wait[0] if data_wait else "—", help=data_wait[1] if data_wait else None)
@@ -147,7 +164,7 @@ def job_detail(job_id: int, was_live: bool) -> None:
     if metrics.empty:
         st.caption("No metrics yet: rank 0 records them every log_every steps once training runs.")
     else:
-        shown = frames.EXTRACT_CHART_METRICS if extracting else frames.CHART_METRICS
+        shown = frames.KIND_CHART_METRICS.get(job.kind, frames.CHART_METRICS)
         st.vega_lite_chart(frames.metrics_long(metrics, shown), charts.metrics_spec(), width="stretch")
         peaks = frames.peak_memory_by_rank(metrics)
         if not peaks.empty:

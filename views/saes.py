@@ -1,4 +1,5 @@
-"""SAEs: every trained SAE under SAE_LAB_HOME, its figures, firing frequencies, download and load snippets."""
+"""SAEs: every trained SAE under SAE_LAB_HOME, its figures, firing frequencies, a model evaluation, download
+and load snippets."""
 
 from __future__ import annotations
 
@@ -6,12 +7,54 @@ from pathlib import Path
 
 import streamlit as st
 
-from sae_core import paths
+from sae_core import db, paths
+from sae_core.config import ConfigError, EvaluateConfig
 from sae_core.files import CFG_FILE, EVAL_FILE, SPARSITY_FILE
+from sae_core.gpu.history import latest_probe
+from sae_core.jobs import submission
+from sae_core.jobs.gpus import gpu_statuses
 from sae_core.outputs import find_trained_saes, read_json, read_log10_frequency
 from sae_core.ui import charts, frames, labels
 from sae_core.ui.html import md_text
-from views.widgets import sae_download
+from views.widgets import placement, sae_download
+
+
+def show_figures(title: str, shown: dict[str, str]) -> None:
+    st.markdown(title)
+    cols = st.columns(max(1, len(shown)))
+    for col, (label, value) in zip(cols, shown.items(), strict=False):
+        col.metric(label, value)
+
+
+def evaluate_form(sae_dir: Path) -> None:
+    """Queue a model evaluation of this SAE: how many held-out contexts, where it runs, who asks."""
+    engine = db.get_engine()
+    probe = latest_probe(engine)
+    statuses = gpu_statuses(engine, snapshot=probe) if probe is not None and probe.gpus else []
+    c1, c2 = st.columns(2)
+    contexts = int(c1.number_input("Held-out contexts", min_value=1, max_value=2**20, value=256, key="saes_contexts"))
+    user = c2.text_input("Your name", key="saes_user", value=st.session_state.get("user_name", ""))
+    gpu_ids, cpu_procs, errors = placement(statuses, probe, None, "evaluate")
+    if not user.strip():
+        errors.append("your name: enter it so colleagues can see whose job this is")
+    for message in errors:
+        st.error(md_text(message), icon=":material/error:")
+    if st.button("Evaluate with the model", key="saes_evaluate", disabled=bool(errors), icon=":material/science:"):
+        st.session_state["user_name"] = user
+        try:
+            cfg = EvaluateConfig(sae=str(sae_dir), contexts=contexts, device="auto" if statuses else "cpu")
+            job, _ = submission.submit_evaluate(
+                cfg, gpu_ids or None, cpu_procs, name=f"evaluate {sae_dir.name}", submitted_by=user.strip(),
+                engine=engine,
+            )  # fmt: skip
+        except (ConfigError, submission.SubmissionRejected) as exc:
+            for problem in getattr(exc, "problems", None) or [exc]:
+                st.error(md_text(problem), icon=":material/error:")
+        else:
+            st.success(f"Evaluation job {job.id} queued.")
+            st.page_link("views/jobs.py", label=f"Open job {job.id}", query_params={"job": str(job.id)},
+                         icon=":material/arrow_forward:")  # fmt: skip
+
 
 st.title("Trained SAEs")
 home = paths.lab_home()
@@ -33,14 +76,20 @@ cols[0].metric("Architecture", str(cfg.get("metadata", {}).get("trained_architec
 cols[1].metric("d_in → d_sae", f"{cfg.get('d_in', '?')} → {cfg.get('d_sae', '?')}")
 cols[2].metric("k", str(cfg.get("k", "—")))
 cols[3].metric("dtype", str(cfg.get("dtype", "?")))
-if figures:
-    st.markdown("**Evaluation** (held-out tokens)")
-    shown = labels.eval_figures(figures)
-    cols = st.columns(max(1, len(shown)))
-    for col, (label, value) in zip(cols, shown.items(), strict=False):
-        col.metric(label, value)
+if shown := labels.eval_figures(figures):
+    show_figures("**Evaluation** (held-out tokens)", shown)
 else:
     st.caption("No eval.json beside this SAE.")
+if with_model := labels.model_eval_figures(figures):
+    show_figures(
+        "**With the model** (the SAE spliced in at its hook; SAELens's ce_loss_score, kl_div_score)", with_model
+    )
+with st.expander("Evaluate with the model", expanded=not with_model, icon=":material/science:"):
+    st.caption(
+        "Runs the model on held-out contexts clean, with the hook's output replaced by the SAE's reconstruction, "
+        "and zero- and mean-ablated: CE loss and KL recovered, as a job on the queue."
+    )
+    evaluate_form(sae_dir)
 
 st.markdown("**Feature firing frequency**")
 if log10_freq is None:

@@ -80,10 +80,28 @@ _EVAL_LABELS = {
 }
 
 
-def eval_figures(figures: Mapping[str, Any]) -> dict[str, str]:
+# A model evaluation's figures (model/splice.py; SAELens's names and formulas for the two scores)
+_MODEL_EVAL_LABELS = {
+    "ce_loss_score": ("CE loss recovered", "{:.3f}"),
+    "kl_div_score": ("KL recovered", "{:.3f}"),
+    "ce_clean": ("CE clean", "{:.4f}"),
+    "ce_spliced": ("CE with the SAE", "{:.4f}"),
+    "ce_zero_ablation": ("CE zero-ablated", "{:.4f}"),
+    "kl_spliced": ("KL with the SAE", "{:.4f}"),
+    "explained_variance": ("Explained variance", "{:.3f}"),
+    "eval_contexts": ("Contexts", "{:,}"),
+}
+
+
+def model_eval_figures(figures: Mapping[str, Any]) -> dict[str, str]:
+    """The model evaluation's figures of eval.json (or model_eval.json), labelled; {} before one ran."""
+    return eval_figures(figures, _MODEL_EVAL_LABELS)
+
+
+def eval_figures(figures: Mapping[str, Any], labels: Mapping[str, tuple[str, str]] | None = None) -> dict[str, str]:
     """eval.json → labelled, formatted figures in a fixed order; missing or odd values are skipped."""
     shown = {}
-    for key, (label, fmt) in _EVAL_LABELS.items():
+    for key, (label, fmt) in (labels or _EVAL_LABELS).items():
         value = figures.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
             shown[label] = fmt.format(int(value) if fmt == "{:,}" else value)
