@@ -118,6 +118,18 @@ def test_load_state_dict_refuses_another_data_order(change, message):
         order(**change).load_state_dict(state)
 
 
+def test_a_tail_holdout_is_the_last_rows_and_never_trained_on():
+    o = order(contiguous_holdout=True)
+    assert np.array_equal(o.holdout_rows(), np.arange(900, 1000)) and o.holdout_kind == "tail"
+    trained = np.concatenate([o.global_rows(key) for key in epoch_keys(o, epochs=2)])
+    assert trained.max() < 900 and len(np.unique(trained)) == 900  # two epochs see every training row
+    # a checkpoint of a random-holdout order (or one from before tail holdouts) does not resume it
+    with pytest.raises(DatasetError, match="holdout_kind was random, now tail"):
+        o.load_state_dict(order().state_dict())
+    earlier = {k: v for k, v in order().state_dict().items() if k != "holdout_kind"}
+    order().load_state_dict(earlier)  # an older checkpoint held a random holdout: it resumes as before
+
+
 def test_a_checkpoint_of_the_earlier_order_is_refused_with_a_reason():
     earlier = {"epoch": 0, "position": 3, "n_rows": 1000, "holdout": 100, "global_batch": 64, "seed": 3}
     with pytest.raises(DatasetError, match="earlier version of SAE Lab whose data order differs"):
