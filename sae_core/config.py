@@ -116,7 +116,13 @@ class TrainConfig(StrictConfig):
     )
     keep_checkpoints: int = Field(3, gt=0, le=1000, description="How many recent checkpoints are kept.")
     log_every: int = Field(10, gt=0, le=MAX_STEPS, description="Steps between metric records.")
-    holdout_tokens: int = Field(4096, ge=0, le=MAX_HOLDOUT, description="Rows kept out of training for evaluation.")
+    holdout_tokens: int = Field(
+        4096,
+        ge=0,
+        le=MAX_HOLDOUT,
+        description="Rows kept out of training for evaluation: random rows, or for a set extracted from a model its "
+        "last rows (whole contexts, which the model evaluation runs again).",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu.")
     shuffle_block_bytes: int = Field(
         2**20,
