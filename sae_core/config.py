@@ -347,6 +347,23 @@ class EvaluateConfig(StrictConfig):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu.")
 
 
+class InspectConfig(StrictConfig):
+    """One inspection of an SAE: per-latent statistics and examples over rows of activations."""
+
+    sae: str = Field(min_length=1, max_length=MAX_PATH_CHARS, description="The SAE folder to inspect.")
+    tokens: int = Field(
+        1_000_000, gt=0, le=MAX_EXTRACT_TOKENS,
+        description="Rows to stream through the encoder: the last rows of the activations (the held-out ones first).",
+    )  # fmt: skip
+    activations: str | None = Field(
+        None, min_length=1, max_length=MAX_PATH_CHARS,
+        description="Activation folder or file to inspect on; default: the one the SAE was trained on.",
+    )  # fmt: skip
+    top_k: int = Field(20, gt=0, le=1000, description="Top-activating examples kept per latent.")
+    chunk_rows: int = Field(2048, gt=0, le=2**20, description="Rows encoded at once (memory: chunk_rows × d_sae).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu.")
+
+
 def read_json_object(path: str | Path, what: str, holds: str, max_bytes: int = MAX_CONFIG_BYTES) -> dict:
     """The JSON object in a regular file of at most `max_bytes`, or ConfigError saying what is wrong.
 

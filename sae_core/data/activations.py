@@ -158,6 +158,10 @@ class ActivationSet:
 
     def context_ids(self, lo: int, hi: int) -> np.ndarray:
         """The context index (into contexts.safetensors) of rows [lo, hi), from the shards' `context_ids`."""
+        return self.row_index(CONTEXT_IDS_KEY, lo, hi)
+
+    def row_index(self, key: str, lo: int, hi: int) -> np.ndarray:
+        """Index tensor `key` (context_ids, positions, token_ids) of rows [lo, hi) as int64, from the shards."""
         if not 0 <= lo <= hi <= self.n_rows:
             raise IndexError(f"rows [{lo}, {hi}) are out of range for {self.source} ({self.n_rows} rows)")
         pieces = []
@@ -165,9 +169,9 @@ class ActivationSet:
         for shard in self.shards[max(first, 0) :]:
             if shard.start >= hi:
                 break
-            piece = read_shard_tensor(shard.path, CONTEXT_IDS_KEY)
+            piece = read_shard_tensor(shard.path, key)
             if piece is None or len(piece) != shard.rows:
-                raise DatasetError(f"{shard.path}: has no {CONTEXT_IDS_KEY} for its {shard.rows} rows")
+                raise DatasetError(f"{shard.path}: has no {key} for its {shard.rows} rows")
             pieces.append(piece[max(lo, shard.start) - shard.start : min(hi, shard.stop) - shard.start])
         return np.concatenate(pieces).astype(np.int64) if pieces else np.empty(0, np.int64)
 

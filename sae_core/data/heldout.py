@@ -1,5 +1,5 @@
-"""What a model evaluation of an SAE runs on, found without torch: the SAE's width, the model and hook, and
-the contexts (the held-out ones of its training data, or text to pack).
+"""What a model evaluation or an inspection of an SAE runs on, found without torch: the SAE's width, the model
+and hook, the contexts (the held-out ones of its training data, or text to pack), the rows to inspect.
 
 Training on a set extracted from a model holds out the tail of the set (order.tail_holdout): the whole
 contexts there were never trained on, and `contexts.safetensors` holds their exact tokens. The gate
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ConfigError, EvaluateConfig, ExtractConfig, TrainConfig
+from ..config import ConfigError, EvaluateConfig, ExtractConfig, InspectConfig, TrainConfig
 from ..files import CFG_FILE, CONTEXTS_FILE, EVAL_FILE, EXTRACT_CONFIG_FILE, TRAIN_CONFIG_FILE, WEIGHTS_FILE
 from ..text import brief
 from .activations import ActivationSet, open_activations
@@ -126,3 +126,45 @@ def _training_source(sae_dir: Path) -> tuple[ActivationSet, int] | None:
             "trained on; give a text dataset (--dataset)"
         )
     return data, train_cfg.holdout_tokens
+
+
+@dataclass(frozen=True)
+class InspectPlan:
+    sae_dir: Path
+    d_in: int
+    d_sae: int
+    data: ActivationSet
+    first_row: int  # rows first_row .. data.n_rows are inspected: the tail, where the holdout is
+    held_out: int  # how many of them training never saw (0 when not known)
+    model: str | None  # the model the rows came from (logit effects, token text), when known
+    hook: str | None
+
+    @property
+    def rows(self) -> int:
+        return self.data.n_rows - self.first_row
+
+
+def plan_inspection(cfg: InspectConfig) -> InspectPlan:
+    """The SAE, the activations (the SAE's own unless `activations` is given) and which rows: checked
+    without torch, every error naming its field."""
+    sae_dir = Path(cfg.sae).expanduser()
+    d_in, d_sae = sae_shape(sae_dir)
+    holdout, source, key = 0, cfg.activations, "activations"
+    if source is None:
+        if not (sae_dir / TRAIN_CONFIG_FILE).is_file():
+            raise ConfigError(
+                "activations: the SAE was not trained by SAE Lab, so its activations are not known; give them "
+                "(--activations)"
+            )
+        train_cfg = TrainConfig.from_json_file(sae_dir / TRAIN_CONFIG_FILE)
+        source, key, holdout = train_cfg.activation_source, train_cfg.activation_key, train_cfg.holdout_tokens
+    try:
+        data = open_activations(source, key)
+    except (DatasetError, OSError) as exc:
+        raise DatasetError(f"activations: {brief(exc, 300)}") from None
+    if data.d_in != d_in:
+        raise ConfigError(f"activations: rows are {data.d_in} wide but the SAE's d_in is {d_in}")
+    first = max(0, data.n_rows - cfg.tokens)
+    provenance = data.manifest.provenance if data.from_model else {}
+    held_out = min(holdout, data.n_rows - first)
+    return InspectPlan(sae_dir, d_in, d_sae, data, first, held_out, provenance.get("model"), provenance.get("hook"))

@@ -16,7 +16,15 @@ from pathlib import Path
 from .. import paths
 from ..access import without_secrets
 from ..db.tables import Job
-from ..files import EVAL_FILE, LOGS_DIR, MANIFEST_FILE, MODEL_EVAL_FILE, TORCHRUN_ERROR_FILE, TORCHRUN_LOG_DIR
+from ..files import (
+    EVAL_FILE,
+    INSPECT_DONE_FILE,
+    LOGS_DIR,
+    MANIFEST_FILE,
+    MODEL_EVAL_FILE,
+    TORCHRUN_ERROR_FILE,
+    TORCHRUN_LOG_DIR,
+)
 from .kinds import job_kind
 
 LOOPBACK = "127.0.0.1"
@@ -143,10 +151,10 @@ def extraction_dir(job: Job) -> Path:
 
 def finished_marker(job: Job) -> Path:
     """The file whose presence says the job did all its work: eval.json of a training, the manifest of an
-    extraction, model_eval.json of an evaluation."""
+    extraction, model_eval.json of an evaluation, inspect_done.json of an inspection."""
     if job.kind == "extract":
         return extraction_dir(job) / MANIFEST_FILE
-    return Path(job.out_dir) / (MODEL_EVAL_FILE if job.kind == "evaluate" else EVAL_FILE)
+    return Path(job.out_dir) / {"evaluate": MODEL_EVAL_FILE, "inspect": INSPECT_DONE_FILE}.get(job.kind, EVAL_FILE)
 
 
 def write_job_config(job: Job) -> Path:
