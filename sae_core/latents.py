@@ -78,19 +78,21 @@ class Inspection:
 
     def _view(self, index: int, row: dict) -> LatentView:
         before = int(self.summary.get("window_before", 0))
-        top, bands = [], []
-        if "top_tokens" in row:
-            for slot in range(len(row["top_rows"])):
-                if row["top_rows"][slot] >= 0:
-                    top.append(self._example(row["top_tokens"][slot], row["top_token_acts"][slot],
-                                             row["top_values"][slot], before, row["top_rows"][slot]))  # fmt: skip
-            per_band = int(self.summary.get("band_examples", 1))
-            for band in range(int(self.summary.get("bands", 0))):
-                slots = range(band * per_band, (band + 1) * per_band)
-                bands.append([
-                    self._example(row["band_tokens"][s], None, row["band_values"][s], before, row["band_rows"][s])
-                    for s in slots if row["band_rows"][s] >= 0
-                ])  # fmt: skip
+        text = "top_tokens" in row  # rows extracted from a model carry their text; a toy set's do not
+        top = [
+            self._example(row["top_tokens"][slot] if text else None, row["top_token_acts"][slot] if text else None,
+                          row["top_values"][slot], before, row["top_rows"][slot])
+            for slot in range(len(row["top_rows"])) if row["top_rows"][slot] >= 0
+        ]  # fmt: skip
+        bands = []
+        per_band = int(self.summary.get("band_examples", 1))
+        for band in range(int(self.summary.get("bands", 0))):
+            slots = [s for s in range(band * per_band, (band + 1) * per_band) if row["band_rows"][s] >= 0]
+            bands.append([
+                self._example(row["band_tokens"][s] if text else None, None, row["band_values"][s], before,
+                              row["band_rows"][s])
+                for s in slots
+            ])  # fmt: skip
         return LatentView(
             index=index,
             frequency=float(self.table_arrays["frequency"][index]),
@@ -106,6 +108,9 @@ class Inspection:
         )
 
     def _example(self, ids, acts, value, peak: int, row_id) -> Example:
+        """An example's window; without text (ids None) only its row and value."""
+        if ids is None:
+            return Example([], [], float(value), 0, int(row_id))
         shown = [float(a) for a in acts] if acts is not None else [0.0] * len(ids)
         if acts is None:
             shown[peak] = float(value)

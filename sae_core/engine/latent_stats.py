@@ -97,10 +97,18 @@ class LatentStats:
         k = min(self.shape.top_k, z.shape[0])
         values, local = z.topk(k, dim=0)  # [k, d_sae]
         window, window_rows = self._windows(z, local, rows, contexts)
-        all_values = torch.cat([self.top_values, values.float()])
-        pick = all_values.topk(self.shape.top_k, dim=0).indices  # [top_k, d_sae]
+        self._keep_best(values.float(), rows[local], window, window_rows)
+
+    def _keep_best(self, values, rows, window, window_rows) -> None:
+        """The top_k of the kept and the new examples, largest value first and, among equal values, lowest
+        row first: the same examples whichever way the rows were split into chunks or ranks."""
+        all_values = torch.cat([self.top_values, values])
+        all_rows = torch.cat([self.top_rows, rows])
+        by_row = torch.sort(torch.where(all_rows == NO_ROW, all_rows.max() + 1, all_rows), dim=0, stable=True).indices
+        by_value = torch.sort(all_values.gather(0, by_row), dim=0, descending=True, stable=True).indices
+        pick = by_row.gather(0, by_value)[: self.shape.top_k]  # [top_k, d_sae]
         self.top_values = all_values.gather(0, pick)
-        self.top_rows = torch.cat([self.top_rows, rows[local]]).gather(0, pick)
+        self.top_rows = all_rows.gather(0, pick)
         spread = pick[..., None].expand(-1, -1, self.shape.window)
         self.top_window = torch.cat([self.top_window, window]).gather(0, spread)
         self.top_window_rows = torch.cat([self.top_window_rows, window_rows]).gather(0, spread)
@@ -154,13 +162,7 @@ class LatentStats:
         self.total += other.total
         self.maximum = torch.maximum(self.maximum, other.maximum)
         self.histogram += other.histogram
-        values = torch.cat([self.top_values, other.top_values])
-        pick = values.topk(self.shape.top_k, dim=0).indices
-        spread = pick[..., None].expand(-1, -1, self.shape.window)
-        self.top_values = values.gather(0, pick)
-        self.top_rows = torch.cat([self.top_rows, other.top_rows]).gather(0, pick)
-        self.top_window = torch.cat([self.top_window, other.top_window]).gather(0, spread)
-        self.top_window_rows = torch.cat([self.top_window_rows, other.top_window_rows]).gather(0, spread)
+        self._keep_best(other.top_values, other.top_rows, other.top_window, other.top_window_rows)
         kept = other.band_rows != NO_ROW
         s = self.shape
         device = other.band_rows.device
