@@ -424,3 +424,6 @@ def describe_validation_error(exc: ValidationError, fields: list[str] | None = N
             msg = brief(err["msg"].removeprefix("Value error, "))
             lines.append(f"{field}: {msg}" if field != "config" else msg)
     return "; ".join(lines)
+
+
+JobConfig = TrainConfig | ExtractConfig | EvaluateConfig | InspectConfig  # what a queued job runs (jobs/kinds.py)

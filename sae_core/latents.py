@@ -22,6 +22,8 @@ from .files import INSPECT_DIR, INSPECT_LATENTS_FILE, INSPECT_SUMMARY_FILE, INSP
 from .outputs import plain_file, read_json
 
 INSPECT_VERSION = 1
+WINDOW_BEFORE, WINDOW_AFTER = 10, 5  # tokens of an example shown before and after its peak
+WINDOW = WINDOW_BEFORE + 1 + WINDOW_AFTER
 NO_TOKEN = -1
 TABLE_ARRAYS = ("frequency", "max_activation", "mean_activation")  # read whole for the latents table
 

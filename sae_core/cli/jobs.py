@@ -1,4 +1,4 @@
-"""`python -m sae_core submit | extract | evaluate | jobs | cancel | resume | logs`: the job commands of the CLI.
+"""`python -m sae_core submit | extract | evaluate | inspect | jobs | cancel | resume | logs`: the job commands of the CLI.
 
 Each `cli_<name>(argv) -> exit code`. Exit 0 on success, 2 on a rejected request (the reason on
 stderr, nothing written), 1 when an operation failed. `--json` prints data for scripts.
@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .. import paths
-from ..config import ConfigError, EvaluateConfig, ExtractConfig, TrainConfig, read_json_object
+from ..config import ConfigError, EvaluateConfig, ExtractConfig, InspectConfig, TrainConfig, read_json_object
 from ..db.tables import FINAL_STATUSES, JOB_STATUSES, Job
 from ..files import STDERR_LOG, STDOUT_LOG
 from ..jobs import store, submission
@@ -165,6 +165,31 @@ def cli_evaluate(argv: list[str]) -> int:
         return _reject(str(exc))
     _print_notes(verdict.notes)
     return _queued(job, args, f"queued evaluation job {job.id} ({job.name}) on {_placement(job)} of {cfg.sae}")
+
+
+def cli_inspect(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m sae_core inspect",
+        description="Queue an inspection of an SAE: per-latent statistics and top-activating examples for the "
+        "Explore page, written to SAE_DIR/inspect/.",
+    )
+    parser.add_argument("sae_dir", metavar="SAE_DIR", help="The SAE folder.")
+    parser.add_argument("--tokens", type=int, default=1_000_000, help="Rows to stream (the last ones, default 1M).")
+    parser.add_argument("--top-k", type=int, default=20, help="Top examples kept per latent (default 20).")
+    parser.add_argument("--activations", help="Activations to inspect on (default: the SAE's own).")
+    _submission_args(parser)
+    args = parser.parse_args(argv)
+    given = {"sae": str(Path(args.sae_dir).expanduser().resolve()), "tokens": args.tokens, "top_k": args.top_k,
+             "activations": args.activations}  # fmt: skip
+    try:
+        cfg = InspectConfig.from_dict({k: v for k, v in given.items() if v is not None})
+        job, verdict = submission.submit_inspect(
+            cfg, args.gpus, args.cpu_procs, name=args.name, submitted_by=args.user or _user()
+        )
+    except (ConfigError, JobError) as exc:
+        return _reject(str(exc))
+    _print_notes(verdict.notes)
+    return _queued(job, args, f"queued inspection job {job.id} ({job.name}) on {_placement(job)} of {cfg.sae}")
 
 
 def _then_train_config(path: str) -> TrainConfig:

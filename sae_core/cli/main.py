@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "hooks": ("sae_core.cli.hooks", "List a model's hookable modules and their widths."),
     "extract": ("sae_core.cli.jobs", "Queue an extraction job (and a training on its output, and its evaluation)."),
     "evaluate": ("sae_core.cli.jobs", "Queue a model evaluation of an SAE (CE loss and KL recovered)."),
+    "inspect": ("sae_core.cli.jobs", "Queue an inspection of an SAE's latents (for the Explore page)."),
 }
 
 

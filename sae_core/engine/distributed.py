@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from ..config import ConfigError, EvaluateConfig, ExtractConfig, InspectConfig, TrainConfig
+from ..config import ConfigError, JobConfig
 
 
 @dataclass
@@ -27,7 +27,7 @@ class DistEnv:
         return self.rank == 0
 
 
-def read_dist_env(cfg: TrainConfig | ExtractConfig | EvaluateConfig | InspectConfig) -> DistEnv:
+def read_dist_env(cfg: JobConfig) -> DistEnv:
     """Read torchrun's variables once and pick the device; the process group starts later."""
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

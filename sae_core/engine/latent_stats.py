@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..latents import WINDOW_AFTER, WINDOW_BEFORE
+
 NO_ROW = -1
 
 
@@ -27,8 +29,8 @@ class StatsShape:
     bins: int = 40
     bands: int = 4
     band_examples: int = 3
-    before: int = 10  # rows of a top example's window before its peak
-    after: int = 5  # and after
+    before: int = WINDOW_BEFORE  # rows of a top example's window before its peak
+    after: int = WINDOW_AFTER  # and after
 
     @property
     def window(self) -> int:

@@ -288,3 +288,17 @@ def evaluation_bytes(
     terms["log_probabilities"] = tokens * vocab_size * 4 * LOGIT_COPIES
     terms["sae"] = (2 * d_in * d_sae + d_sae + d_in) * 4 + tokens * d_sae * 4 * 2
     return terms
+
+
+# --- an inspection: the SAE, one chunk's dense latents and their temporaries, the kept examples
+INSPECT_CHUNK_COPIES = 4  # latents, the active mask, top-k over the chunk, the histogram's gathered values
+
+
+def inspection_bytes(d_in: int, d_sae: int, chunk_rows: int, top_k: int, window: int) -> dict[str, int]:
+    """Memory of one inspection rank, by term (float32 weights and latents)."""
+    return {
+        "sae": (2 * d_in * d_sae + d_sae + d_in) * 4,
+        "chunk": chunk_rows * (d_in + d_sae * INSPECT_CHUNK_COPIES) * 4,
+        "examples": 2 * top_k * d_sae * (8 + window * 12),  # kept and new: value+row, window acts and rows
+        "cuda_context": CUDA_CONTEXT_BYTES,
+    }

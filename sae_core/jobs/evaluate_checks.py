@@ -1,6 +1,6 @@
-"""The submission gate's checks of a model evaluation (called by submission.py, the one gate): where the SAE,
-the model and the text come from, the plan (data/heldout.py: the same checks the job makes), the model
-being a causal LM whose hook is as wide as the SAE, and the memory per rank.
+"""The submission gate's checks of a model evaluation and of an inspection (called by submission.py, the one
+gate): where the SAE, the model, the text and the activations come from, the plan (data/heldout.py: the same
+checks the job makes), the model being a causal LM whose hook is as wide as the SAE, and the memory per rank.
 
 No torch: the model is read by `python -m sae_core hooks` in a child process (models.py).
 """
@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import ConfigError, EvaluateConfig
+from ..config import ConfigError, EvaluateConfig, InspectConfig
 from ..data.catalog import OUTSIDE_MODEL_ROOTS, OUTSIDE_ROOTS, in_data_roots, in_model_roots
 from ..data.formats import DatasetError
-from ..data.heldout import EvalPlan, plan_evaluation
+from ..data.heldout import EvalPlan, InspectPlan, plan_evaluation, plan_inspection
 from ..data.text import is_hub_name
-from ..gpu.memory import evaluation_bytes
+from ..gpu.memory import evaluation_bytes, inspection_bytes
+from ..latents import WINDOW
 from .models import ModelFacts, ModelProblem, loaded_dtype, model_facts
 
 
@@ -61,6 +62,30 @@ def memory_per_rank(cfg: EvaluateConfig, facts: ModelFacts, evaluation: EvalPlan
         facts.parameters, loaded_dtype(facts, cfg.model_dtype, on_gpu), cfg.batch_size, evaluation.context_size,
         facts.hidden_size, facts.heads, facts.vocab_size, evaluation.d_in, evaluation.d_sae,
     )  # fmt: skip
+    if not on_gpu:
+        terms.pop("cuda_context")
+    return terms
+
+
+def inspect_locations(cfg: InspectConfig, home: Path) -> list[tuple[str, str]]:
+    problems = []
+    if not in_data_roots(cfg.sae, home):
+        problems.append(("sae", f"sae: {OUTSIDE_ROOTS}"))
+    if cfg.activations is not None and not in_data_roots(cfg.activations, home):
+        problems.append(("activations", f"activations: {OUTSIDE_ROOTS}"))
+    return problems
+
+
+def inspect_plan(cfg: InspectConfig) -> tuple[InspectPlan | None, list[tuple[str, str]]]:
+    try:
+        return plan_inspection(cfg), []
+    except (ConfigError, DatasetError) as exc:
+        message = str(exc)
+        return None, [(message.split(":", 1)[0], message)]
+
+
+def inspection_memory(cfg: InspectConfig, plan: InspectPlan, on_gpu: bool) -> dict[str, int]:
+    terms = inspection_bytes(plan.d_in, plan.d_sae, cfg.chunk_rows, cfg.top_k, WINDOW)
     if not on_gpu:
         terms.pop("cuda_context")
     return terms

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import EvaluateConfig, ExtractConfig, StrictConfig, TrainConfig
-from ..files import EVALUATE_REQUEST_FILE, EXTRACT_REQUEST_FILE, TRAIN_REQUEST_FILE
+from ..config import EvaluateConfig, ExtractConfig, InspectConfig, StrictConfig, TrainConfig
+from ..files import EVALUATE_REQUEST_FILE, EXTRACT_REQUEST_FILE, INSPECT_REQUEST_FILE, TRAIN_REQUEST_FILE
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,7 @@ class JobKind:
     config: type[StrictConfig]
     entry: str  # the module torchrun runs
     request_file: str  # the config as the file `--config` names, in the job folder
-    total_field: str  # the config field progress counts to: steps, rows, contexts
+    total_field: str  # the config field progress counts to: steps, rows, contexts, rows
 
     def total(self, cfg: StrictConfig) -> int:
         return int(getattr(cfg, self.total_field))
@@ -31,6 +31,7 @@ KINDS = {
         JobKind("train", "training", TrainConfig, "sae_core.train", TRAIN_REQUEST_FILE, "total_steps"),
         JobKind("extract", "extraction", ExtractConfig, "sae_core.extract", EXTRACT_REQUEST_FILE, "n_tokens"),
         JobKind("evaluate", "evaluation", EvaluateConfig, "sae_core.evaluate", EVALUATE_REQUEST_FILE, "contexts"),
+        JobKind("inspect", "inspection", InspectConfig, "sae_core.inspect", INSPECT_REQUEST_FILE, "tokens"),
     )
 }
 

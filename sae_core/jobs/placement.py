@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..config import EvaluateConfig, ExtractConfig, TrainConfig
+from ..config import JobConfig, TrainConfig
 from .errors import JobError
 
 MAX_CPU_PROCS = 512
@@ -44,9 +44,7 @@ def parse_placement(gpu_ids: Sequence[int] | str | None, cpu_procs: int | None) 
     return gpus
 
 
-def check_placement(
-    cfg: TrainConfig | ExtractConfig | EvaluateConfig, gpu_ids: Sequence[int] | str | None, cpu_procs: int | None
-) -> list[int]:
+def check_placement(cfg: JobConfig, gpu_ids: Sequence[int] | str | None, cpu_procs: int | None) -> list[int]:
     """`parse_placement`, and for training a batch that splits across the ranks (ConfigError naming both
     numbers; an extraction splits whole shards, any number of ranks)."""
     gpus = parse_placement(gpu_ids, cpu_procs)

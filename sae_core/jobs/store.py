@@ -23,7 +23,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import col, select
 
 from .. import db, paths
-from ..config import EvaluateConfig, ExtractConfig, TrainConfig
+from ..config import JobConfig
 from ..db.health import job_folders
 from ..db.tables import FINAL_STATUSES, JOB_STATUSES, Job
 from ..text import brief
@@ -47,7 +47,7 @@ def engine_home(engine: Engine) -> Path:
 
 
 def submit_job(
-    cfg: TrainConfig | ExtractConfig | EvaluateConfig,
+    cfg: JobConfig,
     gpu_ids: Sequence[int] | str | None,
     cpu_procs: int | None,
     name: str = "",

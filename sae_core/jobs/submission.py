@@ -15,7 +15,7 @@ from pathlib import Path
 from sqlalchemy.engine import Engine
 
 from .. import paths
-from ..config import ConfigError, EvaluateConfig, ExtractConfig, TrainConfig
+from ..config import ConfigError, EvaluateConfig, ExtractConfig, InspectConfig, TrainConfig
 from ..data.activations import ActivationSet
 from ..data.catalog import OUTSIDE_ROOTS, in_data_roots
 from ..data.checks import DatasetError, check_dataset
@@ -351,6 +351,47 @@ def submit_extract(
     return extraction, training, verdict
 
 
+def check_inspect(
+    cfg: InspectConfig,
+    gpu_ids: Sequence[int] | str | None,
+    cpu_procs: int | None,
+    *,
+    name: str = "",
+    submitted_by: str = "",
+    statuses: Sequence[GpuStatus] | None = None,
+    engine: Engine | None = None,
+) -> Verdict:
+    """Every problem of queueing the inspection `cfg`: names, placement, where the SAE and its activations come
+    from, what it runs on (the job's own plan), the memory per rank."""
+    verdict = _start_verdict(cfg, gpu_ids, cpu_procs, name, submitted_by)
+    if verdict.placement_failed:
+        return verdict
+    if outside := evaluate_checks.inspect_locations(cfg, store.engine_home(store.engine_or_default(engine))):
+        verdict.problems += [Problem(f, m) for f, m in outside]
+        return verdict
+    plan, problems = evaluate_checks.inspect_plan(cfg)
+    verdict.problems += [Problem(f, m) for f, m in problems]
+    if plan is not None:
+        verdict.memory = evaluate_checks.inspection_memory(cfg, plan, on_gpu=bool(verdict.gpus))
+        _check_model_memory(verdict, "inspection", cpu_procs, statuses, engine)
+    return verdict
+
+
+def submit_inspect(
+    cfg: InspectConfig,
+    gpu_ids: Sequence[int] | str | None,
+    cpu_procs: int | None,
+    name: str = "",
+    submitted_by: str = "",
+    engine: Engine | None = None,
+) -> tuple[Job, Verdict]:
+    """Queue an inspection if the gate finds no problem (else SubmissionRejected, nothing written)."""
+    verdict = check_inspect(cfg, gpu_ids, cpu_procs, name=name, submitted_by=submitted_by, engine=engine)
+    if not verdict.ok:
+        raise SubmissionRejected(verdict.problems)
+    return store.submit_job(cfg, verdict.gpus, cpu_procs, name, submitted_by, engine=engine), verdict
+
+
 def resume(job_id: int, submitted_by: str = "", engine: Engine | None = None) -> tuple[Job, Verdict]:
     """Queue a job that continues a failed or cancelled one from its last complete checkpoint, on the same
     placement, through the same gate as a new submission."""
@@ -359,11 +400,11 @@ def resume(job_id: int, submitted_by: str = "", engine: Engine | None = None) ->
         raise JobError(f"job {job_id} is {old.status}; only failed or cancelled jobs can be resumed")
     if old.kind == "extract":
         return _resume_extraction(old, submitted_by, engine)
-    if old.kind == "evaluate":  # nothing to continue: the same evaluation again
+    if old.kind in ("evaluate", "inspect"):  # nothing to continue: the same job again
         name = old.name if old.name.endswith("(resumed)") else f"{old.name} (resumed)"
         cpu_procs = old.cpu_procs if old.is_cpu_job else None
-        config = store.job_config(old)
-        return submit_evaluate(config, old.gpu_list, cpu_procs, name, submitted_by or old.submitted_by, engine)
+        again = submit_evaluate if old.kind == "evaluate" else submit_inspect
+        return again(store.job_config(old), old.gpu_list, cpu_procs, name, submitted_by or old.submitted_by, engine)
     # A resume that died before its first checkpoint continues from its own source's checkpoint.
     source = old
     while _checkpoint_of(source) is None and source.resumed_from is not None:

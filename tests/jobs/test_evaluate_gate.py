@@ -8,7 +8,7 @@ import json
 import pytest
 
 from sae_core.cli.main import main as cli
-from sae_core.config import EvaluateConfig, ExtractConfig, TrainConfig
+from sae_core.config import EvaluateConfig, ExtractConfig, InspectConfig, TrainConfig
 from sae_core.jobs import store, submission
 from tests.hf_models import HOOKS
 from tests.model.test_evaluate import identity_sae
@@ -91,3 +91,37 @@ def test_the_cli_rejects_a_bad_evaluation_with_the_field_and_queues_a_good_one(l
     assert code == 0
     job = json.loads(capsys.readouterr().out)
     assert job["kind"] == "evaluate" and job["total_steps"] == 2
+
+
+# --------------------------------------------------------------------------- inspections (issue 15)
+
+
+def test_an_inspection_is_planned_with_its_memory_and_every_problem_named(lab_home, trained, tmp_path, monkeypatch):
+    verdict = submission.check_inspect(InspectConfig(sae=str(trained["sae"]), tokens=500), None, 1)
+    assert verdict.ok, verdict.describe()
+    assert verdict.memory["chunk"] == 2048 * (32 + 64 * 4) * 4 and "cuda_context" not in verdict.memory
+    foreign = identity_sae(tmp_path / "foreign")
+    cases = [
+        ({"sae": str(foreign)}, "activations", "not trained by SAE Lab"),
+        ({"sae": str(foreign), "activations": str(tmp_path / "none")}, "activations", "not found"),
+        ({"sae": str(tmp_path / "nothing")}, "sae", "holds no SAE"),
+        ({"sae": str(trained["sae"]), "device": "cuda"}, "device", "cannot run as a CPU job"),
+    ]
+    for fields, field, words in cases:
+        found = problems(submission.check_inspect(InspectConfig(**fields), None, 1))
+        assert [f for f, _ in found] == [field], (fields, found)
+        assert words in found[0][1], (fields, found)
+    monkeypatch.delenv("SAE_LAB_DATA_ROOTS")
+    found = problems(submission.check_inspect(InspectConfig(sae=str(trained["sae"])), None, 1))
+    assert [f for f, _ in found] == ["sae"]
+
+
+def test_the_cli_queues_an_inspection_and_resume_queues_it_again(lab_home, trained, capsys):
+    assert cli(["inspect", str(trained["sae"]), "--tokens", "0", "--cpu-procs", "1", "--no-daemon"]) == 2
+    assert "tokens: " in capsys.readouterr().err
+    assert cli(["inspect", str(trained["sae"]), "--tokens", "700", "--cpu-procs", "1", "--no-daemon", "--json"]) == 0
+    job = json.loads(capsys.readouterr().out)
+    assert job["kind"] == "inspect" and job["total_steps"] == 700
+    store.finish_job(job["id"], "cancelled", None, "cancelled on request")
+    again, _ = submission.resume(job["id"])
+    assert again.kind == "inspect" and store.job_config(again).tokens == 700
