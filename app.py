@@ -41,6 +41,7 @@ PAGES = [
     ("views/train.py", "Train", ":material/model_training:"),
     ("views/jobs.py", "Jobs", ":material/list_alt:"),
     ("views/saes.py", "SAEs", ":material/download:"),
+    ("views/explore.py", "Explore", ":material/travel_explore:"),
 ]
 
 

@@ -128,6 +128,13 @@ class Inspection:
         return [(10 ** float(a), 10 ** float(b)) for a, b in zip(self.edges[:-1], self.edges[1:], strict=True)]
 
 
+def inspection_stamp(sae_dir: Path) -> float | None:
+    """When the SAE's inspect folder was last written (its summary's mtime), None when there is none: what a
+    cached reader is keyed by, so a rerun of the inspect job is picked up."""
+    summary = Path(sae_dir) / INSPECT_DIR / INSPECT_SUMMARY_FILE
+    return summary.stat().st_mtime if plain_file(summary) else None
+
+
 def read_inspection(sae_dir: Path) -> Inspection | None:
     """The SAE's inspect folder, or None when there is none (or it is unreadable, a link, another version)."""
     folder = Path(sae_dir) / INSPECT_DIR

@@ -85,6 +85,25 @@ def _metrics_spec(columns: int) -> dict:
     return _detached(chart)
 
 
+def activation_histogram_spec() -> dict:
+    return copy.deepcopy(_activation_histogram_spec())
+
+
+@functools.cache
+def _activation_histogram_spec() -> dict:
+    chart = (
+        alt.Chart()
+        .mark_bar()
+        .encode(
+            x=alt.X("low:Q", bin="binned", scale=alt.Scale(type="log"), title="activation"),
+            x2="high:Q",
+            y=alt.Y("count:Q", title="tokens"),
+            tooltip=["low:Q", "high:Q", "count:Q"],
+        )
+    )
+    return _detached(chart)
+
+
 def firing_histogram_spec() -> dict:
     return copy.deepcopy(_firing_histogram_spec())
 

@@ -144,3 +144,12 @@ def parse_job_param(value: str | None) -> int | None:
     except (TypeError, ValueError):
         return None
     return job_id if job_id > 0 else None
+
+
+def parse_index_param(value: str | None, size: int) -> int | None:
+    """?latent=17 → 17 when 0 ≤ 17 < size; anything else (missing, junk, out of range) → None."""
+    try:
+        index = int(str(value).strip())
+    except (TypeError, ValueError):
+        return None
+    return index if 0 <= index < size else None

@@ -1,4 +1,4 @@
-"""The app process renders its shell, Monitor and Jobs without loading torch (~1 s and ~180 MiB a process).
+"""The app process renders its shell, Monitor, Jobs, SAEs and Explore without loading torch (~1 s and ~180 MiB a process).
 
 Run in a fresh interpreter: this test process has long imported torch. The pages run through AppTest with
 the fake NVML behind the real sampler, a queued job with metrics, and only the daemon boundary patched.
@@ -29,13 +29,13 @@ daemon_control.daemon_status = lambda home=None, now=None: daemon_control.Daemon
 history.Sampler(db.get_engine()).tick()
 job = store.submit_job(TrainConfig(activation_source="/x.safetensors", d_sae=64, total_steps=9), "0", None)
 metrics.write_metric_points(job.id, [metrics.metric_point_from_record(job.id, {"step": 1, "tokens": 9, "loss": 1.0})])
-for page in ("views/monitor.py", "views/jobs.py"):
+for page in ("views/monitor.py", "views/jobs.py", "views/saes.py", "views/explore.py"):
     at = AppTest.from_file(sys.argv[1], default_timeout=60)
     at.query_params["job"] = str(job.id)
     at.switch_page(page)
     at.run()
     assert not at.exception, [e.value for e in at.exception]
-    assert at.title[0].value in ("Monitor", "Jobs")
+    assert at.title[0].value in ("Monitor", "Jobs", "Trained SAEs", "Explore latents")
 print("LOADED " + json.dumps(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))))
 """
 
