@@ -103,6 +103,8 @@ def downloads(job, c1, c2) -> None:
         c1.caption("The figures are added to the SAE's eval.json (SAEs page) when the job completes.")
     elif job.kind == "extract":
         c1.caption("The activations appear in the Train page's dataset picker when the job completes.")
+    elif job.kind == "inspect":
+        c1.caption("The latents appear on the Explore page when the job completes.")
     else:
         c1.caption("The SAE download appears when the job completes.")
     c2.download_button(
@@ -140,7 +142,7 @@ def job_detail(job_id: int, was_live: bool) -> None:
     metrics = metrics_frame(job.id, max_points=CHART_POINTS)
     cols = st.columns(6)
     extracting = job.kind == "extract"
-    counted = {"extract": "Rows", "evaluate": "Contexts"}.get(job.kind, "Step")
+    counted = {"extract": "Rows", "evaluate": "Contexts", "inspect": "Rows"}.get(job.kind, "Step")
     cols[0].metric(counted, f"{job.last_step:,} / {job.total_steps:,}")
     cols[1].metric("Tokens/s", format_rate(job.tokens_per_s).removesuffix(" tok/s"))
     eta = frames.job_eta_seconds(job.status, job.started_at, job.last_step, job.total_steps, now)

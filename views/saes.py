@@ -91,6 +91,10 @@ with st.expander("Evaluate with the model", expanded=not with_model, icon=":mate
     )
     evaluate_form(sae_dir)
 
+if sae_dir.is_relative_to(home):
+    st.page_link("views/explore.py", label="Explore its latents", icon=":material/travel_explore:",
+                 query_params={"sae": str(sae_dir.relative_to(home))})  # fmt: skip
+
 st.markdown("**Feature firing frequency**")
 if log10_freq is None:
     st.caption("No sparsity.safetensors beside this SAE.")

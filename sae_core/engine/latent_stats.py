@@ -18,8 +18,48 @@ from dataclasses import dataclass
 import torch
 
 from ..latents import WINDOW_AFTER, WINDOW_BEFORE
+from .sae import BatchTopKSAE, TopKSAE
 
 NO_ROW = -1
+
+
+class Active:
+    """The positive latents of a chunk of `n` rows as (row, latent, value) triplets in row-major order (rows
+    ascending, latents ascending within a row): what an SAE's sparse encode gives, without a dense
+    [n, d_sae] tensor."""
+
+    def __init__(self, n: int, d_sae: int, rows: torch.Tensor, latents: torch.Tensor, values: torch.Tensor):
+        self.n, self.d_sae = n, d_sae
+        self.rows, self.latents, self.values = rows.long(), latents.long(), values
+        self._keys = self.rows * d_sae + self.latents  # ascending: the triplets' order
+
+    @classmethod
+    def of_dense(cls, z: torch.Tensor) -> Active:
+        where = (z > 0).nonzero()  # row-major
+        return cls(z.shape[0], z.shape[1], where[:, 0], where[:, 1], z[where[:, 0], where[:, 1]])
+
+    def value_at(self, rows: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """The activation of latent `latents` on chunk row `rows` (0 where it did not fire), elementwise."""
+        query = rows * self.d_sae + latents
+        if not len(self.values):
+            return torch.zeros(query.shape, dtype=torch.float32, device=query.device)
+        at = torch.searchsorted(self._keys, query).clamp(max=len(self._keys) - 1)
+        return torch.where(self._keys[at] == query, self.values[at].float(), torch.zeros((), device=query.device))
+
+
+@torch.no_grad()
+def encode_active(sae, x: torch.Tensor) -> Active:
+    """The SAE's positive latents on `x` as triplets; a TopK SAE's straight from its row top-k (the kernel
+    its training uses), never a dense [n, d_sae] latent tensor; others through their dense encode."""
+    if isinstance(sae, TopKSAE) and not isinstance(sae, BatchTopKSAE):
+        pre = torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc)
+        selection = sae.select(pre)
+        idx, order = torch.sort(selection.idx, dim=1)  # latents ascending within each row
+        values = selection.values.gather(1, order)
+        positive = values > 0
+        rows = torch.arange(len(x), device=x.device)[:, None].expand_as(idx)
+        return Active(len(x), sae.d_sae, rows[positive], idx[positive], values[positive])
+    return Active.of_dense(sae.encode(x))
 
 
 @dataclass(frozen=True)
@@ -44,12 +84,13 @@ def log_edges(max_activation: float, bins: int, decades: float = 4.0) -> torch.T
 
 
 def row_priority(rows: torch.Tensor) -> torch.Tensor:
-    """A fixed pseudo-random priority in [0, 1) per row number (splitmix64's finaliser): which rows a band keeps."""
+    """A fixed pseudo-random priority in [0, 1) per row number (splitmix64's finaliser, 53 bits: distinct for
+    distinct rows in practice): which rows a band keeps."""
     x = rows.to(torch.int64) * -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64
     x = (x ^ ((x >> 30) & 0x3FFFFFFFF)) * -4658895280553007687
     x = (x ^ ((x >> 27) & 0x1FFFFFFFFF)) * -7723592293110705685
     x = x ^ ((x >> 31) & 0x1FFFFFFFF)
-    return (x & 0xFFFFFF).double() / float(1 << 24)
+    return ((x >> 11) & 0x1FFFFFFFFFFFFF).double() / float(1 << 53)
 
 
 class LatentStats:
@@ -72,89 +113,122 @@ class LatentStats:
 
     # -- one chunk
     @torch.no_grad()
-    def update(self, z: torch.Tensor, first_row: int, contexts: torch.Tensor | None = None) -> None:
-        """Latents `z` [n, d_sae] of rows first_row .. first_row + n; `contexts` [n]: each row's context id
-        (windows stay inside a context), None for rows without contexts."""
-        n = z.shape[0]
-        rows = torch.arange(first_row, first_row + n, device=z.device)
-        self.rows_seen += n
-        active = z > 0
-        self.fired += active.sum(0)
-        self.total += z.double().sum(0)
-        self.maximum = torch.maximum(self.maximum, z.max(0).values.float())
-        where = active.nonzero()  # (row, latent) of every activation
-        values = z[where[:, 0], where[:, 1]].double()
-        bins = self._bins(values)
-        flat = self.histogram.view(-1)
-        flat.index_add_(0, where[:, 1] * self.shape.bins + bins, torch.ones_like(bins))
-        self._merge_top(z, rows, contexts)
-        self._merge_bands(where[:, 1], rows[where[:, 0]], values.float(), bins)
+    def update(self, active: Active, first_row: int, contexts: torch.Tensor | None = None) -> None:
+        """The positive latents `active` of rows first_row .. first_row + active.n; `contexts` [n]: each
+        row's context id (windows stay inside a context), None for rows without contexts."""
+        rows, latents, values = active.rows, active.latents, active.values
+        self.rows_seen += active.n
+        self.fired += torch.bincount(latents, minlength=self.shape.d_sae)
+        self.total.index_add_(0, latents, values.double())
+        self.maximum.scatter_reduce_(0, latents, values.float(), "amax")
+        bins = self._bins(values.double())
+        self.histogram.view(-1).index_add_(0, latents * self.shape.bins + bins, torch.ones_like(bins))
+        self._merge_top(active, first_row, contexts)
+        self._merge_bands(latents, rows + first_row, values.float(), bins)
 
     def _bins(self, values: torch.Tensor) -> torch.Tensor:
         low, high = float(self.edges[0]), float(self.edges[-1])
         width = (high - low) / self.shape.bins
         return ((values.log10() - low) / width).floor().clamp(0, self.shape.bins - 1).to(torch.int64)
 
-    def _merge_top(self, z: torch.Tensor, rows: torch.Tensor, contexts: torch.Tensor | None) -> None:
-        k = min(self.shape.top_k, z.shape[0])
-        values, local = z.topk(k, dim=0)  # [k, d_sae]
-        window, window_rows = self._windows(z, local, rows, contexts)
-        self._keep_best(values.float(), rows[local], window, window_rows)
+    def _merge_top(self, active: Active, first_row: int, contexts: torch.Tensor | None) -> None:
+        """The chunk's best `top_k` per latent (largest value, then lowest row), with their windows, merged.
+        Only activations above a latent's k-th best so far can enter (a rank's rows arrive in ascending
+        order, so an equal value loses to the earlier row): after the first chunks, few are looked at."""
+        k, w = self.shape.top_k, self.shape.window
+        kth = torch.where(self.top_rows[-1] != NO_ROW, self.top_values[-1], torch.zeros_like(self.top_values[-1]))
+        enters = torch.nonzero(active.values.float() > kth[active.latents]).flatten()
+        if not len(enters):
+            return
+        latents, values, rows = active.latents[enters], active.values[enters].float(), active.rows[enters]
+        by_value = torch.sort(values, descending=True, stable=True).indices  # rows ascending among ties
+        order = by_value[torch.sort(latents[by_value], stable=True).indices]
+        ranked = latents[order]
+        rank = torch.arange(len(order), device=latents.device) - torch.searchsorted(ranked, ranked)
+        keep, slot = order[rank < k], rank[rank < k]
+        cols = torch.unique(latents[keep])
+        col = torch.searchsorted(cols, latents[keep])
+        shape = (k, len(cols))
+        new_values = torch.zeros(shape, dtype=torch.float32, device=latents.device)
+        new_rows = torch.full(shape, NO_ROW, dtype=torch.int64, device=latents.device)
+        new_window = torch.zeros((*shape, w), dtype=torch.float32, device=latents.device)
+        new_window_rows = torch.full((*shape, w), NO_ROW, dtype=torch.int64, device=latents.device)
+        new_values[slot, col], new_rows[slot, col] = values[keep], rows[keep] + first_row
+        window, window_rows = self._windows(active, rows[keep], latents[keep], contexts)
+        new_window[slot, col] = window
+        new_window_rows[slot, col] = torch.where(window_rows == NO_ROW, window_rows, window_rows + first_row)
+        self._keep_best(new_values, new_rows, new_window, new_window_rows, cols)
 
-    def _keep_best(self, values, rows, window, window_rows) -> None:
-        """The top_k of the kept and the new examples, largest value first and, among equal values, lowest
-        row first: the same examples whichever way the rows were split into chunks or ranks."""
-        all_values = torch.cat([self.top_values, values])
-        all_rows = torch.cat([self.top_rows, rows])
+    def _keep_best(self, values, rows, window, window_rows, cols: torch.Tensor | None = None) -> None:
+        """The top_k of the kept and the new examples of latents `cols` (all: None), largest value first and,
+        among equal values, lowest row first: the same examples however the rows were split into chunks or
+        ranks."""
+        at = slice(None) if cols is None else cols
+        all_values = torch.cat([self.top_values[:, at], values])
+        all_rows = torch.cat([self.top_rows[:, at], rows])
         by_row = torch.sort(torch.where(all_rows == NO_ROW, all_rows.max() + 1, all_rows), dim=0, stable=True).indices
         by_value = torch.sort(all_values.gather(0, by_row), dim=0, descending=True, stable=True).indices
-        pick = by_row.gather(0, by_value)[: self.shape.top_k]  # [top_k, d_sae]
-        self.top_values = all_values.gather(0, pick)
-        self.top_rows = all_rows.gather(0, pick)
+        pick = by_row.gather(0, by_value)[: self.shape.top_k]  # [top_k, len(cols)]
         spread = pick[..., None].expand(-1, -1, self.shape.window)
-        self.top_window = torch.cat([self.top_window, window]).gather(0, spread)
-        self.top_window_rows = torch.cat([self.top_window_rows, window_rows]).gather(0, spread)
+        self.top_window[:, at] = torch.cat([self.top_window[:, at], window]).gather(0, spread)
+        self.top_window_rows[:, at] = torch.cat([self.top_window_rows[:, at], window_rows]).gather(0, spread)
+        self.top_values[:, at] = all_values.gather(0, pick)
+        self.top_rows[:, at] = all_rows.gather(0, pick)
 
-    def _windows(self, z, local, rows, contexts):
-        """Each candidate's latent activation on the rows around it (same context only), and those rows."""
-        n, d = z.shape
-        offsets = torch.arange(-self.shape.before, self.shape.after + 1, device=z.device)
-        around = local[..., None] + offsets  # [k, d_sae, window] chunk-local rows
-        valid = (around >= 0) & (around < n)
-        clamped = around.clamp(0, n - 1)
+    def _windows(self, active: Active, rows: torch.Tensor, latents: torch.Tensor, contexts: torch.Tensor | None):
+        """The latent's activation on the chunk's rows around each (row, latent) example (same context only)
+        and those rows (chunk-local; NO_ROW outside): [examples, window] each."""
+        offsets = torch.arange(-self.shape.before, self.shape.after + 1, device=rows.device)
+        around = rows[:, None] + offsets
+        valid = (around >= 0) & (around < active.n)
+        clamped = around.clamp(0, active.n - 1)
         if contexts is None:
             valid &= offsets == 0
         else:
-            valid &= contexts[clamped] == contexts[local][..., None]
-        latent = torch.arange(d, device=z.device)[None, :, None].expand_as(clamped)
-        window = torch.where(valid, z[clamped, latent], torch.zeros((), device=z.device)).float()
-        return window, torch.where(valid, rows[clamped], torch.full_like(clamped, NO_ROW))
+            valid &= contexts[clamped] == contexts[rows][:, None]
+        acts = active.value_at(clamped, latents[:, None].expand_as(clamped))
+        window = torch.where(valid, acts, torch.zeros((), device=rows.device))
+        return window.float(), torch.where(valid, clamped, torch.full_like(clamped, NO_ROW))
 
-    def _merge_bands(self, latents, rows, values, bins) -> None:
-        """Keep, per (latent, band), the `band_examples` rows of largest priority among the kept and the new."""
+    def _merge_bands(self, latents, rows, values, bins, priority: torch.Tensor | None = None) -> None:
+        """Keep, per (latent, band), the `band_examples` rows of largest priority among the kept and the new.
+        Only a row above the lowest priority of a full group can enter it, and only groups something
+        enters are re-sorted."""
         s = self.shape
+        m = s.band_examples
         band = bins * s.bands // s.bins
-        kept = self.band_rows != NO_ROW
-        slot_latent = torch.arange(s.d_sae, device=rows.device)[:, None].expand_as(self.band_rows)
-        slot_band = torch.arange(s.bands, device=rows.device).repeat_interleave(s.band_examples)[None, :]
-        all_latent = torch.cat([slot_latent[kept], latents])
-        all_band = torch.cat([slot_band.expand_as(self.band_rows)[kept], band])
-        all_rows = torch.cat([self.band_rows[kept], rows])
-        all_values = torch.cat([self.band_values[kept], values])
-        all_priority = torch.cat([self.band_priority[kept], row_priority(rows)])
-        group = all_latent * s.bands + all_band
-        # order by group, then priority descending; the first band_examples of each group are kept
-        order = torch.argsort(group.double() * 2 - all_priority, stable=True)
-        group = group[order]
-        starts = torch.searchsorted(group, group, right=False)
-        rank = torch.arange(len(group), device=group.device) - starts
-        keep = order[rank < s.band_examples]
-        slots = (all_band[keep] * s.band_examples + rank[rank < s.band_examples]).long()
-        self.band_rows.fill_(NO_ROW)
-        self.band_priority.fill_(-1.0)
-        self.band_rows[all_latent[keep], slots] = all_rows[keep]
-        self.band_values[all_latent[keep], slots] = all_values[keep]
-        self.band_priority[all_latent[keep], slots] = all_priority[keep]
+        priority = row_priority(rows) if priority is None else priority
+        kept_priority = self.band_priority.view(s.d_sae, s.bands, m)
+        lowest = kept_priority.min(-1).values  # -1 while a group has a free slot
+        enters = torch.nonzero(priority > lowest[latents, band]).flatten()
+        if not len(enters):
+            return
+        group = latents[enters] * s.bands + band[enters]
+        touched = torch.unique(group)
+        t_latent, t_band = touched // s.bands, touched % s.bands
+        old_rows = self.band_rows.view(s.d_sae, s.bands, m)[t_latent, t_band]  # [touched, m]
+        old_values = self.band_values.view(s.d_sae, s.bands, m)[t_latent, t_band]
+        old_priority = kept_priority[t_latent, t_band]
+        filled = old_rows != NO_ROW
+        all_group = torch.cat([touched[:, None].expand_as(old_rows)[filled], group])
+        all_rows = torch.cat([old_rows[filled], rows[enters]])
+        all_values = torch.cat([old_values[filled], values[enters]])
+        all_priority = torch.cat([old_priority[filled], priority[enters]])
+        # order by group, then priority descending; the first m of each group are kept
+        by_priority = torch.sort(all_priority, descending=True, stable=True).indices
+        order = by_priority[torch.sort(all_group[by_priority], stable=True).indices]
+        sorted_group = all_group[order]
+        rank = torch.arange(len(order), device=order.device) - torch.searchsorted(sorted_group, sorted_group)
+        keep, slot = order[rank < m], rank[rank < m]
+        where = torch.searchsorted(touched, all_group[keep])
+        new_rows = torch.full_like(old_rows, NO_ROW)
+        new_values = torch.zeros_like(old_values)
+        new_priority = torch.full_like(old_priority, -1.0)
+        new_rows[where, slot], new_values[where, slot] = all_rows[keep], all_values[keep]
+        new_priority[where, slot] = all_priority[keep]
+        self.band_rows.view(s.d_sae, s.bands, m)[t_latent, t_band] = new_rows
+        self.band_values.view(s.d_sae, s.bands, m)[t_latent, t_band] = new_values
+        kept_priority[t_latent, t_band] = new_priority
 
     # -- ranks
     def merge(self, other: LatentStats) -> None:

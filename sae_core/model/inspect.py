@@ -34,6 +34,7 @@ from ..engine.latent_stats import (
     LatentStats,
     StatsShape,
     best_true_features,
+    encode_active,
     log_edges,
     logit_effects,
     nearest_latents,
@@ -94,16 +95,15 @@ def collect(cfg: InspectConfig, plan: InspectPlan, env: DistEnv, out_dir: Path, 
     chunks = chunk_bounds(plan, cfg.chunk_rows, contexts)
     shape = StatsShape(plan.d_sae, top_k=cfg.top_k)
     with torch.no_grad():  # the edges: from the first chunk, the same on every rank
-        edges = log_edges(float(sae.encode(read_rows(plan, *chunks[0], env.device)).max()), shape.bins)
+        first = encode_active(sae, read_rows(plan, *chunks[0], env.device))
+        edges = log_edges(float(first.values.max()) if len(first.values) else 1.0, shape.bins)
         stats = LatentStats(shape, edges, env.device)
         started, done = time.perf_counter(), 0
         for lo, hi in chunks[env.rank :: env.world_size]:
-            ids = (
-                torch.from_numpy(contexts[lo - plan.first_row : hi - plan.first_row]) if contexts is not None else None
-            )
-            stats.update(
-                sae.encode(read_rows(plan, lo, hi, env.device)), lo, None if ids is None else ids.to(env.device)
-            )
+            ids = None
+            if contexts is not None:
+                ids = torch.from_numpy(contexts[lo - plan.first_row : hi - plan.first_row]).to(env.device)
+            stats.update(encode_active(sae, read_rows(plan, lo, hi, env.device)), lo, ids)
             done += hi - lo
             if env.is_main:
                 report_progress(sinks, min(done * env.world_size, plan.rows), plan.rows, started)

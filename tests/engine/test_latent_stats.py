@@ -9,6 +9,7 @@ import torch
 
 from sae_core.engine.latent_stats import (
     NO_ROW,
+    Active,
     LatentStats,
     StatsShape,
     best_true_features,
@@ -34,7 +35,7 @@ def data():
 def stream(z, contexts, cuts, edges) -> LatentStats:
     stats = LatentStats(SHAPE, edges)
     for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
-        stats.update(z[lo:hi], lo, contexts[lo:hi])
+        stats.update(Active.of_dense(z[lo:hi]), lo, contexts[lo:hi])
     return stats
 
 
@@ -109,7 +110,7 @@ def test_chunking_and_rank_splits_give_the_same_statistics(data):
     cuts = context_cuts(contexts, 97)
     ranks = [LatentStats(SHAPE, edges) for _ in range(3)]
     for i, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:], strict=True)):
-        ranks[i % 3].update(z[lo:hi], lo, contexts[lo:hi])
+        ranks[i % 3].update(Active.of_dense(z[lo:hi]), lo, contexts[lo:hi])
     merged = LatentStats.from_state(SHAPE, ranks[0].state())
     for other in ranks[1:]:
         merged.merge(other)
