@@ -4,6 +4,7 @@ Scenario (issue 5 §6):
 - Monitor: 8 GPUs (fake NVML) with 24 h of history at the sampler's real resolution (raw 1 s samples for
   the last hour, per-minute rows before that), per-GPU and aggregated, for each window.
 - Jobs: 200 jobs, the selected one running with a 100,000-step metric history.
+- Explore (issue 15): a 16,384-latent SAE inspected by the real inspect job; each rerun opens another latent.
 
     .venv/bin/python -m bench.ui_render [--reruns 15]
 
@@ -41,6 +42,8 @@ HISTORY_S = 24 * 3600
 RAW_S = 3600
 N_JOBS = 200
 N_STEPS = 100_000
+EXPLORE_LATENTS = 16384
+EXPLORE_ROWS = 16384
 
 
 def seed_history(engine, now: float) -> None:
@@ -152,6 +155,34 @@ def seed_jobs(engine, home: Path) -> int:
     return running.id
 
 
+def seed_inspection(home: Path, d_sae: int = EXPLORE_LATENTS) -> Path:
+    """A 16k-latent TopK SAE inspected by the real inspect job over a synthetic extraction (random rows in
+    contexts, the real folder layout): the files the Explore page reads, at the width it must handle."""
+    from bench.inspect_throughput import random_sae_folder, synthetic_extraction
+    from sae_core.model.inspect import main as inspect_main
+
+    acts = synthetic_extraction(home / "datasets" / "synthetic", EXPLORE_ROWS, 64)
+    sae = random_sae_folder(home / "jobs" / "900", acts, 64, d_sae, 32)
+    request = home / "inspect.json"
+    request.write_text(json.dumps({"sae": str(sae), "tokens": EXPLORE_ROWS, "device": "cpu"}))
+    assert inspect_main(["--config", str(request), "--out", str(home / "inspect-job")]) == 0
+    return sae
+
+
+def time_latent_views(at, latents: list[int]) -> list[float]:
+    """One rerun per latent: what opening another latent costs (the number box changed, the page rerun)."""
+    at.run()
+    times = []
+    for latent in latents:
+        at.number_input(key="explore_latent").set_value(latent)
+        start = time.perf_counter()
+        at.run()
+        times.append((time.perf_counter() - start) * 1000)
+        if at.exception:
+            raise RuntimeError(at.exception[0].value)
+    return times
+
+
 def time_reruns(at, reruns: int) -> list[float]:
     at.run()  # first run: imports, caches
     times = []
@@ -210,6 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     at.query_params["job"] = str(job_id)
     at.switch_page("views/jobs.py")
     rows.append(report(f"Jobs, {N_JOBS} jobs, running job with {N_STEPS // 1000}k steps", time_reruns(at, args.reruns)))
+    seed_inspection(home)
+    at = AppTest.from_file(app, default_timeout=60)
+    at.query_params["sae"] = "jobs/900"
+    at.switch_page("views/explore.py")
+    latents = [(7919 * i) % EXPLORE_LATENTS for i in range(1, args.reruns + 1)]
+    rows.append(report(f"Explore, {EXPLORE_LATENTS:,} latents, open a latent", time_latent_views(at, latents)))
     db.dispose_engines()
     shutil.rmtree(home, ignore_errors=True)
     worst = max(r["median_ms"] for r in rows)

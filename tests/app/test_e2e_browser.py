@@ -6,6 +6,7 @@ and loaded with sae_core. Skips without Chromium unless SAE_LAB_REQUIRE_BROWSER=
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ import psutil
 import pytest
 
 from sae_core.jobs import daemon_control
+from sae_core.latents import read_inspection
 from tests.conftest import REPO, subprocess_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
@@ -152,6 +154,13 @@ def running_lab(tmp_path: Path, **extra_env: str):
     assert not processes_of(home), "a lab process outlived the test"
 
 
+def fill(page, label: str, value: str) -> None:
+    """Type into the field labelled `label` and commit it (Enter), as a person would."""
+    field = page.get_by_label(label, exact=True)
+    field.fill(value)
+    field.press("Enter")
+
+
 def button(page, label: str):
     return page.get_by_role("button", name=re.compile(re.escape(label)))
 
@@ -174,16 +183,9 @@ def test_toy_dataset_cpu_job_to_completion_and_download(tmp_path):
         # Train: a small 2-process CPU job.
         page.goto(url + "/train")
         expect(page.get_by_text("the job runs as CPU processes")).to_be_visible()
-        for label, value in (("d_sae (latents)", "128"), ("k (active latents per token)", "8"), ("Steps", "60")):
-            field = page.get_by_label(label, exact=True)
-            field.fill(value)
-            field.press("Enter")
-        page.get_by_label("Checkpoint every (steps)").fill("30")
-        page.get_by_label("Checkpoint every (steps)").press("Enter")
-        page.get_by_label("Job name").fill("e2e")
-        page.get_by_label("Job name").press("Enter")
-        page.get_by_label("Your name").fill("e2e-bot")
-        page.get_by_label("Your name").press("Enter")
+        for label, value in (("d_sae (latents)", "128"), ("k (active latents per token)", "8"), ("Steps", "60"),
+                             ("Checkpoint every (steps)", "30"), ("Job name", "e2e"), ("Your name", "e2e-bot")):  # fmt: skip
+            fill(page, label, value)
         expect(page.get_by_text("2 process(es) × 2,048 tokens each per step")).to_be_visible()
         submit = button(page, "Submit")
         expect(submit).to_be_enabled()
@@ -244,9 +246,10 @@ def test_password_gate_holds_for_every_url(tmp_path):
             assert "SAE_LAB_PASSWORD" not in proc.environ(), proc.cmdline()
 
 
-def test_extract_from_a_model_then_train_and_download_the_sae(tmp_path, hf):
+def test_extract_from_a_model_then_train_evaluate_inspect_and_explore(tmp_path, hf):
     """The front door: a tiny GPT-2 in SAE_LAB_HOME/models and a text file in datasets/, an extraction with a
-    training after it submitted from the Extract page, both run by the launcher, the SAE downloaded."""
+    training and an evaluation after it submitted from the Extract page, all run by the launcher, the SAE
+    downloaded; then an inspection queued from the Explore page and a latent's top context opened there."""
     chromium = require_browser()
     from playwright.sync_api import expect, sync_playwright
 
@@ -260,34 +263,51 @@ def test_extract_from_a_model_then_train_and_download_the_sae(tmp_path, hf):
         page.goto(url + "/extract")
         expect(page.get_by_text("GPT2LMHeadModel", exact=False)).to_be_visible(timeout=90_000)  # the hooks command
         for label, value in (("Tokens (rows)", "2000"), ("Context size", "32"), ("CPU processes", "1")):
-            field = page.get_by_label(label, exact=True)
-            field.fill(value)
-            field.press("Enter")
+            fill(page, label, value)
         page.get_by_text("Then train an SAE on the result").click()
         for label, value in (("Expansion factor", "2"), ("Steps", "30"), ("Global batch", "256"), ("k", "4")):
-            field = page.get_by_label(label, exact=True)
-            field.fill(value)
-            field.press("Enter")
+            fill(page, label, value)
         expect(page.get_by_text("d_sae = 2 × 32 = 64 · 200 rows held out for evaluation")).to_be_visible()
-        page.get_by_label("Job name").fill("e2e-x")
-        page.get_by_label("Job name").press("Enter")
-        page.get_by_label("Your name").fill("e2e-bot")
-        page.get_by_label("Your name").press("Enter")
+        page.get_by_text("Then evaluate it with the model").click()
+        fill(page, "Held-out contexts to evaluate on", "4")
+        fill(page, "Job name", "e2e-x")
+        fill(page, "Your name", "e2e-bot")
         submit = button(page, "Submit")
         expect(submit).to_be_enabled()
         submit.click()
-        expect(page.get_by_text("Extraction job 1 queued, then training job 2.")).to_be_visible()
+        expect(page.get_by_text("Extraction job 1 queued, then training job 2, then evaluation job 3.")).to_be_visible()
 
-        page.goto(url + "/jobs?job=2")
-        expect(page.locator("h3", has_text="e2e-x (train)")).to_be_visible()
+        page.goto(url + "/jobs?job=3")
+        expect(page.locator("h3", has_text="e2e-x (evaluate)")).to_be_visible()
         final = page.locator("h3", has_text=re.compile("completed|failed|cancelled"))
-        expect(final).to_be_visible(timeout=300_000)
+        expect(final).to_be_visible(timeout=400_000)
         expect(page.locator("h3", has_text="completed")).to_be_visible(timeout=1_000)
+        expect(page.get_by_text("CE loss recovered")).to_be_visible()
+        page.goto(url + "/jobs?job=2")
+        expect(page.locator("h3", has_text="completed")).to_be_visible()
         button(page, "Prepare SAE download").click()
         with page.expect_download(timeout=60_000) as download_info:
             button(page, "Download SAE").click()
         zip_path = tmp_path / "sae.zip"
         download_info.value.save_as(zip_path)
+
+        page.goto(url + "/explore?sae=jobs/2")
+        expect(page.get_by_text("has not been inspected yet")).to_be_visible()
+        fill(page, "Rows to inspect", "2000")
+        fill(page, "Your name", "e2e-bot")
+        button(page, "Inspect this SAE").click()
+        expect(page.get_by_text("Inspection job 4 queued.")).to_be_visible()
+        page.goto(url + "/jobs?job=4")
+        expect(page.locator("h3", has_text=re.compile("completed|failed|cancelled"))).to_be_visible(timeout=300_000)
+        expect(page.locator("h3", has_text="completed")).to_be_visible(timeout=1_000)
+        inspection = read_inspection(home / "jobs" / "2")
+        latent = next(j for j in range(inspection.d_sae) if inspection.latent(j).top)
+        top = inspection.latent(latent).top[0]
+        page.goto(url + f"/explore?sae=jobs/2&latent={latent}")
+        expect(page.get_by_text(f"Latent {latent}", exact=True)).to_be_visible()
+        peak = page.locator(".sae-token[style*=outline]").first
+        expect(peak).to_be_visible()
+        expect(peak).to_have_text(top.tokens[top.peak].replace("\n", "↵"))
         browser.close()
 
     with zipfile.ZipFile(zip_path) as zf:
@@ -296,3 +316,5 @@ def test_extract_from_a_model_then_train_and_download_the_sae(tmp_path, hf):
 
     sae = load(tmp_path / "sae")
     assert (sae.d_in, sae.d_sae) == (32, 64)
+    figures = json.loads((tmp_path / "sae" / "eval.json").read_text())
+    assert figures["eval_contexts"] == 4 and "ce_loss_score" in figures  # the download carries the evaluation
