@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+from sae_core.config import ExtractConfig, TrainConfig
 from sae_core.jobs import store
 from tests.app.conftest import rendered
 from tests.app.test_app_pages import no_exception, texts
@@ -91,7 +92,7 @@ def test_the_train_page_offers_the_labs_extractions_with_their_provenance(lab_wi
 
     lab_with_model.sample(fake.no_driver())
     job = store.submit_job(
-        store.ExtractConfig(model=str(hf["llama"]), hook="model.layers.0", dataset=str(hf["corpus"]), n_tokens=600),
+        ExtractConfig(model=str(hf["llama"]), hook="model.layers.0", dataset=str(hf["corpus"]), n_tokens=600),
         None, 1,
     )  # fmt: skip
     config = tmp_path / "x.json"
@@ -113,10 +114,10 @@ def test_an_extraction_job_shows_rows_disk_and_what_its_training_waits_for(lab_w
     from sae_core.jobs import metrics
 
     lab_with_model.sample(fake.no_driver())
-    cfg = store.ExtractConfig(model=str(hf["llama"]), hook="model.layers.0", dataset=str(hf["corpus"]), n_tokens=5000)
+    cfg = ExtractConfig(model=str(hf["llama"]), hook="model.layers.0", dataset=str(hf["corpus"]), n_tokens=5000)
     extraction = store.submit_job(cfg, None, 1, name="l0")
     training = store.submit_job(
-        store.TrainConfig(activation_source=extraction.out_dir, d_sae=64, total_steps=10), None, 1,
+        TrainConfig(activation_source=extraction.out_dir, d_sae=64, total_steps=10), None, 1,
         depends_on=extraction.id,
     )  # fmt: skip
     points = [

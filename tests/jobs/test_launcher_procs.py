@@ -21,7 +21,7 @@ import pytest
 
 from sae_core import db
 from sae_core.cli import jobs as cli_jobs
-from sae_core.config import TrainConfig
+from sae_core.config import ExtractConfig, TrainConfig
 from sae_core.db.tables import ACTIVE_STATUSES, FINAL_STATUSES
 from sae_core.engine import saelens
 from sae_core.gpu import history
@@ -468,7 +468,7 @@ def test_an_extraction_then_its_training_then_its_evaluation_run_in_the_queue(la
 
 def test_a_failed_extraction_cancels_the_training_waiting_for_it_with_the_reason(lab, hf, tmp_path):
     home, start_daemon = lab
-    cfg = submission.ExtractConfig(model=str(hf["gpt2"]), hook="transformer.h.1", dataset=str(hf["corpus"]),
+    cfg = ExtractConfig(model=str(hf["gpt2"]), hook="transformer.h.1", dataset=str(hf["corpus"]),
                                    n_tokens=10**6, context_size=32)  # fmt: skip  # more rows than the corpus holds
     train = TrainConfig(activation_source="(the extraction)", d_sae=64, k=4, batch_size=256, total_steps=20)
     extraction, training, _ = submission.submit_extract(cfg, None, 1, then_train=train)  # 10⁶ rows planned
