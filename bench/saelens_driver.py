@@ -8,7 +8,7 @@ DATA holds `train` [N, d_in] (the rows SAE Lab trains on) and `holdout` [H, d_in
 architecture, sizes, steps, batch, lr, seed, threads and the sparsity options. The rows are fed in a
 seeded random order, reshuffled each epoch. OUT gets W_enc, b_enc, W_dec, b_dec (and threshold) in the
 form every architecture's inference rule reads directly (decoder norms folded into the encoder), plus
-`timing` [train seconds, steps, tokens] and `own_fvu`: the SAE's own forward pass on the holdout, which the
+`timing` [train seconds, steps, tokens, train CPU seconds of the process] and `own_fvu`: the SAE's own forward pass on the holdout, which the
 bench checks its shared evaluation against.
 """
 
@@ -107,12 +107,14 @@ def main() -> None:
         logger=LoggingConfig(log_to_wandb=False),
     )
     trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=batches(train, batch, spec["seed"]))
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     trainer.fit()
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     arch = spec["architecture"]
     tensors = inference_tensors(sae, arch)
-    tensors["timing"] = torch.tensor([seconds, float(trainer.n_training_steps), float(trainer.n_training_samples)])
+    tensors["timing"] = torch.tensor(
+        [seconds, float(trainer.n_training_steps), float(trainer.n_training_samples), cpu_seconds]
+    )
     tensors["own_fvu"] = torch.tensor([own_fvu(sae, holdout, arch)])
     save_file(tensors, out_path)
 
