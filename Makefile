@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PORT ?= 8501
 
-.PHONY: run test install lint typecheck bench clean saelens-check
+.PHONY: run test install lint typecheck bench clean saelens-check quality-bench
 
 # The project installs editable with its pinned dependencies and test tools (pyproject.toml).
 $(VENV)/.installed: pyproject.toml
@@ -32,8 +32,18 @@ bench: install
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache
 
-# SAELens compatibility: loads our saved SAEs with sae_lens (heavy deps, so a side environment).
-saelens-check: install
-	$(PYTHON) -m venv --system-site-packages .venv-saelens
-	.venv-saelens/bin/pip install -q torch==2.13.0 sae-lens
-	.venv-saelens/bin/python -m pytest -q tests/engine/test_sae_lens_compat.py tests/engine/test_sae.py
+# SAELens in a side environment (heavy deps). torch stays pinned in the same pip command: an unpinned one
+# would pull a CUDA build of several GB.
+SAELENS_VENV := .venv-saelens
+$(SAELENS_VENV)/.installed: $(VENV)/.installed
+	$(PYTHON) -m venv --system-site-packages $(SAELENS_VENV)
+	$(SAELENS_VENV)/bin/pip install -q torch==2.13.0 sae-lens==6.54.12
+	touch $@
+
+# SAELens compatibility: loads our saved SAEs with sae_lens.
+saelens-check: $(SAELENS_VENV)/.installed
+	$(SAELENS_VENV)/bin/python -m pytest -q tests/engine/test_sae_lens_compat.py tests/engine/test_sae.py
+
+# SAE quality against SAELens at equal tokens and equal wall time (QUALITY_ARGS=--quick for a few rows).
+quality-bench: $(SAELENS_VENV)/.installed
+	$(PY) -m bench.quality_vs_saelens $(QUALITY_ARGS)

@@ -18,8 +18,9 @@ def test_minimal_config_gets_working_defaults():
     cfg = make()
     assert cfg.activation_key == "activations"
     assert cfg.batch_size == 4096 and cfg.device == "auto" and cfg.autocast is None
-    assert cfg.effective_lr == pytest.approx(2e-4 / (64 / 2**14) ** 0.5)
-    assert cfg.effective_lr_warmup_steps == 1 and cfg.effective_lr_decay_steps == 20
+    assert cfg.effective_lr == pytest.approx(8e-4 / (64 / 2**14) ** 0.5)
+    assert cfg.effective_lr_warmup_steps == 1 and cfg.effective_lr_decay_steps == 10
+    assert cfg.b_dec_init == "geometric_median" and cfg.encoder_init_scale == 0.5
     assert cfg.effective_aux_k(768) == 384 and cfg.effective_aux_k(4096) == 512
 
 
@@ -104,6 +105,7 @@ def test_every_float_field_is_known():
         "lr",
         "aux_k_coefficient",
         "grad_clip",
+        "encoder_init_scale",
         "jumprelu_bandwidth",
         "jumprelu_init_threshold",
     }

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..architectures import ARCHITECTURES, Architecture, architecture
+from ..config import DEFAULT_ENCODER_INIT_SCALE
 from . import cpu_kernels
 from .sparse import Kernels, LatentLayout, SelectedPreActivations, Selection, SquaredError, sparse_decode
 
@@ -53,9 +54,11 @@ class SparseAutoencoder(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         kernels: Kernels | None = None,
+        encoder_init_scale: float = DEFAULT_ENCODER_INIT_SCALE,
     ):
         super().__init__()
         self.d_in, self.d_sae = d_in, d_sae
+        self.encoder_init_scale = encoder_init_scale
         self.k: int | None = None
         self.kernels = kernels or Kernels()
         self.W_dec = nn.Parameter(torch.empty(d_sae, d_in, dtype=dtype, device=device))
@@ -83,7 +86,8 @@ class SparseAutoencoder(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.W_dec)
         normalize_decoder_rows(self.W_dec)
-        self.W_enc.copy_(self.W_dec.t())  # encoder starts as the decoder's transpose
+        # The decoder's transpose, scaled down (see DEFAULT_ENCODER_INIT_SCALE in config.py for why).
+        self.W_enc.copy_(self.W_dec.t() * self.encoder_init_scale)
         self.b_enc.zero_()
         self.b_dec.zero_()
 
@@ -400,7 +404,12 @@ def make_sae(name: str, d_in: int, d_sae: int, k: int | None = None, **options) 
 def sae_from_config(cfg, d_in: int, device: torch.device | str | None = None) -> SparseAutoencoder:
     """The SAE a TrainConfig describes, freshly initialised."""
     options = SAE_CLASSES[cfg.architecture].config_options(cfg)
-    options.update(dtype=getattr(torch, cfg.dtype), device=device, kernels=Kernels(cfg.torch_compile))
+    options.update(
+        dtype=getattr(torch, cfg.dtype),
+        device=device,
+        kernels=Kernels(cfg.torch_compile),
+        encoder_init_scale=cfg.encoder_init_scale,
+    )
     return make_sae(cfg.architecture, d_in, cfg.d_sae, cfg.k, **options)
 
 

@@ -6,9 +6,11 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from sae_core.config import DEFAULT_ENCODER_INIT_SCALE, TrainConfig
 from sae_core.engine import cpu_kernels, saelens, sparse
 from sae_core.engine.evaluation import evaluate
 from sae_core.engine.sae import make_sae as build_sae
+from sae_core.engine.sae import sae_from_config
 from sae_core.engine.saelens import exported_copy
 
 D_IN, D_SAE, K, B = 12, 40, 3, 16
@@ -136,10 +138,13 @@ def test_decoder_gradient_projection_keeps_rows_unit_norm(x):
     assert_close(model.W_dec.norm(dim=1), torch.ones(D_SAE, dtype=rows.dtype))
 
 
-def test_encoder_starts_as_decoder_transpose():
+def test_encoder_starts_as_the_decoder_transpose_scaled():
     model = build_sae("standard", 8, 20)
-    assert_close(model.W_enc, model.W_dec.t())
+    assert_close(model.W_enc, model.W_dec.t() * DEFAULT_ENCODER_INIT_SCALE)
     assert_close(model.W_dec.norm(dim=1), torch.ones(20))
+    cfg = TrainConfig(activation_source="x", d_sae=20, k=4, total_steps=1, encoder_init_scale=0.25)
+    chosen = sae_from_config(cfg, 8)
+    assert_close(chosen.W_enc, chosen.W_dec.t() * 0.25)
 
 
 class _Data:
