@@ -32,12 +32,12 @@ bench: install
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache
 
-# SAELens in a side environment (heavy deps). torch stays pinned in the same pip command: an unpinned one
-# would pull a CUDA build of several GB.
+# SAELens in a side environment (heavy deps), beside the project itself (its tests import sae_core). torch
+# stays pinned in the same pip command: an unpinned one would pull a CUDA build of several GB.
 SAELENS_VENV := .venv-saelens
 $(SAELENS_VENV)/.installed: $(VENV)/.installed
 	$(PYTHON) -m venv --system-site-packages $(SAELENS_VENV)
-	$(SAELENS_VENV)/bin/pip install -q torch==2.13.0 sae-lens==6.54.12
+	$(SAELENS_VENV)/bin/pip install -q -e '.[dev]' torch==2.13.0 sae-lens==6.54.12
 	touch $@
 
 # SAELens compatibility: loads our saved SAEs with sae_lens.
