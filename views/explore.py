@@ -10,17 +10,15 @@ from pathlib import Path
 
 import streamlit as st
 
-from sae_core import db, paths
-from sae_core.config import ConfigError, InspectConfig
-from sae_core.gpu.history import latest_probe
+from sae_core import paths
+from sae_core.config import InspectConfig
 from sae_core.jobs import submission
-from sae_core.jobs.gpus import gpu_statuses
 from sae_core.latents import Inspection, inspection_stamp, neuronpedia_zip, read_inspection
 from sae_core.outputs import find_trained_saes, served_dir
 from sae_core.ui import charts, explore, frames
 from sae_core.ui.forms import parse_index_param
 from sae_core.ui.html import md_text
-from views.widgets import placement
+from views.widgets import queue_job_form
 
 
 @st.cache_resource(max_entries=8, show_spinner=False)
@@ -46,34 +44,15 @@ def pick_sae(home: Path) -> Path | None:
 
 
 def inspect_offer(sae_dir: Path) -> None:
-    """No inspect data yet: queue the inspect job (tokens, placement, name)."""
+    """No inspect data yet: queue the inspect job (rows, placement, name)."""
     st.info("This SAE has not been inspected yet: the inspect job computes what the page shows.")
-    engine = db.get_engine()
-    probe = latest_probe(engine)
-    statuses = gpu_statuses(engine, snapshot=probe) if probe is not None and probe.gpus else []
-    c1, c2 = st.columns(2)
-    tokens = int(c1.number_input("Rows to inspect", min_value=1, value=1_000_000, step=100_000, key="explore_tokens"))
-    user = c2.text_input("Your name", key="explore_user", value=st.session_state.get("user_name", ""))
-    gpu_ids, cpu_procs, errors = placement(statuses, probe, None, "inspect")
-    if not user.strip():
-        errors.append("your name: enter it so colleagues can see whose job this is")
-    for message in errors:
-        st.error(md_text(message), icon=":material/error:")
-    if st.button("Inspect this SAE", key="explore_inspect", disabled=bool(errors), icon=":material/search:"):
-        st.session_state["user_name"] = user
-        try:
-            cfg = InspectConfig(sae=str(sae_dir), tokens=tokens, device="auto" if statuses else "cpu")
-            job, _ = submission.submit_inspect(
-                cfg, gpu_ids or None, cpu_procs, name=f"inspect {sae_dir.name}", submitted_by=user.strip(),
-                engine=engine,
-            )  # fmt: skip
-        except (ConfigError, submission.SubmissionRejected) as exc:
-            for problem in getattr(exc, "problems", None) or [exc]:
-                st.error(md_text(problem), icon=":material/error:")
-        else:
-            st.success(f"Inspection job {job.id} queued.")
-            st.page_link("views/jobs.py", label=f"Open job {job.id}", query_params={"job": str(job.id)},
-                         icon=":material/arrow_forward:")  # fmt: skip
+    tokens = int(st.number_input("Rows to inspect", min_value=1, value=1_000_000, step=100_000, key="explore_tokens"))
+
+    def submit(gpu_ids, cpu_procs, user, on_gpu):
+        cfg = InspectConfig(sae=str(sae_dir), tokens=tokens, device="auto" if on_gpu else "cpu")
+        return submission.submit_inspect(cfg, gpu_ids, cpu_procs, f"inspect {sae_dir.name}", user)[0]
+
+    queue_job_form("inspect", "Inspect this SAE", ":material/search:", "Inspection", submit)
 
 
 def choose_latent(inspection: Inspection, clicked: int | None) -> None:

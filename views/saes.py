@@ -7,16 +7,14 @@ from pathlib import Path
 
 import streamlit as st
 
-from sae_core import db, paths
-from sae_core.config import ConfigError, EvaluateConfig
+from sae_core import paths
+from sae_core.config import EvaluateConfig
 from sae_core.files import CFG_FILE, EVAL_FILE, SPARSITY_FILE
-from sae_core.gpu.history import latest_probe
 from sae_core.jobs import submission
-from sae_core.jobs.gpus import gpu_statuses
 from sae_core.outputs import find_trained_saes, read_json, read_log10_frequency
 from sae_core.ui import charts, frames, labels
 from sae_core.ui.html import md_text
-from views.widgets import placement, sae_download
+from views.widgets import queue_job_form, sae_download
 
 
 def show_figures(title: str, shown: dict[str, str]) -> None:
@@ -28,32 +26,13 @@ def show_figures(title: str, shown: dict[str, str]) -> None:
 
 def evaluate_form(sae_dir: Path) -> None:
     """Queue a model evaluation of this SAE: how many held-out contexts, where it runs, who asks."""
-    engine = db.get_engine()
-    probe = latest_probe(engine)
-    statuses = gpu_statuses(engine, snapshot=probe) if probe is not None and probe.gpus else []
-    c1, c2 = st.columns(2)
-    contexts = int(c1.number_input("Held-out contexts", min_value=1, max_value=2**20, value=256, key="saes_contexts"))
-    user = c2.text_input("Your name", key="saes_user", value=st.session_state.get("user_name", ""))
-    gpu_ids, cpu_procs, errors = placement(statuses, probe, None, "evaluate")
-    if not user.strip():
-        errors.append("your name: enter it so colleagues can see whose job this is")
-    for message in errors:
-        st.error(md_text(message), icon=":material/error:")
-    if st.button("Evaluate with the model", key="saes_evaluate", disabled=bool(errors), icon=":material/science:"):
-        st.session_state["user_name"] = user
-        try:
-            cfg = EvaluateConfig(sae=str(sae_dir), contexts=contexts, device="auto" if statuses else "cpu")
-            job, _ = submission.submit_evaluate(
-                cfg, gpu_ids or None, cpu_procs, name=f"evaluate {sae_dir.name}", submitted_by=user.strip(),
-                engine=engine,
-            )  # fmt: skip
-        except (ConfigError, submission.SubmissionRejected) as exc:
-            for problem in getattr(exc, "problems", None) or [exc]:
-                st.error(md_text(problem), icon=":material/error:")
-        else:
-            st.success(f"Evaluation job {job.id} queued.")
-            st.page_link("views/jobs.py", label=f"Open job {job.id}", query_params={"job": str(job.id)},
-                         icon=":material/arrow_forward:")  # fmt: skip
+    contexts = int(st.number_input("Held-out contexts", min_value=1, max_value=2**20, value=256, key="saes_contexts"))
+
+    def submit(gpu_ids, cpu_procs, user, on_gpu):
+        cfg = EvaluateConfig(sae=str(sae_dir), contexts=contexts, device="auto" if on_gpu else "cpu")
+        return submission.submit_evaluate(cfg, gpu_ids, cpu_procs, f"evaluate {sae_dir.name}", user)[0]
+
+    queue_job_form("evaluate", "Evaluate with the model", ":material/science:", "Evaluation", submit)
 
 
 st.title("Trained SAEs")

@@ -7,8 +7,14 @@ from pathlib import Path
 
 import streamlit as st
 
+from sae_core import db
+from sae_core.config import ConfigError
+from sae_core.db.tables import Job
 from sae_core.files import SAE_ZIP_FILE
 from sae_core.gpu.availability import recommend
+from sae_core.gpu.history import latest_probe
+from sae_core.jobs.gpus import gpu_statuses
+from sae_core.jobs.submission import SubmissionRejected
 from sae_core.outputs import build_sae_zip, zip_is_current
 from sae_core.text import format_bytes, format_percent
 from sae_core.ui import html, labels
@@ -119,3 +125,33 @@ def placement(statuses, probe, need: NeedPerGpu | None, prefix: str) -> tuple[li
     st.caption(f"No NVIDIA GPU ({html.md_text(labels.no_gpu_reason(probe))}): the job runs as CPU processes.")
     cpu_procs = int(st.number_input("CPU processes", min_value=1, max_value=64, value=2, key=f"{prefix}_cpu_procs"))
     return [], cpu_procs, []
+
+
+# Queue a job from a page: (gpu_ids or None, cpu_procs, who, on_gpu) → the queued job (or the gate's refusal).
+SubmitJob = Callable[[list[int] | None, int | None, str, bool], Job]
+
+
+def queue_job_form(prefix: str, label: str, icon: str, noun: str, submit: SubmitJob) -> None:
+    """Where the job runs, who asks, and the button that queues it through `submit` (the gate): every
+    problem shown beside it, or a link to the queued job."""
+    engine = db.get_engine()
+    probe = latest_probe(engine)
+    statuses = gpu_statuses(engine, snapshot=probe) if probe is not None and probe.gpus else []
+    user = st.text_input("Your name", key=f"{prefix}_user", value=st.session_state.get("user_name", ""))
+    gpu_ids, cpu_procs, errors = placement(statuses, probe, None, prefix)
+    if not user.strip():
+        errors.append("your name: enter it so colleagues can see whose job this is")
+    for message in errors:
+        st.error(html.md_text(message), icon=":material/error:")
+    if not st.button(label, key=f"{prefix}_submit", disabled=bool(errors), icon=icon):
+        return
+    st.session_state["user_name"] = user
+    try:
+        job = submit(gpu_ids or None, cpu_procs, user.strip(), bool(statuses))
+    except (ConfigError, SubmissionRejected) as exc:
+        for problem in getattr(exc, "problems", None) or [exc]:
+            st.error(html.md_text(problem), icon=":material/error:")
+        return
+    st.success(f"{noun} job {job.id} queued.")
+    st.page_link("views/jobs.py", label=f"Open job {job.id}", query_params={"job": str(job.id)},
+                 icon=":material/arrow_forward:")  # fmt: skip

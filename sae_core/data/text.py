@@ -227,3 +227,20 @@ def kept_positions(tokens: np.ndarray, specials: Specials, exclude_special: bool
     if not exclude_special:
         return np.ones(tokens.shape, dtype=bool)
     return ~np.isin(tokens, np.asarray(specials.special_ids, dtype=np.int32))
+
+
+def token_texts(tokenizer, ids) -> dict[str, str]:
+    """The text of each token id as it reads inside running text, keyed by the id as a string. A byte-level
+    BPE token decodes with its own leading space; a WordPiece token does not, so one that starts a word
+    (no `##`) gets the space the tokenizer's decoder would put before it."""
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    wordpiece = type(decoder).__name__ == "WordPiece"
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    texts = {}
+    for token_id in ids:
+        text = tokenizer.decode([int(token_id)])
+        if wordpiece and int(token_id) not in special:
+            piece = tokenizer.convert_ids_to_tokens(int(token_id))
+            text = piece[2:] if piece.startswith("##") else " " + text
+        texts[str(int(token_id))] = text
+    return texts

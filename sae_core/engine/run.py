@@ -20,9 +20,9 @@ from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, recor
 
 from ..config import ConfigError, TrainConfig
 from ..data.checks import DatasetError, check_dataset
-from ..files import REFUSED_FILE
-from .distributed import init_process_group, read_dist_env
-from .sinks import MetricsSink
+from ..files import METRICS_FILE, REFUSED_FILE
+from .distributed import DistEnv, init_process_group, read_dist_env
+from .sinks import JsonlSink, MetricsSink
 from .trainer import Trainer
 
 
@@ -90,6 +90,37 @@ def main(argv: list[str] | None = None, extra_sinks: Callable[[], list[MetricsSi
         del trainer  # DDP's reducer and gloo's threads go before the process group, not at teardown
         gc.collect()
     except DatasetError as exc:  # a non-finite row met in training, or a checkpoint of another data order
+        return report_bad_input(out_dir, exc)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def run_ranks(
+    out_dir: Path,
+    bad_input: tuple[type[Exception], ...],
+    prepare: Callable[[], tuple[DistEnv, object]],
+    body: Callable[[DistEnv, object, list[MetricsSink]], None],
+    extra_sinks: Callable[[], list[MetricsSink]] | None = None,
+) -> int:
+    """The frame of the model-side entries (extraction, evaluation, inspection): `prepare` checks the input
+    and reads torchrun's environment before any process group exists; then the group starts, rank 0 opens
+    the metric sinks (metrics.jsonl in `out_dir`, plus the job's), and `body` runs. Bad input, found before
+    or during `body`, ends the rank with exit code 2 and its reason (report_bad_input)."""
+    try:
+        env, state = prepare()
+    except bad_input as exc:
+        return report_bad_input(out_dir, exc)
+    init_process_group(env)
+    try:
+        sinks: list[MetricsSink] = []
+        if env.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            sinks = [JsonlSink(out_dir / METRICS_FILE), *(extra_sinks() if extra_sinks else [])]
+        body(env, state, sinks)
+        gc.collect()
+    except bad_input as exc:
         return report_bad_input(out_dir, exc)
     finally:
         if dist.is_initialized():

@@ -29,3 +29,12 @@ class JsonlSink:
 
     def close(self) -> None:
         self._file.close()
+
+
+def report_done(sinks: list[MetricsSink], summary: dict) -> None:
+    """The run's last record (a "done" event with its summary) to every sink, which then closes; and the
+    same summary on stdout, where the job's log shows it."""
+    for sink in sinks:
+        sink.write({"event": "done", **summary})
+        sink.close()
+    print(f"done: {json.dumps(summary)}", flush=True)

@@ -32,7 +32,7 @@ from .evaluation import evaluate
 from .sae import SparseAutoencoder, StepOutput, sae_from_config
 from .saelens import save
 from .schedule import init_from_data, learning_rate, sparsity_coefficient
-from .sinks import JsonlSink, MetricsSink
+from .sinks import JsonlSink, MetricsSink, report_done
 
 DEAD_CHECK_EVERY = 16  # steps between host reads of the oldest dead-latent counter
 
@@ -351,10 +351,7 @@ class Trainer:
                 holdout_kind=self.order.holdout_kind,  # "tail": whole contexts the model evaluation may rerun
             )
             write_outputs(self.sae, self.cfg, self.out_dir, self.fire_counts, self.tokens, figures)
-            for sink in self.sinks:
-                sink.write({"event": "done", **figures})
-                sink.close()
-            print(f"done: {json.dumps(figures)}", flush=True)
+            report_done(self.sinks, figures)
         if dist.is_initialized():
             dist.barrier()
         return figures

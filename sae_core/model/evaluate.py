@@ -11,6 +11,7 @@ to the SAE's eval.json (replaced atomically).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -27,11 +28,11 @@ from ..config import ConfigError, EvaluateConfig
 from ..data.formats import DatasetError
 from ..data.heldout import EvalPlan, plan_evaluation
 from ..data.text import Specials, TextError, iter_documents, kept_positions, pack_contexts
-from ..engine.distributed import DistEnv, init_process_group, read_dist_env
-from ..engine.run import report_bad_input
+from ..engine.distributed import DistEnv, read_dist_env
+from ..engine.run import run_ranks
 from ..engine.saelens import load as load_sae
-from ..engine.sinks import JsonlSink, MetricsSink
-from ..files import EVAL_FILE, METRICS_FILE, MODEL_EVAL_FILE
+from ..engine.sinks import MetricsSink, report_done
+from ..files import EVAL_FILE, MODEL_EVAL_FILE
 from ..outputs import read_json
 from . import extraction
 from .hooks import HookReader, find_module, list_hooks
@@ -157,38 +158,27 @@ def _replace_json(path: Path, value: dict) -> None:
     os.replace(partial, path)
 
 
+def prepare(args: argparse.Namespace) -> tuple[DistEnv, tuple[EvaluateConfig, Target]]:
+    cfg = EvaluateConfig.from_json_file(args.config)
+    return read_dist_env(cfg), (cfg, Target(cfg))
+
+
+def evaluate_ranks(out_dir: Path, env: DistEnv, state, sinks: list[MetricsSink]) -> None:
+    cfg, target = state
+    figures = run(cfg, target, env, sinks)
+    if env.is_main:
+        write_figures(out_dir, target.plan.sae_dir, figures)
+        report_done(sinks, {k: v for k, v in figures.items() if k != "eval_context_ids"})
+    if dist.is_initialized():
+        dist.barrier()
+
+
 @record
 def main(argv: list[str] | None = None, extra_sinks: Callable[[], list[MetricsSink]] | None = None) -> int:
     args = parse_args(argv)
     out_dir = Path(args.out)
-    try:
-        cfg = EvaluateConfig.from_json_file(args.config)
-        env = read_dist_env(cfg)
-        target = Target(cfg)
-    except BAD_INPUT as exc:
-        return report_bad_input(out_dir, exc)
-    init_process_group(env)
-    try:
-        sinks: list[MetricsSink] = []
-        if env.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            sinks = [JsonlSink(out_dir / METRICS_FILE), *(extra_sinks() if extra_sinks else [])]
-        figures = run(cfg, target, env, sinks)
-        if env.is_main:
-            write_figures(out_dir, target.plan.sae_dir, figures)
-            shown = {k: v for k, v in figures.items() if k != "eval_context_ids"}
-            for sink in sinks:
-                sink.write({"event": "done", **shown})
-                sink.close()
-            print(f"done: {json.dumps(shown)}", flush=True)
-        if dist.is_initialized():
-            dist.barrier()
-    except BAD_INPUT as exc:
-        return report_bad_input(out_dir, exc)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    body = functools.partial(evaluate_ranks, out_dir)
+    return run_ranks(out_dir, BAD_INPUT, functools.partial(prepare, args), body, extra_sinks)
 
 
 if __name__ == "__main__":

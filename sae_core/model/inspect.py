@@ -11,6 +11,7 @@ effects and token windows, and replaces `inspect/` atomically (written beside it
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -28,7 +29,8 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from ..config import ConfigError, InspectConfig
 from ..data.formats import DatasetError, to_float32
 from ..data.heldout import InspectPlan, plan_inspection
-from ..engine.distributed import DistEnv, init_process_group, read_dist_env
+from ..data.text import token_texts
+from ..engine.distributed import DistEnv, read_dist_env
 from ..engine.latent_stats import (
     NO_ROW,
     LatentStats,
@@ -39,9 +41,9 @@ from ..engine.latent_stats import (
     logit_effects,
     nearest_latents,
 )  # fmt: skip
-from ..engine.run import report_bad_input
+from ..engine.run import run_ranks
 from ..engine.saelens import load as load_sae
-from ..engine.sinks import JsonlSink, MetricsSink
+from ..engine.sinks import MetricsSink, report_done
 from ..files import (
     CONTEXTS_FILE,
     INSPECT_DIR,
@@ -49,7 +51,6 @@ from ..files import (
     INSPECT_LATENTS_FILE,
     INSPECT_SUMMARY_FILE,
     INSPECT_TOKENS_FILE,
-    METRICS_FILE,
     POSITIONS_KEY,
 )  # fmt: skip
 from ..latents import INSPECT_VERSION
@@ -107,6 +108,7 @@ def collect(cfg: InspectConfig, plan: InspectPlan, env: DistEnv, out_dir: Path, 
             done += hi - lo
             if env.is_main:
                 report_progress(sinks, min(done * env.world_size, plan.rows), plan.rows, started)
+    out_dir.mkdir(parents=True, exist_ok=True)  # every rank writes its statistics here
     path = out_dir / f".inspect_rank{env.rank}.safetensors"
     save_file({k: v.cpu().contiguous() for k, v in stats.state().items()}, str(path))
     return path
@@ -200,7 +202,7 @@ def model_extras(arrays: dict, plan: InspectPlan, sae) -> dict[str, str]:
     for name in ("top_tokens", "band_tokens", "logit_top_ids", "logit_bottom_ids"):
         if name in arrays:
             used.update(int(i) for i in torch.unique(arrays[name]).tolist() if i >= 0)
-    return {str(i): tokenizer.decode([i]) for i in sorted(used)}
+    return token_texts(tokenizer, sorted(used))
 
 
 def write_inspection(plan: InspectPlan, arrays: dict, token_text: dict, summary: dict) -> Path:
@@ -244,44 +246,34 @@ def finish(cfg: InspectConfig, plan: InspectPlan, rank_files: list[Path], second
     return summary
 
 
+def prepare(args: argparse.Namespace) -> tuple[DistEnv, tuple[InspectConfig, InspectPlan]]:
+    cfg = InspectConfig.from_json_file(args.config)
+    return read_dist_env(cfg), (cfg, plan_inspection(cfg))
+
+
+def inspect_ranks(out_dir: Path, env: DistEnv, state, sinks: list[MetricsSink]) -> None:
+    cfg, plan = state
+    started = time.perf_counter()
+    collect(cfg, plan, env, out_dir, sinks)
+    if dist.is_initialized():
+        dist.barrier()  # every rank's statistics are on disk
+    if env.is_main:
+        rank_files = [out_dir / f".inspect_rank{r}.safetensors" for r in range(env.world_size)]
+        summary = finish(cfg, plan, rank_files, time.perf_counter() - started)
+        for path in rank_files:
+            path.unlink()
+        (out_dir / INSPECT_DONE_FILE).write_text(json.dumps(summary, indent=2))
+        report_done(sinks, {k: summary[k] for k in ("rows", "d_sae", "dead_latents")})
+    if dist.is_initialized():
+        dist.barrier()
+
+
 @record
 def main(argv: list[str] | None = None, extra_sinks: Callable[[], list[MetricsSink]] | None = None) -> int:
     args = parse_args(argv)
     out_dir = Path(args.out)
-    try:
-        cfg = InspectConfig.from_json_file(args.config)
-        env = read_dist_env(cfg)
-        plan = plan_inspection(cfg)
-    except BAD_INPUT as exc:
-        return report_bad_input(out_dir, exc)
-    init_process_group(env)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        sinks: list[MetricsSink] = []
-        if env.is_main:
-            sinks = [JsonlSink(out_dir / METRICS_FILE), *(extra_sinks() if extra_sinks else [])]
-        started = time.perf_counter()
-        collect(cfg, plan, env, out_dir, sinks)
-        if dist.is_initialized():
-            dist.barrier()  # every rank's statistics are on disk
-        if env.is_main:
-            rank_files = [out_dir / f".inspect_rank{r}.safetensors" for r in range(env.world_size)]
-            summary = finish(cfg, plan, rank_files, time.perf_counter() - started)
-            for path in rank_files:
-                path.unlink()
-            (out_dir / INSPECT_DONE_FILE).write_text(json.dumps(summary, indent=2))
-            for sink in sinks:
-                sink.write({"event": "done", "rows": summary["rows"], "dead_latents": summary["dead_latents"]})
-                sink.close()
-            print(f"done: {json.dumps({k: summary[k] for k in ('rows', 'd_sae', 'dead_latents')})}", flush=True)
-        if dist.is_initialized():
-            dist.barrier()
-    except BAD_INPUT as exc:
-        return report_bad_input(out_dir, exc)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    body = functools.partial(inspect_ranks, out_dir)
+    return run_ranks(out_dir, BAD_INPUT, functools.partial(prepare, args), body, extra_sinks)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import shutil
 import sys
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from ..data.manifest import read_manifest, write_manifest
 from ..data.text import Specials, TextError, iter_documents, kept_positions, pack_contexts
 from ..engine.distributed import DistEnv, init_process_group, read_dist_env
 from ..engine.run import report_bad_input
-from ..engine.sinks import JsonlSink, MetricsSink
+from ..engine.sinks import JsonlSink, MetricsSink, report_done
 from ..files import CONTEXTS_FILE, EXTRACT_CONFIG_FILE, METRICS_FILE
 from ..text import format_bytes
 from . import extraction
@@ -174,10 +173,7 @@ def extract(cfg: ExtractConfig, source: Source, env: DistEnv, out_dir: Path, sin
     summary = {"rows": cfg.n_tokens, "n_contexts": plan.n_contexts, "shards": len(plan.shards), "d_in": source.d_in}
     if env.is_main:
         write_manifest(out_dir, extraction.manifest_for(plan, cfg, source.d_in, source.provenance(cfg)))
-        for sink in sinks:
-            sink.write({"event": "done", **summary})
-            sink.close()
-        print(f"done: {json.dumps(summary)}", flush=True)
+        report_done(sinks, summary)
     return summary
 
 

@@ -38,7 +38,7 @@ def test_without_inspect_data_the_page_queues_the_inspect_job(lab, lab_sae):
     no_exception(at)
     assert "has not been inspected yet" in texts(at)
     at.number_input(key="explore_tokens").set_value(1500)
-    at.button(key="explore_inspect").click().run()
+    at.button(key="inspect_submit").click().run()
     no_exception(at)
     (job,) = store.list_jobs()
     assert job.kind == "inspect" and json.loads(job.config_json)["tokens"] == 1500 and job.submitted_by == "ana"

