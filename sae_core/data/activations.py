@@ -165,15 +165,20 @@ class ActivationSet:
         if not 0 <= lo <= hi <= self.n_rows:
             raise IndexError(f"rows [{lo}, {hi}) are out of range for {self.source} ({self.n_rows} rows)")
         pieces = []
+        for shard, start, stop in self._pieces(lo, hi):
+            piece = read_shard_tensor(shard.path, key)
+            if piece is None or len(piece) != shard.rows:
+                raise DatasetError(f"{shard.path}: has no {key} for its {shard.rows} rows")
+            pieces.append(piece[start:stop])
+        return np.concatenate(pieces).astype(np.int64) if pieces else np.empty(0, np.int64)
+
+    def _pieces(self, lo: int, hi: int):
+        """(shard, first, stop) of the shards holding rows [lo, hi), in shard-local rows."""
         first = int(np.searchsorted(self._starts, lo, side="right")) - 1
         for shard in self.shards[max(first, 0) :]:
             if shard.start >= hi:
                 break
-            piece = read_shard_tensor(shard.path, key)
-            if piece is None or len(piece) != shard.rows:
-                raise DatasetError(f"{shard.path}: has no {key} for its {shard.rows} rows")
-            pieces.append(piece[max(lo, shard.start) - shard.start : min(hi, shard.stop) - shard.start])
-        return np.concatenate(pieces).astype(np.int64) if pieces else np.empty(0, np.int64)
+            yield shard, max(lo, shard.start) - shard.start, min(hi, shard.stop) - shard.start
 
     def shard_of(self, row: int) -> tuple[Shard, int]:
         """The shard holding global row `row`, and the row's index within it."""
@@ -192,11 +197,8 @@ class ActivationSet:
         if not 0 <= lo <= hi <= self.n_rows:
             raise IndexError(f"rows [{lo}, {hi}) are out of range for {self.source} ({self.n_rows} rows)")
         pieces = []
-        first = int(np.searchsorted(self._starts, lo, side="right")) - 1
-        for shard in self.shards[max(first, 0) :]:
-            if shard.start >= hi:
-                break
-            piece = shard.read_range(max(lo, shard.start) - shard.start, min(hi, shard.stop) - shard.start)
+        for shard, start, stop in self._pieces(lo, hi):
+            piece = shard.read_range(start, stop)
             pieces.append(piece if shard.dtype == self.storage else to_float32(piece, shard.dtype))
         if len(pieces) == 1:
             return pieces[0]

@@ -138,6 +138,12 @@ def _start_verdict(cfg, gpu_ids, cpu_procs, name: str, submitted_by: str) -> Ver
     return verdict
 
 
+def _outside_roots(verdict: Verdict, outside: list[tuple[str, str]]) -> bool:
+    """Record the paths outside the lab's roots; True when there are any (nothing of them is read then)."""
+    verdict.problems += [Problem(f, m) for f, m in outside]
+    return bool(outside)
+
+
 def _check_cpu_batch(cfg: TrainConfig, cpu_procs: int, verdict: Verdict) -> None:
     try:
         cfg.per_rank_batch(cpu_procs)
@@ -220,8 +226,7 @@ def check_extract(
     if verdict.placement_failed:
         return verdict
     home = store.engine_home(store.engine_or_default(engine))
-    if outside := extract_checks.locations(cfg, home):
-        verdict.problems += [Problem(f, m) for f, m in outside]
+    if _outside_roots(verdict, extract_checks.locations(cfg, home)):
         return verdict
     verdict.model, problems = extract_checks.model_and_hook(cfg)
     problems += extract_checks.first_document(cfg)
@@ -269,8 +274,7 @@ def check_evaluate(
     verdict = _start_verdict(cfg, gpu_ids, cpu_procs, name, submitted_by)
     if verdict.placement_failed or planned:
         return verdict
-    if outside := evaluate_checks.locations(cfg, store.engine_home(store.engine_or_default(engine))):
-        verdict.problems += [Problem(f, m) for f, m in outside]
+    if _outside_roots(verdict, evaluate_checks.locations(cfg, store.engine_home(store.engine_or_default(engine)))):
         return verdict
     verdict.evaluation, problems = evaluate_checks.plan(cfg)
     if verdict.evaluation is not None:
@@ -292,11 +296,7 @@ def submit_evaluate(
     engine: Engine | None = None,
 ) -> tuple[Job, Verdict]:
     """Queue a model evaluation if the gate finds no problem (else SubmissionRejected, nothing written)."""
-    verdict = check_evaluate(cfg, gpu_ids, cpu_procs, name=name, submitted_by=submitted_by, engine=engine)
-    if not verdict.ok:
-        raise SubmissionRejected(verdict.problems)
-    job = store.submit_job(cfg, verdict.gpus, cpu_procs, name, submitted_by, engine=engine)
-    return job, verdict
+    return _queue_checked(check_evaluate, cfg, gpu_ids, cpu_procs, name, submitted_by, engine)
 
 
 def submit_extract(
@@ -366,8 +366,9 @@ def check_inspect(
     verdict = _start_verdict(cfg, gpu_ids, cpu_procs, name, submitted_by)
     if verdict.placement_failed:
         return verdict
-    if outside := evaluate_checks.inspect_locations(cfg, store.engine_home(store.engine_or_default(engine))):
-        verdict.problems += [Problem(f, m) for f, m in outside]
+    if _outside_roots(
+        verdict, evaluate_checks.inspect_locations(cfg, store.engine_home(store.engine_or_default(engine)))
+    ):
         return verdict
     plan, problems = evaluate_checks.inspect_plan(cfg)
     verdict.problems += [Problem(f, m) for f, m in problems]
@@ -386,7 +387,12 @@ def submit_inspect(
     engine: Engine | None = None,
 ) -> tuple[Job, Verdict]:
     """Queue an inspection if the gate finds no problem (else SubmissionRejected, nothing written)."""
-    verdict = check_inspect(cfg, gpu_ids, cpu_procs, name=name, submitted_by=submitted_by, engine=engine)
+    return _queue_checked(check_inspect, cfg, gpu_ids, cpu_procs, name, submitted_by, engine)
+
+
+def _queue_checked(check_kind, cfg, gpu_ids, cpu_procs, name: str, submitted_by: str, engine) -> tuple[Job, Verdict]:
+    """Queue `cfg` if `check_kind` (the gate's check of its kind) finds no problem; else SubmissionRejected."""
+    verdict = check_kind(cfg, gpu_ids, cpu_procs, name=name, submitted_by=submitted_by, engine=engine)
     if not verdict.ok:
         raise SubmissionRejected(verdict.problems)
     return store.submit_job(cfg, verdict.gpus, cpu_procs, name, submitted_by, engine=engine), verdict
