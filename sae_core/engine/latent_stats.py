@@ -190,14 +190,14 @@ class LatentStats:
         window = torch.where(valid, acts, torch.zeros((), device=rows.device))
         return window.float(), torch.where(valid, clamped, torch.full_like(clamped, NO_ROW))
 
-    def _merge_bands(self, latents, rows, values, bins, priority: torch.Tensor | None = None) -> None:
+    def _merge_bands(self, latents, rows, values, bins) -> None:
         """Keep, per (latent, band), the `band_examples` rows of largest priority among the kept and the new.
         Only a row above the lowest priority of a full group can enter it, and only groups something
         enters are re-sorted."""
         s = self.shape
         m = s.band_examples
         band = bins * s.bands // s.bins
-        priority = row_priority(rows) if priority is None else priority
+        priority = row_priority(rows)
         kept_priority = self.band_priority.view(s.d_sae, s.bands, m)
         lowest = kept_priority.min(-1).values  # -1 while a group has a free slot
         enters = torch.nonzero(priority > lowest[latents, band]).flatten()
