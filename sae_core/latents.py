@@ -75,8 +75,16 @@ class Inspection:
         if not 0 <= index < self.d_sae:
             raise IndexError(f"latent {index} is not between 0 and {self.d_sae - 1}")
         with safe_open(str(self._file), framework="numpy") as f:
-            row = {name: f.get_slice(name)[index] for name in self.names if name not in ("histogram_edges",)}
-        return self._view(index, row)
+            return self._view(index, self._row(f, index))
+
+    def all_latents(self):
+        """Every latent's view in order, the file opened once (the export)."""
+        with safe_open(str(self._file), framework="numpy") as f:
+            for index in range(self.d_sae):
+                yield self._view(index, self._row(f, index))
+
+    def _row(self, f, index: int) -> dict:
+        return {name: f.get_slice(name)[index] for name in self.names if name != "histogram_edges"}
 
     def _view(self, index: int, row: dict) -> LatentView:
         before = int(self.summary.get("window_before", 0))
@@ -182,7 +190,6 @@ def neuronpedia_zip(inspection: Inspection) -> bytes:
     """Every latent's Neuronpedia JSON (`<index>.json`) in one zip."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for index in range(inspection.d_sae):
-            feature = neuronpedia_feature(inspection, inspection.latent(index))
-            zf.writestr(f"{index}.json", json.dumps(feature))
+        for view in inspection.all_latents():
+            zf.writestr(f"{view.index}.json", json.dumps(neuronpedia_feature(inspection, view)))
     return buffer.getvalue()

@@ -4,9 +4,11 @@ replacing the folder, 1 ≡ 2 ranks, bad inputs."""
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ from sae_core.data.activations import open_activations
 from sae_core.engine.run import main as train_main
 from sae_core.engine.saelens import load as load_sae
 from sae_core.files import INSPECT_DIR, INSPECT_DONE_FILE, INSPECT_LATENTS_FILE, REFUSED_FILE
-from sae_core.latents import neuronpedia_feature, read_inspection
+from sae_core.latents import neuronpedia_feature, neuronpedia_zip, read_inspection
 from sae_core.model.inspect import main as inspect_main
 from sae_core.model.loading import load_tokenizer
 from tests.conftest import subprocess_env, tiny_config, write_json
@@ -62,6 +64,9 @@ def test_top_examples_are_the_models_text_with_the_peak_at_the_activation(tmp_pa
     feature = neuronpedia_feature(inspection, inspection.latent(0))
     assert feature["index"] == 0 and feature["layer"] == "transformer.h.0" and len(feature["pos_str"]) == 10
     assert feature["activations"][0]["maxValue"] == inspection.latent(0).top[0].value
+    with zipfile.ZipFile(io.BytesIO(neuronpedia_zip(inspection))) as zf:
+        assert sorted(zf.namelist(), key=lambda n: int(n.split(".")[0])) == [f"{j}.json" for j in range(64)]
+        assert json.loads(zf.read("0.json")) == json.loads(json.dumps(feature))
 
 
 def test_a_rerun_replaces_the_folder_and_a_toy_set_gets_ground_truth_matches(tmp_path, toy_path):
