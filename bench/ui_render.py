@@ -169,24 +169,14 @@ def seed_inspection(home: Path, d_sae: int = EXPLORE_LATENTS) -> Path:
     return sae
 
 
-def time_latent_views(at, latents: list[int]) -> list[float]:
-    """One rerun per latent: what opening another latent costs (the number box changed, the page rerun)."""
+def time_reruns(at, reruns: int, before_each=None) -> list[float]:
+    """Milliseconds of each of `reruns` reruns after a first run (imports, caches); `before_each(i)` changes
+    the page's input before rerun i (untimed), e.g. opening another latent."""
     at.run()
     times = []
-    for latent in latents:
-        at.number_input(key="explore_latent").set_value(latent)
-        start = time.perf_counter()
-        at.run()
-        times.append((time.perf_counter() - start) * 1000)
-        if at.exception:
-            raise RuntimeError(at.exception[0].value)
-    return times
-
-
-def time_reruns(at, reruns: int) -> list[float]:
-    at.run()  # first run: imports, caches
-    times = []
-    for _ in range(reruns):
+    for i in range(reruns):
+        if before_each is not None:
+            before_each(i)
         start = time.perf_counter()
         at.run()
         times.append((time.perf_counter() - start) * 1000)
@@ -245,8 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     at = AppTest.from_file(app, default_timeout=60)
     at.query_params["sae"] = "jobs/900"
     at.switch_page("views/explore.py")
-    latents = [(7919 * i) % EXPLORE_LATENTS for i in range(1, args.reruns + 1)]
-    rows.append(report(f"Explore, {EXPLORE_LATENTS:,} latents, open a latent", time_latent_views(at, latents)))
+
+    def open_another_latent(i: int) -> None:
+        at.number_input(key="explore_latent").set_value((7919 * (i + 1)) % EXPLORE_LATENTS)
+
+    times = time_reruns(at, args.reruns, open_another_latent)
+    rows.append(report(f"Explore, {EXPLORE_LATENTS:,} latents, open a latent", times))
     db.dispose_engines()
     shutil.rmtree(home, ignore_errors=True)
     worst = max(r["median_ms"] for r in rows)
