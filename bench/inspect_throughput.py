@@ -23,8 +23,8 @@ from safetensors.numpy import save_file
 from sae_core.config import InspectConfig, TrainConfig
 from sae_core.data.heldout import plan_inspection
 from sae_core.engine.distributed import DistEnv
-from sae_core.engine.sae import make_sae
 from sae_core.engine.saelens import save as save_sae
+from sae_core.engine.saes import make_sae
 from sae_core.files import CONTEXTS_FILE, EVAL_FILE, EXTRACT_CONFIG_FILE, MANIFEST_FILE, TRAIN_CONFIG_FILE
 from sae_core.model.inspect import collect
 

@@ -27,7 +27,12 @@ import torch  # noqa: E402
 from sae_lens import LoggingConfig  # noqa: E402
 from sae_lens.config import SAETrainerConfig  # noqa: E402
 from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig  # noqa: E402
+from sae_lens.saes.gated_sae import GatedTrainingSAE, GatedTrainingSAEConfig  # noqa: E402
 from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig  # noqa: E402
+from sae_lens.saes.matryoshka_batchtopk_sae import (  # noqa: E402
+    MatryoshkaBatchTopKTrainingSAE,
+    MatryoshkaBatchTopKTrainingSAEConfig,
+)
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig  # noqa: E402
 from sae_lens.training.sae_trainer import SAETrainer  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
@@ -41,12 +46,20 @@ def build_sae(spec: dict, d_in: int):
         return TopKTrainingSAE(TopKTrainingSAEConfig(k=spec["k"], **common))
     if arch == "batchtopk":
         return BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(k=spec["k"], **common))
+    if arch == "matryoshka_batchtopk":
+        widths = list(spec["matryoshka_widths"])
+        return MatryoshkaBatchTopKTrainingSAE(
+            MatryoshkaBatchTopKTrainingSAEConfig(k=spec["k"], matryoshka_widths=widths, **common)
+        )
+    if arch == "gated":
+        options = {name: spec[name] for name in ("l1_coefficient", "l1_warm_up_steps") if spec.get(name) is not None}
+        return GatedTrainingSAE(GatedTrainingSAEConfig(**options, **common))
     if arch == "jumprelu":
-        options = {
-            name: spec[name]
-            for name in ("l0_coefficient", "jumprelu_init_threshold", "jumprelu_bandwidth")
-            if spec.get(name) is not None
-        }
+        names = (
+            "l0_coefficient", "l0_warm_up_steps", "jumprelu_init_threshold", "jumprelu_bandwidth",
+            "jumprelu_sparsity_loss_mode", "target_l0", "pre_act_loss_coefficient",
+        )  # fmt: skip
+        options = {name: spec[name] for name in names if spec.get(name) is not None}
         return JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(**options, **common))
     raise SystemExit(f"unknown architecture {arch!r}")
 
@@ -63,15 +76,21 @@ def batches(train: torch.Tensor, batch: int, seed: int):
 @torch.no_grad()
 def inference_tensors(sae, arch: str) -> dict[str, torch.Tensor]:
     """The weights with decoder norms folded in, so `(x - b_dec) @ W_enc + b_enc` is what each rule compares."""
-    if arch in ("topk", "batchtopk"):
-        threshold = float(sae.topk_threshold) if arch == "batchtopk" else None
+    batch_rule = arch in ("batchtopk", "matryoshka_batchtopk")
+    if arch == "topk" or batch_rule:
+        threshold = float(sae.topk_threshold) if batch_rule else None
         sae.fold_W_dec_norm()  # with rescale_acts_by_decoder_norm: pre-activations times norms, decoder unit rows
         sae.cfg.rescale_acts_by_decoder_norm = False
     else:
         sae.fold_W_dec_norm()
         threshold = None
-    out = {name: getattr(sae, name).detach().clone().contiguous() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
-    if arch == "batchtopk":
+    names = (
+        ("W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec")
+        if arch == "gated"
+        else ("W_enc", "b_enc", "W_dec", "b_dec")
+    )
+    out = {name: getattr(sae, name).detach().clone().contiguous() for name in names}
+    if batch_rule:
         out["threshold"] = torch.full((sae.cfg.d_sae,), threshold)
     elif arch == "jumprelu":
         out["threshold"] = sae.threshold.detach().clone().contiguous()
@@ -81,7 +100,7 @@ def inference_tensors(sae, arch: str) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def own_fvu(sae, holdout: torch.Tensor, arch: str) -> float:
     """FVU through sae_lens's own inference path (BatchTopK through its saved JumpReLU rule)."""
-    if arch == "batchtopk":
+    if arch in ("batchtopk", "matryoshka_batchtopk"):
         return float("nan")  # the training class applies the batch rule; the bench's shared rule is the saved one
     sae.eval()
     x_hat = sae.decode(sae.encode(holdout))

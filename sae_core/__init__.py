@@ -16,8 +16,8 @@ import importlib
 from .config import ConfigError, TrainConfig
 
 _LAZY = {
-    "SparseAutoencoder": "sae_core.engine.sae",
-    "make_sae": "sae_core.engine.sae",
+    "SparseAutoencoder": "sae_core.engine.saes",
+    "make_sae": "sae_core.engine.saes",
     "load": "sae_core.engine.saelens",
     "save": "sae_core.engine.saelens",
     "evaluate": "sae_core.engine.evaluation",

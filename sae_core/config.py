@@ -13,19 +13,20 @@ import stat
 from pathlib import Path
 from typing import Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from .architectures import Architecture, ArchitectureName, architecture
+from .architectures import (
+    ARCHITECTURE_NAMES,
+    DEFAULT_ARCHITECTURE,
+    Architecture,
+    ArchitectureOptions,
+    all_option_keys,
+    architecture,
+    option_owners,
+)
+from .limits import MAX_COEFFICIENT, MAX_HOLDOUT, MAX_SEED, MAX_STEPS, MAX_TOKENS, MAX_WIDTH
 from .text import brief
 
-# Upper bounds of the counts (documented in README): far beyond any real run, well inside int64 and float64.
-MAX_STEPS = 10**9  # optimizer steps, and every step count (warm-ups, decay, log and checkpoint intervals)
-MAX_TOKENS = 2**24  # tokens per step (batch_size, micro_batch_size)
-MAX_HOLDOUT = 2**31
-MAX_WIDTH = 2**24  # latents (d_sae)
-MAX_K = 2**16  # k and aux_k
-MAX_SEED = 2**63 - 1
-MAX_COEFFICIENT = 1e6
 MAX_PATH_CHARS = 4096
 MAX_CONFIG_BYTES = 1 << 20  # a config file is a few hundred bytes; a bigger one is not read
 MAX_SHUFFLE_BYTES = 64 * 2**30  # shuffle buffer (host RAM per rank, see data/order.py)
@@ -67,7 +68,45 @@ class StrictConfig(BaseModel):
 
 
 class TrainConfig(StrictConfig):
-    """Everything one SAE training run needs. Defaults train well on their own."""
+    """Everything one SAE training run needs. Defaults train well on their own.
+
+    The fields below are every architecture's; an architecture adds its own options (architectures/), flat
+    beside them in the JSON. A TrainConfig is therefore always an instance of its architecture's config
+    class, TrainConfig's fields plus that architecture's options (`config_class`): constructing or validating
+    a TrainConfig picks the class from the data's `architecture`."""
+
+    def __new__(cls, *args, **data):  # noqa: ARG004  (pydantic models take keywords only)
+        return super().__new__(config_class(data.get("architecture")) if cls is TrainConfig else cls)
+
+    def __reduce__(self):
+        # The architecture's class is made at run time, so pickles (Streamlit's caches) rebuild from the data.
+        return (TrainConfig.model_validate, (self.model_dump(mode="json"),))
+
+    @classmethod
+    def model_validate(cls, obj, **kwargs):
+        if cls is TrainConfig and isinstance(obj, dict):
+            chosen = config_class(obj.get("architecture"))
+            if chosen is TrainConfig:  # an unknown architecture: its options are not the problem to report
+                obj = {key: value for key, value in obj.items() if key not in all_option_keys()}
+            return super(TrainConfig, chosen).model_validate(obj, **kwargs)
+        return super().model_validate(obj, **kwargs)
+
+    @classmethod
+    def model_validate_json(cls, json_data, **kwargs):
+        if cls is TrainConfig:
+            data = json.loads(json_data)
+            if isinstance(data, dict):
+                return cls.model_validate(data, **kwargs)
+        return super().model_validate_json(json_data, **kwargs)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Self:
+        chosen = config_class(data.get("architecture")) if cls is TrainConfig else cls
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            arch = data.get("architecture", DEFAULT_ARCHITECTURE)
+            raise ConfigError(describe_validation_error(exc, list(chosen.model_fields), arch)) from None
 
     activation_source: str = Field(
         min_length=1,
@@ -77,25 +116,10 @@ class TrainConfig(StrictConfig):
     activation_key: str = Field(
         "activations", min_length=1, max_length=256, description="Tensor name inside .safetensors files."
     )
-    architecture: ArchitectureName = Field(
-        "topk", description="SAE kind: standard (ReLU + L1), topk, batchtopk or jumprelu."
+    architecture: str = Field(
+        DEFAULT_ARCHITECTURE, description=f"SAE kind: {', '.join(ARCHITECTURE_NAMES)} (architectures/)."
     )
     d_sae: int = Field(gt=0, le=MAX_WIDTH, description="Number of latents (dictionary size).")
-    k: int = Field(
-        32, gt=0, le=MAX_K, description="Active latents per token for topk/batchtopk (mean per token for batchtopk)."
-    )
-    l1_coefficient: float = Field(
-        5.0,
-        ge=0,
-        le=MAX_COEFFICIENT,
-        description="Sparsity penalty weight: L1 (scaled by decoder norms) for standard, L0 for jumprelu.",
-    )
-    l1_warmup_steps: int | None = Field(
-        None,
-        ge=0,
-        le=MAX_STEPS,
-        description="Steps over which the sparsity penalty ramps up from 0; default 5% of total_steps.",
-    )
     batch_size: int = Field(
         4096, gt=0, le=MAX_TOKENS, description="GLOBAL tokens per optimizer step, split evenly across ranks."
     )
@@ -153,13 +177,6 @@ class TrainConfig(StrictConfig):
     reader_threads: int = Field(
         4, gt=0, le=MAX_READER_THREADS, description="Threads per rank reading blocks ahead of the training loop."
     )
-    aux_k: int | None = Field(
-        None,
-        gt=0,
-        le=MAX_K,
-        description="Dead latents used by the AuxK loss (topk/batchtopk); default min(512, d_in/2).",
-    )
-    aux_k_coefficient: float = Field(1 / 32, ge=0, le=MAX_COEFFICIENT, description="Weight of the AuxK loss.")
     dead_tokens_window: int = Field(
         1_000_000,
         gt=0,
@@ -183,17 +200,18 @@ class TrainConfig(StrictConfig):
         description="Compile the decoder's gather-dot with torch.compile for CUDA and non-float32 runs: faster "
         "steps after a one-off compile (~20 s per process, cached on disk). Float32 CPU runs use a C kernel anyway.",
     )
-    jumprelu_bandwidth: float = Field(
-        0.001, gt=0, le=MAX_COEFFICIENT, description="Straight-through estimator bandwidth for jumprelu."
-    )
-    jumprelu_init_threshold: float = Field(
-        0.001, gt=0, le=MAX_COEFFICIENT, description="Initial per-latent threshold for jumprelu."
-    )
+
+    @field_validator("architecture")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        if name not in ARCHITECTURE_NAMES:
+            raise ValueError(f"got {brief(repr(name), 60)}; allowed: {', '.join(ARCHITECTURE_NAMES)}")
+        return name
 
     @model_validator(mode="after")
     def _cross_field_checks(self) -> TrainConfig:
-        if self.arch.uses_k and self.k > self.d_sae:
-            raise ValueError(f"k ({self.k}) must be at most d_sae ({self.d_sae}) for {self.architecture}")
+        if problems := self.options.option_problems(self.d_sae):
+            raise ValueError("; ".join(problems))
         if self.autocast == "bf16" and self.device == "cpu":
             raise ValueError("autocast 'bf16' needs device 'cuda' or 'auto' (it is only applied on CUDA)")
         if self.lr_warmup_steps is not None and self.lr_warmup_steps > self.total_steps:
@@ -211,8 +229,14 @@ class TrainConfig(StrictConfig):
 
     @property
     def arch(self) -> Architecture:
-        """The facts of the chosen architecture (architectures.py)."""
+        """The facts of the chosen architecture (architectures/)."""
         return architecture(self.architecture)
+
+    @property
+    def options(self) -> ArchitectureOptions:
+        """This config as its architecture's options (the config class inherits them)."""
+        assert isinstance(self, ArchitectureOptions), "a TrainConfig is built through its architecture's class"
+        return self
 
     # -- resolved defaults (kept as None in the file so the saved config stays what the user wrote)
     @property
@@ -226,15 +250,6 @@ class TrainConfig(StrictConfig):
     @property
     def effective_lr_decay_steps(self) -> int:
         return self.lr_decay_steps if self.lr_decay_steps is not None else self.total_steps // 10
-
-    @property
-    def effective_l1_warmup_steps(self) -> int:
-        return self.l1_warmup_steps if self.l1_warmup_steps is not None else self.total_steps // 20
-
-    def effective_aux_k(self, d_in: int) -> int:
-        """AuxK width: Gao et al. use 512 for large models; d_in/2 keeps small ones from decoding more
-        dead latents per token than there are input dimensions."""
-        return self.aux_k if self.aux_k is not None else max(1, min(512, d_in // 2))
 
     def read_ahead_bytes(self, world_size: int) -> int:
         """Host RAM each rank's loader may fill with blocks read ahead: its share of two windows (the one
@@ -262,6 +277,26 @@ class TrainConfig(StrictConfig):
                 f"(batch_size {self.batch_size} over {world_size} {ranks})"
             )
         return per_rank
+
+
+_CONFIG_CLASSES: dict[str, type[TrainConfig]] = {}
+
+
+def config_class(name: object) -> type[TrainConfig]:
+    """The config class of architecture `name` (None: the default one): TrainConfig's fields first, then the
+    architecture's options. TrainConfig itself for an unknown name, whose `architecture` field then says why."""
+    name = DEFAULT_ARCHITECTURE if name is None else name
+    if not isinstance(name, str) or name not in ARCHITECTURE_NAMES:
+        return TrainConfig
+    if name not in _CONFIG_CLASSES:
+        options = architecture(name).options
+        _CONFIG_CLASSES[name] = create_model(
+            "TrainConfig",
+            __base__=(options, TrainConfig),  # type: ignore[arg-type]  # a tuple of bases is allowed
+            __module__=__name__,
+            __doc__=TrainConfig.__doc__,
+        )
+    return _CONFIG_CLASSES[name]
 
 
 MAX_CONTEXT = 2**17  # tokens per context
@@ -416,15 +451,18 @@ def field_names() -> list[str]:
     return list(TrainConfig.model_fields)
 
 
-def describe_validation_error(exc: ValidationError, fields: list[str] | None = None) -> str:
+def describe_validation_error(exc: ValidationError, fields: list[str] | None = None, arch: object = None) -> str:
     """One line per problem: `field: what is wrong (allowed: ...)`; a value is repeated briefly at most.
-    `fields` are the allowed keys named for an unknown one (default: TrainConfig's)."""
+    `fields` are the allowed keys named for an unknown one (default: TrainConfig's); `arch` the architecture
+    a TrainConfig asked for, named when a key is another architecture's option."""
     fields = fields if fields is not None else field_names()
     lines = []
     for err in exc.errors():
         field = brief(".".join(str(p) for p in err["loc"]) or "config", 60)
         kind = err["type"]
-        if kind == "extra_forbidden":
+        if kind == "extra_forbidden" and (owners := option_owners(field)):
+            lines.append(f"{field}: an option of {', '.join(owners)}, not of {brief(str(arch), 60)}")
+        elif kind == "extra_forbidden":
             lines.append(f"{field}: unknown key (allowed keys: {', '.join(fields)})")
         elif kind == "missing":
             lines.append(f"{field}: required")

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from sae_core import db
+from sae_core.architectures import architecture
+from sae_core.config import TrainConfig
 from sae_core.data.catalog import DATA_ROOTS_ENV
 from sae_core.data.toy import write_toy
 
@@ -28,6 +30,17 @@ def lab_home(tmp_path, tmp_path_factory, monkeypatch) -> Path:
     db.dispose_engines()
     yield home
     db.dispose_engines()
+
+
+def own_options_only(values: dict) -> dict:
+    """`values` without the options its architecture does not own (an architecture's options are an error on
+    another's config), so that one set of values serves every architecture of the registry."""
+    options = architecture(values.get("architecture", "topk")).options.model_fields
+    return {k: v for k, v in values.items() if k in TrainConfig.model_fields or k in options}
+
+
+def train_config(**values) -> TrainConfig:
+    return TrainConfig(**own_options_only(values))
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
@@ -74,21 +87,24 @@ def hf(tmp_path_factory) -> dict[str, Path]:
 
 
 def tiny_config(toy_path: Path, **overrides) -> dict:
-    """A TopK config that trains on the toy set in seconds on one CPU core (process-level tests)."""
-    return {
-        "activation_source": str(toy_path),
-        "architecture": "topk",
-        "d_sae": 64,
-        "k": 4,
-        "batch_size": 256,
-        "total_steps": 30,
-        "log_every": 10,
-        "checkpoint_every": 10,
-        "holdout_tokens": 1024,
-        "device": "cpu",
-        "b_dec_init": "mean",
-        **overrides,
-    }
+    """A TopK config that trains on the toy set in seconds on one CPU core (process-level tests); with another
+    architecture in `overrides`, TopK's k is left out."""
+    return own_options_only(
+        {
+            "activation_source": str(toy_path),
+            "architecture": "topk",
+            "d_sae": 64,
+            "k": 4,
+            "batch_size": 256,
+            "total_steps": 30,
+            "log_every": 10,
+            "checkpoint_every": 10,
+            "holdout_tokens": 1024,
+            "device": "cpu",
+            "b_dec_init": "mean",
+            **overrides,
+        }
+    )
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -2,10 +2,12 @@
 
 import json
 import os
+import pickle
 
 import pytest
 
-from sae_core.config import ConfigError, TrainConfig
+from sae_core.architectures import ARCHITECTURE_NAMES, ARCHITECTURES
+from sae_core.config import ConfigError, TrainConfig, config_class
 
 MINIMAL = {"activation_source": "x.safetensors", "architecture": "topk", "d_sae": 64, "k": 4, "total_steps": 100}
 
@@ -27,11 +29,11 @@ def test_minimal_config_gets_working_defaults():
 @pytest.mark.parametrize(
     ("field", "value", "expected"),
     [
-        ("architecture", "gated", "architecture: got 'gated'; allowed: 'standard', 'topk', 'batchtopk' or 'jumprelu'"),
+        ("architecture", "gates", "architecture: got 'gates'; allowed: " + ", ".join(ARCHITECTURE_NAMES)),
         ("d_sae", 0, "d_sae: Input should be greater than 0"),
         ("k", -1, "k: Input should be greater than 0"),
         ("k", 65, "k (65) must be at most d_sae (64)"),
-        ("l1_coefficient", -0.1, "l1_coefficient: Input should be greater than or equal to 0"),
+        ("aux_k_coefficient", -0.1, "aux_k_coefficient: Input should be greater than or equal to 0"),
         ("batch_size", 0, "batch_size: Input should be greater than 0"),
         ("total_steps", 0, "total_steps: Input should be greater than 0"),
         ("lr", 0, "lr: Input should be greater than 0"),
@@ -96,27 +98,29 @@ def test_json_file_round_trip_and_file_errors(tmp_path):
 
 # --------------------------------------------------------------------------- hardening (issue 11)
 
-FLOAT_FIELDS = [name for name, field in TrainConfig.model_fields.items() if field.annotation in (float, float | None)]
+# Every float field of every architecture's config (TrainConfig's own and its options).
+FLOAT_FIELDS = [
+    (arch, name)
+    for arch in ARCHITECTURE_NAMES
+    for name, field in config_class(arch).model_fields.items()
+    if field.annotation in (float, float | None)
+]
 
 
-def test_every_float_field_is_known():
-    assert set(FLOAT_FIELDS) == {
-        "l1_coefficient",
-        "lr",
-        "aux_k_coefficient",
-        "grad_clip",
-        "encoder_init_scale",
-        "jumprelu_bandwidth",
-        "jumprelu_init_threshold",
-    }
+def test_every_architecture_has_the_common_float_fields():
+    common = {"lr", "grad_clip", "encoder_init_scale"}
+    for arch in ARCHITECTURE_NAMES:
+        assert common <= {name for a, name in FLOAT_FIELDS if a == arch}
+    assert ("jumprelu", "jumprelu_bandwidth") in FLOAT_FIELDS and ("standard", "l1_coefficient") in FLOAT_FIELDS
 
 
-@pytest.mark.parametrize("field", FLOAT_FIELDS)
+@pytest.mark.parametrize(("arch", "field"), FLOAT_FIELDS)
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
-def test_non_finite_numbers_are_refused_naming_the_field(tmp_path, field, literal):
+def test_non_finite_numbers_are_refused_naming_the_field(tmp_path, arch, field, literal):
     # JSON readers accept NaN and Infinity; the config must not (Infinity once turned grad_clip off).
     path = tmp_path / "cfg.json"
-    path.write_text(json.dumps(MINIMAL)[:-1] + f', "{field}": {literal}}}')
+    base = {"activation_source": "x.safetensors", "architecture": arch, "d_sae": 64, "total_steps": 100}
+    path.write_text(json.dumps(base)[:-1] + f', "{field}": {literal}}}')
     with pytest.raises(ConfigError) as refused:
         TrainConfig.from_json_file(path)
     assert str(refused.value).startswith(f"{field}: must be a finite number")
@@ -153,3 +157,67 @@ def test_messages_repeat_at_most_a_little_of_a_value():
     with pytest.raises(ConfigError) as refused:
         TrainConfig.from_dict({**MINIMAL, "x" * 100_000: 1, "architecture": "y" * 100_000})
     assert len(str(refused.value)) < 1000 and "unknown key" in str(refused.value)
+
+
+# --------------------------------------------------------------------------- architectures' options (issue 22)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURE_NAMES)
+def test_each_architecture_config_is_trainconfig_plus_its_options_flat_in_the_json(arch):
+    cfg = TrainConfig(activation_source="x", architecture=arch, d_sae=64, total_steps=10)
+    assert isinstance(cfg, TrainConfig) and isinstance(cfg, ARCHITECTURES[arch].options)
+    data = json.loads(cfg.to_json())
+    options = list(ARCHITECTURES[arch].options.model_fields)
+    assert list(data)[: len(TrainConfig.model_fields)] == list(TrainConfig.model_fields)  # the common keys first
+    assert list(data)[len(TrainConfig.model_fields) :] == options  # then the architecture's, flat
+    assert TrainConfig.from_dict(data) == cfg == TrainConfig.model_validate_json(cfg.to_json())
+    assert pickle.loads(pickle.dumps(cfg)) == cfg  # Streamlit's caches pickle configs
+
+
+def test_an_option_of_another_architecture_is_named_as_misplaced():
+    with pytest.raises(ConfigError) as refused:
+        TrainConfig.from_dict({**MINIMAL, "architecture": "standard"})  # MINIMAL sets k
+    assert str(refused.value) == "k: an option of topk, batchtopk, matryoshka_batchtopk, not of standard"
+    with pytest.raises(ConfigError, match="matryoshka_widths: an option of matryoshka_batchtopk, not of topk"):
+        make(matryoshka_widths=[8, 64])
+    with pytest.raises(
+        ConfigError,
+        match="d_sae: Input should be greater than 0; jumprelu_bandwidth: an option of jumprelu, not of gated",
+    ):
+        TrainConfig.from_dict(
+            {"activation_source": "x", "architecture": "gated", "d_sae": 0, "total_steps": 1, "jumprelu_bandwidth": 1}
+        )
+
+
+def test_an_unknown_architecture_does_not_also_report_its_options():
+    with pytest.raises(ConfigError) as refused:
+        make(architecture="gates", l1_coefficient=1.0)
+    assert str(refused.value).startswith("architecture: got 'gates'") and "l1_coefficient" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"matryoshka_widths": [8, 4, 64]}, "matryoshka_widths: must be positive and strictly increasing"),
+        ({"matryoshka_widths": [8, 32]}, "matryoshka_widths: the last width (32) must equal d_sae (64)"),
+        ({"matryoshka_widths": [2, 64]}, "matryoshka_widths: the first width (2) must be at least k (4)"),
+        ({"matryoshka_widths": []}, "matryoshka_widths: give 1 to 64 widths"),
+    ],
+)
+def test_matryoshka_widths_are_checked_against_d_sae_and_k(changes, expected):
+    with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        make(architecture="matryoshka_batchtopk", **changes)
+    assert make(architecture="matryoshka_batchtopk", matryoshka_widths=[8, 16, 64]).effective_widths(64) == [8, 16, 64]
+    assert make(architecture="matryoshka_batchtopk", d_sae=4096).effective_widths(4096) == [64, 256, 1024, 4096]
+
+
+def test_penalty_options_and_their_checks():
+    base = {"activation_source": "x", "d_sae": 64, "total_steps": 100}
+    with pytest.raises(ConfigError, match="'quadratic' needs target_l0"):
+        TrainConfig.from_dict({**base, "architecture": "jumprelu", "jumprelu_sparsity_loss_mode": "quadratic"})
+    with pytest.raises(ConfigError, match=r"target_l0 \(64\) must be below d_sae \(64\)"):
+        TrainConfig.from_dict({**base, "architecture": "standard", "target_l0": 64})
+    with pytest.raises(ConfigError, match="target_l0: an option of standard, jumprelu, not of gated"):
+        TrainConfig.from_dict({**base, "architecture": "gated", "target_l0": 8})
+    cfg = TrainConfig.from_dict({**base, "architecture": "jumprelu", "target_l0": 8})
+    assert cfg.effective_l1_warmup_steps(100) == 5 and cfg.jumprelu_init_threshold == 0.01

@@ -14,6 +14,7 @@ PACKAGE = REPO / "sae_core"
 SHARED = {
     "config",
     "architectures",
+    "limits",
     "paths",
     "files",
     "outputs",

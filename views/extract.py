@@ -12,7 +12,6 @@ import re
 import streamlit as st
 
 from sae_core import db, paths
-from sae_core.architectures import ARCHITECTURE_NAMES, architecture
 from sae_core.config import ConfigError, EvaluateConfig, ExtractConfig, TrainConfig
 from sae_core.data.catalog import list_models, list_texts
 from sae_core.gpu.history import latest_probe
@@ -22,7 +21,7 @@ from sae_core.jobs.gpus import gpu_statuses
 from sae_core.jobs.models import ModelProblem, model_facts
 from sae_core.text import format_bytes
 from sae_core.ui import html
-from views.widgets import placement
+from views.widgets import architecture_options, architecture_picker, placement
 
 OTHER = "Other…"
 _LAYER = re.compile(r"\.(layers|h|layer|blocks)\.(\d+)$")
@@ -96,12 +95,14 @@ def then_train_section(width: int | None, rows: int) -> TrainConfig | None | str
     """The optional training on the result: its config, None when not asked for, or an error message."""
     if not st.checkbox("Then train an SAE on the result", key="extract_then_train"):
         return None
-    arch = st.selectbox("Architecture", ARCHITECTURE_NAMES, index=ARCHITECTURE_NAMES.index("topk"), key="extract_arch")
+    arch = architecture_picker("extract")
+    options, problems = architecture_options("extract", arch)
     c1, c2, c3 = st.columns(3)
     expansion = c1.number_input("Expansion factor", value=8.0, step=1.0, min_value=0.1, key="extract_expansion")
     steps = c2.number_input("Steps", value=1000, step=100, min_value=1, key="extract_steps")
     batch = c3.number_input("Global batch", value=4096, step=512, min_value=1, key="extract_train_batch")
-    k = st.number_input("k", value=32, step=1, min_value=1, key="extract_k") if architecture(arch).uses_k else 32
+    if problems:
+        return f"then train: {problems[0]}"
     if width is None:
         return "then train: pick a model and a hook first"
     d_sae = max(1, round(expansion * width))
@@ -109,7 +110,7 @@ def then_train_section(width: int | None, rows: int) -> TrainConfig | None | str
     st.caption(f"d_sae = {expansion:g} × {width} = {d_sae:,} · {holdout:,} rows held out for evaluation")
     try:
         return TrainConfig.from_dict({
-            "activation_source": "(the extraction)", "architecture": arch, "d_sae": d_sae, "k": int(k),
+            "activation_source": "(the extraction)", "architecture": arch, "d_sae": d_sae, **options,
             "total_steps": int(steps), "batch_size": int(batch), "holdout_tokens": holdout,
         })  # fmt: skip
     except ConfigError as exc:

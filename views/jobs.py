@@ -14,7 +14,7 @@ from sae_core.jobs import store, submission
 from sae_core.jobs.errors import JobError
 from sae_core.jobs.lifecycle import cancel_job
 from sae_core.jobs.logs import log_dir_of, tail_text
-from sae_core.jobs.metrics import metrics_frame
+from sae_core.jobs.metrics import metrics_frame, named_columns
 from sae_core.outputs import is_trained_sae, plain_file, read_json, served_dir
 from sae_core.text import format_bytes, format_duration, format_rate
 from sae_core.ui import charts, frames, html, labels
@@ -166,7 +166,7 @@ def job_detail(job_id: int, was_live: bool) -> None:
     if metrics.empty:
         st.caption("No metrics yet: rank 0 records them every log_every steps once training runs.")
     else:
-        shown = frames.KIND_CHART_METRICS.get(job.kind, frames.CHART_METRICS)
+        shown = frames.KIND_CHART_METRICS.get(job.kind, [*frames.CHART_METRICS, *named_columns(metrics)])
         st.vega_lite_chart(frames.metrics_long(metrics, shown), charts.metrics_spec(), width="stretch")
         peaks = frames.peak_memory_by_rank(metrics)
         if not peaks.empty:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import streamlit as st
 
 from sae_core import db, paths
-from sae_core.architectures import ARCHITECTURE_NAMES, architecture
 from sae_core.data.activations import open_activations
 from sae_core.data.catalog import OUTSIDE_ROOTS, in_data_roots, list_datasets, list_extracted
 from sae_core.data.formats import DatasetError
@@ -21,7 +20,7 @@ from sae_core.jobs.gpus import gpu_statuses
 from sae_core.text import format_bytes
 from sae_core.ui import frames, html
 from sae_core.ui.forms import FormValues, form_to_config, path_mtime
-from views.widgets import placement
+from views.widgets import architecture_options, architecture_picker, placement
 
 OTHER_PATH = "Other path…"
 
@@ -73,8 +72,10 @@ def dataset_widgets() -> tuple[str, object | None, list[str]]:
     return source, dataset, []
 
 
-def model_widgets(d_in: int | None) -> FormValues:
-    arch = st.selectbox("Architecture", ARCHITECTURE_NAMES, index=ARCHITECTURE_NAMES.index("topk"), key="train_arch")
+def model_widgets(d_in: int | None) -> tuple[FormValues, list[str]]:
+    """The run's settings: the architecture and its own options, the size, the schedule (and typing problems)."""
+    arch = architecture_picker("train")
+    options, problems = architecture_options("train", arch)
     c1, c2 = st.columns(2)
     size_mode = c1.radio(
         "Size by",
@@ -91,13 +92,6 @@ def model_widgets(d_in: int | None) -> FormValues:
         d_sae = None
         if d_in:
             c2.caption(f"d_sae = {expansion:g} × {d_in} = {round(expansion * d_in):,}")
-    spec = architecture(arch)
-    if spec.uses_k:
-        k = st.number_input("k (active latents per token)", value=32, step=1, key="train_k")
-        l1 = None
-    else:
-        l1 = st.number_input(f"{spec.penalty} coefficient", value=5.0, step=0.5, format="%g", key="train_l1")
-        k = None
     c1, c2 = st.columns(2)
     batch = c1.number_input("Global batch (tokens per step)", value=4096, step=512, key="train_batch")
     steps = c2.number_input("Steps", value=1000, step=100, key="train_steps")
@@ -109,15 +103,14 @@ def model_widgets(d_in: int | None) -> FormValues:
     dtype = c1.selectbox("Weights dtype", ["float32", "bfloat16"], key="train_dtype")
     autocast = c2.checkbox("bf16 autocast (CUDA)", key="train_autocast")
     ckpt = c3.number_input("Checkpoint every (steps)", value=1000, step=100, key="train_ckpt")
-    return FormValues(
+    values = FormValues(
         activation_source="",
         architecture=arch,
         size_mode=size_mode,
         d_sae=d_sae,
         expansion_factor=expansion,
         d_in=d_in,
-        k=k,
-        l1_coefficient=l1,
+        options=options,
         batch_size=batch,
         total_steps=steps,
         lr=lr,
@@ -127,6 +120,7 @@ def model_widgets(d_in: int | None) -> FormValues:
         autocast=autocast,
         checkpoint_every=ckpt,
     )
+    return values, problems
 
 
 def per_gpu_bytes(cfg, world: int, d_in: int | None) -> int | None:
@@ -168,7 +162,8 @@ form_col, place_col = st.columns([3, 2], gap="large")
 with form_col:
     source, dataset, errors = dataset_widgets()
     d_in = dataset.d_in if dataset is not None else None
-    values = model_widgets(d_in)
+    values, option_problems = model_widgets(d_in)
+    errors += option_problems
     values.activation_source = source
     values.device = "auto" if statuses else "cpu"
     c1, c2 = st.columns(2)

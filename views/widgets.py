@@ -8,6 +8,7 @@ from pathlib import Path
 import streamlit as st
 
 from sae_core import db
+from sae_core.architectures import ARCHITECTURE_NAMES, DEFAULT_ARCHITECTURE, architecture
 from sae_core.config import ConfigError
 from sae_core.db.tables import Job
 from sae_core.files import SAE_ZIP_FILE
@@ -19,7 +20,7 @@ from sae_core.outputs import build_sae_zip, zip_is_current
 from sae_core.text import format_bytes, format_percent
 from sae_core.ui import html, labels
 from sae_core.ui.downloads import file_reader
-from sae_core.ui.forms import gpu_choice
+from sae_core.ui.forms import OptionField, gpu_choice, option_fields, parse_option_text
 
 NeedPerGpu = Callable[[int], int | None]  # GPUs → bytes each one needs (None: not known yet)
 
@@ -155,3 +156,56 @@ def queue_job_form(prefix: str, label: str, icon: str, noun: str, submit: Submit
     st.success(f"{noun} job {job.id} queued.")
     st.page_link("views/jobs.py", label=f"Open job {job.id}", query_params={"job": str(job.id)},
                  icon=":material/arrow_forward:")  # fmt: skip
+
+
+def architecture_picker(prefix: str) -> str:
+    """The architecture selector (its description beside it), every registered architecture offered."""
+    arch = st.selectbox(
+        "Architecture", ARCHITECTURE_NAMES, index=ARCHITECTURE_NAMES.index(DEFAULT_ARCHITECTURE), key=f"{prefix}_arch",
+        format_func=lambda name: f"{name}: {architecture(name).description}",
+    )  # fmt: skip
+    return arch
+
+
+def architecture_options(prefix: str, arch: str) -> tuple[dict, list[str]]:
+    """The widgets of `arch`'s options, rendered from its options model (the advanced ones in an expander):
+    (the values the person gave, problems with what was typed). A blank optional field keeps the default."""
+    fields = option_fields(arch)
+    values: dict = {}
+    problems: list[str] = []
+    main = [f for f in fields if not f.advanced]
+    columns = st.columns(max(1, min(3, len(main)))) if main else []
+    for i, option in enumerate(main):
+        _option_widget(columns[i % len(columns)], prefix, option, values, problems)
+    advanced = [f for f in fields if f.advanced]
+    if advanced:
+        with st.expander(f"More {arch} options"):
+            for option in advanced:
+                _option_widget(st, prefix, option, values, problems)
+    return values, problems
+
+
+def _option_widget(where, prefix: str, option: OptionField, values: dict, problems: list[str]) -> None:
+    key = f"{prefix}_{option.name}"
+    if option.kind == "choice":
+        values[option.name] = where.selectbox(
+            option.label, option.choices, index=option.choices.index(option.default), key=key, help=option.help
+        )
+    elif option.kind == "bool":
+        values[option.name] = where.checkbox(option.label, value=bool(option.default), key=key, help=option.help)
+    elif option.optional or option.kind == "ints":
+        placeholder = "default" if option.default is None else f"default {option.default}"
+        typed = where.text_input(option.label, key=key, placeholder=placeholder, help=option.help)
+        value, problem = parse_option_text(option, typed)
+        if problem:
+            problems.append(problem)
+        elif value is not None:
+            values[option.name] = value
+    else:
+        kind = int if option.kind == "int" else float  # Streamlit wants every number of one type
+        low, high = (None if bound is None else kind(bound) for bound in (option.minimum, option.maximum))
+        number = where.number_input(
+            option.label, value=kind(option.default), min_value=low, max_value=high,
+            step=1 if kind is int else None, format=None if kind is int else "%g", key=key, help=option.help,
+        )  # fmt: skip
+        values[option.name] = number

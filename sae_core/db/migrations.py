@@ -53,11 +53,18 @@ def _v4_job_kinds_dependencies_and_disk(conn: Connection) -> None:
     _add_column(conn, "metric_point", "disk_bytes", "FLOAT")
 
 
+def _v5_named_losses_and_stats(conn: Connection) -> None:
+    """v5: metric_point.losses_json and stats_json (an architecture's loss terms and stats, by name)."""
+    _add_column(conn, "metric_point", "losses_json", "VARCHAR")
+    _add_column(conn, "metric_point", "stats_json", "VARCHAR")
+
+
 # MIGRATIONS[i] upgrades version i+1 to version i+2.
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _v2_cancel_grace_metric_time_and_step_index,
     _v3_data_wait,
     _v4_job_kinds_dependencies_and_disk,
+    _v5_named_losses_and_stats,
 ]
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 

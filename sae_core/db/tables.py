@@ -97,6 +97,8 @@ class MetricPoint(SQLModel, table=True):
     data_wait: float | None = None  # v3: fraction of the interval rank 0 waited for data
     disk_bytes: float | None = None  # v4: bytes an extraction has written so far
     peak_mem_json: str = "[]"  # per-rank peak memory in bytes, index = rank
+    losses_json: str | None = None  # v5: the architecture's loss terms by name ({"mse": ..., "aux": ...})
+    stats_json: str | None = None  # v5: its other figures by name ({"sparsity_coefficient": ...})
     time: float
 
 

@@ -1,2 +1,2 @@
 """The torch side: SAE architectures, sparse ops and CPU kernels, SAELens format, the training loop,
-checkpoints, evaluation and metric sinks. Import from the modules (`sae_core.engine.sae`, ...)."""
+checkpoints, evaluation and metric sinks. Import from the modules (`sae_core.engine.saes`, ...)."""

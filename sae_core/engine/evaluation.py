@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .sae import SparseAutoencoder
 from .saelens import exported_copy
+from .saes import SparseAutoencoder
 
 
 @torch.no_grad()

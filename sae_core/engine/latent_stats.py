@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 
 from ..latents import WINDOW_AFTER, WINDOW_BEFORE
-from .sae import BatchTopKSAE, TopKSAE
 
 NO_ROW = -1
 
@@ -51,9 +50,8 @@ class Active:
 def encode_active(sae, x: torch.Tensor) -> Active:
     """The SAE's positive latents on `x` as triplets; a TopK SAE's straight from its row top-k (the kernel
     its training uses), never a dense [n, d_sae] latent tensor; others through their dense encode."""
-    if isinstance(sae, TopKSAE) and not isinstance(sae, BatchTopKSAE):
-        pre = torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc)
-        selection = sae.select(pre)
+    selection = sae.inference_selection(x)
+    if selection is not None:
         idx, order = torch.sort(selection.idx, dim=1)  # latents ascending within each row
         values = selection.values.gather(1, order)
         positive = values > 0

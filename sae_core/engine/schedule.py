@@ -1,4 +1,5 @@
-"""Schedules and initialisation, as small pure functions: learning rate, sparsity warm-up, b_dec from data."""
+"""Schedules and initialisation, as small pure functions: the learning rate, b_dec from data (a penalty's warm-up
+is its architecture's: engine/saes/penalty.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import torch
 
 from ..config import TrainConfig
-from .sae import SparseAutoencoder
+from .saes import SparseAutoencoder
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -20,11 +21,6 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     if decay and step >= decay_start:
         return base * (cfg.total_steps - step) / decay
     return base
-
-
-def sparsity_coefficient(step: int, cfg: TrainConfig) -> float:
-    warmup = cfg.effective_l1_warmup_steps
-    return cfg.l1_coefficient * min(1.0, (step + 1) / warmup) if warmup else cfg.l1_coefficient
 
 
 # ---------------------------------------------------------------------------------------------

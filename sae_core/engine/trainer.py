@@ -29,9 +29,9 @@ from ..text import format_duration
 from . import checkpoint
 from .distributed import DistEnv, all_reduce_
 from .evaluation import evaluate
-from .sae import SparseAutoencoder, StepOutput, sae_from_config
 from .saelens import save
-from .schedule import init_from_data, learning_rate, sparsity_coefficient
+from .saes import SparseAutoencoder, StepContext, StepOutput, sae_from_config
+from .schedule import init_from_data, learning_rate
 from .sinks import JsonlSink, MetricsSink, report_done
 
 DEAD_CHECK_EVERY = 16  # steps between host reads of the oldest dead-latent counter
@@ -40,17 +40,16 @@ DEAD_CHECK_EVERY = 16  # steps between host reads of the oldest dead-latent coun
 def merge_outputs(outputs: list[StepOutput]) -> StepOutput:
     """One StepOutput for equal-sized micro-batches (means averaged, counts summed; for logging)."""
 
-    def mean(name: str) -> torch.Tensor:
-        return torch.stack([getattr(o, name).detach().float() for o in outputs]).mean()
+    def mean(values: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([torch.as_tensor(v).detach().float() for v in values]).mean()
 
+    first = outputs[0]
     return StepOutput(
-        loss=mean("loss"),
         x_hat=torch.cat([o.x_hat.detach() for o in outputs]),
-        recon_loss=mean("recon_loss"),
-        sparsity_loss=mean("sparsity_loss"),
-        aux_loss=mean("aux_loss"),
-        l0=mean("l0"),
+        losses={name: mean([o.losses[name] for o in outputs]) for name in first.losses},
+        l0=mean([o.l0 for o in outputs]),
         fired_counts=torch.stack([o.fired_counts for o in outputs]).sum(0),
+        stats={name: mean([o.stats[name] for o in outputs]) for name in first.stats},
     )
 
 
@@ -61,8 +60,8 @@ class _TrainForward(torch.nn.Module):
         super().__init__()
         self.sae = sae
 
-    def forward(self, x, **kwargs):
-        return self.sae.training_step(x, **kwargs)
+    def forward(self, x, ctx: StepContext):
+        return self.sae.training_step(x, ctx)
 
 
 class Trainer:
@@ -131,26 +130,21 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.step, cfg)
         x = self.next_batch()
-        dead = self.dead_mask_for_step()
-        step_kwargs = {
-            "sparsity_coefficient": sparsity_coefficient(self.step, cfg),
-            "dead_mask": dead,
-            "aux_k": cfg.effective_aux_k(self.sae.d_in),
-            "aux_coefficient": cfg.aux_k_coefficient,
-        }
+        ctx = StepContext(self.step, cfg.total_steps, self.dead_mask_for_step())
         self.optimizer.zero_grad(set_to_none=True)
-        out = self.forward_backward(x, step_kwargs)
+        out = self.forward_backward(x, ctx)
         self.sae.project_decoder_grad()
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.sae.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.sae.normalize_decoder()
+        self.sae.after_optimizer_step(out, ctx)
         self._track_firing(out.fired_counts)
         self.step += 1
         self.tokens += cfg.batch_size
         return x, out
 
-    def forward_backward(self, x: torch.Tensor, step_kwargs: dict) -> StepOutput:
+    def forward_backward(self, x: torch.Tensor, ctx: StepContext) -> StepOutput:
         """Loss and gradients of the per-rank batch, in micro-batches when asked: gradients accumulate
         locally (DDP's no_sync) and are all-reduced once, with the last chunk's backward."""
         micro = self.cfg.micro_batch_size or len(x)
@@ -163,7 +157,7 @@ class Trainer:
             autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cfg.autocast == "bf16" and x.is_cuda)
             with sync:
                 with autocast:
-                    out = self.forward(chunk, **step_kwargs)
+                    out = self.forward(chunk, ctx)
                 (out.loss * (len(chunk) / len(x))).backward()  # mean over the whole per-rank batch
             outputs.append(out)
         return outputs[0] if len(outputs) == 1 else merge_outputs(outputs)
@@ -198,37 +192,46 @@ class Trainer:
 
     # -- metrics
     @torch.no_grad()
-    def batch_metrics(self, x: torch.Tensor, out) -> dict:
-        """Global-batch metrics; one all-reduce of a packed float64 vector (host sync on log steps only)."""
+    def batch_metrics(self, x: torch.Tensor, out: StepOutput) -> dict:
+        """Global-batch metrics, the architecture's named loss terms and stats among them; one all-reduce of a
+        packed float64 vector (host sync on log steps only). Every rank's step returns the same names."""
         x64, x_hat64 = x.double(), out.x_hat.detach().double()
+        n_local = x.shape[0]
+        named = {**{f"losses.{k}": v for k, v in out.losses.items()}, **{f"stats.{k}": v for k, v in out.stats.items()}}
+        names = sorted(named)
+        per_token = [out.l0, out.loss, *(named[name] for name in names)]  # means over this rank's tokens
         packed = torch.cat(
             [
                 torch.stack(
                     [
                         (x64 - x_hat64).pow(2).sum(),
                         x64.pow(2).sum(),
-                        torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device),
-                        out.l0.double() * x.shape[0],
-                        out.loss.detach().double() * x.shape[0],
-                        out.aux_loss.detach().double() * x.shape[0],
+                        torch.tensor(float(n_local), dtype=torch.float64, device=x.device),
+                        *(torch.as_tensor(v, device=x.device).detach().double() * n_local for v in per_token),
                     ]
                 ),
                 x64.sum(0),
             ]
         )
         all_reduce_(packed)
-        err, sq, n, l0_sum, loss_sum, aux_sum = packed[:6].tolist()
-        mean = packed[6:] / n
+        head = 3 + len(per_token)
+        err, sq, n, l0_sum, loss_sum, *named_sums = packed[:head].tolist()
+        mean = packed[head:] / n
         total_var = sq - n * float(mean.pow(2).sum())
         scale2 = float(self.sae.input_scale) ** 2
-        return {
+        record = {
             "loss": loss_sum / n,
             "mse": err / (n * self.sae.d_in) / scale2,  # per element, in the data's own units
             "fvu": err / total_var if total_var > 0 else float("nan"),
             "l0": l0_sum / n,
             "dead_fraction": self.dead_fraction(),
-            "aux_loss": aux_sum / n if self.cfg.arch.uses_k else None,
+            "losses": {},
+            "stats": {},
         }
+        for name, total in zip(names, named_sums, strict=True):
+            group, _, key = name.partition(".")
+            record[group][key] = total / n
+        return record
 
     def peak_memory_per_rank(self) -> list[int]:
         if self.env.device.type == "cuda":

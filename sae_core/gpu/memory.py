@@ -3,10 +3,10 @@
 The target is what `nvidia-smi` will show for one rank at its worst moment: the CUDA context plus
 the caching allocator's peak reservation (`torch.cuda.max_memory_reserved()`). Terms, in bytes:
 
-Exact (same formulas as the tensors engine/sae.py and engine/trainer.py create; tests/gpu/test_memory.py
-checks them against a real SparseAutoencoder and torch.optim.Adam after one step):
-- parameters: W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc [d_sae], b_dec [d_in], plus
-  log_threshold [d_sae] for jumprelu, in `cfg.dtype`. (batchtopk's threshold is a scalar buffer.)
+Exact (same formulas as the tensors engine/saes/ and engine/trainer.py create; tests/gpu/test_memory.py
+checks them against a real SparseAutoencoder and torch.optim.Adam after one step, for every architecture):
+- parameters: W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_dec [d_in], and the architecture's parameters per
+  latent (b_enc; jumprelu's threshold, gated's r_mag and b_mag), in `cfg.dtype`.
 - gradients: one per parameter, same dtype. They exist during the forward pass too: train.py frees
   them (zero_grad(set_to_none)) only after the forward.
 - ddp_buckets: 0. train.py builds DDP with gradient_as_bucket_view=True, so the gradients ARE views
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from ..architectures import MemoryTerms
 from ..config import ConfigError, TrainConfig
 
 MiB = 1024**2
@@ -59,30 +60,12 @@ EVAL_CHUNK_TOKENS = 4096  # evaluation.evaluate's default chunk
 INIT_BYTES_PER_ELEMENT = 20  # fp32 batch (4) + fp64 copy (8) + fp64 scaled copy or Weiszfeld temporary (8)
 
 
-# Bytes per element of [B, d_sae] alive at the training step's peak, as (times the model dtype's
-# size f, plus fixed bytes of bool masks), in the forward pass and in the backward pass:
-#   standard:  fwd pre, relu latents, L1 product (3f); bwd latents + two gradients (3f)
-#   topk:      fwd pre (computed without grad) and AuxK's masked copy (2f); the backward touches only
-#              the k selected latents per token (sae.SelectedPreActivations / SparseDecode): 0
-#   batchtopk: fwd pre and AuxK's masked copy (2f), the bool masks of the candidate search where torch
-#              does it (3); sparse backward: 0
-#   jumprelu:  fwd pre, latents, Heaviside output (3f) + mask (1); bwd the straight-through
-#              rectangle kernels of both custom functions (6f + 1)
-_BM_FORWARD = {"standard": (3, 0), "topk": (2, 0), "batchtopk": (2, 3), "jumprelu": (3, 1)}
-_BM_BACKWARD = {"standard": (3, 0), "topk": (0, 0), "batchtopk": (0, 0), "jumprelu": (6, 1)}
-# [B, d_sae] bf16 copy of the latents that autocast makes for `z @ W_dec` (topk and batchtopk decode
-# through embedding_bag, which autocast leaves in fp32).
-_BM_AUTOCAST = {"standard": 2, "topk": 0, "batchtopk": 0, "jumprelu": 2}
+# What differs between architectures (bytes per element of [B, d_sae] in the forward and backward passes,
+# autocast copies, parameters per latent, selected pairs) is each architecture's `memory` (architectures/).
 # [B, d_in] tensors: input before and after scaling (fp32), the previous step's x and x̂ kept by
 # the loop, and model-dtype intermediates (centred x, x̂, residuals, squared errors).
 _BD_FP32 = 3
 _BD_MODEL = 8
-# Evaluation: bytes per element of [chunk, d_sae] in the fp32 inference copy.
-_EVAL_BM = {"standard": 8, "topk": 8, "batchtopk": 13, "jumprelu": 13}
-# Parameters per latent besides the W_enc/W_dec columns: b_enc, and jumprelu's log_threshold.
-_PER_LATENT_PARAMETERS = {"standard": 1, "topk": 1, "batchtopk": 1, "jumprelu": 2}
-# Selected (row, latent) pairs held per token and k: TopK's k; BatchTopK's candidates and selection (~4k).
-_SELECTED_PER_K = {"topk": 1, "batchtopk": 4}
 
 
 @dataclass
@@ -105,13 +88,21 @@ def dtype_bytes(dtype: str) -> int:
     return 2 if dtype == "bfloat16" else 4
 
 
-def parameter_count(architecture: str, d_in: int, d_sae: int) -> int:
-    """Elements of the trainable parameters of sae.SparseAutoencoder."""
-    return 2 * d_in * d_sae + _PER_LATENT_PARAMETERS[architecture] * d_sae + d_in  # W_enc, W_dec, b_dec
+def memory_terms(cfg: TrainConfig, d_in: int) -> MemoryTerms:
+    """What `cfg`'s architecture holds beyond the weights (architectures/<name>.py)."""
+    return cfg.arch.memory(cfg.options, d_in)
+
+
+def parameter_count(cfg: TrainConfig, d_in: int) -> int:
+    """Elements of the trainable parameters of the architecture's SparseAutoencoder."""
+    terms = memory_terms(cfg, d_in)
+    per_latent = terms.parameters_per_latent + terms.float32_parameters_per_latent
+    return 2 * d_in * cfg.d_sae + per_latent * cfg.d_sae + d_in  # W_enc, W_dec, b_dec
 
 
 def parameter_bytes(cfg: TrainConfig, d_in: int) -> int:
-    return parameter_count(cfg.architecture, d_in, cfg.d_sae) * dtype_bytes(cfg.dtype)
+    float32_parameters = memory_terms(cfg, d_in).float32_parameters_per_latent * cfg.d_sae
+    return (parameter_count(cfg, d_in) - float32_parameters) * dtype_bytes(cfg.dtype) + 4 * float32_parameters
 
 
 def adam_state_bytes(cfg: TrainConfig, d_in: int) -> int:
@@ -125,36 +116,31 @@ def latent_statistics_bytes(cfg: TrainConfig) -> int:
 # ---------------------------------------------------------------------------------------------
 # Modelled moments
 # ---------------------------------------------------------------------------------------------
-def _k_terms(cfg: TrainConfig, batch: int, d_in: int) -> int:
-    """Top-k values (model dtype) and int64 indices, for the main top-k and AuxK's. BatchTopK: every row's
-    2k best, then a flat candidate list of at most 2k per token and the selection (~4k per token)."""
-    if not cfg.arch.uses_k:
-        return 0
-    f = dtype_bytes(cfg.dtype)
-    selected = _SELECTED_PER_K[cfg.architecture] * cfg.k
-    return batch * ((2 * f + 8) * selected + (4 * f + 8) * cfg.effective_aux_k(d_in))
+def _k_terms(terms: MemoryTerms, f: int, batch: int) -> int:
+    """Selected pairs' values (model dtype) and int64 indices, for the main selection and AuxK's."""
+    return batch * ((2 * f + 8) * terms.selected_per_token + (4 * f + 8) * terms.aux_per_token)
 
 
 def step_activation_terms(cfg: TrainConfig, d_in: int, batch: int) -> dict[str, int]:
     """Batch tensors alive at the training step's peak (forward or backward, the larger)."""
+    terms = memory_terms(cfg, d_in)
     f = dtype_bytes(cfg.dtype)
     bm = batch * cfg.d_sae
-    fwd_f, fwd_fixed = _BM_FORWARD[cfg.architecture]
-    bwd_f, bwd_fixed = _BM_BACKWARD[cfg.architecture]
     autocast = cfg.autocast == "bf16" and cfg.dtype == "float32"
     copies = 0
     if autocast:
         # bf16 copies of W_enc (always a matmul) and of W_dec (when decoding is a matmul), held by
         # autograd until their matmul's backward; plus the bf16 copy of the latents.
-        weight_copies = 2 if _BM_AUTOCAST[cfg.architecture] else 1
-        copies = weight_copies * d_in * cfg.d_sae * 2 + _BM_AUTOCAST[cfg.architecture] * bm + 2 * batch * d_in
-    forward = (fwd_f * f + fwd_fixed) * bm
-    backward = (bwd_f * f + bwd_fixed) * bm
+        weight_copies = 2 if terms.autocast_latent_copies else 1
+        copies = weight_copies * d_in * cfg.d_sae * 2 + terms.autocast_latent_copies * bm + 2 * batch * d_in
+    forward = (terms.forward_per_latent[0] * f + terms.forward_per_latent[1]) * bm
+    backward = (terms.backward_per_latent[0] * f + terms.backward_per_latent[1]) * bm
+    inputs = 4 * _BD_FP32 + f * (_BD_MODEL + terms.extra_inputs_per_token)
     return {
-        "activations_inputs_and_reconstruction": batch * d_in * (4 * _BD_FP32 + f * _BD_MODEL),
+        "activations_inputs_and_reconstruction": batch * d_in * inputs,
         "activations_latents": forward,
         "activations_gradients": max(0, backward - forward),
-        "activations_topk": _k_terms(cfg, batch, d_in),
+        "activations_topk": _k_terms(terms, f, batch),
         "autocast_copies": copies,
     }
 
@@ -163,8 +149,8 @@ def _eval_extra(cfg: TrainConfig, d_in: int, batch: int) -> int:
     if cfg.holdout_tokens <= 0:
         return 0
     chunk = min(EVAL_CHUNK_TOKENS, cfg.holdout_tokens, batch)  # the trainer never evaluates more than a batch
-    fp32_copy = parameter_count(cfg.architecture, d_in, cfg.d_sae) * 4 + 4 * cfg.d_sae
-    return fp32_copy + _EVAL_BM[cfg.architecture] * chunk * cfg.d_sae + 3 * 4 * chunk * d_in
+    fp32_copy = parameter_count(cfg, d_in) * 4 + 4 * cfg.d_sae
+    return fp32_copy + memory_terms(cfg, d_in).eval_per_latent * chunk * cfg.d_sae + 3 * 4 * chunk * d_in
 
 
 def _init_extra(cfg: TrainConfig, d_in: int) -> int:

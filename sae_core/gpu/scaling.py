@@ -92,18 +92,14 @@ MATMUL_RATES = {
     "V100": (15.7e12, 125e12),
 }
 DEFAULT_RATES = (20e12, 100e12)
-# A step's cost over its encoder matmul: a TopK step ~2x (issue 6 target; see bench/RESULTS.md); the
-# dense architectures do a forward and two backward matmuls (BatchTopK is counted like them: ~3x measured).
-STEP_OVER_FLOOR = {"topk": 2.0}
-DENSE_STEP_OVER_FLOOR = 3.0
 
 
 def estimate_compute_seconds(cfg, d_in: int, gpu_name: str = "") -> float:
     """One optimizer step of the whole global batch on one GPU of `gpu_name`."""
     fp32, bf16 = next((rates for key, rates in MATMUL_RATES.items() if key in gpu_name.upper()), DEFAULT_RATES)
     rate = bf16 if cfg.autocast == "bf16" or cfg.dtype == "bfloat16" else fp32
-    over = STEP_OVER_FLOOR.get(cfg.architecture, DENSE_STEP_OVER_FLOOR)
-    return over * 2 * cfg.batch_size * d_in * cfg.d_sae / rate
+    # a step's cost over its encoder matmul is the architecture's (architectures/<name>.py)
+    return cfg.arch.step_over_floor * 2 * cfg.batch_size * d_in * cfg.d_sae / rate
 
 
 def speedup_labels(cfg, d_in: int, gpus, counts=(2, 4, 8)) -> list[str]:

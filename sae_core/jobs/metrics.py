@@ -37,6 +37,8 @@ METRIC_FIELDS = (
     "disk_bytes",
 )
 METRIC_COLUMNS = ("step", "tokens", *METRIC_FIELDS, "peak_mem", "peak_mem_max", "time")
+# An architecture's loss terms become frame columns named "loss: <term>"; its stats keep their own names.
+LOSS_COLUMN_PREFIX = "loss: "
 
 
 def _num(value) -> float | None:
@@ -65,7 +67,16 @@ def metric_point_from_record(job_id: int, record: dict) -> MetricPoint | None:
     )
     for name in METRIC_FIELDS:
         setattr(point, name, _num(record.get(name)))
+    point.losses_json = _named_json(record.get("losses"))
+    point.stats_json = _named_json(record.get("stats"))
     return point
+
+
+def _named_json(values) -> str | None:
+    """A record's figures by name ({"mse": 1.2, ...}) as the column stores them; None when there are none."""
+    if not isinstance(values, dict) or not values:
+        return None
+    return json.dumps({str(name)[:100]: _num(value) for name, value in values.items()})
 
 
 def write_metric_points(job_id: int, points: Sequence[MetricPoint], engine: Engine | None = None) -> None:
@@ -115,11 +126,12 @@ def metric_count(job_id: int, engine: Engine | None = None) -> int:
 
 def metrics_frame(job_id: int, max_points: int | None = None, engine: Engine | None = None) -> pd.DataFrame:
     """A job's metrics in step order: columns METRIC_COLUMNS (`peak_mem` a per-rank list, `peak_mem_max`
-    its max). With `max_points`, evenly thinned, always keeping the first and the last row.
+    its max), then a column per named loss term ("loss: mse") and stat of the architecture (named_columns).
+    With `max_points`, evenly thinned, always keeping the first and the last row.
 
     The thinning happens in SQL (row numbers over the (job_id, step) index), and rows come back as
     plain tuples: a 100k-step job's chart must not build 100k ORM objects on every page refresh."""
-    columns = ("step", "tokens", *METRIC_FIELDS, "time", "peak_mem_json")
+    columns = ("step", "tokens", *METRIC_FIELDS, "time", "peak_mem_json", "losses_json", "stats_json")
     select_cols = ", ".join(columns)
     engine = engine_or_default(engine)
     with engine.connect() as conn:
@@ -137,16 +149,24 @@ def metrics_frame(job_id: int, max_points: int | None = None, engine: Engine | N
         else:
             query = text(f"SELECT {select_cols} FROM metric_point WHERE job_id = :job ORDER BY step, id")
             rows = conn.execute(query, {"job": job_id}).fetchall()
-    records = []
+    records, named = [], {}
     for row in rows:
         record = dict(zip(columns, row, strict=True))
         peak = json.loads(record.pop("peak_mem_json") or "[]")
         record["peak_mem"] = peak
         record["peak_mem_max"] = max((p for p in peak if p is not None), default=None)
+        for prefix, column in ((LOSS_COLUMN_PREFIX, "losses_json"), ("", "stats_json")):
+            for name, value in json.loads(record.pop(column) or "{}").items():
+                record[prefix + name] = named[prefix + name] = value
         records.append(record)
     import pandas as pd  # imported here: the daemon and the ranks load this module but never need pandas
 
-    return pd.DataFrame.from_records(records, columns=list(METRIC_COLUMNS))
+    return pd.DataFrame.from_records(records, columns=[*METRIC_COLUMNS, *named])
+
+
+def named_columns(frame: pd.DataFrame) -> list[str]:
+    """The columns of `metrics_frame` that an architecture named (its loss terms and stats)."""
+    return [column for column in frame.columns if column not in METRIC_COLUMNS]
 
 
 class SqliteMetricsSink:

@@ -1,13 +1,18 @@
-"""The Train page's widget values turned into a TrainConfig, GPU selector rows, and URL parameters (pure)."""
+"""The Train page's widget values turned into a TrainConfig, an architecture's option widgets as data, GPU
+selector rows, and URL parameters (pure)."""
 
 from __future__ import annotations
 
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from ..architectures import architecture
+import annotated_types
+
+from ..architectures import DEFAULT_ARCHITECTURE, architecture
 from ..config import ConfigError, TrainConfig
 
 
@@ -16,13 +21,12 @@ class FormValues:
     """What the Train page's widgets hold, before it is a TrainConfig."""
 
     activation_source: str
-    architecture: str = "topk"
+    architecture: str = DEFAULT_ARCHITECTURE
     size_mode: str = "d_sae"  # "d_sae" | "expansion"
     d_sae: int | None = 4096
     expansion_factor: float | None = 8.0
     d_in: int | None = None  # from the dataset, needed for the expansion factor
-    k: int | None = 32
-    l1_coefficient: float | None = 5.0
+    options: dict = field(default_factory=dict)  # the architecture's options the person set (option_widgets)
     batch_size: int | None = 4096
     total_steps: int | None = 1000
     lr: str = ""  # text: blank = the documented default
@@ -77,19 +81,94 @@ def form_to_config(values: FormValues) -> tuple[TrainConfig | None, list[str]]:
         "autocast": "bf16" if values.autocast else None,
         "checkpoint_every": values.checkpoint_every,
         "device": values.device,
+        **values.options,
         **values.extra,
     }
-    # Only the sparsity knob of the chosen architecture is sent; the other keeps its default.
-    if architecture(values.architecture).uses_k:
-        data["k"] = values.k
-    else:
-        data["l1_coefficient"] = values.l1_coefficient
     if errors:
         return None, errors
     try:
         return TrainConfig.from_dict(data), []
     except ConfigError as exc:
         return None, split_config_error(str(exc))
+
+
+@dataclass(frozen=True)
+class OptionField:
+    """One option of an architecture as the Train page shows it, read from its options model: the label, the
+    help, the bounds and the default of the field (architectures/<name>.py)."""
+
+    name: str
+    label: str
+    help: str
+    kind: str  # "int", "float", "choice", "bool", or "ints" (a comma-separated list)
+    default: Any
+    optional: bool  # None is allowed: a blank widget means the documented default
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple = ()
+    advanced: bool = False
+
+
+def option_fields(arch: str) -> list[OptionField]:
+    """The options of architecture `arch`, in their model's order."""
+    fields = []
+    for name, info in architecture(arch).options.model_fields.items():
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        kind, optional, choices = _kind_of(info.annotation)
+        low: float | None = None
+        high: float | None = None
+        for bound in info.metadata:
+            if isinstance(bound, annotated_types.Ge):
+                low = float(bound.ge)  # type: ignore[arg-type]  # numbers here
+            elif isinstance(bound, annotated_types.Gt):  # the least whole number above it, for an int
+                low = float(bound.gt) + (1 if kind == "int" else 0)  # type: ignore[arg-type]
+            elif isinstance(bound, annotated_types.Le):
+                high = float(bound.le)  # type: ignore[arg-type]
+            elif isinstance(bound, annotated_types.Lt):
+                high = float(bound.lt)  # type: ignore[arg-type]
+        fields.append(
+            OptionField(
+                name,
+                str(extra.get("label", name)),
+                info.description or "",
+                kind,
+                info.default,
+                optional,
+                low,
+                high,
+                choices,
+                bool(extra.get("advanced", False)),
+            )  # fmt: skip
+        )
+    return fields
+
+
+def _kind_of(annotation: Any) -> tuple[str, bool, tuple]:
+    """(widget kind, whether None is allowed, choices) of a field's type."""
+    args = typing.get_args(annotation)
+    optional = isinstance(annotation, types.UnionType) and type(None) in args
+    if optional:
+        annotation = next(a for a in args if a is not type(None))
+    if typing.get_origin(annotation) is Literal:
+        return "choice", optional, typing.get_args(annotation)
+    if typing.get_origin(annotation) is list:
+        return "ints", optional, ()
+    return {int: "int", float: "float", bool: "bool"}.get(annotation, "float"), optional, ()
+
+
+def parse_option_text(option: OptionField, text: str) -> tuple[Any, str | None]:
+    """The value typed into an optional or list option's text box: (value, None), or (None, the problem).
+    Blank is None (the documented default)."""
+    text = (text or "").strip()
+    if not text:
+        return None, None
+    try:
+        if option.kind == "ints":
+            return [int(part) for part in text.replace(" ", ",").split(",") if part], None
+        return (int(text) if option.kind == "int" else float(text)), None
+    except ValueError:
+        what = {"ints": "whole numbers separated by commas", "int": "a whole number"}.get(option.kind, "a number")
+        return None, f"{option.name}: {text[:60]!r} is not {what} (leave blank for the default)"
 
 
 def split_config_error(message: str) -> list[str]:

@@ -15,9 +15,11 @@ from streamlit.testing.v1 import AppTest
 
 from sae_core import access, db, files
 from sae_core import text as fmt
+from sae_core.architectures import ARCHITECTURE_NAMES, all_option_keys
 from sae_core.data import catalog
 from sae_core.db.tables import Job
 from sae_core.jobs import metrics, store
+from sae_core.ui.forms import option_fields
 from tests.app.conftest import APP, Lab, rendered
 from tests.fakes import fake_pynvml as fake
 
@@ -426,6 +428,25 @@ def test_eight_gpus_busy_and_low_memory_badges_and_recommend(lab):
     assert any("does not divide evenly across 3" in e for e in _submit_errors(at))
 
 
+@pytest.mark.parametrize("arch", ARCHITECTURE_NAMES)
+def test_the_form_shows_each_architectures_own_options_with_their_bounds(lab, arch):
+    lab.sample(fake.no_driver())
+    at = _train(lab)
+    _set(at, "selectbox", "train_arch", arch)
+    at.run()
+    no_exception(at)
+    keys = {w.key for kind in ("number_input", "text_input", "selectbox", "checkbox") for w in getattr(at, kind)}
+    for option in option_fields(arch):
+        assert f"train_{option.name}" in keys, option.name
+    for other in set(all_option_keys()) - {o.name for o in option_fields(arch)}:
+        assert f"train_{other}" not in keys, other  # another architecture's option is not shown
+    for number in at.number_input:
+        option = next((o for o in option_fields(arch) if f"train_{o.name}" == number.key), None)
+        if option is not None and option.minimum is not None:
+            assert number.min == option.minimum, option.name
+    assert _submit_errors(at) == []  # its defaults are a valid run
+
+
 def _set(at: AppTest, kind: str, key: str, value) -> None:
     widget = getattr(at, kind)(key=key)
     if kind == "text_input":
@@ -440,7 +461,7 @@ def _set(at: AppTest, kind: str, key: str, value) -> None:
     ("changes", "expected"),
     [
         ([("number_input", "train_d_sae", 0)], "d_sae:"),
-        ([("number_input", "train_k", 0)], "k:"),
+        ([("text_input", "train_aux_k", "many")], "aux_k: 'many' is not a whole number"),
         ([("number_input", "train_k", 5000)], "k (5000) must be at most d_sae (4096)"),
         ([("number_input", "train_batch", 0)], "batch_size:"),
         ([("number_input", "train_batch", 4095)], "batch_size 4095 does not divide evenly across 2"),
@@ -451,7 +472,11 @@ def _set(at: AppTest, kind: str, key: str, value) -> None:
         ([("text_input", "train_warmup", "5000")], "lr_warmup_steps (5000) must be at most total_steps (1000)"),
         ([("text_input", "train_decay", "ten")], "lr_decay_steps: 'ten' is not a whole number"),
         ([("number_input", "train_ckpt", 0)], "checkpoint_every:"),
-        ([("selectbox", "train_arch", "standard"), ("number_input", "train_l1", -1.0)], "l1_coefficient:"),
+        ([("selectbox", "train_arch", "standard"), ("text_input", "train_target_l0", "4096")], "target_l0 (4096)"),
+        (
+            [("selectbox", "train_arch", "matryoshka_batchtopk"), ("text_input", "train_matryoshka_widths", "64, 32")],
+            "matryoshka_widths: must be positive and strictly increasing",
+        ),
         ([("checkbox", "train_autocast", True)], "autocast"),
         ([("radio", "train_size_mode", "expansion"), ("number_input", "train_expansion", 0.0)], "expansion factor:"),
         ([("selectbox", "train_dataset", "Other path…"), ("text_input", "train_dataset_path", "/no/such")], "dataset:"),

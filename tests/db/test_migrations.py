@@ -84,9 +84,9 @@ def test_v1_file_is_upgraded_in_place_with_rows_kept(lab_home, with_schema_info)
     engine = db.get_engine(lab_home)
 
     with engine.connect() as conn:
-        assert migrations.current_version(conn) == migrations.SCHEMA_VERSION == 4
+        assert migrations.current_version(conn) == migrations.SCHEMA_VERSION == 5
     assert {"term_sent_at", "last_metric_at"} <= columns(path, "job")
-    assert {"data_wait", "disk_bytes"} <= columns(path, "metric_point")
+    assert {"data_wait", "disk_bytes", "losses_json", "stats_json"} <= columns(path, "metric_point")
     assert {"kind", "depends_on"} <= columns(path, "job")
     assert "ix_metric_point_job_step" in indices(path, "metric_point")
     assert "ix_metric_point_job_id" not in indices(path, "metric_point")
@@ -110,6 +110,7 @@ def test_v1_file_is_upgraded_in_place_with_rows_kept(lab_home, with_schema_info)
     frame = metrics.metrics_frame(1)
     assert frame["step"].tolist() == [10, 20, 30] and frame["peak_mem"].iloc[0] == [1, 2]
     assert frame["data_wait"].isna().all()  # old rows did not measure it
+    assert metrics.named_columns(frame) == []  # nor name their loss terms
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT gpu_index, util_gpu FROM gpu_sample").fetchall() == [(0, 55.0)]
         # tables the old file lacked were created

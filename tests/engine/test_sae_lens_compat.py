@@ -7,21 +7,28 @@ sae-lens pulls in transformer-lens and transformers, so it is not among the dev 
 import pytest
 import torch
 
+from sae_core.architectures import ARCHITECTURE_NAMES, ARCHITECTURES
 from sae_core.sae import load, make_sae, save
 
 sae_lens = pytest.importorskip("sae_lens")
 
 
-@pytest.mark.parametrize("arch", ["standard", "topk", "jumprelu", "batchtopk"])
+@pytest.mark.parametrize("arch", ARCHITECTURE_NAMES)
 def test_sae_lens_loads_and_encodes_identically(tmp_path, arch):
     torch.manual_seed(0)
-    model = make_sae(arch, 16, 48, 4)  # k is taken by the TopK family only
+    fields = ARCHITECTURES[arch].options.model_fields
+    options = ARCHITECTURES[arch].options(**({"k": 4} if "k" in fields else {}))
+    model = make_sae(arch, 16, 48, options)
     with torch.no_grad():
         model.b_enc.normal_(0, 0.1)
         model.b_dec.normal_(0, 0.3)
         model.input_scale.fill_(1.7)
-        if arch == "batchtopk":
-            model.batch_threshold.fill_(0.05)
+        for name in ("batch_threshold", "threshold"):  # the batch variants' and JumpReLU's
+            if hasattr(model, name):
+                getattr(model, name).fill_(0.05)
+        for name in ("r_mag", "b_mag"):  # Gated's
+            if hasattr(model, name):
+                getattr(model, name).normal_(0, 0.2)
     save(model, tmp_path)
     ours, theirs = load(tmp_path), sae_lens.SAE.load_from_disk(str(tmp_path))
     x = torch.randn(32, 16)

@@ -7,11 +7,13 @@ import json
 import pytest
 import torch
 
+from sae_core.architectures import ARCHITECTURE_NAMES
 from sae_core.cli import estimate as cli_estimate
 from sae_core.config import ConfigError, TrainConfig
 from sae_core.data.formats import DatasetError
-from sae_core.engine.sae import sae_from_config
+from sae_core.engine.saes import StepContext, sae_from_config
 from sae_core.gpu import memory
+from tests.conftest import train_config
 
 GiB = memory.GiB
 
@@ -19,14 +21,14 @@ GiB = memory.GiB
 def make_cfg(**overrides) -> TrainConfig:
     values = {"activation_source": "unused.safetensors", "d_sae": 256, "batch_size": 64, "total_steps": 10, "k": 8}
     values.update(overrides)
-    return TrainConfig(**values)
+    return train_config(**values)
 
 
 def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-@pytest.mark.parametrize("architecture", ["standard", "topk", "batchtopk", "jumprelu"])
+@pytest.mark.parametrize("architecture", ARCHITECTURE_NAMES)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_parameter_gradient_and_adam_bytes_equal_the_real_tensors(architecture, dtype):
     torch.manual_seed(0)
@@ -36,7 +38,7 @@ def test_parameter_gradient_and_adam_bytes_equal_the_real_tensors(architecture, 
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-3)
     x = torch.randn(32, d_in, dtype=getattr(torch, dtype))
     dead = torch.ones(cfg.d_sae, dtype=torch.bool)  # AuxK runs too, so every parameter gets a gradient
-    out = sae.training_step(x, sparsity_coefficient=1.0, dead_mask=dead, aux_k=8, aux_coefficient=0.1)
+    out = sae.training_step(x, StepContext(step=5, total_steps=10, dead_mask=dead))
     out.loss.backward()
     optimizer.step()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 
+import pandas as pd
 import pytest
 
 from sae_core import db
@@ -248,6 +249,19 @@ def test_sink_writes_rows_and_progress_and_ignores_events(lab_home):
     assert sink.dropped == 1
     stored = store.get_job(j.id)
     assert stored.last_step == 30 and stored.tokens_per_s == 1030.0 and stored.last_metric_at is not None
+
+
+def test_named_loss_terms_and_stats_become_columns_whatever_their_names(lab_home):
+    j = store.submit_job(make_cfg(), None, 1)
+    named = {"losses": {"mse": 0.5, "inner_mse_128": 0.7, "aux": float("nan")}, "stats": {"sparsity_coefficient": 2.0}}
+    points = [metrics.metric_point_from_record(j.id, record(s, **named)) for s in (10, 20)]
+    points.append(metrics.metric_point_from_record(j.id, record(30)))  # a record without them
+    metrics.write_metric_points(j.id, points)
+    frame = metrics.metrics_frame(j.id)
+    assert metrics.named_columns(frame) == ["loss: mse", "loss: inner_mse_128", "loss: aux", "sparsity_coefficient"]
+    assert frame["loss: inner_mse_128"].tolist()[:2] == [0.7, 0.7] and pd.isna(frame["loss: inner_mse_128"].iloc[2])
+    assert frame["loss: aux"].isna().all()  # a non-finite figure is stored as missing
+    assert frame["sparsity_coefficient"].iloc[0] == 2.0
 
 
 def test_metrics_frame_thins_evenly_keeping_ends(lab_home):

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from sae_core.data.activations import open_activations
-from sae_core.engine.sae import make_sae
 from sae_core.engine.saelens import save as save_sae
+from sae_core.engine.saes import make_sae
 from sae_core.files import EVAL_FILE, MODEL_EVAL_FILE, REFUSED_FILE
 from sae_core.model.evaluate import main as evaluate_main
 from tests.conftest import subprocess_env, write_json

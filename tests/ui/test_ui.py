@@ -16,6 +16,7 @@ import pytest
 
 from sae_core import access, files, outputs
 from sae_core import text as fmt
+from sae_core.architectures import ARCHITECTURE_NAMES, ARCHITECTURES
 from sae_core.data import catalog
 from sae_core.jobs import logs
 from sae_core.ui import charts, downloads, forms, frames, html, labels
@@ -102,10 +103,10 @@ def test_list_datasets_files_and_shard_dirs(tmp_path):
 # --------------------------------------------------------------------------- form → config
 
 
-def _form(**kw) -> forms.FormValues:
-    base = {"activation_source": "/data/x.safetensors", "d_sae": 256, "k": 16, "batch_size": 512, "total_steps": 100}
+def _form(options=None, **kw) -> forms.FormValues:
+    base = {"activation_source": "/data/x.safetensors", "d_sae": 256, "batch_size": 512, "total_steps": 100}
     base.update(kw)
-    return forms.FormValues(**base)
+    return forms.FormValues(**base, options={"k": 16} if options is None else options)
 
 
 def test_valid_topk_form_gives_config_with_k():
@@ -121,9 +122,9 @@ def test_valid_topk_form_gives_config_with_k():
     )
 
 
-def test_standard_form_sends_l1_not_k():
-    cfg, errors = forms.form_to_config(_form(architecture="standard", k=None, l1_coefficient=2.5))
-    assert errors == [] and cfg.l1_coefficient == 2.5 and cfg.k == 32  # k untouched (default)
+def test_standard_form_sends_its_own_options():
+    cfg, errors = forms.form_to_config(_form(architecture="standard", options={"l1_coefficient": 2.5}))
+    assert errors == [] and cfg.l1_coefficient == 2.5 and not hasattr(cfg, "k")
 
 
 def test_expansion_factor_uses_dataset_width():
@@ -137,8 +138,8 @@ def test_expansion_factor_uses_dataset_width():
     ("change", "field"),
     [
         ({"d_sae": 0}, "d_sae"),
-        ({"k": 0}, "k"),
-        ({"k": 1000}, "k (1000) must be at most d_sae"),
+        ({"options": {"k": 0}}, "k"),
+        ({"options": {"k": 1000}}, "k (1000) must be at most d_sae"),
         ({"batch_size": -1}, "batch_size"),
         ({"total_steps": 0}, "total_steps"),
         ({"lr": "fast"}, "lr"),
@@ -147,7 +148,7 @@ def test_expansion_factor_uses_dataset_width():
         ({"lr_decay_steps": "x"}, "lr_decay_steps"),
         ({"checkpoint_every": 0}, "checkpoint_every"),
         ({"activation_source": "  "}, "dataset"),
-        ({"architecture": "standard", "l1_coefficient": -1.0}, "l1_coefficient"),
+        ({"architecture": "standard", "options": {"l1_coefficient": -1.0}}, "l1_coefficient"),
         ({"autocast": True, "device": "cpu"}, "autocast"),
     ],
 )
@@ -155,6 +156,35 @@ def test_invalid_form_values_name_the_field(change, field):
     cfg, errors = forms.form_to_config(_form(**change))
     assert cfg is None
     assert any(field in e for e in errors), errors
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURE_NAMES)
+def test_every_option_of_every_architecture_is_a_widget_with_its_label_bounds_and_default(arch):
+    fields = forms.option_fields(arch)
+    model = ARCHITECTURES[arch].options
+    assert [f.name for f in fields] == list(model.model_fields)
+    for option in fields:
+        info = model.model_fields[option.name]
+        assert option.help == info.description and option.label != option.name and option.default == info.default
+        assert option.kind in ("int", "float", "choice", "bool", "ints")
+    # the defaults the widgets show make a valid config
+    values = {f.name: f.default for f in fields if f.default is not None}
+    cfg, errors = forms.form_to_config(_form(architecture=arch, options=values, d_sae=4096))
+    assert errors == [] and cfg.architecture == arch
+
+
+def test_option_bounds_and_typed_text_become_widget_limits_and_values():
+    k = next(f for f in forms.option_fields("topk") if f.name == "k")
+    assert (k.kind, k.minimum, k.maximum, k.optional, k.advanced) == ("int", 1, 2**16, False, False)
+    widths = next(f for f in forms.option_fields("matryoshka_batchtopk") if f.name == "matryoshka_widths")
+    assert forms.parse_option_text(widths, "128, 512 4096") == ([128, 512, 4096], None)
+    assert forms.parse_option_text(widths, " ") == (None, None)  # blank: the documented default
+    value, problem = forms.parse_option_text(widths, "128, lots")
+    assert value is None and problem.startswith("matryoshka_widths: '128, lots' is not whole numbers")
+    target = next(f for f in forms.option_fields("jumprelu") if f.name == "target_l0")
+    assert target.optional and forms.parse_option_text(target, "32") == (32.0, None)
+    mode = next(f for f in forms.option_fields("jumprelu") if f.name == "jumprelu_sparsity_loss_mode")
+    assert mode.kind == "choice" and mode.choices == ("step", "tanh", "quadratic")
 
 
 def test_gpu_choice_busy_low_and_free():
