@@ -40,6 +40,7 @@ from .. import db, paths
 from ..db.health import LabDatabaseError
 from ..db.tables import ACTIVE_STATUSES, Job
 from ..files import DAEMON_LOCK_FILE
+from ..gpu import host
 from ..gpu.history import Sampler
 from ..gpu.processes import process_if_same
 from . import store
@@ -120,7 +121,7 @@ class Launcher:
         self.home = Path(home).resolve()
         self.engine = db.get_engine(self.home)
         self.grace_s = grace_s
-        self.cpu_budget = cpu_budget or os.cpu_count() or 1
+        self.cpu_budget = cpu_budget or host.cpu_budget()  # ValueError for a bad SAE_LAB_CPU_BUDGET
         self._gpu_available = gpu_available
         self.python = python
         self.clock = clock
@@ -238,7 +239,7 @@ def serve(
                 signal.signal(sig, lambda *_: stop.set())
         try:
             launcher = Launcher(home, grace_s=grace_s, cpu_budget=cpu_budget)
-        except LabDatabaseError as exc:
+        except (LabDatabaseError, ValueError) as exc:
             log.error("launcher cannot start: %s", exc)
             return 1
         return _serve_loop(launcher, home, interval_s, once, sampler_interval_s, stop)
