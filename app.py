@@ -15,11 +15,13 @@ import math
 import os
 import sys
 import time
+import traceback
 
 import streamlit as st
 
 from sae_core import access, db, paths
 from sae_core.db import LabDatabaseError
+from sae_core.db.health import DATABASE_ERRORS, as_lab_error
 from sae_core.gpu.history import latest_probe
 from sae_core.jobs import daemon_control
 from sae_core.ui.html import badge, md_text
@@ -137,11 +139,19 @@ def database_problem_page(problem: LabDatabaseError) -> None:
 
 warn_if_exposed()
 password_gate()
+# Every database error of every page ends here, as the one page that says what is wrong (a part of a page that
+# refreshes itself reruns the whole app on one: views/widgets.live_fragment). The page renders into `body`,
+# so what it drew before the error goes.
+body = st.empty()
 try:
     sidebar()
     navigation = st.navigation(
         [st.Page(script, title=title, icon=icon, default=i == 0) for i, (script, title, icon) in enumerate(PAGES)]
     )
-    navigation.run()
-except LabDatabaseError as problem:
-    database_problem_page(problem)
+    with body.container():
+        navigation.run()
+except DATABASE_ERRORS as problem:
+    if not isinstance(problem, LabDatabaseError):  # unexpected: its traceback goes to the server's log only
+        traceback.print_exception(problem, file=sys.stderr)
+    body.empty()
+    database_problem_page(as_lab_error(paths.db_path(), problem))

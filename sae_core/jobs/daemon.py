@@ -261,7 +261,7 @@ def _serve_loop(
         try:
             launcher.tick()
         except LabDatabaseError as exc:
-            if exc.kind == "damaged":  # no pass can succeed any more: say why and stop
+            if exc.kind != "unwritable":  # damaged, lost, deleted or replaced: no pass can succeed, say why and stop
                 log.error("launcher stops: %s", exc)
                 code = 1
                 break
