@@ -37,12 +37,13 @@ import psutil
 from filelock import FileLock, Timeout
 
 from .. import db, paths
-from ..db.health import LabDatabaseError
+from ..db.health import DATABASE_ERRORS, LabDatabaseError
 from ..db.tables import ACTIVE_STATUSES, Job
 from ..files import DAEMON_LOCK_FILE
 from ..gpu import host
 from ..gpu.history import Sampler
 from ..gpu.processes import process_if_same
+from ..log_backoff import ProblemLog
 from . import store
 from .command import build_command, write_job_config
 from .daemon_control import POLL_S, beat, daemon_status
@@ -257,17 +258,19 @@ def _serve_loop(
     log.info("launcher serving %s (pid %s)", home, me.pid)
     sampler = _start_sampler(launcher.engine, stop, sampler_interval_s) if sampler_interval_s and not once else None
     code = 0
+    problems = ProblemLog(log, "launcher pass", expected=(OSError, *DATABASE_ERRORS))
     while True:
         try:
             launcher.tick()
+            problems.succeeded()
         except LabDatabaseError as exc:
             if exc.kind != "unwritable":  # damaged, lost, deleted or replaced: no pass can succeed, say why and stop
                 log.error("launcher stops: %s", exc)
                 code = 1
                 break
-            log.warning("launcher pass failed: %s; retrying", exc)
-        except Exception:  # a locked database or a full disk must not end the daemon
-            log.exception("launcher pass failed; retrying")
+            problems.failed(exc)
+        except Exception as exc:  # a locked database or a full disk must not end the daemon
+            problems.failed(exc)
         info["heartbeat"] = time.time()
         problem = _report(beat(home, info, launcher.engine), problem)
         if once or stop.wait(interval_s):
