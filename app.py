@@ -54,8 +54,10 @@ def sign_in_page() -> None:
         submitted = st.form_submit_button("Enter", type="primary")
     if not submitted:
         return
-    address = st.context.ip_address  # None behind some proxies (and not a string under AppTest)
-    client = address if isinstance(address, str) and address else "unknown address"
+    # Streamlit's address is None on loopback (and not a string under AppTest); X-Forwarded-For counts only from
+    # a configured proxy (SAE_LAB_TRUSTED_PROXIES), or nobody could be held to the back-off below.
+    forwarded = st.context.headers.get("X-Forwarded-For")
+    client = access.client_address(st.context.ip_address, forwarded, access.trusted_proxies(os.environ))
     wait = access.THROTTLE.wait_s(client)
     if wait > 0:
         st.error(f"Too many wrong passwords: try again in {math.ceil(wait)} s.")
@@ -95,8 +97,9 @@ def url_path(script: str) -> str:
 def warn_if_exposed() -> None:
     """Once per server process: say so when anyone on the network can use the app."""
     warning = access.exposure_warning(st.get_option("server.address"), access.configured_password(os.environ, _secret))
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    for said in (warning, access.proxy_warning(os.environ)):
+        if said:
+            print(f"warning: {said}", file=sys.stderr, flush=True)
 
 
 def start_launcher() -> None:
