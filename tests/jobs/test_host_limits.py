@@ -82,6 +82,9 @@ def test_the_queue_runs_cpu_jobs_within_the_same_budget(lab_home, monkeypatch):
 
     monkeypatch.setenv(host.CPU_BUDGET_ENV, "3")
     assert Launcher(lab_home, gpu_available=False).cpu_budget == 3
+    monkeypatch.setenv(host.CPU_BUDGET_ENV, "lots")
+    with pytest.raises(ValueError, match="SAE_LAB_CPU_BUDGET: must be a whole number"):
+        Launcher(lab_home, gpu_available=False)  # serve() logs it and exits: it would not know what to run
 
 
 @pytest.mark.slow
