@@ -17,8 +17,10 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# Streamlit's server believes X-Forwarded-For only from the proxies SAE Lab trusts (none unless set).
 run: install
-	$(PY) -m streamlit run app.py --server.port $(PORT) --server.headless true
+	FORWARDED_ALLOW_IPS="$${FORWARDED_ALLOW_IPS-$${SAE_LAB_TRUSTED_PROXIES-}}" \
+		$(PY) -m streamlit run app.py --server.port $(PORT) --server.headless true
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -15,11 +15,13 @@ import math
 import os
 import sys
 import time
+import traceback
 
 import streamlit as st
 
 from sae_core import access, db, paths
 from sae_core.db import LabDatabaseError
+from sae_core.db.health import DATABASE_ERRORS, as_lab_error
 from sae_core.gpu.history import latest_probe
 from sae_core.jobs import daemon_control
 from sae_core.ui.html import badge, md_text
@@ -52,8 +54,10 @@ def sign_in_page() -> None:
         submitted = st.form_submit_button("Enter", type="primary")
     if not submitted:
         return
-    address = st.context.ip_address  # None behind some proxies (and not a string under AppTest)
-    client = address if isinstance(address, str) and address else "unknown address"
+    # Streamlit's address is None on loopback (and not a string under AppTest); X-Forwarded-For counts only from
+    # a configured proxy (SAE_LAB_TRUSTED_PROXIES), or nobody could be held to the back-off below.
+    forwarded = st.context.headers.get("X-Forwarded-For")
+    client = access.client_address(st.context.ip_address, forwarded, access.trusted_proxies(os.environ))
     wait = access.THROTTLE.wait_s(client)
     if wait > 0:
         st.error(f"Too many wrong passwords: try again in {math.ceil(wait)} s.")
@@ -93,8 +97,9 @@ def url_path(script: str) -> str:
 def warn_if_exposed() -> None:
     """Once per server process: say so when anyone on the network can use the app."""
     warning = access.exposure_warning(st.get_option("server.address"), access.configured_password(os.environ, _secret))
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    for said in (warning, access.proxy_warning(os.environ)):
+        if said:
+            print(f"warning: {said}", file=sys.stderr, flush=True)
 
 
 def start_launcher() -> None:
@@ -137,11 +142,19 @@ def database_problem_page(problem: LabDatabaseError) -> None:
 
 warn_if_exposed()
 password_gate()
+# Every database error of every page ends here, as the one page that says what is wrong (a part of a page that
+# refreshes itself reruns the whole app on one: views/widgets.live_fragment). The page renders into `body`,
+# so what it drew before the error goes.
+body = st.empty()
 try:
     sidebar()
     navigation = st.navigation(
         [st.Page(script, title=title, icon=icon, default=i == 0) for i, (script, title, icon) in enumerate(PAGES)]
     )
-    navigation.run()
-except LabDatabaseError as problem:
-    database_problem_page(problem)
+    with body.container():
+        navigation.run()
+except DATABASE_ERRORS as problem:
+    if not isinstance(problem, LabDatabaseError):  # unexpected: its traceback goes to the server's log only
+        traceback.print_exception(problem, file=sys.stderr)
+    body.empty()
+    database_problem_page(as_lab_error(paths.db_path(), problem))

@@ -1,13 +1,15 @@
 """The shared URL's door: which password (if any) guards the app, a constant-time check of a guess, a
-back-off for whoever guesses, and keeping the app's secrets out of the processes it starts."""
+back-off for whoever guesses (and who that is, behind a proxy or not), and keeping the app's secrets out of
+the processes it starts."""
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,6 +117,100 @@ class GuessThrottle:
 
 # One per app process: every browser session of the shared URL shares it.
 THROTTLE = GuessThrottle()
+
+
+# --------------------------------------------------------------------------- who is guessing
+
+TRUSTED_PROXIES_ENV = "SAE_LAB_TRUSTED_PROXIES"
+# Streamlit's server (uvicorn) replaces the connection's address with X-Forwarded-For's when the connection
+# comes from an address in FORWARDED_ALLOW_IPS, loopback by default.
+SERVER_FORWARD_ENV, SERVER_FORWARD_DEFAULT = "FORWARDED_ALLOW_IPS", "127.0.0.1,::1"
+UNKNOWN_CLIENT = "unknown address"  # Streamlit names no address (a loopback connection)
+UNVERIFIED_FORWARD = "a request with an unverified X-Forwarded-For"  # one client, whatever the header claims
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def trusted_proxies(env: Mapping[str, str]) -> list[IPNetwork]:
+    """SAE_LAB_TRUSTED_PROXIES: the addresses or networks (CIDR) of the reverse proxies in front of the app,
+    separated by commas; none by default. Entries that are not addresses are left out (proxy_warning says so)."""
+    networks = []
+    for entry in env.get(TRUSTED_PROXIES_ENV, "").split(","):
+        try:
+            networks.append(ipaddress.ip_network(entry.strip(), strict=False))
+        except ValueError:
+            continue
+    return networks
+
+
+def client_address(peer: object, forwarded_for: object, proxies: Sequence[IPNetwork]) -> str:
+    """The client a password guess is counted and logged against.
+
+    `peer` is the address Streamlit reports (None on loopback), `forwarded_for` the request's X-Forwarded-For.
+    Without a configured proxy nobody vouches for that header, and Streamlit's server may already have taken
+    its word (from loopback): every request carrying it is then one client, so rotating it buys no guesses
+    and writes nothing of it into the log. With proxies, a request from one of them is the right-most address
+    its chain of proxies appended; any other request is its own peer."""
+    if not isinstance(forwarded_for, str) or not forwarded_for.strip():
+        return _address(peer) or UNKNOWN_CLIENT
+    if not proxies:
+        return UNVERIFIED_FORWARD
+    hop = _address(peer) or "127.0.0.1"  # Streamlit reports loopback as no address
+    if not _among(hop, proxies):
+        return _address(peer) or UNKNOWN_CLIENT
+    for entry in reversed(forwarded_for.split(",")):
+        address = _address(entry.strip())
+        if address is None:
+            return UNVERIFIED_FORWARD
+        if not _among(address, proxies):
+            return address
+    return UNVERIFIED_FORWARD  # only proxies in the chain
+
+
+def proxy_warning(env: Mapping[str, str]) -> str | None:
+    """A warning when SAE_LAB_TRUSTED_PROXIES holds something that is not an address, or when Streamlit's server
+    believes X-Forwarded-For from addresses that are not the configured proxies (their word would reach the
+    app as the connection's own address)."""
+    raw = [e.strip() for e in env.get(TRUSTED_PROXIES_ENV, "").split(",") if e.strip()]
+    proxies = trusted_proxies(env)
+    if len(proxies) < len(raw):
+        return f"{TRUSTED_PROXIES_ENV} holds entries that are not addresses or networks (CIDR); they are ignored"
+    if not proxies:
+        return None  # the header is never believed: nothing to match
+    server = env.get(SERVER_FORWARD_ENV, SERVER_FORWARD_DEFAULT)
+    believed = [e.strip() for e in server.split(",") if e.strip()]
+    if all(_within(entry, proxies) for entry in believed):
+        return None
+    return (
+        f"Streamlit's server believes X-Forwarded-For from {server} ({SERVER_FORWARD_ENV}) but {TRUSTED_PROXIES_ENV} "
+        f"names {env[TRUSTED_PROXIES_ENV]}: start the app with {SERVER_FORWARD_ENV} set to the proxies too "
+        "(`make run` does)."
+    )
+
+
+def _address(value: object) -> str | None:
+    """`value` as a canonical IP address, or None when it is not one."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        return None
+
+
+def _within(entry: str, proxies: Sequence[IPNetwork]) -> bool:
+    """Whether the address or network `entry` lies inside one of `proxies` ("*" or a name: it does not)."""
+    try:
+        network = ipaddress.ip_network(entry, strict=False)
+    except ValueError:
+        return False
+    # subnet_of needs networks of one version: the check before it makes sure
+    return any(network.version == p.version and network.subnet_of(p) for p in proxies)  # type: ignore[arg-type]
+
+
+def _among(address: str, networks: Sequence[IPNetwork]) -> bool:
+    ip = ipaddress.ip_address(address)
+    return any(ip in network for network in networks)
 
 
 # --------------------------------------------------------------------------- child processes

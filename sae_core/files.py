@@ -22,12 +22,13 @@ INSPECT_TOKENS_FILE = "tokens.json"  # inside inspect/: the text of every token 
 SAE_REQUIRED = (CFG_FILE, WEIGHTS_FILE)  # a folder holding these is a trained SAE
 SAE_ZIP_MEMBERS = (CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE, EVAL_FILE)
 
-# --- checkpoints: <out>/checkpoints/step_000001000/{state.safetensors, state.json, COMPLETE} -----
+# --- checkpoints: <out>/checkpoints/step_000001000/{state.safetensors, state.json, checksums.json, COMPLETE}
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "step_"
 CHECKPOINT_MARKER = "COMPLETE"
 CHECKPOINT_TENSORS = "state.safetensors"
 CHECKPOINT_STATE = "state.json"
+CHECKPOINT_CHECKSUMS = "checksums.json"  # size and sha256 of the two files above, written after them
 
 # --- a job's process files: <out>/logs/ -----------------------------------------------------------
 TRAIN_REQUEST_FILE = "train_request.json"  # the job row's config, as the file `--config` names

@@ -10,6 +10,7 @@ job folder, or a crafted `out_dir` in the database, cannot make a page read or z
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -22,8 +23,11 @@ from safetensors.numpy import load_file
 
 from .files import (
     CFG_FILE,
+    CHECKPOINT_CHECKSUMS,
     CHECKPOINT_MARKER,
     CHECKPOINT_PREFIX,
+    CHECKPOINT_STATE,
+    CHECKPOINT_TENSORS,
     CHECKPOINTS_DIR,
     DATASETS_DIR,
     LOGS_DIR,
@@ -74,6 +78,51 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     done = complete_checkpoints(run_dir)
     return done[-1] if done else None
+
+
+CHECKSUMMED_FILES = (CHECKPOINT_TENSORS, CHECKPOINT_STATE)
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def checkpoint_checksums(folder: Path) -> dict:
+    """What checksums.json holds for the checkpoint files in `folder`: each one's size and sha256."""
+    return {
+        name: {"bytes": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
+        for name in CHECKSUMMED_FILES
+    }
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why the files of `checkpoint` are not the ones written (a sentence naming the file, relative to the run
+    folder), or None when each matches its size and sha256. A checkpoint without checksums.json (written before
+    they were kept) has nothing to compare: None, and `has_checksums` says so."""
+    where = f"{CHECKPOINTS_DIR}/{checkpoint.name}"
+    if not has_checksums(checkpoint):
+        return None
+    try:
+        expected = json.loads((checkpoint / CHECKPOINT_CHECKSUMS).read_text())
+        entries = {name: (int(expected[name]["bytes"]), str(expected[name]["sha256"])) for name in CHECKSUMMED_FILES}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{where}/{CHECKPOINT_CHECKSUMS} is unreadable ({type(exc).__name__}): nothing can be verified"
+    for name, (size, digest) in entries.items():
+        path = checkpoint / name
+        try:
+            actual = path.stat().st_size
+            if actual != size:
+                return f"{where}/{name} is {actual:,} bytes, {size:,} were written (truncated or overwritten)"
+            if file_sha256(path) != digest:
+                return f"{where}/{name} does not match its sha256 (its bytes changed after it was written)"
+        except OSError as exc:
+            return f"{where}/{name} cannot be read ({exc.strerror or type(exc).__name__})"
+    return None
+
+
+def has_checksums(checkpoint: Path) -> bool:
+    return (checkpoint / CHECKPOINT_CHECKSUMS).exists()
 
 
 # --------------------------------------------------------------------------- trained SAEs

@@ -20,6 +20,7 @@ SHARED = {
     "outputs",
     "access",
     "text",
+    "log_backoff",
 }  # facts and files every layer shares
 
 # layer -> the sae_core layers it must never import

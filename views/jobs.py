@@ -21,7 +21,7 @@ from sae_core.ui import charts, frames, html, labels
 from sae_core.ui.downloads import metrics_csv
 from sae_core.ui.forms import parse_job_param
 from sae_core.ui.html import md_text
-from views.widgets import sae_download
+from views.widgets import live_fragment, sae_download
 
 TABLE_LIMIT = 500
 CHART_POINTS = 1000
@@ -35,7 +35,7 @@ STATUS_COLOURS = {
 }
 
 
-@st.fragment(run_every=2)
+@live_fragment
 def jobs_table() -> None:
     table = frames.jobs_table(store.list_jobs(limit=TABLE_LIMIT), time.time())
     st.dataframe(
@@ -196,4 +196,4 @@ jobs_table()
 job_id = pick_job(jobs)
 selected = next((job for job in jobs if job.id == job_id), None) or store.get_job(job_id)
 live = selected is not None and selected.status in LIVE_STATUSES
-st.fragment(job_detail, run_every=2 if live else None)(job_id, live)
+live_fragment(job_detail, run_every=2 if live else None)(job_id, live)

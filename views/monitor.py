@@ -10,6 +10,7 @@ from sae_core import db
 from sae_core.gpu.history import latest_probe, query_host, query_series
 from sae_core.text import format_bytes, format_percent, power_label
 from sae_core.ui import charts, frames, html, labels
+from views.widgets import live_fragment
 
 WINDOWS = ["5m", "1h", "24h", "7d"]
 CARD_COLUMNS = 4
@@ -69,7 +70,7 @@ def host_section(engine, probe) -> None:
         st.vega_lite_chart(host_series, charts.host_history_spec(), width="stretch", height=charts.WIDE_CHART_HEIGHT)
 
 
-@st.fragment(run_every=2)
+@live_fragment
 def live() -> None:
     engine = db.get_engine()
     probe = latest_probe(engine)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
 import streamlit as st
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from sae_core import db
 from sae_core.architectures import ARCHITECTURE_NAMES, DEFAULT_ARCHITECTURE, architecture
 from sae_core.config import ConfigError
+from sae_core.db.health import DATABASE_ERRORS
 from sae_core.db.tables import Job
 from sae_core.files import SAE_ZIP_FILE
 from sae_core.gpu.availability import recommend
@@ -23,6 +26,24 @@ from sae_core.ui.downloads import file_reader
 from sae_core.ui.forms import OptionField, gpu_choice, option_fields, parse_option_text
 
 NeedPerGpu = Callable[[int], int | None]  # GPUs → bytes each one needs (None: not known yet)
+
+
+def live_fragment(body: Callable, run_every: float | None = 2):
+    """`st.fragment(body, run_every=...)` for a part of a page that refreshes itself. It refreshes without
+    app.py, whose router turns a database error into the database-problem page; so a database error during
+    such a refresh reruns the whole app, where the router meets it again."""
+
+    @functools.wraps(body)
+    def guarded(*args, **kwargs):
+        try:
+            return body(*args, **kwargs)
+        except DATABASE_ERRORS:
+            ctx = get_script_run_ctx()
+            if ctx is None or not ctx.fragment_ids_this_run:  # a whole run: the router is already around
+                raise
+            st.rerun(scope="app")
+
+    return st.fragment(guarded, run_every=run_every)
 
 
 def sae_download(container, sae_dir: Path, file_name: str, download_key: str, prepare_key: str) -> None:

@@ -22,7 +22,10 @@ def cli_serve(argv: list[str]) -> int:
         help="Seconds between SIGTERM and SIGKILL when cancelling.",
     )
     parser.add_argument(
-        "--cpu-budget", type=int, default=None, help="Total gloo processes of concurrent CPU jobs (default: CPU cores)."
+        "--cpu-budget",
+        type=int,
+        default=None,
+        help="Total gloo processes of concurrent CPU jobs (default: SAE_LAB_CPU_BUDGET, else the CPU cores).",
     )
     parser.add_argument("--sample-interval", type=float, default=1.0, help="GPU sampler period; 0 disables it.")
     args = parser.parse_args(argv)

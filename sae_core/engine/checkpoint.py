@@ -1,10 +1,16 @@
 """Atomic checkpoints for exact resume: written with every tensor of the training state, read back.
 
-Layout: DIR/checkpoints/step_000001000/{state.safetensors, state.json, COMPLETE}.
-A checkpoint is written into a hidden temp folder, fsynced, renamed into place, and only then
-marked COMPLETE; older ones are pruned after that. A kill at any instant therefore leaves the
-previous complete checkpoint untouched and loadable. Nothing is unpickled on load: tensors
-come from safetensors, everything else from JSON.
+Layout: DIR/checkpoints/step_000001000/{state.safetensors, state.json, checksums.json, COMPLETE}.
+A checkpoint is written into a hidden temp folder — the state, then the size and sha256 of its files
+(checksums.json; read back from the page cache, sha256 runs at ~1.5 GB/s: ~0.17 s per 256 MiB on a 2-vCPU
+VM, beside 0.2-0.6 s to write and fsync them) — fsynced, renamed into place, and only then marked
+COMPLETE; older ones are pruned after that. A kill at any instant therefore leaves the previous complete checkpoint untouched and loadable.
+
+A resume verifies the newest checkpoint against its checksums and falls back to the newest one that
+matches and loads, saying which it skipped and why; with none it fails naming every file (a disk that
+cut a file short, or bytes changed later, never loads silently). Checkpoints from before checksums load
+when they parse, marked unverified. Nothing is unpickled on load: tensors come from safetensors,
+everything else from JSON.
 """
 
 from __future__ import annotations
@@ -12,13 +18,28 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..files import CHECKPOINT_MARKER, CHECKPOINT_PREFIX, CHECKPOINT_STATE, CHECKPOINT_TENSORS
-from ..outputs import checkpoint_root, complete_checkpoints
+from ..files import (
+    CHECKPOINT_CHECKSUMS,
+    CHECKPOINT_MARKER,
+    CHECKPOINT_PREFIX,
+    CHECKPOINT_STATE,
+    CHECKPOINT_TENSORS,
+    CHECKPOINTS_DIR,
+)
+from ..outputs import checkpoint_checksums, checkpoint_problem, checkpoint_root, complete_checkpoints, has_checksums
+from ..text import brief
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint to resume from (none complete, or none that matches its checksums and loads); the
+    message names each file and what is wrong with it."""
 
 
 def _fsync_path(path: Path) -> None:
@@ -38,7 +59,8 @@ def save_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, torch.Ten
     tmp.mkdir()
     save_file({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, str(tmp / CHECKPOINT_TENSORS))
     (tmp / CHECKPOINT_STATE).write_text(json.dumps(state))
-    for name in (CHECKPOINT_TENSORS, CHECKPOINT_STATE):
+    (tmp / CHECKPOINT_CHECKSUMS).write_text(json.dumps(checkpoint_checksums(tmp)))  # last: of what is on disk
+    for name in (CHECKPOINT_TENSORS, CHECKPOINT_STATE, CHECKPOINT_CHECKSUMS):
         _fsync_path(tmp / name)
     _fsync_path(tmp)
     if final.exists():  # a rewrite of the same step (e.g. the final checkpoint after a periodic one)
@@ -57,6 +79,31 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if not (path / CHECKPOINT_MARKER).exists():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {CHECKPOINT_MARKER} marker)")
     return load_file(str(path / CHECKPOINT_TENSORS)), json.loads((path / CHECKPOINT_STATE).read_text())
+
+
+def load_newest_valid(run_dir: str | Path, say: Callable[[str], None]) -> tuple[Path, dict[str, torch.Tensor], dict]:
+    """The newest complete checkpoint of `run_dir` whose files match their checksums and load: (its folder,
+    its tensors, its state). `say` hears each one skipped and why, and an unverified one (no checksums)
+    that is used. CheckpointError naming every file when there is none."""
+    found = complete_checkpoints(run_dir)
+    if not found:
+        raise CheckpointError(f"--resume: no complete checkpoint in {checkpoint_root(run_dir)}")
+    skipped = []
+    for path in reversed(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            try:
+                tensors, state = load_checkpoint(path)
+            except (SafetensorError, OSError, ValueError) as exc:  # a checkpoint without checksums may not parse
+                problem = f"{CHECKPOINTS_DIR}/{path.name} does not load ({brief(exc, 160)})"
+            else:
+                if not has_checksums(path):
+                    say(f"resume: {CHECKPOINTS_DIR}/{path.name} has no checksums (written before SAE Lab kept them): "
+                        "it loads, but its bytes are unverified")  # fmt: skip
+                return path, tensors, state
+        say(f"resume: skipped {CHECKPOINTS_DIR}/{path.name}: {problem}")
+        skipped.append(problem)
+    raise CheckpointError(f"--resume: no valid checkpoint in {checkpoint_root(run_dir)}: " + "; ".join(skipped))
 
 
 def prune(root: Path, keep: int) -> None:

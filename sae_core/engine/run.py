@@ -21,6 +21,7 @@ from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, recor
 from ..config import ConfigError, TrainConfig
 from ..data.checks import DatasetError, check_dataset
 from ..files import METRICS_FILE, REFUSED_FILE
+from .checkpoint import CheckpointError
 from .distributed import DistEnv, init_process_group, read_dist_env
 from .sinks import JsonlSink, MetricsSink
 from .trainer import Trainer
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None, extra_sinks: Callable[[], list[MetricsSi
         trainer.run()
         del trainer  # DDP's reducer and gloo's threads go before the process group, not at teardown
         gc.collect()
-    except DatasetError as exc:  # a non-finite row met in training, or a checkpoint of another data order
+    except (DatasetError, CheckpointError) as exc:  # a non-finite row met in training; nothing to resume from
         return report_bad_input(out_dir, exc)
     finally:
         if dist.is_initialized():

@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import resource
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,11 +21,10 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 
-from ..config import ConfigError, TrainConfig
+from ..config import TrainConfig
 from ..data.loader import DeviceFeed, Loader
 from ..data.order import BlockOrder, blocks_for
 from ..files import EVAL_FILE, METRICS_FILE, SPARSITY_FILE, TRAIN_CONFIG_FILE
-from ..outputs import latest_checkpoint
 from ..text import format_duration
 from . import checkpoint
 from .distributed import DistEnv, all_reduce_
@@ -272,10 +272,11 @@ class Trainer:
         checkpoint.save_checkpoint(self.out_dir, self.step, tensors, state, self.cfg.keep_checkpoints)
 
     def load_state(self, run_dir: Path) -> None:
-        path = latest_checkpoint(run_dir)
-        if path is None:
-            raise ConfigError(f"--resume: no complete checkpoint under {checkpoint.checkpoint_root(run_dir)}")
-        tensors, state = checkpoint.load_checkpoint(path)
+        # Every rank reads the same files and so picks the same checkpoint; rank 0 says what it skipped.
+        say = (lambda line: print(line, file=sys.stderr, flush=True)) if self.env.is_main else (lambda _: None)
+        path, tensors, state = checkpoint.load_newest_valid(run_dir, say)
+        if self.env.is_main:
+            print(f"resume: from {path.parent.name}/{path.name} (step {state['step']})", flush=True)
         model_sd = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
         self.sae.load_state_dict(model_sd)
         self.optimizer.load_state_dict(checkpoint.optimizer_from_flat(tensors, state["optimizer"]))

@@ -35,7 +35,9 @@ from sqlalchemy.engine import Engine
 
 from .. import db
 from ..db import snapshots
+from ..db.health import DATABASE_ERRORS
 from ..db.tables import GpuSample, HostSample
+from ..log_backoff import ProblemLog
 from .nvml import probe
 from .processes import JobIndex
 from .types import Probe
@@ -86,6 +88,9 @@ class Sampler:
         self.minute_keep_s = minute_keep_s
         self._last_compaction = -math.inf
         self.ticks = 0
+        expected = (OSError, *DATABASE_ERRORS)  # a full disk, a locked or vanished lab.db: one line, not a trace
+        self._problems = ProblemLog(log, "GPU sample", expected)
+        self._job_index_problems = ProblemLog(log, "reading live jobs for the GPU sample", expected)
 
     def tick(self) -> Probe:
         """One sample: probe, write rows and snapshot, compact when a minute has passed."""
@@ -106,18 +111,21 @@ class Sampler:
             started = time.monotonic()
             try:
                 self.tick()
-            except Exception:
-                log.exception("GPU sample failed; trying again in %.1f s", self.interval_s)
+                self._problems.succeeded()
+            except Exception as exc:
+                self._problems.failed(exc)
             stop_event.wait(max(0.0, self.interval_s - (time.monotonic() - started)))
 
     def _job_index(self) -> JobIndex | None:
         if self.job_index is None:
             return None
         try:
-            return self.job_index()
-        except Exception:
-            log.exception("cannot read live jobs; GPU processes are listed without their job this tick")
+            index = self.job_index()
+        except Exception as exc:
+            self._job_index_problems.failed(exc)
             return None
+        self._job_index_problems.succeeded()
+        return index
 
 
 def write_probe(engine: Engine, result: Probe) -> None:

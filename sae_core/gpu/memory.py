@@ -209,12 +209,38 @@ def estimate(cfg: TrainConfig, world_size: int, d_in: int) -> MemoryEstimate:
 GPU_ONLY_TERMS = ("cuda_context", "nccl_buffers")
 
 
-def host_bytes(cfg: TrainConfig, cpu_procs: int, d_in: int) -> int:
-    """Host RAM of a CPU job: every rank's estimate without the GPU-only terms, plus its loader's blocks
-    read ahead and its assembled float32 batches, all ranks together."""
-    per_rank = estimate(cfg, cpu_procs, d_in)
-    compute = per_rank.total_bytes - sum(per_rank.breakdown[t] for t in GPU_ONLY_TERMS)
-    return cpu_procs * (compute + cfg.loader_bytes(cpu_procs, d_in))
+# Host RAM of one process of a job before its first tensor: the interpreter with torch imported (about 240
+# MiB resident, torch 2.13 CPU) and transformers for the model jobs (about 380 MiB), rounded up. torchrun's
+# agent is one more such process per job.
+PROCESS_BYTES = 400 * MiB
+# Terms of a rank's GPU estimate that pass through the host's RAM on their way to the GPU: a model's weights
+# (read from disk into RAM, then moved) and an SAE's.
+HOST_STAGED_TERMS = ("weights", "sae")
+
+
+def job_host_bytes(per_rank: int, ranks: int) -> int:
+    """Host RAM of a whole job: each rank's own bytes and interpreter, and torchrun's agent."""
+    return ranks * (per_rank + PROCESS_BYTES) + PROCESS_BYTES
+
+
+def host_bytes(cfg: TrainConfig, ranks: int, d_in: int, on_gpu: bool = False) -> int:
+    """Host RAM of a training job, all ranks together: each rank's loader (blocks read ahead, assembled
+    float32 batches) and, on CPU processes, the rank's estimate without the GPU-only terms."""
+    per_rank = cfg.loader_bytes(ranks, d_in)
+    if not on_gpu:
+        step = estimate(cfg, ranks, d_in)
+        per_rank += step.total_bytes - sum(step.breakdown[t] for t in GPU_ONLY_TERMS)
+    return job_host_bytes(per_rank, ranks)
+
+
+def host_bytes_of_terms(terms: dict[str, int], ranks: int, on_gpu: bool) -> int:
+    """Host RAM of an extraction, evaluation or inspection from one rank's estimate `terms`: on the GPU only
+    what is staged through RAM, on CPU processes every term."""
+    if on_gpu:
+        per_rank = sum(terms.get(t, 0) for t in HOST_STAGED_TERMS)
+    else:
+        per_rank = sum(v for t, v in terms.items() if t not in GPU_ONLY_TERMS)
+    return job_host_bytes(per_rank, ranks)
 
 
 # How the estimate's terms are named on the Train page and by `python -m sae_core estimate`.

@@ -37,11 +37,13 @@ import psutil
 from filelock import FileLock, Timeout
 
 from .. import db, paths
-from ..db.health import LabDatabaseError
+from ..db.health import DATABASE_ERRORS, LabDatabaseError
 from ..db.tables import ACTIVE_STATUSES, Job
 from ..files import DAEMON_LOCK_FILE
+from ..gpu import host
 from ..gpu.history import Sampler
 from ..gpu.processes import process_if_same
+from ..log_backoff import ProblemLog
 from . import store
 from .command import build_command, write_job_config
 from .daemon_control import POLL_S, beat, daemon_status
@@ -120,7 +122,7 @@ class Launcher:
         self.home = Path(home).resolve()
         self.engine = db.get_engine(self.home)
         self.grace_s = grace_s
-        self.cpu_budget = cpu_budget or os.cpu_count() or 1
+        self.cpu_budget = cpu_budget or host.cpu_budget()  # ValueError for a bad SAE_LAB_CPU_BUDGET
         self._gpu_available = gpu_available
         self.python = python
         self.clock = clock
@@ -238,7 +240,7 @@ def serve(
                 signal.signal(sig, lambda *_: stop.set())
         try:
             launcher = Launcher(home, grace_s=grace_s, cpu_budget=cpu_budget)
-        except LabDatabaseError as exc:
+        except (LabDatabaseError, ValueError) as exc:
             log.error("launcher cannot start: %s", exc)
             return 1
         return _serve_loop(launcher, home, interval_s, once, sampler_interval_s, stop)
@@ -256,17 +258,19 @@ def _serve_loop(
     log.info("launcher serving %s (pid %s)", home, me.pid)
     sampler = _start_sampler(launcher.engine, stop, sampler_interval_s) if sampler_interval_s and not once else None
     code = 0
+    problems = ProblemLog(log, "launcher pass", expected=(OSError, *DATABASE_ERRORS))
     while True:
         try:
             launcher.tick()
+            problems.succeeded()
         except LabDatabaseError as exc:
-            if exc.kind == "damaged":  # no pass can succeed any more: say why and stop
+            if exc.kind != "unwritable":  # damaged, lost, deleted or replaced: no pass can succeed, say why and stop
                 log.error("launcher stops: %s", exc)
                 code = 1
                 break
-            log.warning("launcher pass failed: %s; retrying", exc)
-        except Exception:  # a locked database or a full disk must not end the daemon
-            log.exception("launcher pass failed; retrying")
+            problems.failed(exc)
+        except Exception as exc:  # a locked database or a full disk must not end the daemon
+            problems.failed(exc)
         info["heartbeat"] = time.time()
         problem = _report(beat(home, info, launcher.engine), problem)
         if once or stop.wait(interval_s):

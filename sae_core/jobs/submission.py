@@ -22,8 +22,8 @@ from ..data.checks import DatasetError, check_dataset
 from ..data.heldout import EvalPlan
 from ..db.tables import Job
 from ..gpu.availability import GpuStatus, validate
-from ..gpu.host import available_ram
-from ..gpu.memory import GiB, host_bytes
+from ..gpu.host import CPU_BUDGET_ENV, available_ram, cpu_budget
+from ..gpu.memory import GiB, host_bytes, host_bytes_of_terms
 from ..outputs import checkpoint_root, latest_checkpoint
 from ..text import label_problem
 from . import evaluate_checks, extract_checks, store
@@ -115,8 +115,9 @@ def check(
     d_in = planned_d_in if planned_d_in is not None else verdict.dataset.d_in if verdict.dataset else None
     if verdict.gpus:
         _check_gpus(cfg, statuses, engine, verdict, d_in)
-    elif d_in is not None and not verdict.problems:
-        _check_host_memory(cfg, int(cpu_procs or 1), d_in, verdict)
+    if d_in is not None and not verdict.problems:
+        ranks = len(verdict.gpus) or int(cpu_procs or 1)
+        _check_host_memory(verdict, "run", host_bytes(cfg, ranks, d_in, on_gpu=bool(verdict.gpus)), ranks)
     return verdict
 
 
@@ -132,10 +133,27 @@ def _start_verdict(cfg, gpu_ids, cpu_procs, name: str, submitted_by: str) -> Ver
         verdict.problems.append(Problem("placement", str(exc)))
         verdict.placement_failed = True
         return verdict
+    if not verdict.gpus:
+        _check_cpu_budget(int(cpu_procs or 1), verdict)
     if not verdict.gpus and cfg.device == "cuda":
         message = "device: 'cuda' cannot run as a CPU job; choose GPUs, or device 'auto' or 'cpu'"
         verdict.problems.append(Problem("device", message))
     return verdict
+
+
+def _check_cpu_budget(cpu_procs: int, verdict: Verdict) -> None:
+    """A CPU job may not start more processes than the lab's CPU budget (the cores, or SAE_LAB_CPU_BUDGET)."""
+    try:
+        budget = cpu_budget()
+    except ValueError as exc:  # the server's setting is wrong: say which, refuse until it is fixed
+        verdict.problems.append(Problem("cpu_procs", f"cpu_procs: cannot be checked: {exc}"))
+        return
+    if cpu_procs > budget:
+        message = (
+            f"cpu_procs: {cpu_procs} processes, but this machine runs at most {budget} at once (its CPU cores, or "
+            f"{CPU_BUDGET_ENV}); choose {budget} or fewer"
+        )
+        verdict.problems.append(Problem("cpu_procs", message))
 
 
 def _outside_roots(verdict: Verdict, outside: list[tuple[str, str]]) -> bool:
@@ -151,16 +169,22 @@ def _check_cpu_batch(cfg: TrainConfig, cpu_procs: int, verdict: Verdict) -> None
         verdict.problems.append(Problem("batch_size", str(exc)))
 
 
-def _check_host_memory(cfg: TrainConfig, cpu_procs: int, d_in: int, verdict: Verdict) -> None:
-    need, free = host_bytes(cfg, cpu_procs, d_in), available_ram()
-    if need > free:
-        verdict.problems.append(
-            Problem(
-                "cpu_procs",
-                f"cpu_procs: the run needs about {need / GiB:.1f} GiB of RAM for {cpu_procs} process(es), but this "
-                f"machine has {free / GiB:.1f} GiB available; lower d_sae or batch_size, or use fewer processes",
-            )
-        )
+# What makes each kind smaller, for the host-RAM message.
+_SMALLER = {"run": "lower d_sae or batch_size", "inspection": "lower chunk_rows"}
+
+
+def _check_host_memory(verdict: Verdict, noun: str, need: int, ranks: int) -> None:
+    """Every kind, on GPUs or CPU processes: the job's host RAM (`need`, all its processes) against what is
+    available now."""
+    free = available_ram()
+    if need <= free:
+        return
+    field_name, fewer = ("gpus", "fewer GPUs") if verdict.gpus else ("cpu_procs", "fewer processes")
+    message = (
+        f"{field_name}: the {noun} needs about {need / GiB:.1f} GiB of RAM for {ranks} process(es), but this machine "
+        f"has {free / GiB:.1f} GiB available; {_SMALLER.get(noun, 'lower batch_size')}, or use {fewer}"
+    )
+    verdict.problems.append(Problem(field_name, message))
 
 
 def _check_dataset(cfg: TrainConfig, scan_values: bool | None, home: Path, verdict: Verdict) -> None:
@@ -244,17 +268,12 @@ def check_extract(
 
 
 def _check_model_memory(verdict: Verdict, noun: str, cpu_procs: int | None, statuses, engine) -> None:
-    """A job that runs a model: its memory per rank (verdict.memory) on the chosen GPUs, or in the host's RAM."""
-    need = sum(verdict.memory.values())
+    """A job that runs a model or an SAE: its memory per rank (verdict.memory) on the chosen GPUs, and its
+    host RAM (on GPUs what passes through RAM, on CPU processes all of it)."""
     if verdict.gpus:
-        _check_gpus(None, statuses, engine, verdict, None, need)
-    elif need * int(cpu_procs or 1) > (free := available_ram()):
-        message = (
-            f"cpu_procs: the {noun} needs about {need * int(cpu_procs or 1) / GiB:.1f} GiB of RAM for "
-            f"{cpu_procs} process(es), but this machine has {free / GiB:.1f} GiB available; lower batch_size, "
-            "or use fewer processes"
-        )
-        verdict.problems.append(Problem("cpu_procs", message))
+        _check_gpus(None, statuses, engine, verdict, None, sum(verdict.memory.values()))
+    ranks = len(verdict.gpus) or int(cpu_procs or 1)
+    _check_host_memory(verdict, noun, host_bytes_of_terms(verdict.memory, ranks, bool(verdict.gpus)), ranks)
 
 
 def check_evaluate(

@@ -378,6 +378,7 @@ def test_resume_of_a_cancelled_job_ends_with_the_weights_of_an_uninterrupted_run
     assert resumed.resumed_from == cancelled_id
     stdout_log = (Path(resumed.out_dir) / "logs" / "stdout.log").read_text()
     assert "step 50/400" not in stdout_log  # it continued, it did not start over
+    assert "resume: from checkpoints/step_" in stdout_log  # the job log says which checkpoint it continued from
 
     got, want = load_weights(resumed.out_dir), load_weights(reference.out_dir)
     assert got.keys() == want.keys()

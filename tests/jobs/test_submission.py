@@ -31,12 +31,13 @@ def test_a_good_cpu_submission_has_no_problem_and_opens_the_dataset(lab_home, cf
     assert verdict.dataset is not None and verdict.dataset.d_in == 32
 
 
-def test_every_problem_is_reported_at_once_naming_its_field(lab_home, cfg, tmp_path):
+def test_every_problem_is_reported_at_once_naming_its_field(lab_home, cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAE_LAB_CPU_BUDGET", "2")
     missing = tmp_path / "nowhere" / "acts.safetensors"
     bad = cfg.model_copy(update={"activation_source": str(missing), "device": "cuda"})
     verdict = submission.check(bad, None, 3)
     fields = [field for field, _ in problems(verdict)]
-    assert fields == ["device", "batch_size", "activation_source"]
+    assert fields == ["cpu_procs", "device", "batch_size", "activation_source"]
     assert "batch_size 256 does not divide evenly across 3 ranks" in verdict.describe()
     assert f"activation source not found: {missing}" in verdict.describe()
 
