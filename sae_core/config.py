@@ -307,7 +307,8 @@ class ExtractConfig(StrictConfig):
         min_length=1,
         max_length=MAX_PATH_CHARS,
         description="Text: a .txt file (a document per line), .jsonl/.json (field text_field), .parquet, a folder of "
-        "those, a folder written by datasets.save_to_disk, or a hub dataset name where the hub is reachable.",
+        "those, a folder written by datasets.save_to_disk, or a hub dataset name found in the local Hugging Face "
+        "cache (nothing is downloaded).",
     )
     text_field: str = Field("text", min_length=1, max_length=200, description="The field holding the text.")
     split: str = Field("train", min_length=1, max_length=200, description="Split of a multi-split dataset.")

@@ -100,7 +100,7 @@ def _shard_entries(raw, shown: str) -> tuple[ShardEntry, ...]:
                 f"{shown}: shards[{i}].file must be a file name in the folder ending in "
                 f"{' or '.join(ACTIVATION_SUFFIXES)}, got {brief(name, 60)!r}"
             )
-        first = listed.setdefault(name, i)
+        first = listed.setdefault(str(name), i)
         if first != i:  # its rows would count twice: in training and in the held-out rows at once
             raise DatasetError(f"{shown}: shards[{i}].file {brief(name, 60)!r} is listed twice (also shards[{first}])")
         entries.append(ShardEntry(str(name), _count(item, "rows", f"{shown}: shards[{i}]")))
