@@ -104,6 +104,20 @@ def test_a_refusal_names_no_field_of_a_private_file(lab, server_cwd):
         assert not any(word in verdict.describe() for word in PRIVATE_FIELDS), verdict.describe()
 
 
+@pytest.fixture
+def no_network(monkeypatch) -> list:
+    """Every connection or name look-up of this process fails, and is recorded."""
+    tried: list = []
+
+    def refuse(*args, **_kwargs):
+        tried.append(args)
+        raise OSError("the network is not to be used")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    return tried
+
+
 def cache_repo(hf_home: Path, kind: str, name: str, content: Path) -> Path:
     """Lay `content` out in a Hugging Face cache as the snapshot of hub repository `name` (`org/repo`)."""
     repo = hf_home / "hub" / f"{kind}s--{name.replace('/', '--')}"
@@ -132,7 +146,9 @@ def hf_cache(tmp_path, hf, monkeypatch) -> dict[str, Path]:
     }
 
 
-def test_a_name_the_local_cache_holds_is_a_hub_name(lab_home, lab, hf_cache, hf, tmp_path, monkeypatch, children):
+def test_a_name_the_local_cache_holds_is_a_hub_name(
+    lab_home, lab, hf_cache, hf, tmp_path, monkeypatch, children, no_network
+):
     # a folder of the same name under the working directory (a GPT-2) is not what the name means
     shutil.copytree(hf["gpt2"], tmp_path / "cwd" / "tiny-org" / "llama")
     monkeypatch.chdir(tmp_path / "cwd")
@@ -146,20 +162,7 @@ def test_a_name_the_local_cache_holds_is_a_hub_name(lab_home, lab, hf_cache, hf,
     assert "tiny-org/llama" in catalog.list_models(lab_home)
     assert len(children) == 1 and children[0]["stdin"] == subprocess.DEVNULL
     assert children[0]["env"]["HF_HUB_OFFLINE"] == "1"  # the child reads the cache alone too
-
-
-@pytest.fixture
-def no_network(monkeypatch) -> list:
-    """Every connection or name look-up of this process fails, and is recorded."""
-    tried: list = []
-
-    def refuse(*args, **_kwargs):
-        tried.append(args)
-        raise OSError("the network is not to be used")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    return tried
+    assert no_network == []  # nor did this process ask the hub, reading the cached text
 
 
 def test_a_name_the_cache_lacks_is_refused_without_asking_the_hub(lab, hf_cache, no_network, children):
