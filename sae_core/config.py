@@ -9,11 +9,21 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import stat
 from pathlib import Path
-from typing import Literal, Self
+from typing import Literal, Self, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from .architectures import (
     ARCHITECTURE_NAMES,
@@ -29,6 +39,9 @@ from .text import brief
 
 MAX_PATH_CHARS = 4096
 MAX_CONFIG_BYTES = 1 << 20  # a config file is a few hundred bytes; a bigger one is not read
+# Kernel pseudo-files: /proc/kmsg and the like call themselves regular files of size 0, and reading one may
+# block forever or return live kernel state; no config or manifest lives there.
+PSEUDO_FILE_ROOTS = ("/proc", "/sys", "/dev")
 MAX_SHUFFLE_BYTES = 64 * 2**30  # shuffle buffer (host RAM per rank, see data/order.py)
 MAX_READER_THREADS = 64
 READY_BATCHES = 4  # batches each rank's loader keeps assembled ahead of the training loop
@@ -51,6 +64,20 @@ class StrictConfig(BaseModel):
 
     # allow_inf_nan: NaN and Infinity (which JSON readers accept) are refused for every float field.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_lax_coercion(cls, value, info: ValidationInfo):
+        """A number field takes numbers and a switch takes true/false: pydantic alone would read true as 1,
+        "5" as 5 and 1 as true."""
+        annotation = cls.model_fields[info.field_name].annotation if info.field_name else None
+        kinds = get_args(annotation) or (annotation,)  # `int | None` -> (int, NoneType)
+        if bool in kinds:
+            if not isinstance(value, bool) and value is not None:
+                raise ValueError(f"must be true or false, got {brief(json.dumps(value, default=str), 40)}")
+        elif any(kind in (int, float) for kind in kinds) and isinstance(value, bool | str):
+            raise ValueError(f"must be a number, got {brief(json.dumps(value), 40)}")
+        return value
 
     @classmethod
     def from_dict(cls, data: dict) -> Self:
@@ -324,7 +351,8 @@ class ExtractConfig(StrictConfig):
         min_length=1,
         max_length=MAX_PATH_CHARS,
         description="Text: a .txt file (a document per line), .jsonl/.json (field text_field), .parquet, a folder of "
-        "those, a folder written by datasets.save_to_disk, or a hub dataset name where the hub is reachable.",
+        "those, a folder written by datasets.save_to_disk, or a hub dataset name found in the local Hugging Face "
+        "cache (nothing is downloaded).",
     )
     text_field: str = Field("text", min_length=1, max_length=200, description="The field holding the text.")
     split: str = Field("train", min_length=1, max_length=200, description="Split of a multi-split dataset.")
@@ -420,24 +448,25 @@ class InspectConfig(StrictConfig):
 def read_json_object(path: str | Path, what: str, holds: str, max_bytes: int = MAX_CONFIG_BYTES) -> dict:
     """The JSON object in a regular file of at most `max_bytes`, or ConfigError saying what is wrong.
 
-    Only a regular file is opened (a FIFO or a device would block the reader); nothing is read from a file
-    that is too large, and nesting too deep for the parser is an error, not a crash."""
+    Only a regular file is opened (a FIFO or a device would block the reader), never a kernel pseudo-file
+    (PSEUDO_FILE_ROOTS); at most `max_bytes` are read whatever size the file claims, and nesting too deep
+    for the parser is an error, not a crash."""
     path = Path(path)
     shown = brief(path)
     try:
+        real = Path(os.path.realpath(path))
         info = path.stat()
     except FileNotFoundError:
         raise ConfigError(f"{what} not found: {shown}") from None
-    except OSError as exc:
-        raise ConfigError(f"{what} {shown} cannot be read ({exc.strerror or exc})") from None
+    except (OSError, ValueError) as exc:  # a permission refused, a loop of links, a NUL byte in the name
+        raise ConfigError(f"{what} {shown} cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+    if any(real.is_relative_to(root) for root in PSEUDO_FILE_ROOTS):
+        raise ConfigError(f"{what} {shown} is a kernel pseudo-file, not a file of data")
     if not stat.S_ISREG(info.st_mode):
         raise ConfigError(f"{what} {shown} is not a regular file")
-    if info.st_size > max_bytes:
-        raise ConfigError(f"{what} {shown} is {info.st_size:,} bytes; at most {max_bytes:,} are read")
+    raw = _read_at_most(path, max_bytes, f"{what} {shown}")
     try:
-        data = json.loads(path.read_bytes())
-    except OSError as exc:
-        raise ConfigError(f"{what} {shown} cannot be read ({exc.strerror or exc})") from None
+        data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{what} {shown} is not valid JSON: {brief(exc)}") from None
     except RecursionError:
@@ -445,6 +474,22 @@ def read_json_object(path: str | Path, what: str, holds: str, max_bytes: int = M
     if not isinstance(data, dict):
         raise ConfigError(f"{what} {shown} must hold a JSON object of {holds}")
     return data
+
+
+def _read_at_most(path: Path, max_bytes: int, shown: str) -> bytes:
+    """The bytes of the regular file at `path`; ConfigError past `max_bytes`. Opened without blocking and
+    checked again once open: a FIFO put in its place after the check above cannot stall the reader."""
+    try:
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise ConfigError(f"{shown} is not a regular file")
+            raw = f.read(max_bytes + 1) if info.st_size <= max_bytes else b""
+    except OSError as exc:
+        raise ConfigError(f"{shown} cannot be read ({exc.strerror or exc})") from None
+    if info.st_size > max_bytes or len(raw) > max_bytes:
+        raise ConfigError(f"{shown} is larger than {max_bytes:,} bytes; at most {max_bytes:,} are read")
+    return raw
 
 
 def field_names() -> list[str]:

@@ -64,6 +64,11 @@ TOKEN_IDS_KEY, CONTEXT_IDS_KEY, POSITIONS_KEY = "token_ids", "context_ids", "pos
 CONTEXTS_FILE = "contexts.safetensors"  # an extraction's token ids fed to the model: `tokens` [contexts, size]
 EXTRACT_CONFIG_FILE = "extract_config.json"  # the ExtractConfig a folder's shards were computed with
 
+# --- a Hugging Face model folder (read, never written) ---------------------------------------------
+MODEL_CONFIG_FILE = "config.json"
+# The settings transformers reads first; an `auto_map` in either would make it import the folder's Python.
+MODEL_SETTINGS_FILES = (MODEL_CONFIG_FILE, "tokenizer_config.json")
+
 
 def shard_file_name(index: int) -> str:
     """`shard_00000.safetensors`: the name of an extraction's index-th shard."""

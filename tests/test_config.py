@@ -7,7 +7,15 @@ import pickle
 import pytest
 
 from sae_core.architectures import ARCHITECTURE_NAMES, ARCHITECTURES
-from sae_core.config import ConfigError, TrainConfig, config_class
+from sae_core.config import (
+    ConfigError,
+    EvaluateConfig,
+    ExtractConfig,
+    InspectConfig,
+    StrictConfig,
+    TrainConfig,
+    config_class,
+)
 
 MINIMAL = {"activation_source": "x.safetensors", "architecture": "topk", "d_sae": 64, "k": 4, "total_steps": 100}
 
@@ -47,7 +55,8 @@ def test_minimal_config_gets_working_defaults():
         ("log_every", 0, "log_every: Input should be greater than 0"),
         ("holdout_tokens", -5, "holdout_tokens: Input should be greater than or equal to 0"),
         ("device", "tpu", "device: got 'tpu'; allowed: 'auto', 'cpu' or 'cuda'"),
-        ("d_sae", "many", "d_sae: Input should be a valid integer"),
+        ("d_sae", "many", 'd_sae: must be a number, got "many"'),
+        ("d_sae", 64.5, "d_sae: Input should be a valid integer"),
     ],
 )
 def test_bad_values_name_the_field_and_what_is_allowed(field, value, expected):
@@ -221,3 +230,95 @@ def test_penalty_options_and_their_checks():
         TrainConfig.from_dict({**base, "architecture": "gated", "target_l0": 8})
     cfg = TrainConfig.from_dict({**base, "architecture": "jumprelu", "target_l0": 8})
     assert cfg.effective_l1_warmup_steps(100) == 5 and cfg.jumprelu_init_threshold == 0.01
+
+
+# --------------------------------------------------------------------------- hardening (issue 21)
+
+# A valid config of every class, and which of its fields are numbers and which are switches.
+VALID = {
+    TrainConfig: MINIMAL,
+    ExtractConfig: {"model": "m", "hook": "model.layers.0", "dataset": "d.txt", "n_tokens": 100},
+    EvaluateConfig: {"sae": "sae"},
+    InspectConfig: {"sae": "sae"},
+}
+
+
+def kinds_of(cls: type[StrictConfig], kind: type) -> list[str]:
+    """The fields of `cls` whose type admits `kind` (int, float or bool), None aside."""
+    return [
+        name for name, f in cls.model_fields.items() if kind in (f.annotation, *getattr(f.annotation, "__args__", ()))
+    ]
+
+
+def test_every_config_class_is_covered():
+    assert set(VALID) == set(StrictConfig.__subclasses__())
+    assert kinds_of(TrainConfig, bool) == ["torch_compile"]
+    assert kinds_of(ExtractConfig, bool) == ["prepend_bos", "exclude_special_tokens"]
+
+
+# Every architecture's config class too (its options are fields of it).
+ARCHITECTURE_CLASSES = {config_class(arch): {**MINIMAL, "architecture": arch} for arch in ARCHITECTURE_NAMES}
+for arch_values in ARCHITECTURE_CLASSES.values():
+    if arch_values["architecture"] not in ("topk", "batchtopk", "matryoshka_batchtopk"):
+        del arch_values["k"]
+EVERY_CLASS = {**VALID, **ARCHITECTURE_CLASSES}
+
+
+@pytest.mark.parametrize(
+    "cls", list(EVERY_CLASS), ids=lambda c: getattr(c.model_fields.get("architecture"), "default", c.__name__)
+)
+def test_booleans_and_text_are_not_numbers_in_any_config(cls):
+    numbers = kinds_of(cls, int) + kinds_of(cls, float)
+    assert numbers, cls
+    for field in numbers:
+        for value, shown in ((True, "true"), (False, "false"), ("5", '"5"')):
+            with pytest.raises(ConfigError) as refused:
+                cls.from_dict({**EVERY_CLASS[cls], field: value})
+            assert str(refused.value) == f"{field}: must be a number, got {shown}", field
+
+
+@pytest.mark.parametrize("cls", list(VALID), ids=lambda c: c.__name__)
+def test_switches_take_only_true_or_false(cls):
+    for field in kinds_of(cls, bool):
+        for value in (1, 0, "yes", "false"):
+            with pytest.raises(ConfigError, match=f"^{field}: must be true or false, got "):
+                cls.from_dict({**VALID[cls], field: value})
+        assert getattr(cls.from_dict({**VALID[cls], field: True}), field) is True
+
+
+def test_numbers_still_read_as_before_from_json_forms_and_rows(tmp_path):
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({**MINIMAL, "aux_k_coefficient": 3, "grad_clip": 2, "k": 4.0, "torch_compile": True}))
+    cfg = TrainConfig.from_json_file(path)  # a JSON integer for a float field, an integral float for an int one
+    assert (cfg.aux_k_coefficient, cfg.grad_clip, cfg.k, cfg.torch_compile) == (3.0, 2.0, 4, True)
+    assert TrainConfig.model_validate_json(cfg.model_dump_json()) == cfg  # a job row reads back
+    with pytest.raises(ValueError, match="must be a number, got true"):
+        cfg.k = True  # assignment is checked too
+    assert ExtractConfig.from_dict({**VALID[ExtractConfig], "prepend_bos": None}).prepend_bos is None
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/proc/kmsg",
+        "/proc/self/status",
+        "/proc/self/environ",
+        "/sys/kernel/mm/transparent_hugepage/enabled",
+        "/dev/zero",
+    ],
+)
+def test_kernel_pseudo_files_are_refused_without_being_read(path):
+    # /proc files call themselves regular files of size 0; /proc/kmsg blocks a reader until the kernel logs
+    with pytest.raises(ConfigError, match=f"^config file {path} is a kernel pseudo-file, not a file of data$"):
+        TrainConfig.from_json_file(path)
+
+
+def test_a_link_to_a_pseudo_file_is_refused_and_the_cli_says_so(tmp_path, capsys):
+    from sae_core.cli.main import main as cli
+
+    link = tmp_path / "cfg.json"
+    link.symlink_to("/proc/kmsg")
+    with pytest.raises(ConfigError, match="is a kernel pseudo-file"):
+        TrainConfig.from_json_file(link)
+    assert cli(["submit", "--config", "/proc/kmsg", "--cpu-procs", "1", "--no-daemon"]) == 2
+    assert "config file /proc/kmsg is a kernel pseudo-file" in capsys.readouterr().err

@@ -266,6 +266,7 @@ def open_activations(source: str | Path, key: str = "activations") -> Activation
             shards = _manifest_shards(path, manifest, key)
             return ActivationSet(path, shards, _load_features(path, shards, key, manifest.d_in), manifest)
         paths = list_shards(path)
+        _check_own_files(path, paths)
     elif not stat.S_ISREG(mode):
         raise DatasetError(f"{shown}: not a regular file or a directory of them")
     elif path.suffix.lower() in ACTIVATION_SUFFIXES:
@@ -303,7 +304,30 @@ def _manifest_shards(directory: Path, manifest: Manifest, key: str) -> list[Shar
             raise DatasetError(f"{brief(path)}: listed in {MANIFEST_FILE} but not a regular file in the folder")
         shards.append(Shard(path, key, start, entry.rows, manifest.d_in, manifest.dtype))
         start += entry.rows
+    _check_own_files(directory, [s.path for s in shards])
     return shards
+
+
+def _check_own_files(directory: Path, paths: list[Path]) -> None:
+    """Each shard of a folder is a file of that folder, read once: a link leading out of it (to where the
+    lab's roots may not reach) and a second name for a file already listed are refused."""
+    real_dir = Path(os.path.realpath(directory))
+    seen: dict[tuple[int, int], Path] = {}
+    for path in paths:
+        if not _in_folder(path, real_dir):
+            raise DatasetError(f"{brief(path)}: a link to a file outside its folder; a set's shards must lie in it")
+        try:
+            info = path.stat()
+        except OSError as exc:
+            raise DatasetError(f"{brief(path)}: cannot be read ({exc.strerror or exc})") from None
+        first = seen.setdefault((info.st_dev, info.st_ino), path)
+        if first is not path:
+            raise DatasetError(f"{brief(path)}: the same file as {first.name}; a set holds each shard once")
+
+
+def _in_folder(path: Path, real_dir: Path) -> bool:
+    """Whether `path` (a name in the folder) is the folder's own file: not a link, or one resolving inside it."""
+    return not path.is_symlink() or Path(os.path.realpath(path)).is_relative_to(real_dir)
 
 
 def _features_candidates(source: Path, shards: list[Shard]) -> list[Path]:
@@ -320,6 +344,8 @@ def _load_features(source: Path, shards: list[Shard], key: str, d_in: int) -> np
     for candidate in _features_candidates(source, shards):
         if not is_regular_file(candidate) or not _may_hold_features(candidate):
             continue
+        if source.is_dir() and not _in_folder(candidate, Path(os.path.realpath(source))):
+            raise DatasetError(f"{brief(candidate)}: a link to a file outside its folder; features must lie in it")
         safetensors = candidate.suffix.lower() == ".safetensors"
         array, dtype = map_safetensors(candidate, FEATURES_KEY) if safetensors else map_npy(candidate)
         if array.ndim != 2 or array.shape[1] != d_in:

@@ -5,12 +5,18 @@ there) and the roots an operator names in SAE_LAB_DATA_ROOTS. Models: SAE_LAB_HO
 roots, and the local Hugging Face cache. A shared URL must not let anyone probe the server's files: a path
 outside the allowed roots gets one answer, whatever lies there (it is not opened, and its existence is not
 revealed).
+
+A name (a model's or a text's) is a hub name only when the local Hugging Face cache holds that repository;
+every other name is a path, relative ones included, and must lie inside the roots. Nothing here or in the
+processes the lab starts asks the hub anything (OFFLINE_ENV): a name the cache lacks costs no time.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 from ..files import ACTIVATION_SUFFIXES, DATASETS_DIR, JOBS_DIR, MANIFEST_FILE, MODELS_DIR, TEXT_SUFFIXES
 
@@ -23,6 +29,9 @@ OUTSIDE_MODEL_ROOTS = (
     f"SAE Lab loads models only from SAE_LAB_HOME/{MODELS_DIR}, the local Hugging Face cache and the folders "
     f"named in {DATA_ROOTS_ENV}; save the model there, or name a model in the cache by its hub name"
 )
+
+# For every process the lab starts: huggingface_hub, datasets and transformers read only their local caches.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 # The toy set the Home page offers on a first run: small enough to write and train on in a minute.
 TOY_DEFAULTS = {"tokens": 65_536, "d_in": 64, "features": 256, "seed": 0}
@@ -55,9 +64,36 @@ def data_roots(home: Path) -> list[Path]:
 
 def model_roots(home: Path) -> list[Path]:
     """The folders models may be loaded from: the lab's models folder, the Hugging Face cache, the named roots."""
-    hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).expanduser()
-    cache = Path(os.environ["HF_HUB_CACHE"]).expanduser() if os.environ.get("HF_HUB_CACHE") else hf_home / "hub"
-    return [home / MODELS_DIR, cache, *named_roots()]
+    return [home / MODELS_DIR, hub_cache(), *named_roots()]
+
+
+def hub_cache() -> Path:
+    """The local Hugging Face hub cache, found as huggingface_hub finds it (read at each call: tests and
+    operators may point HF_HOME elsewhere)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    default_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    return Path(os.environ.get("HF_HOME") or default_home).expanduser() / "hub"
+
+
+def hub_snapshot(name: str, kind: Literal["model", "dataset"]) -> Path | None:
+    """The folder of hub repository `name` (`org/name` or `name`) in the local cache, or None when `name` is
+    not one the cache holds: then it is a path. Only the cache is read, never the hub."""
+    cache = hub_cache()
+    if not cache.is_dir():
+        return None
+    from huggingface_hub import snapshot_download  # here: the pages that never name a model do not pay for it
+
+    try:
+        folder = Path(snapshot_download(name, repo_type=kind, cache_dir=cache, local_files_only=True))
+    except Exception:  # noqa: BLE001  (not a repository id, not in the cache, an unreadable cache: not a hub name)
+        return None
+    return folder if _inside(folder, [cache]) else None
+
+
+def offline_env(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` for a child process that may load a model or a text: the Hugging Face libraries kept offline."""
+    return {**env, **OFFLINE_ENV}
 
 
 def _inside(source: str | Path, roots: list[Path]) -> bool:
@@ -77,6 +113,17 @@ def in_model_roots(source: str | Path, home: Path) -> bool:
     return _inside(source, model_roots(home))
 
 
+def model_allowed(name: str, home: Path) -> bool:
+    """Whether a model may be loaded from `name`: a hub name in the local cache, or a path inside the roots."""
+    return hub_snapshot(name, "model") is not None or in_model_roots(name, home)
+
+
+def text_allowed(name: str, home: Path) -> bool:
+    """Whether a text dataset may be read from `name`: a hub dataset in the local cache, or a path inside the
+    roots."""
+    return hub_snapshot(name, "dataset") is not None or in_data_roots(name, home)
+
+
 def list_extracted(home: Path) -> list[Path]:
     """The lab's complete extractions: job folders holding a manifest, newest first."""
     jobs = home / JOBS_DIR
@@ -91,7 +138,7 @@ def list_models(home: Path) -> list[str]:
     local Hugging Face cache holds (`models--org--name` -> `org/name`)."""
     models_dir = home / MODELS_DIR
     local = sorted(str(p) for p in models_dir.iterdir() if (p / "config.json").is_file()) if models_dir.is_dir() else []
-    cache = model_roots(home)[1]
+    cache = hub_cache()
     cached = (
         sorted(
             p.name.removeprefix("models--").replace("--", "/") for p in cache.iterdir() if p.name.startswith("models--")

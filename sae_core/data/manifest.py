@@ -89,7 +89,8 @@ def _count(data: dict, name: str, shown: str, minimum: int = 0) -> int:
 def _shard_entries(raw, shown: str) -> tuple[ShardEntry, ...]:
     if not isinstance(raw, list) or not raw:
         raise DatasetError(f"{shown}: shards must be a non-empty list of {{file, rows}}")
-    entries = []
+    entries: list[ShardEntry] = []
+    listed: dict[str, int] = {}  # file -> its first index
     for i, item in enumerate(raw):
         if not isinstance(item, dict):
             raise DatasetError(f"{shown}: shards[{i}] must be an object {{file, rows}}")
@@ -99,6 +100,9 @@ def _shard_entries(raw, shown: str) -> tuple[ShardEntry, ...]:
                 f"{shown}: shards[{i}].file must be a file name in the folder ending in "
                 f"{' or '.join(ACTIVATION_SUFFIXES)}, got {brief(name, 60)!r}"
             )
+        first = listed.setdefault(str(name), i)
+        if first != i:  # its rows would count twice: in training and in the held-out rows at once
+            raise DatasetError(f"{shown}: shards[{i}].file {brief(name, 60)!r} is listed twice (also shards[{first}])")
         entries.append(ShardEntry(str(name), _count(item, "rows", f"{shown}: shards[{i}]")))
     return tuple(entries)
 

@@ -4,8 +4,13 @@ No torch: the gate reads a dataset's first document to check it; the tokenizer i
 
 Sources: a `.txt` file (one document per non-empty line), `.jsonl` (an object per line) or `.json` (a list
 of objects, or an object of lists) with `text_field`, `.parquet` (column `text_field`), a folder of such
-files (sorted by name), a folder written by `datasets.save_to_disk` (its `split`), or a hub dataset name
-(only where the hub is reachable: `HF_HUB_OFFLINE` is honoured).
+files (sorted by name), a folder written by `datasets.save_to_disk` (its `split`), or the name of a hub
+dataset the local Hugging Face cache holds (catalog.hub_snapshot: the hub itself is never asked).
+
+Pieces: a document is read and tokenised in pieces of at most PIECE_CHARS characters, cut before a
+whitespace where there is one near the end (the space starts the next piece, as tokenizers that split
+words with their leading space see it); a `.txt` line is never held whole, so a one-line file of any size
+costs what the contexts asked for. Records of the other kinds are parsed whole, then cut the same way.
 
 Packing: documents are tokenised without special tokens and joined into one stream, each followed by the
 tokenizer's EOS when it has one; the stream is cut into contexts of `context_size` tokens, each starting
@@ -15,65 +20,73 @@ with the BOS (or CLS) token when `prepend_bos`. An incomplete tail is dropped; n
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple, TextIO
 
 import numpy as np
 
 from ..files import TEXT_SUFFIXES
 from ..text import brief
+from .catalog import hub_snapshot
 
-_TOKENIZE_BATCH = 256  # documents per tokenizer call
+PIECE_CHARS = 1 << 16  # the longest piece of a document read or tokenised at once
+_TOKENIZE_BATCH = 256  # pieces per tokenizer call...
+_TOKENIZE_CHARS = 1 << 18  # ...and at most about this many characters (the call's memory grows with them)
 
 
 class TextError(ValueError):
     """A problem with the text dataset, phrased for a person."""
 
 
-def is_hub_name(name: str) -> bool:
-    """`org/name` or `name` (what the Hugging Face hub calls a repository), not a path on this machine."""
-    return not name.startswith((".", "/", "~")) and name.count("/") <= 1 and "\\" not in name
+class Piece(NamedTuple):
+    """Consecutive text of one document, at most PIECE_CHARS characters; `last`: the document ends with it."""
+
+    text: str
+    last: bool
 
 
 # ------------------------------------------------------------------------------------------- documents
-def iter_documents(dataset: str, text_field: str = "text", split: str = "train") -> Iterator[str]:
-    """The dataset's documents, in a fixed order; TextError for a source that cannot be read."""
+def iter_pieces(dataset: str, text_field: str = "text", split: str = "train") -> Iterator[Piece]:
+    """The dataset's documents in a fixed order, as pieces; TextError for a source that cannot be read."""
+    snapshot = hub_snapshot(dataset, "dataset")
+    if snapshot is not None:
+        yield from _split_all(_hub_dataset(snapshot, dataset, text_field, split))
+        return
     path = Path(dataset).expanduser()
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-            yield from _saved_dataset(path, text_field, split)
+            yield from _split_all(_saved_dataset(path, text_field, split))
             return
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
         if not files:
             raise TextError(f"dataset: {brief(path)} holds no {', '.join(TEXT_SUFFIXES)} files")
         for file in files:
-            yield from _file_documents(file, text_field)
+            yield from _file_pieces(file, text_field)
     elif path.is_file():
-        yield from _file_documents(path, text_field)
-    elif is_hub_name(dataset) and "/" in dataset:
-        yield from _hub_dataset(dataset, text_field, split)
+        yield from _file_pieces(path, text_field)
     else:
         raise TextError(f"dataset: {brief(path)} not found")
 
 
-def _file_documents(path: Path, text_field: str) -> Iterator[str]:
+def _file_pieces(path: Path, text_field: str) -> Iterator[Piece]:
     suffix = path.suffix.lower()
     if suffix not in TEXT_SUFFIXES:
         raise TextError(f"dataset: {brief(path)} has an unsupported type; allowed: {', '.join(TEXT_SUFFIXES)}")
     try:
         if suffix == ".txt":
             with open(path, encoding="utf-8", errors="replace") as f:
-                yield from (line.rstrip("\n") for line in f if line.strip())
+                yield from _line_pieces(f)
         elif suffix == ".jsonl":
             with open(path, encoding="utf-8") as f:
                 for number, line in enumerate(f, 1):
                     if line.strip():
-                        yield _field(_json(line, path, number), text_field, path, number)
+                        yield from _split(_field(_json(line, path, number), text_field, path, number))
         elif suffix == ".json":
-            yield from _json_documents(path, text_field)
+            yield from _split_all(_json_documents(path, text_field))
         else:
-            yield from _parquet_documents(path, text_field)
+            yield from _split_all(_parquet_documents(path, text_field))
     except OSError as exc:
         raise TextError(f"dataset: {brief(path)} cannot be read ({exc.strerror or exc})") from None
 
@@ -131,14 +144,15 @@ def _saved_dataset(path: Path, text_field: str, split: str) -> Iterator[str]:
     yield from _dataset_texts(loaded, text_field, split, brief(path))
 
 
-def _hub_dataset(name: str, text_field: str, split: str) -> Iterator[str]:
+def _hub_dataset(snapshot: Path, name: str, text_field: str, split: str) -> Iterator[str]:
+    """A hub dataset's files as the local cache holds them, read as a local folder (no hub look-up)."""
     import datasets
 
     try:
-        loaded = datasets.load_dataset(name, split=split, streaming=True)
-    except Exception as exc:  # noqa: BLE001  (offline, unknown name, no such split)
+        loaded = datasets.load_dataset(str(snapshot), split=split, streaming=True)
+    except Exception as exc:  # noqa: BLE001  (no such split, files of no known kind)
         raise TextError(
-            f"dataset: {brief(name, 100)!r} is not a file or folder, and the hub gave: {brief(exc, 160)}"
+            f"dataset: {brief(name, 100)!r} in the local Hugging Face cache does not load ({brief(exc, 160)})"
         ) from None
     yield from _dataset_texts(loaded, text_field, split, name)
 
@@ -155,6 +169,48 @@ def _dataset_texts(loaded, text_field: str, split: str, shown: str) -> Iterator[
         value = record.get(text_field)
         if isinstance(value, str):
             yield value
+
+
+def _line_pieces(f: TextIO) -> Iterator[Piece]:
+    """Each non-empty line of a text file as a document, read at most PIECE_CHARS characters at a time."""
+    carry, continued = "", False  # the start of the next piece; whether its line has given pieces already
+    while True:
+        room = PIECE_CHARS - len(carry)
+        part = f.readline(room)
+        text = carry + part
+        if part.endswith("\n") or len(part) < room:  # the line (or the file) ends here
+            text = text.removesuffix("\n")
+            if continued or text.strip():
+                yield Piece(text, True)
+            if not part:
+                return
+            carry, continued = "", False
+        else:
+            end = _cut(text)
+            yield Piece(text[:end], False)
+            carry, continued = text[end:], True
+
+
+def _split_all(documents: Iterable[str]) -> Iterator[Piece]:
+    for document in documents:
+        yield from _split(document)
+
+
+def _split(document: str) -> Iterator[Piece]:
+    """A document held whole (a JSON record, a column's cell) as pieces."""
+    start = 0
+    while len(document) - start > PIECE_CHARS:
+        end = start + _cut(document[start : start + PIECE_CHARS])
+        yield Piece(document[start:end], False)
+        start = end
+    yield Piece(document[start:], True)
+
+
+def _cut(text: str) -> int:
+    """Where a piece of `text` ends: at its last space, tab or newline in its last quarter, else at its end.
+    A quarter at most is carried over, so the next read is at least three quarters of a piece."""
+    i = max(text.rfind(space, len(text) * 3 // 4) for space in " \t\n")
+    return i if i > 0 else len(text)
 
 
 # ---------------------------------------------------------------------------------------------- packing
@@ -176,16 +232,18 @@ class Specials:
         return cls(start, separator, tuple(sorted(set(tokenizer.all_special_ids))), adds_start)
 
 
-def pack_contexts(tokenizer, documents, context_size: int, prepend_bos: bool, enough, specials: Specials):
-    """Contexts [n, context_size] int32 from the documents' token stream, stopping once `enough(contexts)`
-    says the contexts so far suffice (it sees the newest ones and returns True to stop). Returns the array
-    and whether the documents ran out first."""
+def pack_contexts(tokenizer, pieces, context_size: int, prepend_bos: bool, enough, specials: Specials):
+    """Contexts [n, context_size] int32 from the documents' token stream (`pieces`, as iter_pieces gives
+    them), stopping once `enough(contexts)` says the contexts so far suffice (it sees the newest ones and
+    returns True to stop). Returns the array and whether the documents ran out first. Memory: the contexts
+    kept, and one tokenizer call's worth of text (_TOKENIZE_CHARS), however long a document is."""
     body = context_size - 1 if prepend_bos else context_size
     if prepend_bos and specials.start_id is None:
         raise TextError("prepend_bos: the tokenizer has no BOS or CLS token; set prepend_bos to false")
     stream: list[int] = []
     done: list[np.ndarray] = []
-    batch: list[str] = []
+    batch: list[Piece] = []
+    chars = 0
 
     def cut() -> bool:
         whole = len(stream) // body
@@ -198,11 +256,13 @@ def pack_contexts(tokenizer, documents, context_size: int, prepend_bos: bool, en
         done.append(tokens)
         return bool(enough(tokens))
 
-    for document in documents:
-        batch.append(document)
-        if len(batch) >= _TOKENIZE_BATCH:
+    for piece in pieces:
+        batch.append(piece)
+        chars += len(piece.text)
+        if len(batch) >= _TOKENIZE_BATCH or chars >= _TOKENIZE_CHARS:
             _extend(stream, tokenizer, batch, specials)
             batch.clear()
+            chars = 0
             if cut():
                 return _stack(done, context_size), False
     if batch:
@@ -211,10 +271,11 @@ def pack_contexts(tokenizer, documents, context_size: int, prepend_bos: bool, en
     return _stack(done, context_size), True
 
 
-def _extend(stream: list[int], tokenizer, documents: list[str], specials: Specials) -> None:
-    for ids in tokenizer(documents, add_special_tokens=False)["input_ids"]:
+def _extend(stream: list[int], tokenizer, pieces: list[Piece], specials: Specials) -> None:
+    encoded = tokenizer([piece.text for piece in pieces], add_special_tokens=False)["input_ids"]
+    for piece, ids in zip(pieces, encoded, strict=True):
         stream.extend(ids)
-        if specials.separator_id is not None:
+        if piece.last and specials.separator_id is not None:
             stream.append(specials.separator_id)
 
 

@@ -207,7 +207,7 @@ def build(directory: Path, compiler: str | None = None) -> Path:
         with tempfile.NamedTemporaryFile(dir=directory, suffix=".so", delete=False) as tmp:
             partial = Path(tmp.name)
         command = [compiler, *flags, "-shared", "-fPIC", str(SOURCE), "-o", str(partial), "-lm"]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
         if done.returncode == 0:
             os.chmod(partial, 0o700)  # ours alone, whatever the umask (require_private checks it on load)
             os.replace(partial, target)  # atomic: another rank building the same file is harmless

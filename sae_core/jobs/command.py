@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .. import paths
 from ..access import without_secrets
+from ..data.catalog import offline_env
 from ..db.tables import Job
 from ..files import (
     EVAL_FILE,
@@ -72,10 +73,11 @@ def build_command(
       job on a machine without CUDA (the GPU ids are then only a reservation) — gets
       CUDA_VISIBLE_DEVICES="" so it never touches a GPU, and train falls back to gloo on the CPU.
     - OMP_NUM_THREADS = cores // ranks (at most the value already in the environment, if any);
-    - no secret of the app (SAE_LAB_PASSWORD and the like) travels into the job.
+    - no secret of the app (SAE_LAB_PASSWORD and the like) travels into the job;
+    - the Hugging Face libraries offline (catalog.OFFLINE_ENV): a job reads models and texts from disk only.
     """
     home = Path(home)
-    env = without_secrets(os.environ if base_env is None else base_env)
+    env = offline_env(without_secrets(os.environ if base_env is None else base_env))
     cpu_count = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
     nproc = job.world_size
     out_dir = Path(job.out_dir) if job.out_dir else paths.job_dir(job.id, home)

@@ -81,6 +81,7 @@ def cuda_available(python: str = sys.executable) -> bool:
     try:
         result = subprocess.run(
             [python, "-c", "import torch; print(int(torch.cuda.is_available()))"],
+            stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
             timeout=120,

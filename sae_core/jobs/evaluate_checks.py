@@ -10,23 +10,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import ConfigError, EvaluateConfig, InspectConfig
-from ..data.catalog import OUTSIDE_MODEL_ROOTS, OUTSIDE_ROOTS, in_data_roots, in_model_roots
+from ..data.catalog import OUTSIDE_MODEL_ROOTS, OUTSIDE_ROOTS, in_data_roots, model_allowed, text_allowed
 from ..data.formats import DatasetError
 from ..data.heldout import EvalPlan, InspectPlan, plan_evaluation, plan_inspection
-from ..data.text import is_hub_name
 from ..gpu.memory import evaluation_bytes, inspection_bytes
 from ..latents import WINDOW
 from .models import ModelFacts, ModelProblem, loaded_dtype, model_facts
 
 
 def locations(cfg: EvaluateConfig, home: Path) -> list[tuple[str, str]]:
-    """(field, message) for an SAE, model or text outside the lab's roots (hub names are fine)."""
+    """(field, message) for an SAE, model or text outside the lab's roots (hub names in the local cache are fine)."""
     problems = []
     if not in_data_roots(cfg.sae, home):
         problems.append(("sae", f"sae: {OUTSIDE_ROOTS}"))
-    if cfg.model is not None and not is_hub_name(cfg.model) and not in_model_roots(cfg.model, home):
+    if cfg.model is not None and not model_allowed(cfg.model, home):
         problems.append(("model", f"model: {OUTSIDE_MODEL_ROOTS}"))
-    if cfg.dataset is not None and not is_hub_name(cfg.dataset) and not in_data_roots(cfg.dataset, home):
+    if cfg.dataset is not None and not text_allowed(cfg.dataset, home):
         problems.append(("dataset", f"dataset: {OUTSIDE_ROOTS}"))
     return problems
 

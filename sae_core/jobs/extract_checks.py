@@ -12,8 +12,8 @@ import shutil
 from pathlib import Path
 
 from ..config import ExtractConfig
-from ..data.catalog import OUTSIDE_MODEL_ROOTS, OUTSIDE_ROOTS, in_data_roots, in_model_roots
-from ..data.text import TextError, is_hub_name, iter_documents
+from ..data.catalog import OUTSIDE_MODEL_ROOTS, OUTSIDE_ROOTS, model_allowed, text_allowed
+from ..data.text import TextError, iter_pieces
 from ..gpu.memory import DTYPE_BYTES, extraction_bytes
 from ..text import format_bytes
 from .models import ModelProblem, loaded_dtype, model_facts
@@ -22,11 +22,12 @@ INDEX_BYTES_PER_ROW = 4 + 8 + 4  # token_ids int32, context_ids int64, positions
 
 
 def locations(cfg: ExtractConfig, home: Path) -> list[tuple[str, str]]:
-    """(field, message) for a model or dataset path outside the lab's roots (hub names are fine)."""
+    """(field, message) for a model or dataset path outside the lab's roots (hub names in the local cache are
+    fine; any other name is a path)."""
     problems = []
-    if not is_hub_name(cfg.model) and not in_model_roots(cfg.model, home):
+    if not model_allowed(cfg.model, home):
         problems.append(("model", f"model: {OUTSIDE_MODEL_ROOTS}"))
-    if not is_hub_name(cfg.dataset) and not in_data_roots(cfg.dataset, home):
+    if not text_allowed(cfg.dataset, home):
         problems.append(("dataset", f"dataset: {OUTSIDE_ROOTS}"))
     return problems
 
@@ -48,7 +49,7 @@ def model_and_hook(cfg: ExtractConfig):
 def first_document(cfg: ExtractConfig) -> list[tuple[str, str]]:
     """The text can be opened and holds at least one document of the field asked for."""
     try:
-        next(iter(iter_documents(cfg.dataset, cfg.text_field, cfg.split)))
+        next(iter(iter_pieces(cfg.dataset, cfg.text_field, cfg.split)))
     except StopIteration:
         return [("dataset", "dataset: it holds no documents")]
     except TextError as exc:

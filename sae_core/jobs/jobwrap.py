@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
     try:
-        child = subprocess.Popen(command)
+        child = subprocess.Popen(command, stdin=subprocess.DEVNULL)  # nothing a job runs may wait on a prompt
     except OSError as exc:
         print(f"jobwrap: cannot start {command[0]}: {exc}", file=sys.stderr)
         write_exit_file(exit_file, 127, None)

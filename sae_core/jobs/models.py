@@ -1,6 +1,8 @@
 """What the gate and the pages know of a model without loading torch: `python -m sae_core hooks MODEL --json`
 run in a child process (transformers and torch stay out of the app and the daemon), remembered per model
-folder until its config.json changes."""
+folder until its settings change: its facts, and a refusal too (a model that cannot be read is not
+read again on every rerun of a page). The child gets no stdin and an offline environment: nothing can
+prompt it, nothing makes it wait on the network."""
 
 from __future__ import annotations
 
@@ -13,12 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..access import without_secrets
+from ..data.catalog import hub_snapshot, offline_env
+from ..files import MODEL_SETTINGS_FILES
 from ..text import brief
 from .errors import JobError
 
 FACTS_TIMEOUT_S = 180.0  # tracing a large model's modules on the meta device takes seconds, not minutes
-_HUB_NAME_TTL_S = 60.0  # a hub name's cache entry may change under us: look again after a minute
-_cache: dict[tuple[str, float | None], tuple[float, ModelFacts]] = {}
+_MISSING_TTL_S = 60.0  # a folder without a config.json may get one: look again after a minute
+_cache: dict[tuple[str, str, tuple[float | None, ...]], tuple[float, ModelFacts | ModelProblem]] = {}
 
 
 @dataclass(frozen=True)
@@ -56,34 +60,53 @@ class ModelProblem(JobError):
         super().__init__(message)
 
 
-def _key(model: str) -> tuple[str, float | None]:
-    config = Path(model).expanduser() / "config.json"
+def _key(model: str) -> tuple[str, str, tuple[float | None, ...]]:
+    """The name, the folder it stands for (a hub name's snapshot changes with each new revision) and the
+    mtimes of the settings the hooks command reads (None: that file is missing)."""
+    folder = hub_snapshot(model, "model") or Path(model).expanduser()
+    return model, str(folder), tuple(_mtime(folder / name) for name in MODEL_SETTINGS_FILES)
+
+
+def _mtime(path: Path) -> float | None:
     try:
-        return model, config.stat().st_mtime
-    except OSError:
-        return model, None
+        return path.stat().st_mtime
+    except (OSError, ValueError):
+        return None
 
 
 def model_facts(model: str, timeout_s: float = FACTS_TIMEOUT_S) -> ModelFacts:
     """The model's class, size, saved dtype and hookable modules; ModelProblem with the child's message."""
     key = _key(model)
     cached = _cache.get(key)
-    if cached is not None and (key[1] is not None or time.monotonic() - cached[0] < _HUB_NAME_TTL_S):
-        return cached[1]
+    if cached is None or (key[2][0] is None and time.monotonic() - cached[0] >= _MISSING_TTL_S):
+        cached = (time.monotonic(), _read_facts(model, timeout_s))
+        _cache[key] = cached
+    if isinstance(cached[1], ModelProblem):
+        raise ModelProblem(cached[1].field, str(cached[1]))
+    return cached[1]
+
+
+def _read_facts(model: str, timeout_s: float) -> ModelFacts | ModelProblem:
+    """What the hooks command says of `model`: its facts, or the problem it named. A child that ran out of
+    time raises (that answer is not remembered)."""
     argv = [sys.executable, "-m", "sae_core", "hooks", model, "--json"]
     try:
         child = subprocess.run(
-            argv, capture_output=True, text=True, timeout=timeout_s, env=without_secrets(os.environ), check=False
+            argv,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env=offline_env(without_secrets(os.environ)),
+            check=False,
         )
     except subprocess.TimeoutExpired:
         raise ModelProblem("model", f"model: listing its modules took over {timeout_s:.0f} s; try again") from None
     if child.returncode != 0:
         message = (child.stderr.strip().splitlines() or ["the model could not be read"])[-1].removeprefix("error: ")
         field = message.split(":", 1)[0] if message.startswith(("model:", "hook:")) else "model"
-        raise ModelProblem(field, brief(message, 400))
-    facts = ModelFacts.from_json(json.loads(child.stdout))
-    _cache[key] = (time.monotonic(), facts)
-    return facts
+        return ModelProblem(field, brief(message, 400))
+    return ModelFacts.from_json(json.loads(child.stdout))
 
 
 def loaded_dtype(facts: ModelFacts, model_dtype: str, on_gpu: bool) -> str:

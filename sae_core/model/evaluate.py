@@ -27,7 +27,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from ..config import ConfigError, EvaluateConfig
 from ..data.formats import DatasetError
 from ..data.heldout import EvalPlan, plan_evaluation
-from ..data.text import Specials, TextError, iter_documents, kept_positions, pack_contexts
+from ..data.text import Specials, TextError, iter_pieces, kept_positions, pack_contexts
 from ..engine.distributed import DistEnv, read_dist_env
 from ..engine.run import run_ranks
 from ..engine.saelens import load as load_sae
@@ -80,7 +80,7 @@ class Target:
         assert cfg.dataset is not None
         tokenizer = load_tokenizer(self.model_dir)
         specials = Specials.of(tokenizer)
-        documents = iter_documents(cfg.dataset, cfg.text_field, cfg.split)
+        pieces = iter_pieces(cfg.dataset, cfg.text_field, cfg.split)
         count = 0
 
         def enough(contexts) -> bool:
@@ -88,7 +88,7 @@ class Target:
             count += len(contexts)
             return count >= cfg.contexts
 
-        tokens, _ = pack_contexts(tokenizer, documents, cfg.context_size, specials.adds_start, enough, specials)
+        tokens, _ = pack_contexts(tokenizer, pieces, cfg.context_size, specials.adds_start, enough, specials)
         if not len(tokens):
             raise TextError(f"dataset: it holds fewer than {cfg.context_size} tokens, not one whole context")
         tokens = tokens[: cfg.contexts]

@@ -1,8 +1,11 @@
 """Hugging Face models and tokenizers from disk: a local folder, or a hub name already in the local cache.
 
-Nothing here downloads: a hub name is looked up with `local_files_only`, so a machine without the model
-gets a message saying where to put it. A model is loaded as the class its config names (a causal LM as
-its LM class, an encoder as its base model), so module paths read as in the model's own code.
+Nothing here downloads: a hub name is looked up in the local cache alone (catalog.hub_snapshot), so a
+machine without the model gets a message saying where to put it. Nothing here runs code shipped with a
+model: a config or tokenizer config with an `auto_map` is refused before transformers reads it, and
+transformers is told `trust_remote_code=False` as well (it would otherwise ask on stdin, and a `y` there
+runs the model folder's Python). A model is loaded as the class its config names (a causal LM as its LM
+class, an encoder as its base model), so module paths read as in the model's own code.
 """
 
 from __future__ import annotations
@@ -11,10 +14,13 @@ from pathlib import Path
 
 import torch
 
-from ..data.text import is_hub_name
+from ..config import ConfigError, read_json_object
+from ..data.catalog import hub_snapshot
+from ..files import MODEL_CONFIG_FILE, MODEL_SETTINGS_FILES
 from ..text import brief
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_MAX_SETTINGS_BYTES = 64 * 2**20  # a tokenizer config carrying its whole vocabulary stays far below this
 
 
 class ModelError(ValueError):
@@ -31,48 +37,70 @@ def _quiet_transformers():
 
 
 def resolve_model(name: str) -> Path:
-    """The folder holding `name`: the path itself, or the local cache's snapshot of a hub name."""
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"model: {brief(path)} is not a Hugging Face model folder (it has no config.json)")
-        return path
-    if not is_hub_name(name):
-        raise ModelError(f"model: {brief(path)} not found")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(name, local_files_only=True))
-    except Exception:  # noqa: BLE001  (any miss of the cache means the same to the user)
+    """The folder holding `name`: the local cache's snapshot of a hub name the cache holds, else the path
+    itself (the rule the gate applies: catalog.hub_snapshot)."""
+    path = hub_snapshot(name, "model") or Path(name).expanduser()
+    if not path.is_dir():
         raise ModelError(
-            f"model: {brief(name, 100)!r} is not a folder and not in the local Hugging Face cache; SAE Lab never "
-            "downloads a model: save it to a folder (for example under SAE_LAB_HOME/models) or the cache first"
-        ) from None
+            f"model: {brief(name, 100)!r} not found (no such folder, nor a model in the local Hugging Face "
+            "cache); SAE Lab never downloads a model: save it to a folder (for example under SAE_LAB_HOME/models) "
+            "or the cache first"
+        )
+    if not (path / MODEL_CONFIG_FILE).is_file():
+        raise ModelError(f"model: {brief(path)} is not a Hugging Face model folder (it has no config.json)")
+    return path
+
+
+def refuse_remote_code(model_dir: Path) -> None:
+    """ModelError when the model's config or tokenizer config has an `auto_map`: classes from Python files
+    shipped with the model, which SAE Lab never runs."""
+    for name in MODEL_SETTINGS_FILES:
+        if not (model_dir / name).exists():
+            continue
+        try:
+            settings = read_json_object(model_dir / name, f"model: {name}", "settings", _MAX_SETTINGS_BYTES)
+        except ConfigError as exc:
+            raise ModelError(str(exc)) from None
+        if "auto_map" in settings:
+            raise ModelError(
+                f"model: its {name} has an auto_map (classes from Python files shipped with the model); SAE Lab "
+                "never runs a model's own code: use a model whose architecture transformers has built in"
+            )
 
 
 def load_tokenizer(model_dir: Path):
+    refuse_remote_code(model_dir)
     transformers = _quiet_transformers()
     try:
-        return transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        return transformers.AutoTokenizer.from_pretrained(
+            str(model_dir), local_files_only=True, trust_remote_code=False
+        )
     except Exception as exc:  # noqa: BLE001
         raise ModelError(f"model: {brief(model_dir)} has no tokenizer that loads ({brief(exc, 160)})") from None
 
 
 def load_config(model_dir: Path):
+    refuse_remote_code(model_dir)
     transformers = _quiet_transformers()
     try:
-        return transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+        return transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001
         raise ModelError(f"model: {brief(model_dir)} has a config that does not load ({brief(exc, 160)})") from None
 
 
 def model_class(config):
-    """The class the saved config names (GPT2LMHeadModel, LlamaForCausalLM, BertModel, ...), else AutoModel."""
+    """The model class the saved config names (GPT2LMHeadModel, LlamaForCausalLM, BertModel, ...), else
+    AutoModel; ModelError when it names something of transformers that is not a model class."""
     transformers = _quiet_transformers()
     for name in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, name, None)
-        if cls is not None:
-            return cls
+        cls = getattr(transformers, name, None) if isinstance(name, str) else name
+        if cls is None:
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+            raise ModelError(
+                f"model: config.json's architectures names {brief(name, 60)!r}, which is not a transformers model class"
+            )
+        return cls
     return transformers.AutoModel
 
 
@@ -89,9 +117,14 @@ def load_model(model_dir: Path, model_dtype: str, device: torch.device):
     """The model in eval mode on `device` (weights in `model_dtype`)."""
     config = load_config(model_dir)
     cls = model_class(config)
+    transformers = _quiet_transformers()
     try:
         model = cls.from_pretrained(
-            str(model_dir), dtype=torch_dtype(config, model_dtype, device), local_files_only=True
+            str(model_dir),
+            config=config,
+            dtype=torch_dtype(config, model_dtype, device),
+            local_files_only=True,
+            **({"trust_remote_code": False} if cls is transformers.AutoModel else {}),
         )
     except Exception as exc:  # noqa: BLE001
         raise ModelError(f"model: {brief(model_dir)} does not load as {cls.__name__} ({brief(exc, 160)})") from None
@@ -103,5 +136,6 @@ def meta_model(model_dir: Path):
     config = load_config(model_dir)
     cls = model_class(config)
     with torch.device("meta"):
-        model = cls.from_config(config) if cls is _quiet_transformers().AutoModel else cls(config)
+        auto = cls is _quiet_transformers().AutoModel
+        model = cls.from_config(config, trust_remote_code=False) if auto else cls(config)
     return model.eval()

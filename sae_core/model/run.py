@@ -22,7 +22,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from ..config import ConfigError, ExtractConfig
 from ..data.formats import DatasetError
 from ..data.manifest import read_manifest, write_manifest
-from ..data.text import Specials, TextError, iter_documents, kept_positions, pack_contexts
+from ..data.text import Specials, TextError, iter_pieces, kept_positions, pack_contexts
 from ..engine.distributed import DistEnv, init_process_group, read_dist_env
 from ..engine.run import report_bad_input
 from ..engine.sinks import JsonlSink, MetricsSink, report_done
@@ -81,10 +81,8 @@ def pack(cfg: ExtractConfig, source: Source):
         rows += int(kept_positions(contexts, source.specials, cfg.exclude_special_tokens).sum())
         return rows >= cfg.n_tokens
 
-    documents = iter_documents(cfg.dataset, cfg.text_field, cfg.split)
-    tokens, _ = pack_contexts(
-        source.tokenizer, documents, cfg.context_size, source.prepend_bos, enough, source.specials
-    )
+    pieces = iter_pieces(cfg.dataset, cfg.text_field, cfg.split)
+    tokens, _ = pack_contexts(source.tokenizer, pieces, cfg.context_size, source.prepend_bos, enough, source.specials)
     if rows < cfg.n_tokens:
         what = (
             "is empty" if rows == 0 else f"gives only {rows:,} rows in {len(tokens):,} contexts of {cfg.context_size}"

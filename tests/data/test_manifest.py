@@ -94,3 +94,66 @@ def test_a_folder_without_a_manifest_is_scanned_and_a_manifest_that_is_not_json_
     (tmp_path / MANIFEST_FILE).write_text("{oops")
     with pytest.raises(DatasetError, match="manifest .* is not valid JSON"):
         open_activations(tmp_path)
+
+
+# --------------------------------------------------------------------------- hardening (issue 21)
+
+
+@pytest.mark.parametrize("manifest", [True, False], ids=["manifest", "scanned"])
+def test_a_shard_linked_to_a_file_outside_its_folder_is_refused(tmp_path, manifest):
+    folder, outside = tmp_path / "set", tmp_path / "private"
+    folder.mkdir(), outside.mkdir()
+    write_folder(folder)
+    save_file({"activations": torch.zeros(30, 6, dtype=torch.float16)}, str(outside / "secret.safetensors"))
+    (folder / shard_file_name(1)).unlink()
+    (folder / shard_file_name(1)).symlink_to(outside / "secret.safetensors")
+    if not manifest:
+        (folder / MANIFEST_FILE).unlink()
+    with pytest.raises(DatasetError) as refused:
+        open_activations(folder)
+    assert str(refused.value).endswith(
+        "shard_00001.safetensors: a link to a file outside its folder; a set's shards must lie in it"
+    )
+    assert "private" not in str(refused.value)  # where it leads is not said
+
+
+def test_features_linked_from_outside_the_folder_are_refused(tmp_path):
+    folder = tmp_path / "set"
+    folder.mkdir()
+    write_folder(folder)
+    save_file({"features": torch.ones(4, 6)}, str(tmp_path / "truth.safetensors"))
+    (folder / "features.safetensors").symlink_to(tmp_path / "truth.safetensors")
+    with pytest.raises(DatasetError, match="features.safetensors: a link to a file outside its folder"):
+        open_activations(folder)
+
+
+def test_a_link_inside_the_folder_is_a_shard_like_any_other(tmp_path):
+    rows = write_folder(tmp_path)
+    (tmp_path / "store").mkdir()
+    (tmp_path / shard_file_name(2)).rename(tmp_path / "store" / "last.safetensors")
+    (tmp_path / shard_file_name(2)).symlink_to(tmp_path / "store" / "last.safetensors")
+    ds = open_activations(tmp_path)
+    assert torch.equal(torch.from_numpy(ds.read(np.arange(96))), rows)
+
+
+def test_a_shard_listed_twice_is_refused(tmp_path):
+    write_folder(tmp_path)
+    body = json.loads((tmp_path / MANIFEST_FILE).read_text())
+    body["shards"].append(body["shards"][0])  # its rows would be trained on, and held out, twice
+    body["n_rows"] += body["shards"][0]["rows"]
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(body))
+    with pytest.raises(
+        DatasetError, match=r"shards\[3\].file 'shard_00000.safetensors' is listed twice \(also shards\[0\]\)"
+    ):
+        open_activations(tmp_path)
+
+
+@pytest.mark.parametrize("manifest", [True, False], ids=["manifest", "scanned"])
+def test_a_second_name_for_a_shard_is_refused(tmp_path, manifest):
+    write_folder(tmp_path)
+    (tmp_path / shard_file_name(2)).unlink()
+    (tmp_path / shard_file_name(2)).symlink_to(tmp_path / shard_file_name(0))
+    if not manifest:
+        (tmp_path / MANIFEST_FILE).unlink()
+    with pytest.raises(DatasetError, match="shard_00002.safetensors: the same file as shard_00000.safetensors"):
+        open_activations(tmp_path)

@@ -42,7 +42,7 @@ def test_every_problem_is_named_by_its_field(lab_home, cfg, hf, tmp_path):
     cases = [
         ({"hook": "model.layer.0"}, "hook", "close: model.layers.0"),
         ({"model": str(hf["corpus"].parent / "nowhere")}, "model", "not found"),
-        ({"model": "someone/not-cached"}, "model", "never downloads"),
+        ({"model": "someone/not-cached"}, "model", catalog.OUTSIDE_MODEL_ROOTS),  # not in the cache: a path
         ({"dataset": str(hf["corpus"].parent / "none.txt")}, "dataset", "not found"),
         ({"dataset": str(hf["corpus"]), "text_field": "body", "device": "cuda"}, "device", "cannot run as a CPU job"),
     ]

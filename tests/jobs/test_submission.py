@@ -161,6 +161,23 @@ def test_a_link_inside_the_datasets_folder_pointing_outside_is_refused(lab_home,
     assert submission.check(cfg.model_copy(update={"activation_source": str(link)}), None, 1).ok
 
 
+def test_a_shard_linked_out_of_a_set_in_the_roots_is_refused_by_the_gate(lab_home, cfg, monkeypatch, tmp_path):
+    from tests.data.test_manifest import write_folder
+
+    monkeypatch.delenv(catalog.DATA_ROOTS_ENV)
+    folder = lab_home / "datasets" / "set"
+    folder.mkdir(parents=True)
+    write_folder(folder, sizes=(4096, 4096), d_in=8)
+    (folder / "shard_00001.safetensors").rename(tmp_path / "elsewhere.safetensors")  # outside every root
+    (folder / "shard_00001.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    verdict = submission.check(cfg.model_copy(update={"activation_source": str(folder)}), None, 1)
+    ((field, message),) = problems(verdict)
+    assert field == "activation_source" and message.endswith(
+        "a link to a file outside its folder; a set's shards must lie in it"
+    )
+    assert "elsewhere" not in message
+
+
 @pytest.mark.parametrize(("name", "words"), [("x" * 201, "at most 200 characters"), ("a\nb", "no control characters")])
 def test_job_and_user_names_are_short_single_lines(lab_home, cfg, name, words):
     verdict = submission.check(cfg, None, 1, name=name, submitted_by=name)
