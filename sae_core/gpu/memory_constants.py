@@ -20,6 +20,7 @@ import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from ..files import MEMORY_CONSTANTS_FILE
 from ..paths import home_path
@@ -74,11 +75,11 @@ def _read(path: str, mtime_ns: int, size: int, built_in: CudaConstants) -> CudaC
     return replace(built_in, **values, source=path) if values else built_in
 
 
-def parse_constants(data: object) -> dict[str, int | float]:
+def parse_constants(data: object) -> dict[str, Any]:
     """The constants a file's JSON holds, checked; ValueError naming the first bad one."""
     if not isinstance(data, dict):
         raise ValueError("it is not a JSON object")
-    values: dict[str, int | float] = {}
+    values: dict[str, Any] = {}  # int for the byte counts, float for the headroom
     for name, (kind, lowest, highest) in RANGES.items():
         if name not in data:
             continue
