@@ -146,6 +146,10 @@ def shared_model(ctx: Context) -> Path:
     if not (folder / "config.json").exists():
         spec = dict(ctx.sizes.model)
         save_tiny_model(spec.pop("family"), folder, **spec, device="cuda" if ctx.cuda else None)
+        if ctx.cuda:
+            import torch
+
+            torch.cuda.empty_cache()  # the steps measure other processes' memory; give this one's back
     return folder
 
 

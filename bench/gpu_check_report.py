@@ -84,6 +84,8 @@ def environment(out: Path, dry_run: bool) -> dict:
     missing = [pip for module, pip in NEEDED.items() if importlib.util.find_spec(module) is None]
     info = {"python": sys.executable, "python_version": platform.python_version(), "missing": missing,
             "dry_run": dry_run, "started": time.strftime("%Y-%m-%d %H:%M")}  # fmt: skip
+    sae_core = importlib.util.find_spec("sae_core")
+    info["sae_core"] = str(Path(sae_core.origin).parent.parent) if sae_core and sae_core.origin else None
     if "torch" not in missing:
         import torch
 
@@ -100,6 +102,7 @@ def environment_line(env: dict) -> str:
     line = f"python {env.get('python_version', '?')} ({env.get('python', '?')}), torch {torch} (CUDA {env.get('cuda') or 'none'})"
     if not torch.startswith(PINNED_TORCH):
         line += f", not the pinned {PINNED_TORCH}"
+    line += f"; sae_core from {env.get('sae_core')}"
     if env.get("missing"):
         line += f"; missing modules: {', '.join(env['missing'])}"
     return line

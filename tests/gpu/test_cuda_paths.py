@@ -147,7 +147,7 @@ def test_a_bf16_autocast_run_trains_and_writes_float32_weights(tmp_path, toy_pat
     config = write_json(tmp_path / "cfg.json", tiny_config(toy_path, device="cuda", autocast="bf16", total_steps=60))
     assert train_main(["--config", str(config), "--out", str(tmp_path / "run")]) == 0
     figures = json.loads((tmp_path / "run" / EVAL_FILE).read_text())
-    assert 0 < figures["fvu"] < 0.9 and figures["steps"] == 60
+    assert 0 < figures["fvu"] < 0.3 and figures["steps"] == 60  # 0.13 in float32 on a CPU
     assert all(t.dtype == torch.float32 for t in load_file(str(tmp_path / "run" / WEIGHTS_FILE)).values())
 
 
@@ -176,8 +176,8 @@ def test_one_rank_ddp_over_the_devices_backend_gives_the_plain_steps_gradients(d
             )
             _TrainForward(plain)(batch(device), **step_kwargs(arch, device)).loss.backward()
             wrapped(batch(device), **step_kwargs(arch, device)).loss.backward()
-            for name, parameter in plain.named_parameters():
-                assert_close(twin.get_parameter(name).grad, parameter.grad, msg=f"{arch}: {name}")
+            for name, parameter in plain.named_parameters():  # CUDA's atomic sums may round in another order
+                assert_close(twin.get_parameter(name).grad, parameter.grad, rtol=1e-5, atol=1e-6, msg=f"{arch}: {name}")
             for name, buffer in plain.named_buffers():
                 assert_close(twin.get_buffer(name), buffer, msg=f"{arch}: {name}")
     finally:
