@@ -4,6 +4,7 @@
     python -m bench.gpu_check --environment --out DIR             # python, torch, CUDA, missing modules
     python -m bench.gpu_check --step STEP --out DIR [--dry-run]   # one step (the driver wraps it in `timeout`)
     python -m bench.gpu_check --summary --out DIR                 # DIR/summary.md from every step's files
+    python -m bench.gpu_check --requirements                      # the pinned packages it needs (to carry)
 
 Each step writes DIR/STEP/result.json as it goes (status, headline figures against their targets, tables), so
 a step stopped by its time box keeps what it had measured; the driver adds DIR/STEP/log.txt and run.json (exit
@@ -30,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.gpu_check_report import GiB, Record, environment, log_tail, size_text, summary
+from bench.gpu_check_report import GiB, Record, environment, log_tail, requirements, size_text, summary
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -631,7 +632,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--environment", action="store_true", help="write OUT/environment.json and print it")
     parser.add_argument("--step", choices=[s.name for s in STEPS])
     parser.add_argument("--summary", action="store_true", help="write OUT/summary.md")
+    parser.add_argument("--requirements", action="store_true", help="print the pinned packages the check needs")
     args = parser.parse_args(argv)
+    if args.requirements:
+        print("\n".join(requirements(REPO / "pyproject.toml")))
+        return 0
     if args.plan:
         print("\n".join(plan(args.dry_run)))
         return 0

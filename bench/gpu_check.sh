@@ -90,8 +90,10 @@ if ! PY="$(pick_python)"; then
   exit 2
 fi
 PY="$(command -v "$PY")"
-# sae_core from this tree, whatever the python has installed
-if [ "$("$PY" -c 'import os, sae_core; print(os.path.dirname(os.path.dirname(os.path.abspath(sae_core.__file__))))' 2>/dev/null)" != "$REPO" ]; then
+# sae_core from this tree, whatever the python has installed (asked from / so that the current folder, which
+# `python -m` puts first on the path, does not answer for the children that run elsewhere)
+installed="$(cd / && "$PY" -c 'import os, sae_core; print(os.path.dirname(os.path.dirname(os.path.abspath(sae_core.__file__))))' 2>/dev/null)"
+if [ "$installed" != "$REPO" ]; then
   export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 fi
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_work.XXXXXX")"  # GBs of shared inputs: never under DIR

@@ -15,7 +15,8 @@ PINNED_TORCH = "2.13.0"
 # Modules the steps import, as pip names them (pyproject.toml pins their versions).
 NEEDED = {"torch": "torch", "numpy": "numpy", "safetensors": "safetensors", "pydantic": "pydantic",
           "sqlmodel": "sqlmodel", "pynvml": "nvidia-ml-py", "psutil": "psutil", "filelock": "filelock",
-          "pandas": "pandas", "transformers": "transformers", "tokenizers": "tokenizers", "pytest": "pytest"}  # fmt: skip
+          "pandas": "pandas", "transformers": "transformers", "tokenizers": "tokenizers", "pytest": "pytest",
+          "pytest_timeout": "pytest-timeout"}  # fmt: skip
 MARK = {True: " ✓", False: " ✗", None: ""}  # a figure's target met, missed, or not judged
 
 
@@ -95,6 +96,17 @@ def environment(out: Path, dry_run: bool) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "environment.json").write_text(json.dumps(info, indent=1))
     return info
+
+
+def requirements(pyproject: Path) -> list[str]:
+    """The pinned requirements (`name==version`) of the modules the check needs, from pyproject.toml: what to
+    `pip download` on a machine with network and carry to a box without (torch: its CUDA build, see README)."""
+    import tomllib
+
+    project = tomllib.loads(pyproject.read_text())["project"]
+    pinned = [*project["dependencies"], *project["optional-dependencies"]["dev"]]
+    wanted = set(NEEDED.values())
+    return [spec for spec in pinned if spec.split("==")[0] in wanted]
 
 
 def environment_line(env: dict) -> str:
