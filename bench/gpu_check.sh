@@ -25,26 +25,29 @@
 # step DIR/STEP/{result.json,log.txt,run.json} plus its own files. Exit code 0 when the check ran (read the
 # summary for failures), 2 when no usable python was found.
 #
-# --dry-run: every step on the CPU at tiny sizes with fake NVML GPUs, no targets judged (about 2 minutes on
-# 2 cores). CI runs it (tests/bench/test_gpu_check.py) so the check is known to run before a GPU appears.
+# --dry-run: every step on the CPU at tiny sizes with fake NVML GPUs, no targets judged (about 1.5 minutes on
+# 2 cores). The test suite runs it (tests/bench/test_gpu_check.py) so the check is known to run before a GPU appears.
 #
 # Preparing a GPU box
-#   Files: the repository's working tree, nothing else (the check builds its data, model and tokenizer).
+#   Files: this working tree, nothing else (the check builds its activations, model and tokenizer itself).
 #   Python: one whose torch has CUDA. The script takes, in order: $GPU_CHECK_PYTHON; ./.venv/bin/python if its
-#   torch sees a GPU; python3 / python if theirs does; else (no CUDA anywhere) the first with torch, and the
+#   torch sees a GPU; python3, python if theirs does; else (no CUDA anywhere) the first with torch, and the
 #   CUDA steps report "skipped". sae_core is imported from this tree (PYTHONPATH), never installed: the box's
 #   python is left as it was, and no build backend or network is needed.
 #   - With network: `PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cu128 make install` (cu126/cu128/
 #     cu130 to match the driver) gives .venv the CUDA build of the pinned torch 2.13.0 and every pinned
-#     dependency. On this project's CPU VM `make install` (CPU torch) takes about 3 minutes; the CUDA wheels
-#     add a few GB of download (not timed here: the VM cannot reach download.pytorch.org).
-#   - Without network (the lent box): a python with a CUDA torch is usually there already; the check also needs
-#     numpy, safetensors, pydantic, sqlmodel, nvidia-ml-py, psutil, filelock, pandas, transformers, tokenizers
-#     and pytest. environment.json and the summary list what is missing; carry wheels made on a machine with
-#     network (`pip download -d wheels <name>==<pinned version> ...`, versions from pyproject.toml) and
-#     `pip install --no-index --find-links wheels ...` them. A torch other than 2.13.0 is used and named.
-#   Set-up on a box that has them: none; the check's own inputs take ~20 s of its budget (a 0.6 GB activation
-#   set, the model initialised on the GPU).
+#     dependency: about 3 minutes for the CPU build on the project's VM, plus the CUDA wheels' few GB of
+#     download (not timed: that VM cannot reach download.pytorch.org).
+#   - Without network (a lent box, which usually has a CUDA torch already): the other packages the check
+#     imports, pinned, are listed by `python -m bench.gpu_check --requirements`. On a machine with network:
+#       pip download -d wheels $(python -m bench.gpu_check --requirements | grep -v '^torch==')   # 63 MB, py3.11
+#     carry `wheels/` with the tree, and on the box:
+#       pip install --no-index --find-links wheels $(python -m bench.gpu_check --requirements | grep -v '^torch==')
+#     (39 s on the project's VM). A torch other than 2.13.0 is used and named in the summary; a missing
+#     package is named under "What failed" (each step then fails within seconds, naming it).
+#   The check builds its own inputs within its budget (a 0.6 GB activation set; the model, initialised on the GPU).
+# Rehearsed on the CPU: a tree without .venv (stops at once, exit 2), another project's venv (sae_core taken
+# from this tree), a venv with torch only (every step fails fast, naming the module), then with the wheels.
 # Using the result: copy DIR/memory/memory_constants.json to $SAE_LAB_HOME/memory_constants.json (or name it
 # in SAE_LAB_MEMORY_CONSTANTS) and the memory estimate takes the measured CUDA context, allocator headroom
 # and (measured on 2 GPUs) NCCL bytes; record the figures in bench/RESULTS.md with the device named.

@@ -167,6 +167,9 @@ def summary(out: Path, steps: list[tuple[str, str]]) -> str:
     lines = [f"# GPU check {env.get('started', '?')}: {title}", "", environment_line(env), ""]
     lines += ["| step | status | time | figures (target) |", "|---|---|---|---|"]
     failures, tables = [], []
+    if env.get("missing"):
+        failures.append(f"- **environment**: {', '.join(env['missing'])} missing; carry them (`python -m bench.gpu_check "
+                        "--requirements`, see the header of bench/gpu_check.sh)")  # fmt: skip
     for i, (name, step_title) in enumerate(steps, 1):
         status, took, result = step_outcome(out / name)
         lines.append(f"| {i}. {step_title} (`{name}`) | **{status}** | {took} | {figures_text(result)} |")
