@@ -41,20 +41,20 @@ BATCH = 4096
 DEFAULTS = TrainConfig.model_fields
 
 
-def build_set(directory: Path, gb: float) -> Path:
+def build_set(directory: Path, gb: float, d_in: int = D_IN) -> Path:
     """The float16 set, written once (random rows; a different seed per shard)."""
-    n_rows = int(gb * 1e9 / ROW_BYTES)
+    n_rows = int(gb * 1e9 / (d_in * 2))
     if (directory / "manifest.json").exists() and open_activations(directory).n_rows == n_rows:
         return directory
     directory.mkdir(parents=True, exist_ok=True)
     entries = []
     for i, start in enumerate(range(0, n_rows, SHARD_ROWS)):
         rows = min(SHARD_ROWS, n_rows - start)
-        part = np.random.default_rng(i).standard_normal((rows, D_IN), dtype=np.float32).astype(np.float16)
+        part = np.random.default_rng(i).standard_normal((rows, d_in), dtype=np.float32).astype(np.float16)
         save_file({"activations": part}, str(directory / shard_file_name(i)))
         entries.append(ShardEntry(shard_file_name(i), rows))
         print(f"  wrote shard {i} ({rows:,} rows)", flush=True)
-    write_manifest(directory, Manifest(D_IN, "float16", tuple(entries), {"dataset": "bench random"}))
+    write_manifest(directory, Manifest(d_in, "float16", tuple(entries), {"dataset": "bench random"}))
     return directory
 
 
@@ -161,43 +161,62 @@ def train_rate(directory: Path, steps: int) -> dict:
     return {"tokens_per_s": figures["tokens_per_s"], "data_wait": float(np.mean(waits))}
 
 
+def device_feed_rate(directory: Path, batches: int, device, batch: int = BATCH) -> float:
+    """Rows/s into `device` memory from the set as the trainer feeds it (DeviceFeed: on CUDA the stored dtype
+    in pinned memory, copied on a side stream), after one batch of start-up; the set read once first (warm)."""
+    import torch
+
+    from sae_core.data.loader import DeviceFeed, Loader
+
+    ds = open_activations(directory)
+    order = BlockOrder(ds.n_rows, 4096, batch, 0, *blocks_for(ds.row_bytes, 2**20, 256 * 2**20))
+    sequential_rate(directory)  # warm
+    cuda = device.type == "cuda"
+    feed = DeviceFeed(Loader(ds, order, 0, 1, host_float32=not cuda, pin_memory=cuda), device)
+    try:
+        feed.next()
+        if cuda:
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        for _ in range(batches):
+            feed.next()
+        if cuda:
+            torch.cuda.synchronize(device)
+        return batches * batch / (time.perf_counter() - started)
+    finally:
+        feed.close()
+
+
+def training_data_wait(directory: Path, steps: int, device: str, d_sae: int = 16384, k: int = 64) -> dict:
+    """tokens/s and mean data_wait (the first record, which holds the start-up, left out) of a TopK run on the
+    set through `python -m sae_core.train`."""
+    out = Path(tempfile.mkdtemp(prefix="sae-bench-wait-"))
+    cfg = {"activation_source": str(directory), "architecture": "topk", "d_sae": d_sae, "k": k,
+           "batch_size": BATCH, "total_steps": steps, "log_every": max(1, steps // 10), "checkpoint_every": steps,
+           "holdout_tokens": 4096, "device": device}  # fmt: skip
+    (out / "cfg.json").write_text(json.dumps(cfg))
+    argv = [sys.executable, "-m", "sae_core.train", "--config", str(out / "cfg.json"), "--out", str(out / "run")]
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+    records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    waits = [r["data_wait"] for r in records if "data_wait" in r][1:]
+    tokens_per_s = json.loads((out / "run" / "eval.json").read_text())["tokens_per_s"]
+    return {"tokens_per_s": tokens_per_s, "data_wait": float(np.mean(waits)) if waits else float("nan")}
+
+
 def cuda_figures(directory: Path, args) -> None:
-    """Where a GPU exists: rows/s into CUDA memory from the warm set (DeviceFeed: pinned stored dtype, side
-    stream), and data_wait of a gemma-scale TopK step (d_sae 16384, k 64) that consumes them."""
+    """Where a GPU exists: rows/s into CUDA memory from the warm set, and data_wait of a gemma-scale TopK step
+    (d_sae 16384, k 64) that consumes them."""
     import torch
 
     if not torch.cuda.is_available():
         print("no CUDA device: the rows/s into GPU memory and the GPU step's data_wait were not measured")
         return
-    from sae_core.data.loader import DeviceFeed, Loader
-
-    ds = open_activations(directory)
-    order = BlockOrder(ds.n_rows, 4096, BATCH, 0, *blocks_for(ds.row_bytes, 2**20, 256 * 2**20))
-    sequential_rate(directory)  # warm
-    device = torch.device("cuda", 0)
-    feed = DeviceFeed(Loader(ds, order, 0, 1, host_float32=False, pin_memory=True), device)
-    try:
-        feed.next()
-        torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        for _ in range(args.batches):
-            feed.next()
-        torch.cuda.synchronize(device)
-        rate = args.batches * BATCH / (time.perf_counter() - started)
-    finally:
-        feed.close()
+    rate = device_feed_rate(directory, args.batches, torch.device("cuda", 0))
     print(f"into CUDA memory (warm set): {rate:,.0f} rows/s = {rate * ROW_BYTES / 1e9:.2f} GB/s of float16")
-    out = Path(tempfile.mkdtemp(prefix="sae-bench-cuda-"))
-    cfg = {"activation_source": str(directory), "architecture": "topk", "d_sae": 16384, "k": 64,
-           "batch_size": BATCH, "total_steps": args.batches, "log_every": 20, "checkpoint_every": args.batches,
-           "holdout_tokens": 4096, "device": "cuda"}  # fmt: skip
-    (out / "cfg.json").write_text(json.dumps(cfg))
-    argv = [sys.executable, "-m", "sae_core.train", "--config", str(out / "cfg.json"), "--out", str(out / "run")]
-    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
-    records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
-    waits = [r["data_wait"] for r in records if "data_wait" in r][1:]  # the first interval includes start-up
-    tokens_per_s = json.loads((out / "run" / "eval.json").read_text())["tokens_per_s"]
-    print(f"TopK d_sae 16384 k 64 on CUDA (warm set): {tokens_per_s:,.0f} tokens/s, data_wait {np.mean(waits):.1%}")
+    run = training_data_wait(directory, args.batches, "cuda")
+    print(
+        f"TopK d_sae 16384 k 64 on CUDA (warm set): {run['tokens_per_s']:,.0f} tokens/s, data_wait {run['data_wait']:.1%}"
+    )
 
 
 def main() -> None:

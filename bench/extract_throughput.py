@@ -46,20 +46,23 @@ def setups(work: Path) -> list[tuple[str, Path, str]]:
     return models
 
 
-def timed_pair(cfg: ExtractConfig, source: Source, folder: Path, env: DistEnv) -> tuple[float, float]:
-    """(plain forward tokens/s, extraction tokens/s) on the plan's batches."""
+def timed_pair(cfg: ExtractConfig, source: Source, folder: Path, env: DistEnv, repeats: int = 3) -> tuple[float, float]:
+    """(plain forward tokens/s, extraction tokens/s) on the plan's batches, medians of `repeats` alternations."""
     tokens = extraction.read_contexts(folder)
     kept = kept_positions(tokens, source.specials, cfg.exclude_special_tokens)
     plan = extraction.make_plan(kept, cfg)
     tokens, mask = tokens[: plan.n_contexts], extraction.row_mask(kept[: plan.n_contexts], plan.context_rows)
     reader = HookReader(load_model(source.model_dir, cfg.model_dtype, env.device), cfg.hook)
     fed = plan.n_contexts * cfg.context_size
+    reader(torch.from_numpy(tokens[plan.shards[0][: cfg.batch_size]].astype("int64")).to(env.device))  # warm-up
     plain, extracting = [], []
-    for _ in range(3):
+    for _ in range(repeats):
         started = time.perf_counter()
         for shard in plan.shards:
             for i in range(0, len(shard), cfg.batch_size):
-                reader(torch.from_numpy(tokens[shard[i : i + cfg.batch_size]].astype("int64")))
+                reader(torch.from_numpy(tokens[shard[i : i + cfg.batch_size]].astype("int64")).to(env.device))
+        if env.device.type == "cuda":
+            torch.cuda.synchronize(env.device)  # the forwards were only queued
         plain.append(fed / (time.perf_counter() - started))
         for old in folder.glob("shard_*.safetensors"):
             old.unlink()

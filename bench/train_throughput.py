@@ -47,10 +47,14 @@ class MatmulFloor:
         return time.perf_counter() - start
 
 
-def measure(cfg: TrainConfig, device: torch.device, steps: int, warmup: int = 5, reference: bool = False) -> dict:
+def measure(
+    cfg: TrainConfig, device: torch.device, steps: int, warmup: int = 5, reference: bool = False, data=None
+) -> dict:
     """Median step time of the real trainer against the median floor matmul, timed interleaved (one matmul
-    just before each step) so both see the same machine state; `reference` runs the plain dense TopK path."""
-    data = check_dataset(cfg)
+    just before each step) so both see the same machine state; `reference` runs the plain dense TopK path.
+    `data`: the checked set of cfg (checked here when not given). `data_wait` is the share of the timed
+    steps spent waiting for the loader."""
+    data = data if data is not None else check_dataset(cfg)
     trainer = Trainer(cfg, Path(tempfile.mkdtemp()), DistEnv(device=device), data)
     trainer.sinks = []
     if reference:
@@ -58,17 +62,22 @@ def measure(cfg: TrainConfig, device: torch.device, steps: int, warmup: int = 5,
     floor = MatmulFloor(
         cfg.batch_size, data.d_in, cfg.d_sae, device, torch.bfloat16 if cfg.autocast == "bf16" else torch.float32
     )
-    for _ in range(warmup):
-        floor.time_once()
-        trainer.train_step()
-    step_times, floor_times = [], []
-    for _ in range(steps):
-        floor_times.append(floor.time_once())
-        sync(device)
-        start = time.perf_counter()
-        trainer.train_step()
-        sync(device)
-        step_times.append(time.perf_counter() - start)
+    try:
+        for _ in range(warmup):
+            floor.time_once()
+            trainer.train_step()
+        step_times, floor_times = [], []
+        waited = trainer.reader.wait_seconds
+        for _ in range(steps):
+            floor_times.append(floor.time_once())
+            sync(device)
+            start = time.perf_counter()
+            trainer.train_step()
+            sync(device)
+            step_times.append(time.perf_counter() - start)
+        waited = trainer.reader.wait_seconds - waited
+    finally:
+        trainer.reader.close()
     step, floor_s = statistics.median(step_times), statistics.median(floor_times)
     figures = evaluate(trainer.sae, data, trainer.order.holdout_rows(), device)
     return {
@@ -76,6 +85,7 @@ def measure(cfg: TrainConfig, device: torch.device, steps: int, warmup: int = 5,
         "step_ms": step * 1e3,
         "floor_ms": floor_s * 1e3,
         "ratio": step / floor_s,
+        "data_wait": waited / sum(step_times),
         "fvu": figures.get("fvu"),
         "mmcs": figures.get("mmcs"),
     }

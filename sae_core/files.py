@@ -52,6 +52,7 @@ JOBS_DIR = "jobs"
 DAEMON_FILE = "daemon.json"  # the launcher's pid and heartbeat
 DAEMON_LOCK_FILE = "launcher.lock"
 DAEMON_LOG_FILE = "launcher.log"
+MEMORY_CONSTANTS_FILE = "memory_constants.json"  # GPU-measured constants of the memory estimate (optional)
 
 # --- activation data ------------------------------------------------------------------------------
 ACTIVATION_SUFFIXES = (".safetensors", ".npy")

@@ -24,10 +24,15 @@ def file_mode() -> int:
     return 0o660 if os.environ.get(SHARED_GROUP_ENV) else 0o600
 
 
+def home_path() -> Path:
+    """The lab's root folder as configured (SAE_LAB_HOME, default ./lab_data), without creating it."""
+    return Path(os.environ.get("SAE_LAB_HOME", "lab_data")).resolve()
+
+
 def lab_home() -> Path:
     """The lab's root folder, created on first use (with SAE_LAB_SHARED_GROUP: owned by that group, whose
     setgid bit makes everything created inside belong to it too)."""
-    home = Path(os.environ.get("SAE_LAB_HOME", "lab_data")).resolve()
+    home = home_path()
     if not home.exists():
         home.mkdir(mode=0o700, parents=True, exist_ok=True)
         if group := os.environ.get(SHARED_GROUP_ENV):

@@ -94,35 +94,58 @@ def _tokenizer(family: str, texts: list[str]):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **specials)
 
 
-def save_tiny_model(family: str, directory: Path, width: int = 32, layers: int = 2, seed: int = 0) -> Path:
-    """Write a tiny `family` model (gpt2 | llama | bert) and its tokenizer to `directory`."""
+def save_tiny_model(
+    family: str,
+    directory: Path,
+    width: int = 32,
+    layers: int = 2,
+    seed: int = 0,
+    *,
+    heads: int = 2,
+    kv_heads: int = 1,
+    intermediate: int | None = None,
+    vocab_size: int | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+) -> Path:
+    """Write a `family` model (gpt2 | llama | bert) at random initialisation and its tokenizer to `directory`.
+
+    Tiny by default; the GPU check (bench/gpu_check.py) builds a Llama of several hundred million parameters
+    the same way: `heads` and `kv_heads` (llama), `intermediate` (default 2 × width; GPT-2's own 4 × width),
+    `vocab_size` (default the tokenizer's; larger leaves ids no text uses, for a realistic output layer),
+    `dtype` of the saved weights (default float32) and `device` to initialise on (a GPU initialises a large
+    model in a moment)."""
     import torch
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     tokenizer = _tokenizer(family, corpus())
-    vocab = len(tokenizer)
+    vocab = vocab_size or len(tokenizer)
     torch.manual_seed(seed)
     if family == "gpt2":
         config = transformers.GPT2Config(
-            vocab_size=vocab, n_positions=256, n_embd=width, n_layer=layers, n_head=2,
+            vocab_size=vocab, n_positions=256, n_embd=width, n_layer=layers, n_head=heads, n_inner=intermediate,  # None: 4 × width
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         )  # fmt: skip
-        model = transformers.GPT2LMHeadModel(config)
+        build = transformers.GPT2LMHeadModel
     elif family == "llama":
         config = transformers.LlamaConfig(
-            vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+            vocab_size=vocab, hidden_size=width, intermediate_size=intermediate or 2 * width, num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )  # fmt: skip
-        model = transformers.LlamaForCausalLM(config)
+        build = transformers.LlamaForCausalLM
     else:
         config = transformers.BertConfig(
-            vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, num_attention_heads=2,
-            intermediate_size=2 * width, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+            vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
+            intermediate_size=intermediate or 2 * width, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
         )  # fmt: skip
-        model = transformers.BertModel(config)
+        build = transformers.BertModel
+    with torch.device(device or "cpu"):
+        model = build(config)
+    if dtype is not None:
+        model = model.to(getattr(torch, dtype))
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

@@ -109,13 +109,7 @@ class Trainer:
         self._waited_at_log = 0.0  # the reader's wait_seconds at the last metric record
         self.forward: torch.nn.Module = _TrainForward(self.sae)
         if dist.is_initialized() and env.world_size > 1:
-            # Buffers are kept identical by construction (all-reduced statistics), so no re-broadcast.
-            self.forward = DistributedDataParallel(
-                self.forward,
-                device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                gradient_as_bucket_view=True,
-                broadcast_buffers=False,
-            )
+            self.forward = data_parallel(self.forward, env.device)
         self.sinks: list[MetricsSink] = []
         if env.is_main:
             self.sinks = [JsonlSink(out_dir / METRICS_FILE), *(extra_sinks() if extra_sinks else [])]
@@ -359,6 +353,16 @@ class Trainer:
         if dist.is_initialized():
             dist.barrier()
         return figures
+
+
+def data_parallel(forward: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
+    """The training forward under DDP, as every multi-rank run wraps it (the process group is up)."""
+    return DistributedDataParallel(
+        forward,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        gradient_as_bucket_view=True,  # the gradients are the all-reduce buckets: no second copy (gpu/memory.py)
+        broadcast_buffers=False,  # buffers stay identical by construction (all-reduced statistics)
+    )
 
 
 def data_order(cfg: TrainConfig, data) -> BlockOrder:

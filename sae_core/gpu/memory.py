@@ -33,6 +33,8 @@ bench/memory_accuracy.py on a CUDA GPU — see bench/RESULTS.md):
   cached segments of other sizes): a fraction of the peak, ALLOCATOR_HEADROOM.
 - cuda_context: CUDA context, kernels and libraries outside PyTorch's allocator, CUDA_CONTEXT_BYTES.
 - nccl_buffers: NCCL communicator buffers when world_size > 1, NCCL_BYTES.
+These three are provisional until measured: a constants file (memory_constants.py; bench/gpu_check.sh
+writes one on a GPU) replaces whichever of them it holds.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..architectures import MemoryTerms
 from ..config import ConfigError, TrainConfig
+from .memory_constants import CudaConstants, load_constants
 
 MiB = 1024**2
 GiB = 1024**3
@@ -56,6 +59,7 @@ CUDA_CONTEXT_BYTES = 600 * MiB
 NCCL_BYTES = 1 * GiB
 # Reserved over allocated: provisional, calibrated by bench/memory_accuracy.py.
 ALLOCATOR_HEADROOM = 0.10
+BUILT_IN_CONSTANTS = CudaConstants(CUDA_CONTEXT_BYTES, NCCL_BYTES, ALLOCATOR_HEADROOM, source="built-in")
 EVAL_CHUNK_TOKENS = 4096  # evaluation.evaluate's default chunk
 INIT_BYTES_PER_ELEMENT = 20  # fp32 batch (4) + fp64 copy (8) + fp64 scaled copy or Weiszfeld temporary (8)
 
@@ -79,6 +83,11 @@ class MemoryEstimate:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def cuda_constants() -> CudaConstants:
+    """The CUDA context, NCCL and allocator constants in force: the built-in ones, or a constants file's."""
+    return load_constants(BUILT_IN_CONSTANTS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,12 +198,13 @@ def estimate(cfg: TrainConfig, world_size: int, d_in: int) -> MemoryEstimate:
         "evaluation (rank 0)": params + persistent["latent_statistics"] + _eval_extra(cfg, d_in, batch),
     }
     peak_phase = max(phases, key=lambda name: phases[name])
-    breakdown = {"cuda_context": CUDA_CONTEXT_BYTES, "nccl_buffers": NCCL_BYTES if world_size > 1 else 0}
+    gpu = cuda_constants()
+    breakdown = {"cuda_context": gpu.cuda_context_bytes, "nccl_buffers": gpu.nccl_bytes if world_size > 1 else 0}
     breakdown.update(persistent)
     breakdown.update(activations)
     # When another moment beats the training step, the difference is named after it.
     breakdown["other_peak_excess"] = phases[peak_phase] - phases["training step"]
-    breakdown["allocator_headroom"] = int(ALLOCATOR_HEADROOM * phases[peak_phase])
+    breakdown["allocator_headroom"] = int(gpu.allocator_headroom * phases[peak_phase])
     return MemoryEstimate(
         total_bytes=sum(breakdown.values()),
         breakdown=breakdown,
@@ -280,7 +290,7 @@ def extraction_bytes(
         "weights": parameters * width,
         "forward_batch": batch_size * context_size * hidden_size * FORWARD_WIDTHS_PER_TOKEN * width,
         "attention_scores": batch_size * heads * context_size * context_size * width,
-        "cuda_context": CUDA_CONTEXT_BYTES,
+        "cuda_context": cuda_constants().cuda_context_bytes,
     }
 
 
@@ -312,5 +322,5 @@ def inspection_bytes(d_in: int, d_sae: int, chunk_rows: int, top_k: int, window:
         "sae": (2 * d_in * d_sae + d_sae + d_in) * 4,
         "chunk": chunk_rows * (d_in + d_sae * INSPECT_CHUNK_COPIES) * 4,
         "examples": 2 * top_k * d_sae * (8 + window * 12),  # kept and new: value+row, window acts and rows
-        "cuda_context": CUDA_CONTEXT_BYTES,
+        "cuda_context": cuda_constants().cuda_context_bytes,
     }
