@@ -158,13 +158,15 @@ def shared_sae(ctx: Context) -> Path:
     """A random TopK SAE for the model's hook, in SAELens's format (what an evaluation reads)."""
     import torch
 
-    from sae_core.engine.sae import make_sae
+    from sae_core.architectures import ARCHITECTURES
     from sae_core.engine.saelens import save
+    from sae_core.engine.saes import make_sae
 
     folder = ctx.work / "sae"
     if not (folder / "cfg.json").exists():
         torch.manual_seed(0)
-        save(make_sae("topk", ctx.sizes.model["width"], ctx.sizes.d_saes[0], ctx.sizes.k), folder)
+        options = ARCHITECTURES["topk"].options(k=ctx.sizes.k)
+        save(make_sae("topk", ctx.sizes.model["width"], ctx.sizes.d_saes[0], options), folder)
     return folder
 
 
@@ -300,7 +302,7 @@ def step_pytest_gpu(ctx: Context, rec: Record, d: Path) -> None:
 def k_architectures() -> list[str]:
     from sae_core.architectures import ARCHITECTURES
 
-    return [name for name, arch in ARCHITECTURES.items() if arch.uses_k]
+    return [name for name, arch in ARCHITECTURES.items() if "k" in arch.options.model_fields]
 
 
 def bf16_matmul_rate(ctx: Context, n: int) -> float:

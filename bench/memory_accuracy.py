@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from sae_core import train
+from sae_core.architectures import architecture
 from sae_core.config import TrainConfig
 from sae_core.data.toy import write_toy
 from sae_core.gpu import memory, nvml
@@ -55,11 +56,12 @@ CONFIGS = [
 
 
 def train_config(spec: dict, source: str) -> dict:
+    takes_k = "k" in architecture(spec["architecture"]).options.model_fields  # the TopK family's option
     return {
         "activation_source": source,
         "architecture": spec["architecture"],
         "d_sae": spec["d_sae"],
-        "k": spec.get("k", 32),
+        **({"k": spec.get("k", 32)} if takes_k else {}),
         "batch_size": spec["batch_size"],
         "total_steps": STEPS,
         "autocast": spec.get("autocast"),
