@@ -56,7 +56,7 @@ def sign_in_page() -> None:
     client = address if isinstance(address, str) and address else "unknown address"
     wait = access.THROTTLE.wait_s(client)
     if wait > 0:
-        st.error(f"Too many wrong passwords: try again in {math.ceil(wait)} s.")
+        st.error(f"Too many wrong passwords: try again in {math.ceil(wait):d} s.")
     elif access.password_matches(given or "", st.session_state["expected_password"]):
         access.THROTTLE.succeeded(client)
         st.session_state["authenticated"] = True
