@@ -45,15 +45,16 @@ def memory_bar_html(used: float | None, total: float | None) -> str:
     )
 
 
-# Inline markdown: emphasis, code, links, images, HTML, tables, strike, math, and Streamlit's `:red[...]`
-# directives, `:material/...:` icons and `:smile:` emoji. `:` and `@` also break GFM's autolinks
-# (`http://host`, `mailto:`, `name@host`), which need no bracket at all.
-_INLINE_MARKUP = set("\\`*_[]<>!|~${}:@")
+# Inline markdown: emphasis, code, links, images, HTML, tables, strike, math, Streamlit's `:red[...]`.
+_INLINE_MARKUP = set("\\`*_[]<>!|~${}")
 # What makes markup at the start of a line: headings, lists, quotes, rules, setext underlines.
 _LINE_MARKUP = set("#-+>=")
 _LIST_NUMBER = re.compile(r"\d+[.)](\s|$)")
 _SIGNED_NUMBER = re.compile(r"[-+]\d")  # -0.5 is a number, not a list item or a rule
-# GFM links `www.host` without a scheme: the dot after `www` is escaped.
+# Links without brackets (GFM's `http://host`, `www.host`, `name@host`), `:smile:` emoji and `:material/x:`
+# icons are found in the text after its escapes are undone, so escaping cannot stop them: an invisible word
+# joiner splits their patterns instead (`http:⁠//host`, `www⁠.host`, `name⁠@host`, `:⁠smile:`).
+WORD_JOINER = "\u2060"
 _WWW_DOT = re.compile(r"(www)\.", re.IGNORECASE)
 
 
@@ -67,7 +68,9 @@ def md_text(value: object, multiline: bool = False) -> str:
 
 
 def _escape_line(line: str) -> str:
-    out = _WWW_DOT.sub(r"\1\\.", "".join(f"\\{ch}" if ch in _INLINE_MARKUP else ch for ch in line))
+    out = "".join(f"\\{ch}" if ch in _INLINE_MARKUP else ch for ch in line)
+    out = out.replace(":", ":" + WORD_JOINER).replace("@", WORD_JOINER + "@")
+    out = _WWW_DOT.sub(r"\1" + WORD_JOINER + ".", out)
     stripped = out.lstrip()
     indent = len(out) - len(stripped)
     if _LIST_NUMBER.match(stripped):  # "1. " or "2) " starts an ordered list; "0.0812" does not

@@ -519,22 +519,30 @@ def test_train_shows_the_predicted_multi_gpu_speedup(lab):
 
 # --------------------------------------------------------------------------- hardening (issue 11)
 
-INJECTED = "x\n### heading\n![tracker](http://attacker.example/t.png) [link](http://attacker.example)"
+INJECTED = "x\n### heading\n![tracker](http://attacker.example/t.png) [link](http://attacker.example) www.x.example"
+# Images, links and headings of markdown's own.
 UNESCAPED_MARKUP = re.compile(r"(?<!\\)!\[|(?<!\\)\[[^\]]*(?<!\\)\]\(|^\s{0,3}#{1,6}\s(?!.*-badge)", re.MULTILINE)
+# GFM's links without brackets, found in the text after its escapes are undone (http://, www., name@host).
+AUTOLINK = re.compile(r"https?://|www\.|\w@\w", re.IGNORECASE)
 
 
 def markup_from_users(at: AppTest) -> list[str]:
     """Markdown sources that would render an image, a link or a heading of their own."""
     sources = [str(e.value) for kind in ("markdown", "caption", "info", "warning", "error", "success")
                for e in getattr(at, kind)]  # fmt: skip
-    return [s for s in sources if UNESCAPED_MARKUP.search(s.removeprefix("### "))]
+    sources += [str(part) for m in at.metric for part in (m.label, m.value)]
+    return [
+        s
+        for s in sources
+        if UNESCAPED_MARKUP.search(s.removeprefix("### ")) or AUTOLINK.search(re.sub(r"\\(.)", r"\1", s))
+    ]
 
 
 def test_names_and_errors_of_other_people_render_as_text(lab):
     job_id = lab.job("running", gpus="0", name=None)
     with db.write_session(lab.engine) as session:  # a row from before names were checked, or written by hand
         job = session.get(Job, job_id)
-        job.name, job.error = INJECTED, INJECTED
+        job.name, job.error, job.submitted_by = INJECTED, INJECTED, INJECTED.replace("\n", " ")
         session.add(job)
     lab.sample(n_gpus=2)
     for page in ("views/jobs.py", "views/monitor.py", "views/train.py"):
@@ -543,6 +551,8 @@ def test_names_and_errors_of_other_people_render_as_text(lab):
         assert markup_from_users(at) == [], page
     at = lab.page("views/jobs.py")
     assert "### heading" in texts(at) and "![tracker]" in texts(at)  # shown, as text
+    (submitter,) = [m for m in at.metric if m.label == "Submitted by"]
+    assert rendered(submitter.value) == INJECTED.replace("\n", " ")
 
 
 def test_a_job_id_beyond_any_row_in_the_url_is_no_crash(lab):
