@@ -76,6 +76,8 @@ def _file_documents(path: Path, text_field: str) -> Iterator[str]:
             yield from _parquet_documents(path, text_field)
     except OSError as exc:
         raise TextError(f"dataset: {brief(path)} cannot be read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise TextError(f"dataset: {brief(path)} is not UTF-8 text") from None
 
 
 def _json(line: str, path: Path, number: int):

@@ -16,6 +16,7 @@ from ..data.heldout import EvalPlan, InspectPlan, plan_evaluation, plan_inspecti
 from ..data.text import is_hub_name
 from ..gpu.memory import evaluation_bytes, inspection_bytes
 from ..latents import WINDOW
+from .errors import guarded
 from .models import ModelFacts, ModelProblem, loaded_dtype, model_facts
 
 
@@ -31,6 +32,7 @@ def locations(cfg: EvaluateConfig, home: Path) -> list[tuple[str, str]]:
     return problems
 
 
+@guarded("sae", with_value=True)
 def plan(cfg: EvaluateConfig) -> tuple[EvalPlan | None, list[tuple[str, str]]]:
     try:
         return plan_evaluation(cfg), []
@@ -39,6 +41,7 @@ def plan(cfg: EvaluateConfig) -> tuple[EvalPlan | None, list[tuple[str, str]]]:
         return None, [(message.split(":", 1)[0], message)]
 
 
+@guarded("model", with_value=True)
 def model_problems(evaluation: EvalPlan) -> tuple[ModelFacts | None, list[tuple[str, str]]]:
     """The model as the hooks command reads it; whether it predicts the next token and has the SAE's width
     at the hook."""
@@ -76,6 +79,7 @@ def inspect_locations(cfg: InspectConfig, home: Path) -> list[tuple[str, str]]:
     return problems
 
 
+@guarded("sae", with_value=True)
 def inspect_plan(cfg: InspectConfig) -> tuple[InspectPlan | None, list[tuple[str, str]]]:
     try:
         return plan_inspection(cfg), []
