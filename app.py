@@ -60,7 +60,7 @@ def sign_in_page() -> None:
     client = access.client_address(st.context.ip_address, forwarded, access.trusted_proxies(os.environ))
     wait = access.THROTTLE.wait_s(client)
     if wait > 0:
-        st.error(f"Too many wrong passwords: try again in {math.ceil(wait)} s.")
+        st.error(f"Too many wrong passwords: try again in {math.ceil(wait):d} s.")
     elif access.password_matches(given or "", st.session_state["expected_password"]):
         access.THROTTLE.succeeded(client)
         st.session_state["authenticated"] = True

@@ -17,7 +17,7 @@ from sae_core.latents import Inspection, inspection_stamp, neuronpedia_zip, read
 from sae_core.outputs import find_trained_saes, served_dir
 from sae_core.ui import charts, explore, frames
 from sae_core.ui.forms import parse_index_param
-from sae_core.ui.html import md_text
+from sae_core.ui.html import md, md_text
 from views.widgets import queue_job_form
 
 
@@ -93,13 +93,13 @@ def overview(inspection: Inspection) -> int | None:
 
 def latent_view(inspection: Inspection, index: int, sae_param: str) -> None:
     view = inspection.latent(index)
-    st.subheader(f"Latent {index}")
+    st.subheader(md("Latent {}", index))
     cols = st.columns(4)
     cols[0].metric("Frequency", f"{view.frequency:.3%}")
     cols[1].metric("Max activation", f"{view.max_activation:.3g}")
     cols[2].metric("Mean activation", f"{view.mean_activation:.3g}")
     if view.true_feature is not None:
-        cols[3].metric("Best true feature", f"#{view.true_feature[0]} (cos {view.true_feature[1]:.2f})")
+        cols[3].metric("Best true feature", md("#{} (cos {:.2f})", *view.true_feature))
     st.caption("Permalink")
     st.code(f"?sae={sae_param}&latent={index}", language=None)
     left, right = st.columns([3, 2], gap="large")
@@ -114,7 +114,7 @@ def latent_view(inspection: Inspection, index: int, sae_param: str) -> None:
                 st.caption(f"row {example.row:,}: {example.value:.3g}")
         for band, examples in reversed(list(enumerate(view.bands))):
             if examples:
-                st.markdown(f"**Activation band {band + 1} of {len(view.bands)}**")
+                st.markdown(md("**Activation band {} of {}**", band + 1, len(view.bands)))
                 for example in examples:
                     if example.tokens:
                         st.html(
@@ -131,7 +131,7 @@ def latent_view(inspection: Inspection, index: int, sae_param: str) -> None:
             st.dataframe(explore.effects_frame(view), hide_index=True, width="stretch")
         st.markdown("**Nearest latents** (decoder cosine)")
         for other, cosine in view.nearest:
-            st.page_link("views/explore.py", label=f"Latent {other} · cos {cosine:.2f}",
+            st.page_link("views/explore.py", label=md("Latent {} · cos {:.2f}", other, cosine),
                          query_params={"sae": sae_param, "latent": str(other)})  # fmt: skip
 
 

@@ -13,25 +13,34 @@ import streamlit as st
 
 from sae_core import db, paths
 from sae_core.config import ConfigError, EvaluateConfig, ExtractConfig, TrainConfig
-from sae_core.data.catalog import list_models, list_texts
+from sae_core.data.catalog import list_models, list_texts, model_roots
 from sae_core.gpu.history import latest_probe
 from sae_core.jobs import submission
 from sae_core.jobs.extract_checks import memory_per_rank
 from sae_core.jobs.gpus import gpu_statuses
 from sae_core.jobs.models import ModelProblem, model_facts
 from sae_core.text import format_bytes
-from sae_core.ui import html
-from views.widgets import architecture_options, architecture_picker, placement
+from sae_core.ui import html, labels
+from views.widgets import (
+    NAME_MISSING,
+    architecture_options,
+    architecture_picker,
+    placement,
+    problems_and_submit,
+    queued_link,
+)
 
 OTHER = "Other…"
+MODEL_MISSING = "model: choose one, or type a model folder or the hub name of a model in the local cache"
+TEXT_MISSING = "text dataset: choose one, or type a text file, folder or hub dataset name"
 _LAYER = re.compile(r"\.(layers|h|layer|blocks)\.(\d+)$")
 
 
-def picker(label: str, options: list[str], key: str, placeholder: str, help_: str) -> str:
+def picker(label_md: str, options: list[str], key: str, placeholder: str, help_md: str) -> str:
     """A choice among known entries, or a typed path/name."""
-    choice = st.selectbox(label, [*options, OTHER], key=key, help=help_)
+    choice = st.selectbox(label_md, [*options, OTHER], key=key, help=help_md)
     typed = st.text_input(
-        f"…or another {label.lower()}", key=f"{key}_typed", placeholder=placeholder, disabled=choice != OTHER
+        f"…or another {label_md.lower()}", key=f"{key}_typed", placeholder=placeholder, disabled=choice != OTHER
     )
     return (typed or "").strip() if choice == OTHER else choice
 
@@ -43,25 +52,32 @@ def default_hook(hooks: list[str]) -> int:
 
 
 def model_section():
+    home = paths.lab_home()
+    found = list_models(home)
+    models_dir, cache_dir = model_roots(home)[:2]
     model = picker(
-        "Model", list_models(paths.lab_home()), "extract_model", "/models/gemma-2-2b or org/name",
+        "Model", found, "extract_model", "/models/gemma-2-2b or org/name",
         "Folders in SAE_LAB_HOME/models and models in the local Hugging Face cache",
     )  # fmt: skip
+    where_md = html.md_text(labels.model_sources(found, models_dir, cache_dir))
+    if found:
+        st.caption(where_md)
+    else:
+        st.info(where_md, icon=":material/info:")
     if not model:
-        return model, None, None
+        return model, None, None, None
     try:
         with st.spinner("Reading the model's modules…"):
             facts = model_facts(model)
     except ModelProblem as exc:
-        st.error(html.md_text(str(exc)), icon=":material/error:")
-        return model, None, None
+        return model, None, None, str(exc)
     st.caption(html.md_text(f"{facts.cls}, {facts.parameters:,} parameters ({facts.dtype})"))
     hooks = list(facts.hooks)
     hook = st.selectbox(
         "Hook (module whose output is extracted)", hooks, index=default_hook(hooks), key="extract_hook",
         format_func=lambda path: f"{path} · width {facts.hooks[path]}",
     )  # fmt: skip
-    return model, facts, hook
+    return model, facts, hook, None
 
 
 def text_section() -> tuple[str, str, str]:
@@ -107,7 +123,9 @@ def then_train_section(width: int | None, rows: int) -> TrainConfig | None | str
         return "then train: pick a model and a hook first"
     d_sae = max(1, round(expansion * width))
     holdout = min(4096, rows // 10)  # evaluation rows kept out of training: a tenth, at most the usual 4,096
-    st.caption(f"d_sae = {expansion:g} × {width} = {d_sae:,} · {holdout:,} rows held out for evaluation")
+    st.caption(
+        html.md("d_sae = {:g} × {} = {:,} · {:,} rows held out for evaluation", expansion, width, d_sae, holdout)
+    )
     try:
         return TrainConfig.from_dict({
             "activation_source": "(the extraction)", "architecture": arch, "d_sae": d_sae, **options,
@@ -122,9 +140,9 @@ def then_evaluate_section(facts, then_train) -> EvaluateConfig | None | str:
     if not isinstance(then_train, TrainConfig):
         return None
     causal = facts is not None and facts.causal_lm
-    help_ = None if causal else "Only a causal language model predicts the next token: CE loss needs one."
+    help_md = None if causal else "Only a causal language model predicts the next token: CE loss needs one."
     if not st.checkbox("Then evaluate it with the model (CE loss and KL recovered)", key="extract_then_evaluate",
-                       disabled=not causal, help=help_):  # fmt: skip
+                       disabled=not causal, help=help_md):  # fmt: skip
         return None
     contexts = st.number_input("Held-out contexts to evaluate on", value=256, min_value=1, key="extract_eval_contexts")
     return EvaluateConfig(sae="(the training)", contexts=int(contexts))
@@ -133,9 +151,8 @@ def then_evaluate_section(facts, then_train) -> EvaluateConfig | None | str:
 def estimate_panel(verdict) -> None:
     if verdict.memory:
         st.metric("Estimated memory per rank", format_bytes(sum(verdict.memory.values())))
-        st.caption(
-            " · ".join(f"{name.replace('_', ' ')} {format_bytes(value)}" for name, value in verdict.memory.items())
-        )
+        st.caption(" · ".join(html.md("{} {}", name.replace("_", " "), format_bytes(value))
+                              for name, value in verdict.memory.items()))  # fmt: skip
     if verdict.disk_bytes is not None:
         st.metric("Disk needed", format_bytes(verdict.disk_bytes))
 
@@ -145,10 +162,11 @@ engine = db.get_engine()
 probe = latest_probe(engine)
 statuses = gpu_statuses(engine, snapshot=probe) if probe is not None and probe.gpus else []
 form_col, place_col = st.columns([3, 2], gap="large")
-errors: list[str] = []
+errors: list[str] = []  # wrong values: shown at once
+missing: list[str] = []  # nothing chosen or typed yet: hints until Submit is pressed
 
 with form_col:
-    model, facts, hook = model_section()
+    model, facts, hook, model_problem = model_section()
     dataset, text_field, split = text_section()
     numbers = numbers_section()
     width = facts.hooks.get(hook) if facts is not None and hook else None
@@ -161,6 +179,8 @@ with form_col:
     submit_box = st.container()
 
 cfg = None
+errors += [model_problem] if model_problem else []
+missing += ([] if model else [MODEL_MISSING]) + ([] if dataset else [TEXT_MISSING])
 if model and hook and dataset:
     try:
         cfg = ExtractConfig.from_dict({
@@ -169,12 +189,10 @@ if model and hook and dataset:
         })  # fmt: skip
     except ConfigError as exc:
         errors.append(str(exc))
-else:
-    errors.append("model, hook and text dataset: choose all three")
-if isinstance(then_train, str):
-    errors.append(then_train)
+if isinstance(then_train, str):  # without a model's hook width it only waits for the model
+    (errors if width is not None else missing).append(then_train)
 if not user.strip():
-    errors.append("your name: enter it so colleagues can see whose job this is")
+    missing.append(NAME_MISSING)
 
 verdict = None
 with place_col:
@@ -184,9 +202,9 @@ with place_col:
     if cfg is not None and facts is not None:
         need_bytes = sum(memory_per_rank(cfg, facts, on_gpu=True).values())
         need = lambda _world: need_bytes  # noqa: E731  (each rank holds the whole model)
-    gpu_ids, cpu_procs, placement_errors = placement(statuses, probe, need, "extract")
-errors += placement_errors
-if cfg is not None and not placement_errors:
+    gpu_ids, cpu_procs, placement_missing = placement(statuses, probe, need, "extract")
+missing += placement_missing
+if cfg is not None and not placement_missing:
     verdict = submission.check_extract(
         cfg, gpu_ids or None, cpu_procs, name=job_name, submitted_by=user.strip(), statuses=statuses, engine=engine
     )
@@ -195,9 +213,7 @@ if cfg is not None and not placement_errors:
         estimate_panel(verdict)
 
 with submit_box:
-    for message in errors:
-        st.error(html.md_text(message), icon=":material/error:")
-    if st.button("Submit", key="extract_submit", type="primary", disabled=bool(errors), icon=":material/send:"):
+    if problems_and_submit("extract", errors, missing, "Submit", ":material/send:"):
         try:
             extraction, training, verdict_after = submission.submit_extract(
                 cfg, gpu_ids or None, cpu_procs, name=job_name, submitted_by=user.strip(),
@@ -214,9 +230,8 @@ with submit_box:
         extraction_id, later = submitted
         what = ["training", "evaluation"]
         st.success(
-            f"Extraction job {extraction_id} queued"
-            + "".join(f", then {what[i]} job {job_id}" for i, job_id in enumerate(later))
+            html.md("Extraction job {} queued", extraction_id)
+            + "".join(html.md(", then {} job {}", what[i], job_id) for i, job_id in enumerate(later))
             + "."
         )
-        st.page_link("views/jobs.py", label=f"Open job {extraction_id}", query_params={"job": str(extraction_id)},
-                     icon=":material/arrow_forward:")  # fmt: skip
+        queued_link(extraction_id)

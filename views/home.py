@@ -7,7 +7,7 @@ import streamlit as st
 from sae_core import paths
 from sae_core.data.catalog import TOY_DEFAULTS, list_datasets
 from sae_core.files import TOY_FILE
-from sae_core.ui.html import md_text
+from sae_core.ui.html import md, md_text
 
 st.title("SAE Lab")
 st.write(
@@ -21,20 +21,21 @@ datasets = list_datasets(datasets_dir)
 
 st.subheader("Datasets")
 if datasets:
-    st.write(f"{len(datasets)} activation set(s) in {md_text(datasets_dir)}:")
+    st.write(md("{} activation set(s) in {}:", len(datasets), datasets_dir))
     st.markdown("\n".join(f"- {md_text(p.name)}" for p in datasets))
 else:
     st.info(
-        f"No activation sets in `{datasets_dir}` yet. Put `.safetensors` / `.npy` files (or shard folders) "
-        "there, or create a small toy set to try SAE Lab in a minute."
+        md("No activation sets in {} yet. ", datasets_dir)
+        + "Put `.safetensors` / `.npy` files (or shard folders) there, or create a small toy set to try SAE Lab "
+        "in a minute."
     )
 
 toy = TOY_DEFAULTS
 toy_path = datasets_dir / TOY_FILE
 if not toy_path.exists():
     st.caption(
-        f"Toy set: {toy['tokens']:,} tokens of d_in {toy['d_in']}, built from {toy['features']} sparse "
-        "ground-truth features, so the trained SAE can be scored against them."
+        md("Toy set: {tokens:,} tokens of d_in {d_in}, built from {features} sparse ", **toy)
+        + "ground-truth features, so the trained SAE can be scored against them."
     )
     if st.button("Create toy dataset", key="create_toy", type="primary", icon=":material/add:"):
         from sae_core.data.toy import write_toy  # torch (the toy's sparse mixing), only when asked for

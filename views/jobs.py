@@ -20,7 +20,7 @@ from sae_core.text import format_bytes, format_duration, format_rate
 from sae_core.ui import charts, frames, html, labels
 from sae_core.ui.downloads import metrics_csv
 from sae_core.ui.forms import parse_job_param
-from sae_core.ui.html import md_text
+from sae_core.ui.html import md, md_text
 from views.widgets import live_fragment, sae_download
 
 TABLE_LIMIT = 500
@@ -125,13 +125,13 @@ def model_figures(job) -> None:
     if shown:
         cols = st.columns(len(shown))
         for col, (label, value) in zip(cols, shown.items(), strict=False):
-            col.metric(label, value)
+            col.metric(md_text(label), md_text(value))
 
 
 def job_detail(job_id: int, was_live: bool) -> None:
     job = store.get_job(job_id)
     if job is None:
-        st.warning(f"Job {job_id} no longer exists.")
+        st.warning(md("Job {} no longer exists.", job_id))
         return
     if was_live and job.status not in LIVE_STATUSES:
         st.rerun(scope="app")  # it just finished: stop the timer, refresh the table and buttons
@@ -143,12 +143,12 @@ def job_detail(job_id: int, was_live: bool) -> None:
     cols = st.columns(6)
     extracting = job.kind == "extract"
     counted = {"extract": "Rows", "evaluate": "Contexts", "inspect": "Rows"}.get(job.kind, "Step")
-    cols[0].metric(counted, f"{job.last_step:,} / {job.total_steps:,}")
+    cols[0].metric(md_text(counted), f"{job.last_step:,} / {job.total_steps:,}")
     cols[1].metric("Tokens/s", format_rate(job.tokens_per_s).removesuffix(" tok/s"))
     eta = frames.job_eta_seconds(job.status, job.started_at, job.last_step, job.total_steps, now)
     cols[2].metric("ETA", format_duration(eta))
-    cols[3].metric("Runs on", frames.gpus_label(job.gpu_ids, job.cpu_procs))
-    cols[4].metric("Submitted by", job.submitted_by or "—")
+    cols[3].metric("Runs on", md_text(frames.gpus_label(job.gpu_ids, job.cpu_procs)))
+    cols[4].metric("Submitted by", md_text(job.submitted_by or "—"))
     if extracting:
         disk = metrics["disk_bytes"].dropna() if "disk_bytes" in metrics else []
         cols[5].metric("Disk used", format_bytes(disk.iloc[-1]) if len(disk) else "—")
@@ -156,9 +156,11 @@ def job_detail(job_id: int, was_live: bool) -> None:
         model_figures(job)
     else:
         data_wait = frames.data_wait_summary(metrics)
-        cols[5].metric("Data wait", data_wait[0] if data_wait else "—", help=data_wait[1] if data_wait else None)
+        cols[5].metric(
+            "Data wait", md_text(data_wait[0]) if data_wait else "—", help=md_text(data_wait[1]) if data_wait else None
+        )
     if job.depends_on is not None and job.status == "queued":
-        st.info(f"Waits for job {job.depends_on} to complete.", icon=":material/schedule:")
+        st.info(md("Waits for job {} to complete.", job.depends_on), icon=":material/schedule:")
     if job.error:
         st.error(md_text(job.error, multiline=True), icon=":material/error:")
     actions(job)
@@ -179,7 +181,7 @@ def job_detail(job_id: int, was_live: bool) -> None:
         for name in (STDOUT_LOG, STDERR_LOG):
             log = log_dir_of(job) / name
             text = tail_text(log) if served and plain_file(log) else ""
-            st.caption(f"{name} (last lines)")
+            st.caption(md("{} (last lines)", name))
             st.code(text or "(empty)", language=None)
     with config_tab:
         st.json(json.loads(job.config_json), expanded=True)

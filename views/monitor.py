@@ -23,12 +23,12 @@ aggregate = right.toggle("Aggregated view (all GPUs together)", key="monitor_agg
 
 def gpu_card(gpu, series) -> None:
     with st.container(border=True):
-        st.markdown(f"**GPU {gpu.index}** · {html.md_text(gpu.name)}")
+        st.markdown(html.md("**GPU {}** · {}", gpu.index, gpu.name))
         if gpu.error:
             st.error(html.md_text(gpu.error))
         users = labels.gpu_users(gpu)
-        badges = [html.badge(u, "violet" if u.startswith("job") else "orange") for u in users]
-        st.markdown(" ".join(badges) or html.badge("no processes", "gray"))
+        badges_md = " ".join(html.badge(u, "violet" if u.startswith("job") else "orange") for u in users)
+        st.markdown(badges_md or html.badge("no processes", "gray"))
         st.markdown(html.memory_bar_html(gpu.memory_used, gpu.memory_total), unsafe_allow_html=True)
         st.caption(
             f"Util {format_percent(gpu.util_gpu)} · "
@@ -46,7 +46,7 @@ def gpu_card(gpu, series) -> None:
 def aggregated_card(gpus, series) -> None:
     totals = frames.aggregate_now(gpus)
     with st.container(border=True):
-        st.markdown(f"**All {len(gpus)} GPUs**")
+        st.markdown(html.md("**All {} GPUs**", len(gpus)))
         cols = st.columns(3)
         cols[0].metric("Mean utilization", format_percent(totals["util_gpu"]))
         cols[1].metric(

@@ -13,15 +13,15 @@ from sae_core.files import CFG_FILE, EVAL_FILE, SPARSITY_FILE
 from sae_core.jobs import submission
 from sae_core.outputs import find_trained_saes, read_json, read_log10_frequency
 from sae_core.ui import charts, frames, labels
-from sae_core.ui.html import md_text
+from sae_core.ui.html import md, md_text
 from views.widgets import queue_job_form, sae_download
 
 
-def show_figures(title: str, shown: dict[str, str]) -> None:
-    st.markdown(title)
+def show_figures(title_md: str, shown: dict[str, str]) -> None:
+    st.markdown(title_md)
     cols = st.columns(max(1, len(shown)))
     for col, (label, value) in zip(cols, shown.items(), strict=False):
-        col.metric(label, value)
+        col.metric(md_text(label), md_text(value))
 
 
 def evaluate_form(sae_dir: Path) -> None:
@@ -50,11 +50,13 @@ cfg = read_json(sae_dir / CFG_FILE)
 figures = read_json(sae_dir / EVAL_FILE)
 log10_freq = read_log10_frequency(sae_dir / SPARSITY_FILE)
 
+# cfg.json is a file anyone with write access to the lab may have put there: every value shown as text.
+metadata = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
 cols = st.columns(4)
-cols[0].metric("Architecture", str(cfg.get("metadata", {}).get("trained_architecture") or cfg.get("architecture", "?")))
-cols[1].metric("d_in → d_sae", f"{cfg.get('d_in', '?')} → {cfg.get('d_sae', '?')}")
-cols[2].metric("k", str(cfg.get("k", "—")))
-cols[3].metric("dtype", str(cfg.get("dtype", "?")))
+cols[0].metric("Architecture", md_text(metadata.get("trained_architecture") or cfg.get("architecture", "?")))
+cols[1].metric("d_in → d_sae", md("{} → {}", cfg.get("d_in", "?"), cfg.get("d_sae", "?")))
+cols[2].metric("k", md_text(cfg.get("k", "—")))
+cols[3].metric("dtype", md_text(cfg.get("dtype", "?")))
 if shown := labels.eval_figures(figures):
     show_figures("**Evaluation** (held-out tokens)", shown)
 else:

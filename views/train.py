@@ -19,8 +19,15 @@ from sae_core.jobs import submission
 from sae_core.jobs.gpus import gpu_statuses
 from sae_core.text import format_bytes
 from sae_core.ui import frames, html
-from sae_core.ui.forms import FormValues, form_to_config, path_mtime
-from views.widgets import architecture_options, architecture_picker, placement
+from sae_core.ui.forms import DATASET_MISSING, FormValues, form_to_config, path_mtime
+from views.widgets import (
+    NAME_MISSING,
+    architecture_options,
+    architecture_picker,
+    placement,
+    problems_and_submit,
+    queued_link,
+)
 
 OTHER_PATH = "Other path…"
 
@@ -91,7 +98,7 @@ def model_widgets(d_in: int | None) -> tuple[FormValues, list[str]]:
         expansion = c2.number_input("Expansion factor", value=8.0, step=1.0, key="train_expansion")
         d_sae = None
         if d_in:
-            c2.caption(f"d_sae = {expansion:g} × {d_in} = {round(expansion * d_in):,}")
+            c2.caption(html.md("d_sae = {:g} × {} = {:,}", expansion, d_in, round(expansion * d_in)))
     c1, c2 = st.columns(2)
     batch = c1.number_input("Global batch (tokens per step)", value=4096, step=512, key="train_batch")
     steps = c2.number_input("Steps", value=1000, step=100, key="train_steps")
@@ -134,10 +141,13 @@ def estimate_panel(cfg, world: int, d_in: int, gpus) -> None:
     estimate = memory.estimate(cfg, world, d_in=d_in)
     st.metric("Estimated memory per GPU", format_bytes(estimate.total_bytes))
     st.caption(
-        f"{world} rank(s) × {estimate.per_rank_batch:,} tokens per rank per step · peak during {estimate.peak_phase}"
-    )
+        html.md(
+            "{} rank(s) × {:,} tokens per rank per step · peak during {}",
+            world, estimate.per_rank_batch, estimate.peak_phase,
+        )
+    )  # fmt: skip
     if speedups := scaling.speedup_labels(cfg, d_in, gpus):
-        st.caption("Predicted speed-up: " + " · ".join(speedups), help=scaling.__doc__)
+        st.caption("Predicted speed-up: " + " · ".join(html.md_text(s) for s in speedups), help=scaling.__doc__)
     with st.expander("Breakdown"):
         st.dataframe(frames.breakdown_frame(estimate.breakdown, memory.TERM_LABELS), hide_index=True, width="stretch")
 
@@ -173,19 +183,20 @@ with form_col:
     submit_box = st.container()
 
 cfg, config_errors = form_to_config(values)
-errors += config_errors
+missing = [e for e in config_errors if e == DATASET_MISSING]  # nothing chosen yet: a hint, not an error
+errors += [e for e in config_errors if e != DATASET_MISSING]
 if not user.strip():
-    errors.append("your name: enter it so colleagues can see whose job this is")
+    missing.append(NAME_MISSING)
 
 with place_col:
     st.subheader("Where it runs")
     estimate_box = st.container()  # filled once the ticked GPUs are known
     need = None if cfg is None or d_in is None else (lambda world: per_gpu_bytes(cfg, world, d_in))
-    gpu_ids, cpu_procs, placement_errors = placement(statuses, probe, need, "train")
-errors += placement_errors
+    gpu_ids, cpu_procs, placement_missing = placement(statuses, probe, need, "train")
+missing += placement_missing
 world = len(gpu_ids) or cpu_procs or 1
 notes: list[str] = []
-if cfg is not None and dataset is not None and not placement_errors:
+if cfg is not None and dataset is not None and not placement_missing:
     # The gate, without the full value scan (Submit does that): every rule the CLI applies.
     verdict = submission.check(
         cfg,
@@ -205,20 +216,13 @@ with estimate_box:
         if statuses:
             estimate_panel(cfg, world, d_in, probe.gpus)
         else:
-            st.caption(f"{world} process(es) × {cfg.batch_size // world:,} tokens each per step")
+            st.caption(html.md("{} process(es) × {:,} tokens each per step", world, cfg.batch_size // world))
 
 with submit_box:
-    for message in errors:
-        st.error(html.md_text(message), icon=":material/error:")
     for note in notes:
         st.info(html.md_text(note), icon=":material/schedule:")
-    if st.button("Submit", key="train_submit", type="primary", disabled=bool(errors), icon=":material/send:"):
+    if problems_and_submit("train", errors, missing, "Submit", ":material/send:"):
         submit(engine, cfg, gpu_ids, cpu_procs, job_name, user.strip())
     if job_id := st.session_state.get("train_submitted"):
-        st.success(f"Job {job_id} queued.")
-        st.page_link(
-            "views/jobs.py",
-            label=f"Open job {job_id}",
-            query_params={"job": str(job_id)},
-            icon=":material/arrow_forward:",
-        )
+        st.success(html.md("Job {} queued.", job_id))
+        queued_link(job_id)

@@ -61,7 +61,9 @@ def sae_download(container, sae_dir: Path, file_name: str, download_key: str, pr
             on_click="ignore",
             key=download_key,
             icon=":material/download:",
-            help=f"On this machine: {zip_path} (for files too large for a browser download, copy it from there)",
+            help=html.md(
+                "On this machine: {} (for files too large for a browser download, copy it from there)", zip_path
+            ),
         )
     elif container.button("Prepare SAE download", key=prepare_key, icon=":material/folder_zip:"):
         with st.spinner("Packing cfg.json, weights, sparsity and eval into a zip…"):
@@ -74,8 +76,10 @@ def recommend_gpus(statuses, required: int, count: int, prefix: str) -> None:
     picks = recommend(required, count, statuses)
     for status in statuses:
         st.session_state[f"{prefix}_gpu_pick_{status.index}"] = status.index in picks
-    st.session_state[f"{prefix}_recommend_note"] = (
-        None if len(picks) == count else f"Only {len(picks)} GPU(s) are free with room for {format_bytes(required)}."
+    st.session_state[f"{prefix}_recommend_note_md"] = (
+        None
+        if len(picks) == count
+        else html.md("Only {} GPU(s) are free with room for {}.", len(picks), format_bytes(required))
     )
 
 
@@ -90,8 +94,8 @@ def recommend_row(statuses, need: NeedPerGpu, prefix: str) -> None:
         icon=":material/auto_awesome:",
         help="Tick the idle GPUs with room for the estimate, closest together",
     )
-    if note := st.session_state.get(f"{prefix}_recommend_note"):
-        st.caption(note)
+    if note_md := st.session_state.get(f"{prefix}_recommend_note_md"):
+        st.caption(note_md)
 
 
 def gpu_row(status, required: int | None, prefix: str) -> bool:
@@ -111,17 +115,17 @@ def gpu_row(status, required: int | None, prefix: str) -> bool:
         st.session_state[key] = False  # a GPU that became busy/too full is unticked, not silently used
     with st.container(border=True):
         c1, c2 = st.columns([2, 3], vertical_alignment="center")
-        picked = c1.checkbox(f"GPU {status.index}", key=key, disabled=not row.selectable)
-        c1.caption(f"{status.name} · util {format_percent(status.util_gpu)}")
-        badges = []
+        picked = c1.checkbox(html.md("GPU {}", status.index), key=key, disabled=not row.selectable)
+        c1.caption(html.md("{} · util {}", status.name, format_percent(status.util_gpu)))
+        badges_md = []
         if row.busy_reason:
-            badges.append(html.badge(f"Busy: {row.busy_reason}", "orange"))
+            badges_md.append(html.badge(f"Busy: {row.busy_reason}", "orange"))
         if status.queue_note:
-            badges.append(html.badge(status.queue_note.capitalize(), "blue"))
+            badges_md.append(html.badge(status.queue_note.capitalize(), "blue"))
         if row.low_memory:
-            badges.append(html.badge(f"Low memory: {format_bytes(status.memory_free)} free", "red"))
-        if badges:
-            c2.markdown(" ".join(badges))
+            badges_md.append(html.badge(f"Low memory: {format_bytes(status.memory_free)} free", "red"))
+        if badges_md:
+            c2.markdown(" ".join(badges_md))
         c2.markdown(html.memory_bar_html(status.memory_used, status.memory_total), unsafe_allow_html=True)
     return picked and row.selectable
 
@@ -137,35 +141,63 @@ def gpu_selector(statuses, need: NeedPerGpu | None, prefix: str) -> list[int]:
 
 
 def placement(statuses, probe, need: NeedPerGpu | None, prefix: str) -> tuple[list[int], int | None, list[str]]:
-    """GPU rows, or a number of CPU processes on a machine without GPUs → (gpu_ids, cpu_procs, errors).
-    `need(world)`: the memory per GPU the job needs on `world` GPUs (None while it is not known)."""
+    """GPU rows, or a number of CPU processes on a machine without GPUs → (gpu_ids, cpu_procs, missing): what
+    is still to choose (no GPU ticked). `need(world)`: the memory per GPU the job needs on `world` GPUs (None
+    while it is not known)."""
     if statuses:
         gpu_ids = gpu_selector(statuses, need, prefix)
         if not gpu_ids:
-            return [], None, ["GPUs: tick at least one free GPU (or press Recommend)"]
+            return [], None, [GPUS_MISSING]
         return gpu_ids, None, []
-    st.caption(f"No NVIDIA GPU ({html.md_text(labels.no_gpu_reason(probe))}): the job runs as CPU processes.")
+    st.caption(html.md("No NVIDIA GPU ({}): the job runs as CPU processes.", labels.no_gpu_reason(probe)))
     cpu_procs = int(st.number_input("CPU processes", min_value=1, max_value=64, value=2, key=f"{prefix}_cpu_procs"))
     return [], cpu_procs, []
+
+
+# --------------------------------------------------------------------------- submitting
+GPUS_MISSING = "GPUs: tick at least one free GPU (or press Recommend)"
+NAME_MISSING = "your name: enter it so colleagues can see whose job this is"
+
+
+def problems_and_submit(prefix: str, errors: list[str], missing: list[str], label_md: str, icon: str) -> bool:
+    """A form's problems above its Submit button; True when it was pressed with nothing wrong or missing.
+
+    A wrong value is an error at once and disables Submit. What is only missing (nothing chosen or typed
+    yet) is a neutral hint until Submit is pressed, then an error: a page never opens in red."""
+    tried = f"{prefix}_submit_tried"
+    for message in errors + (missing if st.session_state.get(tried) else []):
+        st.error(html.md_text(message), icon=":material/error:")
+    if missing and not st.session_state.get(tried):
+        st.info("\n".join(["To submit:", *(f"- {html.md_text(m)}" for m in missing)]), icon=":material/info:")
+    if not st.button(label_md, key=f"{prefix}_submit", type="primary", disabled=bool(errors), icon=icon):
+        return False
+    if missing:
+        st.session_state[tried] = True
+        st.rerun()
+    st.session_state.pop(tried, None)
+    return True
+
+
+def queued_link(job_id: int) -> None:
+    st.page_link("views/jobs.py", label=html.md("Open job {}", job_id), query_params={"job": str(job_id)},
+                 icon=":material/arrow_forward:")  # fmt: skip
 
 
 # Queue a job from a page: (gpu_ids or None, cpu_procs, who, on_gpu) → the queued job (or the gate's refusal).
 SubmitJob = Callable[[list[int] | None, int | None, str, bool], Job]
 
 
-def queue_job_form(prefix: str, label: str, icon: str, noun: str, submit: SubmitJob) -> None:
+def queue_job_form(prefix: str, label_md: str, icon: str, noun: str, submit: SubmitJob) -> None:
     """Where the job runs, who asks, and the button that queues it through `submit` (the gate): every
     problem shown beside it, or a link to the queued job."""
     engine = db.get_engine()
     probe = latest_probe(engine)
     statuses = gpu_statuses(engine, snapshot=probe) if probe is not None and probe.gpus else []
     user = st.text_input("Your name", key=f"{prefix}_user", value=st.session_state.get("user_name", ""))
-    gpu_ids, cpu_procs, errors = placement(statuses, probe, None, prefix)
+    gpu_ids, cpu_procs, missing = placement(statuses, probe, None, prefix)
     if not user.strip():
-        errors.append("your name: enter it so colleagues can see whose job this is")
-    for message in errors:
-        st.error(html.md_text(message), icon=":material/error:")
-    if not st.button(label, key=f"{prefix}_submit", disabled=bool(errors), icon=icon):
+        missing.append(NAME_MISSING)
+    if not problems_and_submit(prefix, [], missing, label_md, icon):
         return
     st.session_state["user_name"] = user
     try:
@@ -174,9 +206,8 @@ def queue_job_form(prefix: str, label: str, icon: str, noun: str, submit: Submit
         for problem in getattr(exc, "problems", None) or [exc]:
             st.error(html.md_text(problem), icon=":material/error:")
         return
-    st.success(f"{noun} job {job.id} queued.")
-    st.page_link("views/jobs.py", label=f"Open job {job.id}", query_params={"job": str(job.id)},
-                 icon=":material/arrow_forward:")  # fmt: skip
+    st.success(html.md("{} job {} queued.", noun, job.id))
+    queued_link(job.id)
 
 
 def architecture_picker(prefix: str) -> str:

@@ -137,7 +137,9 @@ def map_npy(path: Path) -> tuple[np.ndarray, str]:
         if "empty file" in str(exc) or "cannot mmap" in str(exc):
             array = np.load(path, allow_pickle=False)  # a zero-sized array: nothing to map, nothing to read
         else:
-            raise DatasetError(f"{path}: not a readable .npy array ({exc})") from None
+            raise DatasetError(f"{path}: not a readable .npy array ({brief(exc, 160)})") from None
+    except OverflowError:  # a dimension beyond any integer numpy holds, as a hand-made header may give
+        raise DatasetError(f"{path}: not a readable .npy array (its header gives a dimension too large)") from None
     except (OSError, EOFError) as exc:
         raise DatasetError(f"{path}: not a readable .npy file ({exc})") from None
     return array, _logical_dtype_of_numpy(path, array.dtype)

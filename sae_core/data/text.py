@@ -89,6 +89,8 @@ def _file_pieces(path: Path, text_field: str) -> Iterator[Piece]:
             yield from _split_all(_parquet_documents(path, text_field))
     except OSError as exc:
         raise TextError(f"dataset: {brief(path)} cannot be read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise TextError(f"dataset: {brief(path)} is not UTF-8 text") from None
 
 
 def _json(line: str, path: Path, number: int):

@@ -15,6 +15,7 @@ from ..data.formats import DatasetError
 from ..data.heldout import EvalPlan, InspectPlan, plan_evaluation, plan_inspection
 from ..gpu.memory import evaluation_bytes, inspection_bytes
 from ..latents import WINDOW
+from .errors import guarded
 from .models import ModelFacts, ModelProblem, loaded_dtype, model_facts
 
 
@@ -30,6 +31,7 @@ def locations(cfg: EvaluateConfig, home: Path) -> list[tuple[str, str]]:
     return problems
 
 
+@guarded("sae", with_value=True)
 def plan(cfg: EvaluateConfig) -> tuple[EvalPlan | None, list[tuple[str, str]]]:
     try:
         return plan_evaluation(cfg), []
@@ -38,6 +40,7 @@ def plan(cfg: EvaluateConfig) -> tuple[EvalPlan | None, list[tuple[str, str]]]:
         return None, [(message.split(":", 1)[0], message)]
 
 
+@guarded("model", with_value=True)
 def model_problems(evaluation: EvalPlan) -> tuple[ModelFacts | None, list[tuple[str, str]]]:
     """The model as the hooks command reads it; whether it predicts the next token and has the SAE's width
     at the hook."""
@@ -75,6 +78,7 @@ def inspect_locations(cfg: InspectConfig, home: Path) -> list[tuple[str, str]]:
     return problems
 
 
+@guarded("sae", with_value=True)
 def inspect_plan(cfg: InspectConfig) -> tuple[InspectPlan | None, list[tuple[str, str]]]:
     try:
         return plan_inspection(cfg), []

@@ -16,6 +16,7 @@ from ..data.catalog import OUTSIDE_MODEL_ROOTS, OUTSIDE_ROOTS, model_allowed, te
 from ..data.text import TextError, iter_pieces
 from ..gpu.memory import DTYPE_BYTES, extraction_bytes
 from ..text import format_bytes
+from .errors import guarded
 from .models import ModelProblem, loaded_dtype, model_facts
 
 INDEX_BYTES_PER_ROW = 4 + 8 + 4  # token_ids int32, context_ids int64, positions int32
@@ -32,6 +33,7 @@ def locations(cfg: ExtractConfig, home: Path) -> list[tuple[str, str]]:
     return problems
 
 
+@guarded("model", with_value=True)
 def model_and_hook(cfg: ExtractConfig):
     """(facts, problems): the model as the hooks command reads it, and whether the hook is one of its modules."""
     try:
@@ -46,6 +48,7 @@ def model_and_hook(cfg: ExtractConfig):
     return facts, []
 
 
+@guarded("dataset")
 def first_document(cfg: ExtractConfig) -> list[tuple[str, str]]:
     """The text can be opened and holds at least one document of the field asked for."""
     try:
@@ -64,6 +67,7 @@ def disk_needed(cfg: ExtractConfig, d_in: int) -> int:
     return cfg.n_tokens * per_row + cfg.n_tokens * 4
 
 
+@guarded("n_tokens")
 def disk_problem(need: int, jobs_dir: Path) -> list[tuple[str, str]]:
     where = jobs_dir if jobs_dir.exists() else jobs_dir.parent
     free = shutil.disk_usage(where).free

@@ -18,7 +18,7 @@ from ..access import without_secrets
 from ..data.catalog import hub_snapshot, offline_env
 from ..files import MODEL_SETTINGS_FILES
 from ..text import brief
-from .errors import JobError
+from .errors import UNEXPECTED, JobError, log
 
 FACTS_TIMEOUT_S = 180.0  # tracing a large model's modules on the meta device takes seconds, not minutes
 _MISSING_TTL_S = 60.0  # a folder without a config.json may get one: look again after a minute
@@ -103,10 +103,24 @@ def _read_facts(model: str, timeout_s: float) -> ModelFacts | ModelProblem:
     except subprocess.TimeoutExpired:
         raise ModelProblem("model", f"model: listing its modules took over {timeout_s:.0f} s; try again") from None
     if child.returncode != 0:
-        message = (child.stderr.strip().splitlines() or ["the model could not be read"])[-1].removeprefix("error: ")
-        field = message.split(":", 1)[0] if message.startswith(("model:", "hook:")) else "model"
-        return ModelProblem(field, brief(message, 400))
-    return ModelFacts.from_json(json.loads(child.stdout))
+        return _refusal(child.stderr)
+    try:
+        return ModelFacts.from_json(json.loads(child.stdout))
+    except (ValueError, KeyError, TypeError):
+        log.error("the hooks command for %s printed no model facts:\n%s", model, child.stdout[-4000:])
+        return ModelProblem("model", f"model: {UNEXPECTED}")
+
+
+def _refusal(stderr: str) -> ModelProblem:
+    """The hooks command's own refusal (its last line, `error: model: ...`); a crash (a traceback, whose last
+    line is the exception) is one line for the person and the whole of it for the server log."""
+    last = (stderr.strip().splitlines() or [""])[-1]
+    if not last.startswith("error: "):
+        log.error("the hooks command failed:\n%s", stderr[-4000:])
+        return ModelProblem("model", f"model: {UNEXPECTED}")
+    message = last.removeprefix("error: ")
+    field = message.split(":", 1)[0] if message.startswith(("model:", "hook:")) else "model"
+    return ModelProblem(field, brief(message, 400))
 
 
 def loaded_dtype(facts: ModelFacts, model_dtype: str, on_gpu: bool) -> str:

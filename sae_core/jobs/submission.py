@@ -27,7 +27,7 @@ from ..gpu.memory import GiB, host_bytes, host_bytes_of_terms
 from ..outputs import checkpoint_root, latest_checkpoint
 from ..text import label_problem
 from . import evaluate_checks, extract_checks, store
-from .errors import JobError
+from .errors import JobError, unexpected
 from .gpus import gpu_statuses
 from .models import ModelFacts
 from .placement import parse_placement
@@ -197,6 +197,8 @@ def _check_dataset(cfg: TrainConfig, scan_values: bool | None, home: Path, verdi
         verdict.dataset = check_dataset(cfg, 1, scan_values=scan)
     except (DatasetError, ConfigError, OSError) as exc:
         verdict.problems.append(Problem("activation_source", str(exc)))
+    except Exception:  # noqa: BLE001  (the gate's safety net: logged, and named by field)
+        verdict.problems.append(Problem(*unexpected("activation_source")))
 
 
 def _check_gpus(

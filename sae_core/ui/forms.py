@@ -63,11 +63,15 @@ def resolve_d_sae(values: FormValues, errors: list[str]) -> int | None:
     return int(round(values.expansion_factor * values.d_in))
 
 
+DATASET_MISSING = "dataset: choose a dataset or enter the path of an activation file or shard directory"
+
+
 def form_to_config(values: FormValues) -> tuple[TrainConfig | None, list[str]]:
-    """TrainConfig from the form, or the list of problems (each names its field and what is allowed)."""
+    """TrainConfig from the form, or the list of problems (each names its field and what is allowed; a blank
+    dataset is DATASET_MISSING)."""
     errors: list[str] = []
     if not values.activation_source.strip():
-        errors.append("dataset: choose a dataset or enter the path of an activation file or shard directory")
+        errors.append(DATASET_MISSING)
     data: dict[str, Any] = {
         "activation_source": values.activation_source.strip(),
         "architecture": values.architecture,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import string
+
 from ..text import format_bytes
 
 # Thresholds from the GPU-selector design: >90 % used is red, >70 % yellow, else green.
@@ -42,11 +45,17 @@ def memory_bar_html(used: float | None, total: float | None) -> str:
     )
 
 
-# Inline markdown: emphasis, code, links, images, HTML, tables, strike, math. (Streamlit's `:red[...]`
-# directives need a bracket, escaped here; a bare `:smile:` can only become an emoji.)
+# Inline markdown: emphasis, code, links, images, HTML, tables, strike, math, Streamlit's `:red[...]`.
 _INLINE_MARKUP = set("\\`*_[]<>!|~${}")
 # What makes markup at the start of a line: headings, lists, quotes, rules, setext underlines.
 _LINE_MARKUP = set("#-+>=")
+_LIST_NUMBER = re.compile(r"\d+[.)](\s|$)")
+_SIGNED_NUMBER = re.compile(r"[-+]\d")  # -0.5 is a number, not a list item or a rule
+# Links without brackets (GFM's `http://host`, `www.host`, `name@host`), `:smile:` emoji and `:material/x:`
+# icons are found in the text after its escapes are undone, so escaping cannot stop them: an invisible word
+# joiner splits their patterns instead (`http:⁠//host`, `www⁠.host`, `name⁠@host`, `:⁠smile:`).
+WORD_JOINER = "\u2060"
+_WWW_DOT = re.compile(r"(www)\.", re.IGNORECASE)
 
 
 def md_text(value: object, multiline: bool = False) -> str:
@@ -60,13 +69,31 @@ def md_text(value: object, multiline: bool = False) -> str:
 
 def _escape_line(line: str) -> str:
     out = "".join(f"\\{ch}" if ch in _INLINE_MARKUP else ch for ch in line)
+    out = out.replace(":", ":" + WORD_JOINER).replace("@", WORD_JOINER + "@")
+    out = _WWW_DOT.sub(r"\1" + WORD_JOINER + ".", out)
     stripped = out.lstrip()
-    starts_list = stripped[:1].isdigit() and stripped.lstrip("0123456789")[:1] in (".", ")")
-    if stripped[:1] in _LINE_MARKUP or starts_list:
-        indent = len(out) - len(stripped)
-        digits = len(stripped) - len(stripped.lstrip("0123456789")) if starts_list else 0
-        out = out[: indent + digits] + "\\" + out[indent + digits :]
+    indent = len(out) - len(stripped)
+    if _LIST_NUMBER.match(stripped):  # "1. " or "2) " starts an ordered list; "0.0812" does not
+        digits = len(stripped) - len(stripped.lstrip("0123456789"))
+        return out[: indent + digits] + "\\" + out[indent + digits :]
+    if stripped[:1] in _LINE_MARKUP and not _SIGNED_NUMBER.match(stripped):
+        return out[:indent] + "\\" + stripped
     return out
+
+
+class _EscapingFormatter(string.Formatter):
+    def format_field(self, value: object, format_spec: str) -> str:
+        return md_text(super().format_field(value, format_spec))
+
+
+_ESCAPING = _EscapingFormatter()
+
+
+def md(template: str, *values: object, **named: object) -> str:
+    """`template` (our own markdown, in str.format syntax) with every value put in as text (md_text): the
+    one way a page puts a value into a label, caption, message, metric or tooltip, all of which Streamlit
+    renders as markdown. `md("**GPU {}** · {name}", 3, name=gpu.name)`."""
+    return _ESCAPING.format(template, *values, **named)
 
 
 def badge(text: str, colour: str) -> str:

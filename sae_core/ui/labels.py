@@ -27,6 +27,19 @@ def load_snippets(sae_dir: Path) -> tuple[str, str]:
     return ours, theirs
 
 
+def model_sources(found: list[str], models_dir: Path, cache_dir: Path) -> str:
+    """Where the Extract page looks for models, what it found there, and how to add one."""
+    local = sum(Path(m).parent == models_dir for m in found)
+    where = f"{models_dir} (a folder per model, as save_pretrained writes it) and the Hugging Face cache {cache_dir}"
+    if not found:
+        return (
+            f"No model found yet. Models are looked for in {where}. To add one, copy or save its folder into "
+            f"{models_dir}, or download it into the cache on this machine (hf download ORG/NAME, for example "
+            "hf download openai-community/gpt2); then reload this page."
+        )
+    return f"{local} model(s) in {models_dir}, {len(found) - local} in the Hugging Face cache {cache_dir}."
+
+
 STALE_AFTER_S = 30.0
 
 

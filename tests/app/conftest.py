@@ -16,6 +16,7 @@ from sae_core.config import TrainConfig
 from sae_core.data.toy import write_toy
 from sae_core.gpu import history
 from sae_core.jobs import daemon_control, scheduler, store
+from sae_core.ui.html import WORD_JOINER
 from tests.conftest import REPO
 from tests.fakes.fixtures import fake_gpus  # noqa: F401  (fixture)
 
@@ -23,8 +24,9 @@ APP = str(REPO / "app.py")
 
 
 def rendered(markdown: str) -> str:
-    """The text a markdown source shows: its backslash escapes (of ASCII punctuation) resolved."""
-    return re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", markdown)
+    """The text a markdown source shows: its backslash escapes (of ASCII punctuation) resolved, without the
+    invisible word joiners that keep autolinks and emoji from forming (ui/html.py)."""
+    return re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", markdown).replace(WORD_JOINER, "")
 
 
 class Lab:

@@ -89,12 +89,12 @@ def start_streamlit(port: int, env: dict[str, str], log: Path) -> subprocess.Pop
         return subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def lab_env(home: Path, tmp_path: Path, **extra: str) -> dict[str, str]:
+def lab_env(home: Path, tmp_path: Path, scenario: dict | None = None, **extra: str) -> dict[str, str]:
     """A fresh lab with no GPU, as on CI: the fake NVML says "no driver" even on a GPU machine, so jobs
-    are CPU jobs."""
+    are CPU jobs (or the fake GPUs of `scenario`)."""
     from tests.fakes import fake_pynvml
 
-    fake = fake_pynvml.write_scenario(tmp_path / "gpus.json", fake_pynvml.no_driver())
+    fake = fake_pynvml.write_scenario(tmp_path / "gpus.json", scenario or fake_pynvml.no_driver())
     env = subprocess_env(SAE_LAB_HOME=str(home), OMP_NUM_THREADS="1", **fake_pynvml.env_for(fake), **extra)
     if "SAE_LAB_PASSWORD" not in extra:
         env.pop("SAE_LAB_PASSWORD", None)
@@ -138,14 +138,14 @@ def stop_everything(server: subprocess.Popen, home: Path) -> None:
 
 
 @contextlib.contextmanager
-def running_lab(tmp_path: Path, **extra_env: str):
-    """(url, home) of a real app on a free port over a fresh SAE_LAB_HOME; on exit the app, its launcher
-    daemon and every job process are stopped, and none may be left."""
+def running_lab(tmp_path: Path, scenario: dict | None = None, **extra_env: str):
+    """(url, home) of a real app on a free port over a fresh SAE_LAB_HOME (and the fake GPUs of `scenario`);
+    on exit the app, its launcher daemon and every job process are stopped, and none may be left."""
     home = tmp_path / "lab"
     home.mkdir()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = start_streamlit(port, lab_env(home, tmp_path, **extra_env), tmp_path / "streamlit.log")
+    server = start_streamlit(port, lab_env(home, tmp_path, scenario, **extra_env), tmp_path / "streamlit.log")
     try:
         wait_healthy(url, server)
         yield url, home

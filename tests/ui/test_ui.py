@@ -61,6 +61,34 @@ def test_badge_cannot_be_broken_by_brackets():
     assert html.badge("job [x]", "orange") == ":orange-badge[job (x)]"
 
 
+WJ = html.WORD_JOINER
+
+
+@pytest.mark.parametrize(
+    ("text", "escaped"),
+    [
+        ("![t](http://h/p.png)", f"\\!\\[t\\](http:{WJ}//h/p.png)"),
+        ("see http://h/phish", f"see http:{WJ}//h/phish"),  # a GFM autolink needs no brackets
+        ("www.phish.example", f"www{WJ}.phish.example"),
+        ("ana@phish.example", f"ana{WJ}@phish.example"),
+        (":red[alarm] :smile:", f":{WJ}red\\[alarm\\] :{WJ}smile:{WJ}"),
+        ("# heading", "\\# heading"),
+        ("1. item", "1\\. item"),
+        ("0.0812", "0.0812"),  # numbers stay as they are
+        ("-0.5", "-0.5"),
+        ("- item", "\\- item"),
+    ],
+)
+def test_md_text_leaves_no_markup(text, escaped):
+    assert html.md_text(text) == escaped
+
+
+def test_md_escapes_the_values_not_the_template():
+    assert html.md("**GPU {}** · {:,} B · {name}", 3, 12345, name="[x](http://h)") == (
+        f"**GPU 3** · 12,345 B · \\[x\\](http:{WJ}//h)"
+    )
+
+
 # --------------------------------------------------------------------------- password gate
 
 
