@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import stat
 from pathlib import Path
 from typing import Literal, Self, get_args
 
@@ -34,14 +32,11 @@ from .architectures import (
     architecture,
     option_owners,
 )
+from .jsonfile import ConfigError, read_json_object
 from .limits import MAX_COEFFICIENT, MAX_HOLDOUT, MAX_SEED, MAX_STEPS, MAX_TOKENS, MAX_WIDTH
 from .text import brief
 
 MAX_PATH_CHARS = 4096
-MAX_CONFIG_BYTES = 1 << 20  # a config file is a few hundred bytes; a bigger one is not read
-# Kernel pseudo-files: /proc/kmsg and the like call themselves regular files of size 0, and reading one may
-# block forever or return live kernel state; no config or manifest lives there.
-PSEUDO_FILE_ROOTS = ("/proc", "/sys", "/dev")
 MAX_SHUFFLE_BYTES = 64 * 2**30  # shuffle buffer (host RAM per rank, see data/order.py)
 MAX_READER_THREADS = 64
 READY_BATCHES = 4  # batches each rank's loader keeps assembled ahead of the training loop
@@ -53,10 +48,6 @@ DEFAULT_LR_AT_16K = 8e-4
 # that does not overshoot) and, under Adam's ~lr-sized steps, an encoder that moves faster relative to its
 # size. 0.5 beat 1 on every row of bench/quality_vs_saelens.py; 0.25 and 0.1 left more latents dead.
 DEFAULT_ENCODER_INIT_SCALE = 0.5
-
-
-class ConfigError(ValueError):
-    """A configuration problem, phrased for a person: field name and what is allowed."""
 
 
 class StrictConfig(BaseModel):
@@ -443,53 +434,6 @@ class InspectConfig(StrictConfig):
     top_k: int = Field(20, gt=0, le=1000, description="Top-activating examples kept per latent.")
     chunk_rows: int = Field(2048, gt=0, le=2**20, description="Rows encoded at once (memory: chunk_rows × d_sae).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu.")
-
-
-def read_json_object(path: str | Path, what: str, holds: str, max_bytes: int = MAX_CONFIG_BYTES) -> dict:
-    """The JSON object in a regular file of at most `max_bytes`, or ConfigError saying what is wrong.
-
-    Only a regular file is opened (a FIFO or a device would block the reader), never a kernel pseudo-file
-    (PSEUDO_FILE_ROOTS); at most `max_bytes` are read whatever size the file claims, and nesting too deep
-    for the parser is an error, not a crash."""
-    path = Path(path)
-    shown = brief(path)
-    try:
-        real = Path(os.path.realpath(path))
-        info = path.stat()
-    except FileNotFoundError:
-        raise ConfigError(f"{what} not found: {shown}") from None
-    except (OSError, ValueError) as exc:  # a permission refused, a loop of links, a NUL byte in the name
-        raise ConfigError(f"{what} {shown} cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
-    if any(real.is_relative_to(root) for root in PSEUDO_FILE_ROOTS):
-        raise ConfigError(f"{what} {shown} is a kernel pseudo-file, not a file of data")
-    if not stat.S_ISREG(info.st_mode):
-        raise ConfigError(f"{what} {shown} is not a regular file")
-    raw = _read_at_most(path, max_bytes, f"{what} {shown}")
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{what} {shown} is not valid JSON: {brief(exc)}") from None
-    except RecursionError:
-        raise ConfigError(f"{what} {shown} is not valid JSON: nested too deeply") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{what} {shown} must hold a JSON object of {holds}")
-    return data
-
-
-def _read_at_most(path: Path, max_bytes: int, shown: str) -> bytes:
-    """The bytes of the regular file at `path`; ConfigError past `max_bytes`. Opened without blocking and
-    checked again once open: a FIFO put in its place after the check above cannot stall the reader."""
-    try:
-        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
-            info = os.fstat(f.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                raise ConfigError(f"{shown} is not a regular file")
-            raw = f.read(max_bytes + 1) if info.st_size <= max_bytes else b""
-    except OSError as exc:
-        raise ConfigError(f"{shown} cannot be read ({exc.strerror or exc})") from None
-    if info.st_size > max_bytes or len(raw) > max_bytes:
-        raise ConfigError(f"{shown} is larger than {max_bytes:,} bytes; at most {max_bytes:,} are read")
-    return raw
 
 
 def field_names() -> list[str]:

@@ -49,8 +49,9 @@ def test_a_wrong_value_is_an_error_at_once(lab):
     lab.sample(fake.no_driver())
     lab.toy_dataset()
     at = lab.page("views/train.py")
-    at.number_input(key="train_k").set_value(0).run()
-    assert any(e.startswith("k:") for e in errors(at)) and at.button(key="train_submit").disabled
+    at.number_input(key="train_k").set_value(5000).run()  # more than d_sae
+    assert any(e.startswith("k (5000) must be at most d_sae") for e in errors(at))
+    assert at.button(key="train_submit").disabled
 
 
 def test_a_fresh_extract_page_says_where_models_are_looked_for(lab, hub_cache):

@@ -16,6 +16,7 @@ from sae_core.cli.main import main as cli
 from sae_core.config import ExtractConfig, TrainConfig
 from sae_core.jobs import extract_checks, submission
 from sae_core.jobs.errors import UNEXPECTED
+from sae_core.jobs.placement import Submission
 
 
 @pytest.fixture
@@ -46,7 +47,7 @@ def test_a_binary_jsonl_text_is_named_as_not_utf8(lab_home, extract_cfg):
     binary = lab_home / "datasets" / "binary.jsonl"
     binary.parent.mkdir()
     binary.write_bytes(bytes(range(128, 256)) * 8)
-    found = problems(submission.check_extract(extract_cfg.model_copy(update={"dataset": str(binary)}), None, 1))
+    found = problems(submission.check(extract_cfg.model_copy(update={"dataset": str(binary)}), Submission(None, 1)))
     assert found == [("dataset", f"dataset: {binary} is not UTF-8 text")]
 
 
@@ -55,7 +56,7 @@ def test_an_npy_header_with_an_impossible_shape_is_named(lab_home, shape):
     (lab_home / "datasets").mkdir()
     path = npy_with_shape(lab_home / "datasets" / "acts.npy", shape)
     cfg = TrainConfig(activation_source=str(path), d_sae=64, total_steps=10)
-    ((field, message),) = problems(submission.check(cfg, None, 1))
+    ((field, message),) = problems(submission.check(cfg, Submission(None, 1)))
     assert field == "activation_source" and "not a readable .npy array" in message and leaks_nothing(message)
 
 
@@ -73,21 +74,21 @@ def test_a_model_whose_reading_crashes_is_one_line_and_its_traceback_is_logged(l
     model = lab_home / "models" / "odd"
     shutil.copytree(hf["gpt2"], model)
     config = json.loads((model / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({**config, "architectures": [["GPT2LMHeadModel"]]}))
+    (model / "config.json").write_text(json.dumps({**config, "n_embd": -5}))  # loads, then fails to build
     with caplog.at_level(logging.ERROR, logger="sae_core.gate"):
-        found = problems(submission.check_extract(extract_cfg.model_copy(update={"model": str(model)}), None, 1))
+        found = problems(submission.check(extract_cfg.model_copy(update={"model": str(model)}), Submission(None, 1)))
     assert [field for field, _ in found] == ["model"]
     assert found[0][1] == f"model: {UNEXPECTED}"
-    assert "Traceback" in caplog.text and "TypeError" in caplog.text  # the child's own report, for the operator
+    assert "Traceback" in caplog.text and "RuntimeError" in caplog.text  # the child's own report, for the operator
 
 
 def test_an_exception_no_check_foresaw_is_one_line_naming_the_field(lab_home, extract_cfg, monkeypatch, caplog):
     def broken_reader(*_args, **_kwargs):
         raise RuntimeError("boom in /srv/private/reader.py")
 
-    monkeypatch.setattr(extract_checks, "iter_documents", broken_reader)
+    monkeypatch.setattr(extract_checks, "iter_pieces", broken_reader)
     with caplog.at_level(logging.ERROR, logger="sae_core.gate"):
-        found = problems(submission.check_extract(extract_cfg, None, 1))
+        found = problems(submission.check(extract_cfg, Submission(None, 1)))
     assert found == [("dataset", f"dataset: {UNEXPECTED}")]
     assert leaks_nothing(found[0][1])
     assert "boom in /srv/private/reader.py" in caplog.text and "Traceback" in caplog.text
