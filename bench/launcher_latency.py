@@ -24,6 +24,7 @@ from sae_core import db
 from sae_core.config import TrainConfig
 from sae_core.data.toy import write_toy
 from sae_core.jobs import metrics, processes, scheduler, store
+from sae_core.jobs.placement import Submission
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -33,7 +34,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def sink_latency(home: Path, locked: bool) -> dict:
     cfg = TrainConfig(activation_source="/x", d_sae=64, k=8, batch_size=256, total_steps=10)
-    job = store.submit_job(cfg, None, 1)
+    job = store.submit_job(cfg, Submission(None, 1))
     sink = metrics.SqliteMetricsSink(job.id, flush_interval_s=0.05, close_timeout_s=30)
     holder = None
     if locked:  # another connection holds the write lock for 2 s
@@ -59,7 +60,7 @@ def sink_latency(home: Path, locked: bool) -> dict:
 def claim_latency() -> float:
     cfg = TrainConfig(activation_source="/x", d_sae=64, k=8, batch_size=256, total_steps=10)
     for i in range(100):
-        store.submit_job(cfg, str(i % 8), None)
+        store.submit_job(cfg, Submission(str(i % 8), None))
     started = time.perf_counter()
     scheduler.claim_runnable(cpu_budget=2)
     return (time.perf_counter() - started) * 1e3
@@ -88,7 +89,7 @@ def lifecycle(home: Path, repeats: int) -> dict[str, list[float]]:
     try:
         for i in range(2 * repeats):
             submitted = time.time()
-            job = store.submit_job(cfg, None, 2)
+            job = store.submit_job(cfg, Submission(None, 2))
             running = wait(lambda job=job: store.get_job(job.id).status == "running" and store.get_job(job.id))
             results["submit -> running (s)"].append(running.started_at - submitted)
             wait(lambda job=job: store.get_job(job.id).last_step > 0)

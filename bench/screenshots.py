@@ -28,6 +28,7 @@ from sae_core.data.catalog import TOY_DEFAULTS
 from sae_core.data.toy import write_toy
 from sae_core.files import TOY_FILE
 from sae_core.jobs import store
+from sae_core.jobs.placement import Submission
 from sae_core.latents import read_inspection
 from tests.app.test_e2e_browser import CHROMIUM_ARGS, chromium_path, free_port, stop_everything, wait_healthy
 from tests.fakes import fake_pynvml as fake
@@ -83,10 +84,10 @@ def submit_jobs(home: Path) -> int:
         log_every=5,
         device="cpu",
     )
-    job = store.submit_job(good, None, 2, name="toy-topk-512", submitted_by="ana")
+    job = store.submit_job(good, Submission(None, 2, name="toy-topk-512", submitted_by="ana"))
     bad = good.model_copy(update={"activation_source": str(home / "datasets" / "layer12")})
-    store.submit_job(bad, None, 2, name="l12-typo-in-path", submitted_by="bo")
-    cancelled = store.submit_job(good, None, 1, name="lr-sweep-3e-4", submitted_by="bo")
+    store.submit_job(bad, Submission(None, 2, name="l12-typo-in-path", submitted_by="bo"))
+    cancelled = store.submit_job(good, Submission(None, 1, name="lr-sweep-3e-4", submitted_by="bo"))
     store.request_cancel(cancelled.id)
     return job.id
 
@@ -122,7 +123,9 @@ def submit_explore_chain(home: Path) -> int:
                             context_size=64, device="cpu")  # fmt: skip
     train = TrainConfig(activation_source="(the extraction)", d_sae=1536, k=16, total_steps=300, batch_size=1024,
                         holdout_tokens=1024, log_every=10, device="cpu")  # fmt: skip
-    _, training, _ = submission.submit_extract(extract, None, 2, name="minilm-l3", submitted_by="ana", then_train=train)
+    _, training, _ = submission.submit_extract(
+        extract, Submission(None, 2, name="minilm-l3", submitted_by="ana"), then_train=train
+    )
     assert training is not None
     return training.id
 
@@ -221,8 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(2)
             print("MiniLM training job:", store.get_job(explore_job).status)
             sae_dir = home / "jobs" / str(explore_job)
-            inspected = store.submit_job(InspectConfig(sae=str(sae_dir), device="cpu"), None, 2, name="inspect",
-                                         submitted_by="ana")  # fmt: skip
+            inspected = store.submit_job(InspectConfig(sae=str(sae_dir), device="cpu"), Submission(None, 2, name="inspect", submitted_by="ana"))  # fmt: skip
             while store.get_job(inspected.id).status not in ("completed", "failed", "cancelled"):
                 time.sleep(2)
             inspection = read_inspection(sae_dir)

@@ -33,6 +33,7 @@ from sae_core.config import TrainConfig
 from sae_core.db.tables import GpuMinute, GpuSample, HostSample, MetricPoint
 from sae_core.gpu import history
 from sae_core.jobs import daemon_control, metrics, scheduler, store
+from sae_core.jobs.placement import Submission
 from tests.fakes import fake_pynvml as fake
 
 REPO = Path(__file__).resolve().parent.parent
@@ -118,14 +119,16 @@ def seed_jobs(engine, home: Path) -> int:
     cfg = TrainConfig(activation_source=str(home / "datasets" / "x.safetensors"), d_sae=16384, total_steps=N_STEPS)
     statuses = ["completed", "failed", "cancelled", "queued"]
     for i in range(N_JOBS - 1):
-        job = store.submit_job(cfg, str(i % N_GPUS), None, name=f"sweep-{i}", submitted_by="bench", engine=engine)
+        job = store.submit_job(
+            cfg, Submission(str(i % N_GPUS), None, name=f"sweep-{i}", submitted_by="bench"), engine=engine
+        )
         status = statuses[i % len(statuses)]
         if status != "queued":
             store.request_cancel(job.id, engine=engine) if status == "cancelled" else None
             if status != "cancelled":
                 scheduler.claim_runnable(cpu_budget=64, engine=engine)
                 store.finish_job(job.id, status, exit_code=0 if status == "completed" else 1, engine=engine)
-    running = store.submit_job(cfg, "0,1,2,3", None, name="big-run", submitted_by="bench", engine=engine)
+    running = store.submit_job(cfg, Submission("0,1,2,3", None, name="big-run", submitted_by="bench"), engine=engine)
     scheduler.claim_runnable(cpu_budget=64, engine=engine)
     store.mark_running(running.id, os.getpid(), time.time(), engine=engine)
     t0 = time.time() - N_STEPS * 0.05

@@ -12,7 +12,6 @@ import streamlit as st
 
 from sae_core import paths
 from sae_core.config import InspectConfig
-from sae_core.jobs import submission
 from sae_core.latents import Inspection, inspection_stamp, neuronpedia_zip, read_inspection
 from sae_core.outputs import find_trained_saes, served_dir
 from sae_core.ui import charts, explore, frames
@@ -48,11 +47,10 @@ def inspect_offer(sae_dir: Path) -> None:
     st.info("This SAE has not been inspected yet: the inspect job computes what the page shows.")
     tokens = int(st.number_input("Rows to inspect", min_value=1, value=1_000_000, step=100_000, key="explore_tokens"))
 
-    def submit(gpu_ids, cpu_procs, user, on_gpu):
-        cfg = InspectConfig(sae=str(sae_dir), tokens=tokens, device="auto" if on_gpu else "cpu")
-        return submission.submit_inspect(cfg, gpu_ids, cpu_procs, f"inspect {sae_dir.name}", user)[0]
+    def config(on_gpu: bool) -> InspectConfig:
+        return InspectConfig(sae=str(sae_dir), tokens=tokens, device="auto" if on_gpu else "cpu")
 
-    queue_job_form("inspect", "Inspect this SAE", ":material/search:", "Inspection", submit)
+    queue_job_form("inspect", "Inspect this SAE", ":material/search:", "Inspection", f"inspect {sae_dir.name}", config)
 
 
 def choose_latent(inspection: Inspection, clicked: int | None) -> None:

@@ -19,6 +19,7 @@ from sae_core.jobs import submission
 from sae_core.jobs.extract_checks import memory_per_rank
 from sae_core.jobs.gpus import gpu_statuses
 from sae_core.jobs.models import ModelProblem, model_facts
+from sae_core.jobs.submission import Submission
 from sae_core.text import format_bytes
 from sae_core.ui import html, labels
 from views.widgets import (
@@ -205,9 +206,8 @@ with place_col:
     gpu_ids, cpu_procs, placement_missing = placement(statuses, probe, need, "extract")
 missing += placement_missing
 if cfg is not None and not placement_missing:
-    verdict = submission.check_extract(
-        cfg, gpu_ids or None, cpu_procs, name=job_name, submitted_by=user.strip(), statuses=statuses, engine=engine
-    )
+    where = Submission(gpu_ids or None, cpu_procs, name=job_name, submitted_by=user.strip())
+    verdict = submission.check(cfg, where, statuses=statuses, engine=engine)
     errors += [str(p) for p in verdict.problems]
     with estimate_box:
         estimate_panel(verdict)
@@ -216,9 +216,8 @@ with submit_box:
     if problems_and_submit("extract", errors, missing, "Submit", ":material/send:"):
         try:
             extraction, training, verdict_after = submission.submit_extract(
-                cfg, gpu_ids or None, cpu_procs, name=job_name, submitted_by=user.strip(),
-                then_train=then_train if isinstance(then_train, TrainConfig) else None, engine=engine,
-                then_evaluate=then_evaluate,
+                cfg, Submission(gpu_ids or None, cpu_procs, name=job_name, submitted_by=user.strip()),
+                then_train if isinstance(then_train, TrainConfig) else None, then_evaluate, engine,
             )  # fmt: skip
         except submission.SubmissionRejected as exc:
             for problem in exc.problems:

@@ -12,6 +12,7 @@ from sae_core.db.tables import LIVE_STATUSES
 from sae_core.files import MODEL_EVAL_FILE, STDERR_LOG, STDOUT_LOG
 from sae_core.jobs import store, submission
 from sae_core.jobs.errors import JobError
+from sae_core.jobs.kinds import job_kind
 from sae_core.jobs.lifecycle import cancel_job
 from sae_core.jobs.logs import log_dir_of, tail_text
 from sae_core.jobs.metrics import metrics_frame, named_columns
@@ -99,14 +100,8 @@ def downloads(job, c1, c2) -> None:
         c1.caption("This job's folder is not inside SAE_LAB_HOME, so its files are not served.")
     elif is_trained_sae(out_dir):
         sae_download(c1, out_dir, f"sae-job-{job.id}.zip", "job_download_zip", "job_prepare_zip")
-    elif job.kind == "evaluate":
-        c1.caption("The figures are added to the SAE's eval.json (SAEs page) when the job completes.")
-    elif job.kind == "extract":
-        c1.caption("The activations appear in the Train page's dataset picker when the job completes.")
-    elif job.kind == "inspect":
-        c1.caption("The latents appear on the Explore page when the job completes.")
     else:
-        c1.caption("The SAE download appears when the job completes.")
+        c1.caption(md_text(job_kind(job.kind).result_note))
     c2.download_button(
         "Metrics CSV",
         data=lambda: metrics_csv(metrics_frame(job.id)),
@@ -118,7 +113,21 @@ def downloads(job, c1, c2) -> None:
     )
 
 
-def model_figures(job) -> None:
+def disk_tile(job, metrics, col) -> None:  # noqa: ARG001  (every tile takes the same arguments)
+    """An extraction's disk written so far."""
+    disk = metrics["disk_bytes"].dropna() if "disk_bytes" in metrics else []
+    col.metric("Disk used", format_bytes(disk.iloc[-1]) if len(disk) else "—")
+
+
+def data_wait_tile(job, metrics, col) -> None:  # noqa: ARG001
+    """The share of time the ranks waited for data."""
+    data_wait = frames.data_wait_summary(metrics)
+    col.metric(
+        "Data wait", md_text(data_wait[0]) if data_wait else "—", help=md_text(data_wait[1]) if data_wait else None
+    )
+
+
+def model_figures(job, metrics=None, col=None) -> None:  # noqa: ARG001
     """An evaluation job's result (its model_eval.json), once written."""
     out_dir = served_dir(job.out_dir, paths.lab_home())
     shown = labels.model_eval_figures(read_json(out_dir / MODEL_EVAL_FILE)) if out_dir is not None else {}
@@ -126,6 +135,10 @@ def model_figures(job) -> None:
         cols = st.columns(len(shown))
         for col, (label, value) in zip(cols, shown.items(), strict=False):
             col.metric(md_text(label), md_text(value))
+
+
+# The sixth tile of a job, by its kind's `tile` (jobs/kinds.py).
+TILES = {"disk": disk_tile, "data_wait": data_wait_tile, "model_figures": model_figures}
 
 
 def job_detail(job_id: int, was_live: bool) -> None:
@@ -141,24 +154,14 @@ def job_detail(job_id: int, was_live: bool) -> None:
     now = time.time()
     metrics = metrics_frame(job.id, max_points=CHART_POINTS)
     cols = st.columns(6)
-    extracting = job.kind == "extract"
-    counted = {"extract": "Rows", "evaluate": "Contexts", "inspect": "Rows"}.get(job.kind, "Step")
-    cols[0].metric(md_text(counted), f"{job.last_step:,} / {job.total_steps:,}")
+    kind = job_kind(job.kind)
+    cols[0].metric(md_text(kind.progress_label), f"{job.last_step:,} / {job.total_steps:,}")
     cols[1].metric("Tokens/s", format_rate(job.tokens_per_s).removesuffix(" tok/s"))
     eta = frames.job_eta_seconds(job.status, job.started_at, job.last_step, job.total_steps, now)
     cols[2].metric("ETA", format_duration(eta))
     cols[3].metric("Runs on", md_text(frames.gpus_label(job.gpu_ids, job.cpu_procs)))
     cols[4].metric("Submitted by", md_text(job.submitted_by or "—"))
-    if extracting:
-        disk = metrics["disk_bytes"].dropna() if "disk_bytes" in metrics else []
-        cols[5].metric("Disk used", format_bytes(disk.iloc[-1]) if len(disk) else "—")
-    elif job.kind == "evaluate":
-        model_figures(job)
-    else:
-        data_wait = frames.data_wait_summary(metrics)
-        cols[5].metric(
-            "Data wait", md_text(data_wait[0]) if data_wait else "—", help=md_text(data_wait[1]) if data_wait else None
-        )
+    TILES[kind.tile](job, metrics, cols[5])
     if job.depends_on is not None and job.status == "queued":
         st.info(md("Waits for job {} to complete.", job.depends_on), icon=":material/schedule:")
     if job.error:
@@ -168,7 +171,7 @@ def job_detail(job_id: int, was_live: bool) -> None:
     if metrics.empty:
         st.caption("No metrics yet: rank 0 records them every log_every steps once training runs.")
     else:
-        shown = frames.KIND_CHART_METRICS.get(job.kind, [*frames.CHART_METRICS, *named_columns(metrics)])
+        shown = kind.chart_metrics or [*frames.CHART_METRICS, *named_columns(metrics)]
         st.vega_lite_chart(frames.metrics_long(metrics, shown), charts.metrics_spec(), width="stretch")
         peaks = frames.peak_memory_by_rank(metrics)
         if not peaks.empty:

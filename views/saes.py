@@ -10,7 +10,6 @@ import streamlit as st
 from sae_core import paths
 from sae_core.config import EvaluateConfig
 from sae_core.files import CFG_FILE, EVAL_FILE, SPARSITY_FILE
-from sae_core.jobs import submission
 from sae_core.outputs import find_trained_saes, read_json, read_log10_frequency
 from sae_core.ui import charts, frames, labels
 from sae_core.ui.html import md, md_text
@@ -28,11 +27,12 @@ def evaluate_form(sae_dir: Path) -> None:
     """Queue a model evaluation of this SAE: how many held-out contexts, where it runs, who asks."""
     contexts = int(st.number_input("Held-out contexts", min_value=1, max_value=2**20, value=256, key="saes_contexts"))
 
-    def submit(gpu_ids, cpu_procs, user, on_gpu):
-        cfg = EvaluateConfig(sae=str(sae_dir), contexts=contexts, device="auto" if on_gpu else "cpu")
-        return submission.submit_evaluate(cfg, gpu_ids, cpu_procs, f"evaluate {sae_dir.name}", user)[0]
+    def config(on_gpu: bool) -> EvaluateConfig:
+        return EvaluateConfig(sae=str(sae_dir), contexts=contexts, device="auto" if on_gpu else "cpu")
 
-    queue_job_form("evaluate", "Evaluate with the model", ":material/science:", "Evaluation", submit)
+    queue_job_form(
+        "evaluate", "Evaluate with the model", ":material/science:", "Evaluation", f"evaluate {sae_dir.name}", config
+    )
 
 
 st.title("Trained SAEs")

@@ -17,6 +17,7 @@ from sae_core.gpu import memory, scaling
 from sae_core.gpu.history import latest_probe
 from sae_core.jobs import submission
 from sae_core.jobs.gpus import gpu_statuses
+from sae_core.jobs.submission import Submission
 from sae_core.text import format_bytes
 from sae_core.ui import frames, html
 from sae_core.ui.forms import DATASET_MISSING, FormValues, form_to_config, path_mtime
@@ -152,10 +153,10 @@ def estimate_panel(cfg, world: int, d_in: int, gpus) -> None:
         st.dataframe(frames.breakdown_frame(estimate.breakdown, memory.TERM_LABELS), hide_index=True, width="stretch")
 
 
-def submit(engine, cfg, gpu_ids: list[int], cpu_procs: int | None, name: str, user: str) -> None:
+def submit(engine, cfg, where: Submission) -> None:
     try:
         with st.spinner("Checking the activations…"):
-            job, _ = submission.submit(cfg, gpu_ids or None, cpu_procs, name=name, submitted_by=user, engine=engine)
+            job, _ = submission.submit(cfg, where, engine)
     except submission.SubmissionRejected as exc:
         for problem in exc.problems:
             st.error(html.md_text(problem), icon=":material/error:")
@@ -195,19 +196,11 @@ with place_col:
     gpu_ids, cpu_procs, placement_missing = placement(statuses, probe, need, "train")
 missing += placement_missing
 world = len(gpu_ids) or cpu_procs or 1
+where = Submission(gpu_ids or None, cpu_procs, name=job_name, submitted_by=user.strip())
 notes: list[str] = []
 if cfg is not None and dataset is not None and not placement_missing:
     # The gate, without the full value scan (Submit does that): every rule the CLI applies.
-    verdict = submission.check(
-        cfg,
-        gpu_ids or None,
-        cpu_procs,
-        name=job_name,
-        submitted_by=user.strip(),
-        scan_values=False,
-        statuses=statuses,
-        engine=engine,
-    )
+    verdict = submission.check(cfg, where, scan_values=False, statuses=statuses, engine=engine)
     errors += [str(problem) for problem in verdict.problems]
     notes = verdict.notes
 
@@ -222,7 +215,7 @@ with submit_box:
     for note in notes:
         st.info(html.md_text(note), icon=":material/schedule:")
     if problems_and_submit("train", errors, missing, "Submit", ":material/send:"):
-        submit(engine, cfg, gpu_ids, cpu_procs, job_name, user.strip())
+        submit(engine, cfg, where)
     if job_id := st.session_state.get("train_submitted"):
         st.success(html.md("Job {} queued.", job_id))
         queued_link(job_id)

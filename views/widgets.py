@@ -11,14 +11,14 @@ from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from sae_core import db
 from sae_core.architectures import ARCHITECTURE_NAMES, DEFAULT_ARCHITECTURE, architecture
-from sae_core.config import ConfigError
+from sae_core.config import ConfigError, JobConfig
 from sae_core.db.health import DATABASE_ERRORS
-from sae_core.db.tables import Job
 from sae_core.files import SAE_ZIP_FILE
 from sae_core.gpu.availability import recommend
 from sae_core.gpu.history import latest_probe
+from sae_core.jobs import submission
 from sae_core.jobs.gpus import gpu_statuses
-from sae_core.jobs.submission import SubmissionRejected
+from sae_core.jobs.submission import Submission, SubmissionRejected
 from sae_core.outputs import build_sae_zip, zip_is_current
 from sae_core.text import format_bytes, format_percent
 from sae_core.ui import html, labels
@@ -184,12 +184,12 @@ def queued_link(job_id: int) -> None:
 
 
 # Queue a job from a page: (gpu_ids or None, cpu_procs, who, on_gpu) → the queued job (or the gate's refusal).
-SubmitJob = Callable[[list[int] | None, int | None, str, bool], Job]
+JobToQueue = Callable[[bool], JobConfig]  # on GPUs or not -> the config of the job
 
 
-def queue_job_form(prefix: str, label_md: str, icon: str, noun: str, submit: SubmitJob) -> None:
-    """Where the job runs, who asks, and the button that queues it through `submit` (the gate): every
-    problem shown beside it, or a link to the queued job."""
+def queue_job_form(prefix: str, label_md: str, icon: str, noun: str, name: str, config: JobToQueue) -> None:
+    """Where the job runs, who asks, and the button that queues the job `config` gives, named `name`, through
+    the gate: every problem shown beside it, or a link to the queued job."""
     engine = db.get_engine()
     probe = latest_probe(engine)
     statuses = gpu_statuses(engine, snapshot=probe) if probe is not None and probe.gpus else []
@@ -201,7 +201,8 @@ def queue_job_form(prefix: str, label_md: str, icon: str, noun: str, submit: Sub
         return
     st.session_state["user_name"] = user
     try:
-        job = submit(gpu_ids or None, cpu_procs, user.strip(), bool(statuses))
+        where = Submission(gpu_ids or None, cpu_procs, name=name, submitted_by=user.strip())
+        job, _ = submission.submit(config(bool(statuses)), where)
     except (ConfigError, SubmissionRejected) as exc:
         for problem in getattr(exc, "problems", None) or [exc]:
             st.error(html.md_text(problem), icon=":material/error:")
@@ -231,7 +232,7 @@ def architecture_options(prefix: str, arch: str) -> tuple[dict, list[str]]:
         _option_widget(columns[i % len(columns)], prefix, option, values, problems)
     advanced = [f for f in fields if f.advanced]
     if advanced:
-        with st.expander(f"More {arch} options"):
+        with st.expander(html.md("More {} options", arch)):
             for option in advanced:
                 _option_widget(st, prefix, option, values, problems)
     return values, problems
@@ -239,15 +240,19 @@ def architecture_options(prefix: str, arch: str) -> tuple[dict, list[str]]:
 
 def _option_widget(where, prefix: str, option: OptionField, values: dict, problems: list[str]) -> None:
     key = f"{prefix}_{option.name}"
+    label_md, tip_md = (
+        html.md_text(option.label),
+        html.md_text(option.help),
+    )  # our words, but shown as text all the same
     if option.kind == "choice":
         values[option.name] = where.selectbox(
-            option.label, option.choices, index=option.choices.index(option.default), key=key, help=option.help
+            label_md, option.choices, index=option.choices.index(option.default), key=key, help=tip_md
         )
     elif option.kind == "bool":
-        values[option.name] = where.checkbox(option.label, value=bool(option.default), key=key, help=option.help)
+        values[option.name] = where.checkbox(label_md, value=bool(option.default), key=key, help=tip_md)
     elif option.optional or option.kind == "ints":
         placeholder = "default" if option.default is None else f"default {option.default}"
-        typed = where.text_input(option.label, key=key, placeholder=placeholder, help=option.help)
+        typed = where.text_input(label_md, key=key, placeholder=placeholder, help=tip_md)
         value, problem = parse_option_text(option, typed)
         if problem:
             problems.append(problem)
@@ -257,7 +262,7 @@ def _option_widget(where, prefix: str, option: OptionField, values: dict, proble
         kind = int if option.kind == "int" else float  # Streamlit wants every number of one type
         low, high = (None if bound is None else kind(bound) for bound in (option.minimum, option.maximum))
         number = where.number_input(
-            option.label, value=kind(option.default), min_value=low, max_value=high,
-            step=1 if kind is int else None, format=None if kind is int else "%g", key=key, help=option.help,
+            label_md, value=kind(option.default), min_value=low, max_value=high,
+            step=1 if kind is int else None, format=None if kind is int else "%g", key=key, help=tip_md,
         )  # fmt: skip
         values[option.name] = number

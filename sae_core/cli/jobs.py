@@ -23,6 +23,7 @@ from ..jobs.errors import JobError
 from ..jobs.kinds import job_kind
 from ..jobs.lifecycle import GRACE_S, cancel_job
 from ..jobs.logs import log_dir_of
+from ..jobs.placement import Submission
 from ..text import brief, format_duration
 
 REJECTED = 2
@@ -72,6 +73,10 @@ def _submission_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-daemon", action="store_true", help="Do not start the launcher if none runs.")
 
 
+def _submission(args: argparse.Namespace) -> Submission:
+    return Submission(args.gpus, args.cpu_procs, name=args.name, submitted_by=args.user or _user())
+
+
 def cli_submit(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m sae_core submit", description="Queue a training job.")
     parser.add_argument("--config", required=True, help="TrainConfig JSON file.")
@@ -80,9 +85,7 @@ def cli_submit(argv: list[str]) -> int:
 
     try:
         cfg = TrainConfig.from_json_file(args.config)
-        job, verdict = submission.submit(
-            cfg, args.gpus, args.cpu_procs, name=args.name, submitted_by=args.user or _user()
-        )
+        job, verdict = submission.submit(cfg, _submission(args))
     except (ConfigError, JobError) as exc:
         return _reject(str(exc))
     _print_notes(verdict.notes)
@@ -113,10 +116,7 @@ def cli_extract(argv: list[str]) -> int:
         then_evaluate = None
         if args.then_evaluate is not None:
             then_evaluate = EvaluateConfig.from_dict({"sae": "(the training)", "contexts": args.then_evaluate})
-        extraction, training, verdict = submission.submit_extract(
-            cfg, args.gpus, args.cpu_procs, name=args.name, submitted_by=args.user or _user(), then_train=then_train,
-            then_evaluate=then_evaluate,
-        )  # fmt: skip
+        extraction, training, verdict = submission.submit_extract(cfg, _submission(args), then_train, then_evaluate)
     except (ConfigError, JobError) as exc:
         return _reject(str(exc))
     _print_notes(verdict.notes)
@@ -158,9 +158,7 @@ def cli_evaluate(argv: list[str]) -> int:
     }  # fmt: skip
     try:
         cfg = EvaluateConfig.from_dict({k: v for k, v in given.items() if v is not None})
-        job, verdict = submission.submit_evaluate(
-            cfg, args.gpus, args.cpu_procs, name=args.name, submitted_by=args.user or _user()
-        )
+        job, verdict = submission.submit(cfg, _submission(args))
     except (ConfigError, JobError) as exc:
         return _reject(str(exc))
     _print_notes(verdict.notes)
@@ -183,9 +181,7 @@ def cli_inspect(argv: list[str]) -> int:
              "activations": args.activations}  # fmt: skip
     try:
         cfg = InspectConfig.from_dict({k: v for k, v in given.items() if v is not None})
-        job, verdict = submission.submit_inspect(
-            cfg, args.gpus, args.cpu_procs, name=args.name, submitted_by=args.user or _user()
-        )
+        job, verdict = submission.submit(cfg, _submission(args))
     except (ConfigError, JobError) as exc:
         return _reject(str(exc))
     _print_notes(verdict.notes)

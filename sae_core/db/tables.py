@@ -10,7 +10,6 @@ from sqlalchemy import Index
 from sqlmodel import Field, SQLModel
 
 JOB_STATUSES = ("queued", "starting", "running", "completed", "failed", "cancelled")
-JOB_KINDS = ("train", "extract", "evaluate", "inspect")  # what a job runs (jobs/kinds.py: sae_core.train, ...)
 LIVE_STATUSES = ("queued", "starting", "running")  # a job in these holds (or will hold) its GPUs
 ACTIVE_STATUSES = ("starting", "running")  # processes exist (or are being created)
 FINAL_STATUSES = ("completed", "failed", "cancelled")

@@ -18,11 +18,7 @@ from ..access import without_secrets
 from ..data.catalog import offline_env
 from ..db.tables import Job
 from ..files import (
-    EVAL_FILE,
-    INSPECT_DONE_FILE,
     LOGS_DIR,
-    MANIFEST_FILE,
-    MODEL_EVAL_FILE,
     TORCHRUN_ERROR_FILE,
     TORCHRUN_LOG_DIR,
 )
@@ -134,29 +130,19 @@ def build_command(
 
 
 def entry_args(job: Job, out_dir: Path, home: Path) -> list[str]:
-    """The kind's entry module and its arguments: a training continues a checkpoint with --resume, a resumed
-    extraction continues in the folder that holds its shards; an evaluation writes into its own folder."""
+    """The kind's entry module and its arguments: where it writes (a resumed extraction continues in the folder
+    that holds its shards), and for a training that continues a checkpoint `--resume` with its source's folder."""
     kind = job_kind(job.kind)
-    target = extraction_dir(job) if kind.name == "extract" else out_dir
-    argv = ["-m", kind.entry, "--config", str(out_dir / kind.request_file), "--out", str(target)]
-    if kind.name == "train" and job.resumed_from is not None:
+    argv = ["-m", kind.entry, "--config", str(out_dir / kind.request_file), "--out", str(kind.writes_into(job))]
+    if kind.resume == "checkpoint" and job.resumed_from is not None:
         argv += ["--resume", str(paths.job_dir(job.resumed_from, home))]
     return argv
 
 
-def extraction_dir(job: Job) -> Path:
-    """Where an extraction job writes its shards: its own folder, or for a resumed one its source's (a
-    sibling job folder), so that the shards already computed are kept."""
-    out_dir = Path(job.out_dir)
-    return out_dir.parent / str(job.resumed_from) if job.resumed_from is not None else out_dir
-
-
 def finished_marker(job: Job) -> Path:
-    """The file whose presence says the job did all its work: eval.json of a training, the manifest of an
-    extraction, model_eval.json of an evaluation, inspect_done.json of an inspection."""
-    if job.kind == "extract":
-        return extraction_dir(job) / MANIFEST_FILE
-    return Path(job.out_dir) / {"evaluate": MODEL_EVAL_FILE, "inspect": INSPECT_DONE_FILE}.get(job.kind, EVAL_FILE)
+    """The file whose presence says the job did all its work (its kind's: eval.json of a training, the manifest
+    of an extraction, model_eval.json of an evaluation, inspect_done.json of an inspection)."""
+    return job_kind(job.kind).finished_marker(job)
 
 
 def write_job_config(job: Job) -> Path:

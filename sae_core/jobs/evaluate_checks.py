@@ -1,5 +1,5 @@
-"""The submission gate's checks of a model evaluation and of an inspection (called by submission.py, the one
-gate): where the SAE, the model, the text and the activations come from, the plan (data/heldout.py: the same
+"""The submission gate's checks of a model evaluation and of an inspection (called through their JobKind rows
+by submission.py, the one gate): where the SAE, the model, the text and the activations come from, the plan (data/heldout.py: the same
 checks the job makes), the model being a causal LM whose hook is as wide as the SAE, and the memory per rank.
 
 No torch: the model is read by `python -m sae_core hooks` in a child process (models.py).
@@ -7,16 +7,72 @@ No torch: the model is read by `python -m sae_core hooks` in a child process (mo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+
+from sqlalchemy.engine import Engine
 
 from ..config import ConfigError, EvaluateConfig, InspectConfig
 from ..data.catalog import OUTSIDE_MODEL_ROOTS, OUTSIDE_ROOTS, in_data_roots, model_allowed, text_allowed
 from ..data.formats import DatasetError
 from ..data.heldout import EvalPlan, InspectPlan, plan_evaluation, plan_inspection
+from ..gpu.availability import GpuStatus
 from ..gpu.memory import evaluation_bytes, inspection_bytes
 from ..latents import WINDOW
+from . import store
 from .errors import guarded
+from .gate import Verdict, check_model_memory, outside_roots, start_verdict
 from .models import ModelFacts, ModelProblem, loaded_dtype, model_facts
+from .placement import Submission
+
+
+def check_evaluate(
+    cfg: EvaluateConfig,
+    submission: Submission,
+    *,
+    statuses: Sequence[GpuStatus] | None = None,
+    engine: Engine | None = None,
+    planned: bool = False,
+) -> Verdict:
+    """Every problem of queueing the model evaluation `cfg` as `submission`: names, placement, where the SAE,
+    model and text come from, what it runs on (the job's own plan), the model and its hook, the memory.
+    `planned`: the SAE does not exist yet (a training queued before it will write it); its checks are then
+    the job's."""
+    verdict = start_verdict(cfg, submission)
+    if verdict.placement_failed or planned:
+        return verdict
+    if outside_roots(verdict, locations(cfg, store.engine_home(store.engine_or_default(engine)))):
+        return verdict
+    verdict.evaluation, problems = plan(cfg)
+    if verdict.evaluation is not None:
+        verdict.model, problems = model_problems(verdict.evaluation)
+    verdict.add(problems)
+    if verdict.ok and verdict.model is not None and verdict.evaluation is not None:
+        verdict.memory = memory_per_rank(cfg, verdict.model, verdict.evaluation, bool(verdict.gpus))
+        check_model_memory(verdict, "evaluation", submission, statuses, engine)
+    return verdict
+
+
+def check_inspect(
+    cfg: InspectConfig,
+    submission: Submission,
+    *,
+    statuses: Sequence[GpuStatus] | None = None,
+    engine: Engine | None = None,
+) -> Verdict:
+    """Every problem of queueing the inspection `cfg` as `submission`: names, placement, where the SAE and its
+    activations come from, what it runs on (the job's own plan), the memory per rank."""
+    verdict = start_verdict(cfg, submission)
+    if verdict.placement_failed:
+        return verdict
+    if outside_roots(verdict, inspect_locations(cfg, store.engine_home(store.engine_or_default(engine)))):
+        return verdict
+    inspection, problems = inspect_plan(cfg)
+    verdict.add(problems)
+    if inspection is not None:
+        verdict.memory = inspection_memory(cfg, inspection, on_gpu=bool(verdict.gpus))
+        check_model_memory(verdict, "inspection", submission, statuses, engine)
+    return verdict
 
 
 def locations(cfg: EvaluateConfig, home: Path) -> list[tuple[str, str]]:

@@ -1,5 +1,6 @@
-"""The submission gate's checks of an extraction (called by submission.py, the one gate): where the model
-and the text may come from, the model and its hook, the text's first document, the disk, the memory.
+"""The submission gate's check of an extraction (called through its JobKind row by submission.py, the one
+gate): where the model and the text may come from, the model and its hook, the text's first document, the
+disk, the memory.
 
 No torch: the model is read by `python -m sae_core hooks` in a child process (models.py). What needs the
 tokenizer (are there `n_tokens` rows?) is checked by the job before it writes anything.
@@ -9,17 +10,52 @@ from __future__ import annotations
 
 import difflib
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
+from sqlalchemy.engine import Engine
+
+from .. import paths
 from ..config import ExtractConfig
 from ..data.catalog import OUTSIDE_MODEL_ROOTS, OUTSIDE_ROOTS, model_allowed, text_allowed
 from ..data.text import TextError, iter_pieces
+from ..gpu.availability import GpuStatus
 from ..gpu.memory import DTYPE_BYTES, extraction_bytes
 from ..text import format_bytes
+from . import store
 from .errors import guarded
+from .gate import Verdict, check_model_memory, outside_roots, start_verdict
 from .models import ModelProblem, loaded_dtype, model_facts
+from .placement import Submission
 
 INDEX_BYTES_PER_ROW = 4 + 8 + 4  # token_ids int32, context_ids int64, positions int32
+
+
+def check_extract(
+    cfg: ExtractConfig,
+    submission: Submission,
+    *,
+    statuses: Sequence[GpuStatus] | None = None,
+    engine: Engine | None = None,
+) -> Verdict:
+    """Every problem of queueing the extraction `cfg` as `submission`: names, placement, where the model and
+    text come from, the model and its hook, the text's first document, the disk, the memory per GPU (or of
+    the host)."""
+    verdict = start_verdict(cfg, submission)
+    if verdict.placement_failed:
+        return verdict
+    home = store.engine_home(store.engine_or_default(engine))
+    if outside_roots(verdict, locations(cfg, home)):
+        return verdict
+    verdict.model, problems = model_and_hook(cfg)
+    verdict.add(problems + first_document(cfg))
+    if verdict.model is None or cfg.hook not in verdict.model.hooks:
+        return verdict
+    verdict.disk_bytes = disk_needed(cfg, verdict.model.hooks[cfg.hook])
+    verdict.add(disk_problem(verdict.disk_bytes, paths.jobs_dir(home)))
+    verdict.memory = memory_per_rank(cfg, verdict.model, on_gpu=bool(verdict.gpus))
+    check_model_memory(verdict, "extraction", submission, statuses, engine)
+    return verdict
 
 
 def locations(cfg: ExtractConfig, home: Path) -> list[tuple[str, str]]:

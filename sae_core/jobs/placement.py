@@ -1,13 +1,28 @@
-"""Where a job runs, parsed and checked: GPU indices or a number of CPU processes, never both (pure)."""
+"""Where a job runs, parsed and checked: GPU indices or a number of CPU processes, never both (pure); and the
+submission of a job as one value: where it runs, what it is called, whose it is, what it waits for."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from ..config import JobConfig, TrainConfig
 from .errors import JobError
 
 MAX_CPU_PROCS = 512
+
+
+@dataclass(frozen=True)
+class Submission:
+    """How a job is queued, whatever its kind: on `gpu_ids` or on `cpu_procs` CPU processes, named `name` by
+    `submitted_by`, waiting for job `depends_on`, continuing job `resumed_from` (its checkpoint or shards)."""
+
+    gpu_ids: Sequence[int] | str | None = None
+    cpu_procs: int | None = None
+    name: str = ""
+    submitted_by: str = ""
+    depends_on: int | None = None
+    resumed_from: int | None = None
 
 
 def parse_gpu_ids(gpu_ids: Sequence[int] | str | None) -> list[int]:

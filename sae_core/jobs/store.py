@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 from sqlalchemy import func
@@ -29,7 +29,7 @@ from ..db.tables import FINAL_STATUSES, JOB_STATUSES, Job
 from ..text import brief
 from .errors import JobError
 from .kinds import job_kind, kind_of
-from .placement import check_placement
+from .placement import Submission, check_placement
 
 log = logging.getLogger("sae_core.jobs")
 
@@ -46,37 +46,28 @@ def engine_home(engine: Engine) -> Path:
 # --------------------------------------------------------------------------- insert
 
 
-def submit_job(
-    cfg: JobConfig,
-    gpu_ids: Sequence[int] | str | None,
-    cpu_procs: int | None,
-    name: str = "",
-    submitted_by: str = "",
-    resumed_from: int | None = None,
-    engine: Engine | None = None,
-    depends_on: int | None = None,
-) -> Job:
+def submit_job(cfg: JobConfig, submission: Submission, engine: Engine | None = None) -> Job:
     """Insert a queued job of the config's kind (kinds.py: a training, an extraction, an evaluation); its output dir
     is SAE_LAB_HOME/jobs/<id>. Only its placement is checked here (a row must name a valid one); people
-    submit through the gate (submission.py), which checks all. `depends_on`: the job it waits for."""
-    gpus = check_placement(cfg, gpu_ids, cpu_procs)
+    submit through the gate (submission.py), which checks all."""
+    gpus = check_placement(cfg, submission.gpu_ids, submission.cpu_procs)
     engine = engine_or_default(engine)
     home = engine_home(engine)
     jobs_root = paths.jobs_dir(home)
     with db.write_session(engine) as session:
         job = Job(
             id=_next_free_id(session, home),
-            name=name.strip(),
-            submitted_by=submitted_by,
+            name=submission.name.strip(),
+            submitted_by=submission.submitted_by,
             config_json=cfg.model_dump_json(),
             gpu_ids=",".join(str(g) for g in gpus),
-            cpu_procs=None if gpus else cpu_procs,
+            cpu_procs=None if gpus else submission.cpu_procs,
             status="queued",
             created_at=time.time(),
             total_steps=kind_of(cfg).total(cfg),  # steps, or rows, or contexts
-            resumed_from=resumed_from,
+            resumed_from=submission.resumed_from,
             kind=kind_of(cfg).name,
-            depends_on=depends_on,
+            depends_on=submission.depends_on,
         )
         session.add(job)
         session.flush()  # assigns the id inside this same transaction

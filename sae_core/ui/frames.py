@@ -67,8 +67,6 @@ def jobs_table(jobs: Iterable[Any], now: float) -> pd.DataFrame:
 
 
 CHART_METRICS = ("loss", "fvu", "l0", "dead_fraction", "lr", "data_wait")
-EXTRACT_CHART_METRICS = ("tokens_per_s", "disk_bytes")  # an extraction's progress
-KIND_CHART_METRICS = {"extract": EXTRACT_CHART_METRICS, "evaluate": ("tokens_per_s",), "inspect": ("tokens_per_s",)}
 DATA_BOUND_WAIT = 0.2  # waiting for data this much of the time: reading, not compute, sets the pace
 
 

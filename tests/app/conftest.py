@@ -16,6 +16,7 @@ from sae_core.config import TrainConfig
 from sae_core.data.toy import write_toy
 from sae_core.gpu import history
 from sae_core.jobs import daemon_control, scheduler, store
+from sae_core.jobs.placement import Submission
 from sae_core.ui.html import WORD_JOINER
 from tests.conftest import REPO
 from tests.fakes.fixtures import fake_gpus  # noqa: F401  (fixture)
@@ -73,7 +74,7 @@ class Lab:
             write_toy(source, tokens=16384, d_in=16, features=32, seed=0)
         cfg = TrainConfig(activation_source=str(source), d_sae=64, total_steps=200)
         cfg = cfg.model_copy(update=cfg_kw)
-        job = store.submit_job(cfg, gpus, None if gpus else cpu, name=f"{status}-job", submitted_by="ana")
+        job = store.submit_job(cfg, Submission(gpus, None if gpus else cpu, name=f"{status}-job", submitted_by="ana"))
         if status != "queued":
             scheduler.claim_runnable(cpu_budget=1000)
             store.mark_running(job.id, os.getpid(), time.time())

@@ -10,6 +10,7 @@ import pytest
 
 from sae_core.config import ExtractConfig, TrainConfig
 from sae_core.jobs import store
+from sae_core.jobs.placement import Submission
 from tests.app.conftest import rendered
 from tests.app.test_app_pages import no_exception, texts
 from tests.fakes import fake_pynvml as fake
@@ -91,10 +92,7 @@ def test_the_train_page_offers_the_labs_extractions_with_their_provenance(lab_wi
     from sae_core.model.run import main as extract_main
 
     lab_with_model.sample(fake.no_driver())
-    job = store.submit_job(
-        ExtractConfig(model=str(hf["llama"]), hook="model.layers.0", dataset=str(hf["corpus"]), n_tokens=600),
-        None, 1,
-    )  # fmt: skip
+    job = store.submit_job(ExtractConfig(model=str(hf["llama"]), hook="model.layers.0", dataset=str(hf["corpus"]), n_tokens=600), Submission(None, 1))  # fmt: skip
     config = tmp_path / "x.json"
     config.write_text(json.dumps({**json.loads(job.config_json), "context_size": 32, "storage_dtype": "float32"}))
     assert extract_main(["--config", str(config), "--out", job.out_dir]) == 0
@@ -115,11 +113,8 @@ def test_an_extraction_job_shows_rows_disk_and_what_its_training_waits_for(lab_w
 
     lab_with_model.sample(fake.no_driver())
     cfg = ExtractConfig(model=str(hf["llama"]), hook="model.layers.0", dataset=str(hf["corpus"]), n_tokens=5000)
-    extraction = store.submit_job(cfg, None, 1, name="l0")
-    training = store.submit_job(
-        TrainConfig(activation_source=extraction.out_dir, d_sae=64, total_steps=10), None, 1,
-        depends_on=extraction.id,
-    )  # fmt: skip
+    extraction = store.submit_job(cfg, Submission(None, 1, name="l0"))
+    training = store.submit_job(TrainConfig(activation_source=extraction.out_dir, d_sae=64, total_steps=10), Submission(None, 1, depends_on=extraction.id))  # fmt: skip
     points = [
         MetricPoint(
             job_id=extraction.id, step=rows, tokens=rows, tokens_per_s=1e4, disk_bytes=rows * 80.0, time=time.time()

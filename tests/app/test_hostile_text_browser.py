@@ -17,6 +17,7 @@ from sae_core.config import ExtractConfig, TrainConfig
 from sae_core.data.toy import write_toy
 from sae_core.db.tables import Job
 from sae_core.jobs import store
+from sae_core.jobs.placement import Submission
 from sae_core.latents import read_inspection
 from sae_core.model.inspect import main as inspect_main
 from sae_core.outputs import build_sae_zip
@@ -78,12 +79,12 @@ def hostile_lab(home, trained, hub_cache) -> dict[str, str]:
 
     engine = db.get_engine(home)
     train = store.submit_job(
-        TrainConfig(activation_source=HOSTILE, d_sae=64, total_steps=100), "0", None, engine=engine
+        TrainConfig(activation_source=HOSTILE, d_sae=64, total_steps=100), Submission("0", None), engine=engine
     )
     extract = ExtractConfig(
         model=HOSTILE, hook="h.0", dataset=HOSTILE, text_field=HOSTILE, split=HOSTILE, n_tokens=1000
     )
-    extraction = store.submit_job(extract, None, 1, engine=engine)
+    extraction = store.submit_job(extract, Submission(None, 1), engine=engine)
     with db.write_session(engine) as session:  # rows as a person (or a hand-edited database) left them
         for job_id, status in ((train.id, "failed"), (extraction.id, "completed")):
             job = session.get(Job, job_id)

@@ -22,12 +22,13 @@ from sae_core import db
 from sae_core.config import TrainConfig
 from sae_core.gpu import history
 from sae_core.jobs import daemon_control, metrics, store
+from sae_core.jobs.placement import Submission
 
 daemon_control.ensure_daemon = lambda home=None, **kw: True  # the boundary: no real daemon
 daemon_control.daemon_status = lambda home=None, now=None: daemon_control.DaemonStatus(
     True, True, 1, time.time(), time.time(), "test", "x")
 history.Sampler(db.get_engine()).tick()
-job = store.submit_job(TrainConfig(activation_source="/x.safetensors", d_sae=64, total_steps=9), "0", None)
+job = store.submit_job(TrainConfig(activation_source="/x.safetensors", d_sae=64, total_steps=9), Submission("0", None))
 metrics.write_metric_points(job.id, [metrics.metric_point_from_record(job.id, {"step": 1, "tokens": 9, "loss": 1.0})])
 for page in ("views/monitor.py", "views/jobs.py", "views/saes.py", "views/explore.py"):
     at = AppTest.from_file(sys.argv[1], default_timeout=60)

@@ -13,6 +13,7 @@ import pytest
 from sae_core.cli import jobs as cli_jobs
 from sae_core.config import TrainConfig
 from sae_core.jobs import scheduler, store
+from sae_core.jobs.placement import Submission
 from tests.fakes import fake_pynvml as fake
 from tests.fakes import fixtures
 
@@ -71,7 +72,7 @@ def test_submit_queues_behind_a_job_that_holds_the_gpu(lab_home, tmp_path, toy_p
     me = psutil.Process()
     fake_gpus.set(n_gpus=2, overrides={0: {"processes": [fake.process(me.pid, 79 * fake.GiB)]}})
     cfg_path = write_cfg(tmp_path, toy_path)
-    first = store.submit_job(TrainConfig.from_json_file(cfg_path), "0", None)
+    first = store.submit_job(TrainConfig.from_json_file(cfg_path), Submission("0", None))
     scheduler.claim_runnable(cpu_budget=1)
     store.mark_running(first.id, me.pid, me.create_time())
 
@@ -96,8 +97,8 @@ def test_submit_cpu_job_prints_a_line(lab_home, tmp_path, toy_path, capsys):
 
 def test_jobs_lists_as_table_and_json(lab_home, tmp_path, toy_path, capsys):
     cfg = TrainConfig.from_json_file(write_cfg(tmp_path, toy_path))
-    store.submit_job(cfg, None, 1, name="alpha")
-    running = store.submit_job(cfg, "0,1", None, name="beta")
+    store.submit_job(cfg, Submission(None, 1, name="alpha"))
+    running = store.submit_job(cfg, Submission("0,1", None, name="beta"))
     scheduler.claim_runnable(cpu_budget=1)
     store.mark_running(running.id, 1, 0.0)
     store.request_cancel(running.id)
@@ -113,7 +114,7 @@ def test_jobs_lists_as_table_and_json(lab_home, tmp_path, toy_path, capsys):
 
 
 def test_cancel_and_resume_messages(lab_home, tmp_path, toy_path, capsys):
-    job = store.submit_job(TrainConfig.from_json_file(write_cfg(tmp_path, toy_path)), None, 1)
+    job = store.submit_job(TrainConfig.from_json_file(write_cfg(tmp_path, toy_path)), Submission(None, 1))
     assert cli_jobs.cli_cancel([str(job.id)]) == 0
     assert capsys.readouterr().out.strip() == f"job {job.id} cancelled (it had not started)"
     assert cli_jobs.cli_cancel([str(job.id)]) == 2
@@ -129,7 +130,7 @@ def test_cancel_and_resume_messages(lab_home, tmp_path, toy_path, capsys):
 
 
 def test_logs_prints_output_and_the_failure(lab_home, tmp_path, toy_path, capsys):
-    job = store.submit_job(TrainConfig.from_json_file(write_cfg(tmp_path, toy_path)), None, 1)
+    job = store.submit_job(TrainConfig.from_json_file(write_cfg(tmp_path, toy_path)), Submission(None, 1))
     logs = lab_home / "jobs" / str(job.id) / "logs"
     logs.mkdir(parents=True)
     (logs / "stdout.log").write_text("step 10/20 | ...\n")
@@ -143,7 +144,7 @@ def test_logs_prints_output_and_the_failure(lab_home, tmp_path, toy_path, capsys
 
 
 def test_logs_follow_prints_until_the_job_ends(lab_home, tmp_path, toy_path, capsys):
-    job = store.submit_job(TrainConfig.from_json_file(write_cfg(tmp_path, toy_path)), None, 1)
+    job = store.submit_job(TrainConfig.from_json_file(write_cfg(tmp_path, toy_path)), Submission(None, 1))
     scheduler.claim_runnable(cpu_budget=1)
     store.mark_running(job.id, os.getpid(), 0.0)
     log = lab_home / "jobs" / str(job.id) / "logs" / "stdout.log"

@@ -16,6 +16,7 @@ import pytest
 from sae_core import db
 from sae_core.config import TrainConfig
 from sae_core.jobs import daemon_control, store
+from sae_core.jobs.placement import Submission
 from tests.conftest import subprocess_env
 
 CFG = TrainConfig(activation_source="x", d_sae=8, k=4, total_steps=1)
@@ -25,7 +26,7 @@ GONE = "was deleted or replaced while SAE Lab had it open"
 def with_history(home) -> None:
     """Two queued jobs and their folders: a lab whose history is worth keeping."""
     for _ in range(2):
-        job = store.submit_job(CFG, None, 1)
+        job = store.submit_job(CFG, Submission(None, 1))
         os.makedirs(job.out_dir)
 
 
@@ -42,7 +43,7 @@ def test_a_deleted_database_is_not_written_into_nor_recreated(lab_home):
     engine = db.get_engine()
     with_history(lab_home)
     (lab_home / "lab.db").unlink()
-    for attempt in (lambda: store.submit_job(CFG, None, 1, engine=engine), store.list_jobs):
+    for attempt in (lambda: store.submit_job(CFG, Submission(None, 1), engine=engine), store.list_jobs):
         with pytest.raises(db.LabDatabaseError) as gone:  # the engine held, and a fresh look at the path
             attempt()
         assert gone.value.kind == "gone" and GONE in str(gone.value) and "lab.db is missing" in str(gone.value)

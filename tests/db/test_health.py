@@ -17,6 +17,7 @@ from sae_core import db
 from sae_core.config import TrainConfig
 from sae_core.db import snapshots
 from sae_core.jobs import daemon, daemon_control, store
+from sae_core.jobs.placement import Submission
 from tests.conftest import REPO, subprocess_env
 
 
@@ -94,7 +95,7 @@ def test_an_unwritable_database_is_explained(lab_home):
         lab_home.chmod(0o555)
     try:
         with pytest.raises(db.LabDatabaseError) as refused:
-            store.submit_job(TrainConfig(activation_source="x", d_sae=8, k=4, total_steps=1), None, 1)
+            store.submit_job(TrainConfig(activation_source="x", d_sae=8, k=4, total_steps=1), Submission(None, 1))
         assert refused.value.kind == "unwritable" and "cannot be written" in str(refused.value)
     finally:
         subprocess.run(["chattr", "-i", str(path)], capture_output=True)
@@ -106,8 +107,8 @@ def test_a_new_job_never_reuses_an_existing_folder(lab_home, caplog):
     db.get_engine()
     (lab_home / "jobs" / "7").mkdir(parents=True)  # left by hand, or by an earlier history
     cfg = TrainConfig(activation_source="x", d_sae=8, k=4, total_steps=1)
-    first = store.submit_job(cfg, None, 1)
-    second = store.submit_job(cfg, None, 1)
+    first = store.submit_job(cfg, Submission(None, 1))
+    second = store.submit_job(cfg, Submission(None, 1))
     assert (first.id, second.id) == (8, 9)
     assert caplog.text.count("job folders up to 7 exist") == 1  # said once
 

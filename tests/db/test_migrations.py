@@ -10,6 +10,7 @@ from sae_core import db
 from sae_core.config import TrainConfig
 from sae_core.db import migrations
 from sae_core.jobs import metrics, store
+from sae_core.jobs.placement import Submission
 
 # The version-1 tables exactly as the first release created them (SQLModel's DDL of commit 2b9f57e).
 V1_DDL = """
@@ -116,7 +117,7 @@ def test_v1_file_is_upgraded_in_place_with_rows_kept(lab_home, with_schema_info)
         # tables the old file lacked were created
         assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'snapshot'").fetchone()
     # the upgraded file is fully usable: new rows get the new columns
-    new = store.submit_job(TrainConfig.model_validate_json(CONFIG), None, 1)
+    new = store.submit_job(TrainConfig.model_validate_json(CONFIG), Submission(None, 1))
     assert new.id == 3
     store.mark_term_sent(new.id, 123.0)
     assert store.get_job(new.id).term_sent_at == 123.0

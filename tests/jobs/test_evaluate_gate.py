@@ -10,6 +10,7 @@ import pytest
 from sae_core.cli.main import main as cli
 from sae_core.config import EvaluateConfig, ExtractConfig, InspectConfig, TrainConfig
 from sae_core.jobs import store, submission
+from sae_core.jobs.placement import Submission
 from tests.hf_models import HOOKS
 from tests.model.test_evaluate import identity_sae
 
@@ -19,7 +20,7 @@ def problems(verdict) -> list[tuple[str, str]]:
 
 
 def test_a_good_evaluation_plans_the_held_out_contexts_and_its_memory(lab_home, trained):
-    verdict = submission.check_evaluate(EvaluateConfig(sae=str(trained["sae"]), contexts=4), None, 1)
+    verdict = submission.check(EvaluateConfig(sae=str(trained["sae"]), contexts=4), Submission(None, 1))
     assert verdict.ok, verdict.describe()
     plan = verdict.evaluation
     assert plan.hook == HOOKS["gpt2"] and plan.d_in == 32 and plan.d_sae == 64 and len(plan.context_ids) == 4
@@ -43,19 +44,19 @@ def test_every_problem_is_named_by_its_field(lab_home, trained, hf, lm, text, tm
         ({"sae": str(trained["sae"]), "hook": "transformer.h.1"}, "dataset", "come from the model and hook"),
     ]
     for fields, field, words in cases:
-        found = problems(submission.check_evaluate(EvaluateConfig(**fields), None, 1))
+        found = problems(submission.check(EvaluateConfig(**fields), Submission(None, 1)))
         assert [f for f, _ in found] == [field], (fields, found)
         assert words in found[0][1], (fields, found)
 
 
 def test_an_sae_outside_the_labs_roots_is_refused_without_being_read(lab_home, trained, monkeypatch):
     monkeypatch.delenv("SAE_LAB_DATA_ROOTS")
-    found = problems(submission.check_evaluate(EvaluateConfig(sae=str(trained["sae"])), None, 1))
+    found = problems(submission.check(EvaluateConfig(sae=str(trained["sae"])), Submission(None, 1)))
     assert [f for f, _ in found] == ["sae"]
 
 
 def test_submit_queues_an_evaluation_row_and_resume_queues_it_again(lab_home, trained):
-    job, _ = submission.submit_evaluate(EvaluateConfig(sae=str(trained["sae"]), contexts=3), None, 1, name="ev")
+    job, _ = submission.submit(EvaluateConfig(sae=str(trained["sae"]), contexts=3), Submission(None, 1, name="ev"))
     assert job.kind == "evaluate" and job.total_steps == 3 and job.cpu_procs == 1
     assert isinstance(store.job_config(job), EvaluateConfig)
     store.finish_job(job.id, "failed", 1, "boom")
@@ -72,11 +73,13 @@ def test_extract_then_train_then_evaluate_queues_three_waiting_jobs(lab_home, hf
                         holdout_tokens=48)  # fmt: skip
     later = EvaluateConfig(sae="(the training)", contexts=4)
     with pytest.raises(submission.SubmissionRejected, match="then evaluate: needs a training"):
-        submission.submit_extract(cfg, None, 1, then_evaluate=later)
+        submission.submit_extract(cfg, Submission(None, 1), then_evaluate=later)
     with pytest.raises(submission.SubmissionRejected, match="holds out 48 rows, not two whole contexts of 32"):
-        submission.submit_extract(cfg, None, 1, then_train=train, then_evaluate=later)
+        submission.submit_extract(cfg, Submission(None, 1), then_train=train, then_evaluate=later)
     train = train.model_copy(update={"holdout_tokens": 256})
-    extraction, training, verdict = submission.submit_extract(cfg, None, 1, then_train=train, then_evaluate=later)
+    extraction, training, verdict = submission.submit_extract(
+        cfg, Submission(None, 1), then_train=train, then_evaluate=later
+    )
     evaluation = verdict.then_evaluation
     assert evaluation.depends_on == training.id and training.depends_on == extraction.id
     assert store.job_config(evaluation).sae == training.out_dir
@@ -97,7 +100,7 @@ def test_the_cli_rejects_a_bad_evaluation_with_the_field_and_queues_a_good_one(l
 
 
 def test_an_inspection_is_planned_with_its_memory_and_every_problem_named(lab_home, trained, tmp_path, monkeypatch):
-    verdict = submission.check_inspect(InspectConfig(sae=str(trained["sae"]), tokens=500), None, 1)
+    verdict = submission.check(InspectConfig(sae=str(trained["sae"]), tokens=500), Submission(None, 1))
     assert verdict.ok, verdict.describe()
     assert verdict.memory["chunk"] == 2048 * (32 + 64 * 4) * 4 and "cuda_context" not in verdict.memory
     foreign = identity_sae(tmp_path / "foreign")
@@ -108,11 +111,11 @@ def test_an_inspection_is_planned_with_its_memory_and_every_problem_named(lab_ho
         ({"sae": str(trained["sae"]), "device": "cuda"}, "device", "cannot run as a CPU job"),
     ]
     for fields, field, words in cases:
-        found = problems(submission.check_inspect(InspectConfig(**fields), None, 1))
+        found = problems(submission.check(InspectConfig(**fields), Submission(None, 1)))
         assert [f for f, _ in found] == [field], (fields, found)
         assert words in found[0][1], (fields, found)
     monkeypatch.delenv("SAE_LAB_DATA_ROOTS")
-    found = problems(submission.check_inspect(InspectConfig(sae=str(trained["sae"])), None, 1))
+    found = problems(submission.check(InspectConfig(sae=str(trained["sae"])), Submission(None, 1)))
     assert [f for f, _ in found] == ["sae"]
 
 

@@ -27,6 +27,7 @@ from sae_core.engine import saelens
 from sae_core.gpu import history
 from sae_core.gpu.processes import PID_START_TOLERANCE_S
 from sae_core.jobs import daemon_control, lifecycle, metrics, store, submission
+from sae_core.jobs.placement import Submission
 from tests.conftest import racing_scripts, subprocess_env, tiny_config
 
 pytestmark = pytest.mark.slow
@@ -258,9 +259,11 @@ def test_errors_in_the_worker_become_the_failure_message(lab, toy_path, tmp_path
     start_daemon()
     # (a) a config the worker refuses (submitted past the CLI's checks, as a stale or hand-written row would be)
     bad = TrainConfig.from_json_file(write_cfg(tmp_path, toy_path, device="cuda"))
-    refused = store.submit_job(bad, None, 1)
+    refused = store.submit_job(bad, Submission(None, 1))
     # (b) an exception inside training: resuming from a checkpoint whose tensors are garbage
-    base = store.submit_job(TrainConfig.from_json_file(write_cfg(tmp_path, toy_path, name="ok.json")), None, 1)
+    base = store.submit_job(
+        TrainConfig.from_json_file(write_cfg(tmp_path, toy_path, name="ok.json")), Submission(None, 1)
+    )
     store.request_cancel(base.id)
     ckpt = Path(base.out_dir) / "checkpoints" / "step_000000010"
     ckpt.mkdir(parents=True)
@@ -290,7 +293,9 @@ def test_out_of_memory_in_the_worker_fails_the_job_with_the_allocator_message(la
     data = tmp_path / "wide.npy"
     np.save(data, np.random.default_rng(0).standard_normal((1536, d_in), dtype=np.float32))
     cfg = TrainConfig.from_json_file(write_cfg(tmp_path, data, name="oom.json", d_sae=2**24))
-    job = store.submit_job(cfg, None, 1)  # past the CLI's memory check, as a too-optimistic estimate would be
+    job = store.submit_job(
+        cfg, Submission(None, 1)
+    )  # past the CLI's memory check, as a too-optimistic estimate would be
     job = wait_status(job.id, ("failed", "completed"))
     assert job.status == "failed"
     assert job.error.startswith("rank 0: ") and "can't allocate memory" in job.error, job.error
@@ -393,9 +398,10 @@ SUBMITTER = r"""
 import json, sys
 from sae_core.config import TrainConfig
 from sae_core.jobs import store
+from sae_core.jobs.placement import Submission
 me, cfg = int(sys.argv[1]), TrainConfig.from_json_file(sys.argv[2])
 pattern = ["0", "1", "0,1", "1", "0"]
-ids = [store.submit_job(cfg, pattern[(i + me) % 5], None, name=f"p{me}-{i}").id for i in range(5)]
+ids = [store.submit_job(cfg, Submission(pattern[(i + me) % 5], None, name=f"p{me}-{i}")).id for i in range(5)]
 print(json.dumps(ids))
 """
 
@@ -472,7 +478,7 @@ def test_a_failed_extraction_cancels_the_training_waiting_for_it_with_the_reason
     cfg = ExtractConfig(model=str(hf["gpt2"]), hook="transformer.h.1", dataset=str(hf["corpus"]),
                                    n_tokens=10**6, context_size=32)  # fmt: skip  # more rows than the corpus holds
     train = TrainConfig(activation_source="(the extraction)", d_sae=64, k=4, batch_size=256, total_steps=20)
-    extraction, training, _ = submission.submit_extract(cfg, None, 1, then_train=train)  # 10⁶ rows planned
+    extraction, training, _ = submission.submit_extract(cfg, Submission(None, 1), then_train=train)  # 10⁶ rows planned
     start_daemon()
     assert wait_status(extraction.id, FINAL_STATUSES).status == "failed"
     failed = store.get_job(extraction.id)

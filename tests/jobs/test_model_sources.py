@@ -22,6 +22,7 @@ from sae_core.config import EvaluateConfig, ExtractConfig
 from sae_core.data import catalog
 from sae_core.data.text import iter_pieces
 from sae_core.jobs import models, submission
+from sae_core.jobs.placement import Submission
 from sae_core.model.loading import resolve_model
 from tests.conftest import subprocess_env
 
@@ -89,16 +90,16 @@ def server_cwd(tmp_path, hf, monkeypatch) -> Path:
 def test_a_relative_name_is_a_path_and_must_lie_in_the_roots(lab_home, lab, server_cwd, children, field, name):
     outside = {"model": catalog.OUTSIDE_MODEL_ROOTS, "dataset": catalog.OUTSIDE_ROOTS}[field]
     extraction = lab.model_copy(update={field: name, "text_field": "body"})
-    assert problems(submission.check_extract(extraction, None, 1)) == [(field, f"{field}: {outside}")]
+    assert problems(submission.check(extraction, Submission(None, 1))) == [(field, f"{field}: {outside}")]
     evaluation = EvaluateConfig(sae=str(lab_home / "jobs" / "1"), **{field: name}, text_field="body")
-    assert problems(submission.check_evaluate(evaluation, None, 1)) == [(field, f"{field}: {outside}")]
+    assert problems(submission.check(evaluation, Submission(None, 1))) == [(field, f"{field}: {outside}")]
     assert children == []  # nothing of it was opened: no hooks child, no first document
 
 
 def test_a_refusal_names_no_field_of_a_private_file(lab, server_cwd):
     for text_field in ("body", "text"):
-        verdict = submission.check_extract(
-            lab.model_copy(update={"dataset": "private.json", "text_field": text_field}), None, 1
+        verdict = submission.check(
+            lab.model_copy(update={"dataset": "private.json", "text_field": text_field}), Submission(None, 1)
         )
         assert not verdict.ok
         assert not any(word in verdict.describe() for word in PRIVATE_FIELDS), verdict.describe()
@@ -153,7 +154,7 @@ def test_a_name_the_local_cache_holds_is_a_hub_name(
     shutil.copytree(hf["gpt2"], tmp_path / "cwd" / "tiny-org" / "llama")
     monkeypatch.chdir(tmp_path / "cwd")
     cfg = lab.model_copy(update={"model": "tiny-org/llama", "dataset": "tiny-org/texts"})
-    verdict = submission.check_extract(cfg, None, 1)
+    verdict = submission.check(cfg, Submission(None, 1))
     assert verdict.ok, verdict.describe()
     assert verdict.model.cls == "LlamaForCausalLM" and verdict.model.model_dir == str(hf_cache["model"])
     assert resolve_model("tiny-org/llama") == hf_cache["model"]  # what the job loads
@@ -167,7 +168,7 @@ def test_a_name_the_local_cache_holds_is_a_hub_name(
 
 def test_a_name_the_cache_lacks_is_refused_without_asking_the_hub(lab, hf_cache, no_network, children):
     cfg = lab.model_copy(update={"model": "someone/unknown-model", "dataset": "someone/unknown-texts"})
-    assert problems(submission.check_extract(cfg, None, 1)) == [
+    assert problems(submission.check(cfg, Submission(None, 1))) == [
         ("model", f"model: {catalog.OUTSIDE_MODEL_ROOTS}"),
         ("dataset", f"dataset: {catalog.OUTSIDE_ROOTS}"),
     ]
@@ -230,12 +231,12 @@ AUTO_MAP_REFUSAL = "model: its config.json has an auto_map"
 def test_the_gate_refuses_a_model_with_auto_map_by_name_once_per_change(evil, children):
     cfg, marker = evil
     for _rerun in range(3):
-        ((field, message),) = problems(submission.check_extract(cfg, None, 1))
+        ((field, message),) = problems(submission.check(cfg, Submission(None, 1)))
         assert field == "model" and message.startswith(AUTO_MAP_REFUSAL) and "never runs a model's own code" in message
     assert len(children) == 1 and children[0]["stdin"] == subprocess.DEVNULL  # the refusal is remembered
     config = Path(cfg.model) / "config.json"
     os.utime(config, (config.stat().st_atime, config.stat().st_mtime + 5))  # the folder changed: read again
-    assert not submission.check_extract(cfg, None, 1).ok and len(children) == 2
+    assert not submission.check(cfg, Submission(None, 1)).ok and len(children) == 2
     assert not marker.exists()
 
 
@@ -243,14 +244,14 @@ def test_an_auto_map_in_the_tokenizer_config_is_refused_too(lab, children):
     tokenizer_config = Path(lab.model) / "tokenizer_config.json"
     settings = json.loads(tokenizer_config.read_text())
     tokenizer_config.write_text(json.dumps({**settings, "auto_map": {"AutoTokenizer": ["evil.Tok", None]}}))
-    ((field, message),) = problems(submission.check_extract(lab, None, 1))
+    ((field, message),) = problems(submission.check(lab, Submission(None, 1)))
     assert field == "model" and message.startswith("model: its tokenizer_config.json has an auto_map")
 
 
 def test_architectures_naming_something_else_than_a_model_class_is_refused_by_name(lab, children):
     config_file = Path(lab.model) / "config.json"
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "architectures": ["pipeline"]}))
-    assert problems(submission.check_extract(lab, None, 1)) == [
+    assert problems(submission.check(lab, Submission(None, 1))) == [
         ("model", "model: config.json's architectures names 'pipeline', which is not a transformers model class")
     ]
 

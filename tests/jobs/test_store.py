@@ -12,6 +12,7 @@ from sae_core import db
 from sae_core.config import ConfigError, ExtractConfig, TrainConfig
 from sae_core.db.tables import ACTIVE_STATUSES, Job
 from sae_core.jobs import metrics, scheduler, store
+from sae_core.jobs.placement import Submission
 
 
 def make_cfg(**overrides) -> TrainConfig:
@@ -32,8 +33,8 @@ def ids(jobs) -> list[int]:
 
 
 def test_submit_assigns_id_out_dir_and_default_name(lab_home):
-    first = store.submit_job(make_cfg(), "0,1", None, submitted_by="ada")
-    second = store.submit_job(make_cfg(), None, 2, name="  probe run ")
+    first = store.submit_job(make_cfg(), Submission("0,1", None, submitted_by="ada"))
+    second = store.submit_job(make_cfg(), Submission(None, 2, name="  probe run "))
     assert (first.id, second.id) == (1, 2)
     assert first.name == "job-1" and second.name == "probe run"
     assert first.out_dir == str(lab_home / "jobs" / "1")
@@ -57,13 +58,13 @@ def test_submit_assigns_id_out_dir_and_default_name(lab_home):
 )
 def test_submit_rejects_bad_placement_and_writes_nothing(lab_home, gpus, cpu, message):
     with pytest.raises(store.JobError, match=message):
-        store.submit_job(make_cfg(), gpus, cpu)
+        store.submit_job(make_cfg(), Submission(gpus, cpu))
     assert store.list_jobs() == []
 
 
 def test_submit_rejects_batch_that_does_not_split(lab_home):
     with pytest.raises(ConfigError, match="batch_size 256 does not divide evenly across 3"):
-        store.submit_job(make_cfg(), None, 3)
+        store.submit_job(make_cfg(), Submission(None, 3))
     assert store.list_jobs() == []
 
 
@@ -107,7 +108,7 @@ def test_plan_gpu_and_cpu_jobs_do_not_block_each_other():
 
 def test_claim_marks_starting_and_never_double_books(lab_home):
     for gpus in ("0", "0", "1", "0,1"):
-        store.submit_job(make_cfg(), gpus, None)
+        store.submit_job(make_cfg(), Submission(gpus, None))
     first = scheduler.claim_runnable(cpu_budget=2)
     assert ids(first) == [1, 3]
     assert {j.status for j in first} == {"starting"}
@@ -125,10 +126,12 @@ def extract_cfg(**overrides) -> ExtractConfig:
 
 
 def test_an_extraction_job_counts_rows_and_reads_back_its_config(lab_home):
-    extraction = store.submit_job(extract_cfg(), None, 3)  # any number of ranks: they split whole shards
+    extraction = store.submit_job(extract_cfg(), Submission(None, 3))  # any number of ranks: they split whole shards
     assert (extraction.kind, extraction.total_steps, extraction.world_size) == ("extract", 5000, 3)
     assert store.job_config(store.get_job(extraction.id)) == extract_cfg()
-    training = store.submit_job(make_cfg(activation_source=extraction.out_dir), None, 1, depends_on=extraction.id)
+    training = store.submit_job(
+        make_cfg(activation_source=extraction.out_dir), Submission(None, 1, depends_on=extraction.id)
+    )
     assert (training.kind, training.depends_on) == ("train", extraction.id)
     assert isinstance(store.job_config(training), TrainConfig)
 
@@ -143,10 +146,12 @@ def test_plan_a_dependent_job_waits_for_its_parent_to_complete_and_holds_nothing
 
 
 def test_claim_cancels_the_dependents_of_a_failed_or_cancelled_job_with_the_reason(lab_home):
-    failed = store.submit_job(extract_cfg(), None, 1)
-    child = store.submit_job(make_cfg(activation_source=failed.out_dir), None, 1, depends_on=failed.id)
-    cancelled = store.submit_job(extract_cfg(), None, 1)
-    orphan = store.submit_job(make_cfg(activation_source=cancelled.out_dir), None, 1, depends_on=cancelled.id)
+    failed = store.submit_job(extract_cfg(), Submission(None, 1))
+    child = store.submit_job(make_cfg(activation_source=failed.out_dir), Submission(None, 1, depends_on=failed.id))
+    cancelled = store.submit_job(extract_cfg(), Submission(None, 1))
+    orphan = store.submit_job(
+        make_cfg(activation_source=cancelled.out_dir), Submission(None, 1, depends_on=cancelled.id)
+    )
     assert ids(scheduler.claim_runnable(cpu_budget=4)) == [failed.id, cancelled.id]
     store.finish_job(failed.id, "failed", exit_code=2, error="error: hook: 'x' is not a module\nmore")
     store.finish_job(cancelled.id, "cancelled", exit_code=None, error="cancelled by ada")
@@ -158,8 +163,8 @@ def test_claim_cancels_the_dependents_of_a_failed_or_cancelled_job_with_the_reas
 
 
 def test_claim_starts_a_dependent_once_its_parent_completed(lab_home):
-    parent = store.submit_job(extract_cfg(), "0", None)
-    child = store.submit_job(make_cfg(activation_source=parent.out_dir), "0", None, depends_on=parent.id)
+    parent = store.submit_job(extract_cfg(), Submission("0", None))
+    child = store.submit_job(make_cfg(activation_source=parent.out_dir), Submission("0", None, depends_on=parent.id))
     assert ids(scheduler.claim_runnable(cpu_budget=1)) == [parent.id]
     store.finish_job(parent.id, "completed", exit_code=0)
     assert ids(scheduler.claim_runnable(cpu_budget=1)) == [child.id]
@@ -169,8 +174,8 @@ def test_claim_starts_a_dependent_once_its_parent_completed(lab_home):
 
 
 def test_cancel_queued_is_immediate_and_running_is_a_request(lab_home):
-    running = store.submit_job(make_cfg(), "1", None)
-    queued = store.submit_job(make_cfg(), "1", None)  # waits behind `running` for GPU 1
+    running = store.submit_job(make_cfg(), Submission("1", None))
+    queued = store.submit_job(make_cfg(), Submission("1", None))  # waits behind `running` for GPU 1
     assert ids(scheduler.claim_runnable(cpu_budget=1)) == [running.id]
     store.mark_running(running.id, pid=12345, pid_start_time=1.0)
     assert store.request_cancel(queued.id).status == "cancelled"
@@ -183,7 +188,7 @@ def test_cancel_queued_is_immediate_and_running_is_a_request(lab_home):
 
 
 def test_finish_is_recorded_once(lab_home):
-    j = store.submit_job(make_cfg(), None, 1)
+    j = store.submit_job(make_cfg(), Submission(None, 1))
     assert store.finish_job(j.id, "failed", exit_code=1, error="boom")
     assert not store.finish_job(j.id, "completed", exit_code=0)
     stored = store.get_job(j.id)
@@ -195,7 +200,7 @@ def test_finish_is_recorded_once(lab_home):
 
 def test_list_jobs_filters_and_orders(lab_home):
     for _ in range(3):
-        store.submit_job(make_cfg(), None, 1)
+        store.submit_job(make_cfg(), Submission(None, 1))
     store.request_cancel(2)
     assert ids(store.list_jobs()) == [3, 2, 1]
     assert ids(store.list_jobs(["queued"], newest_first=False)) == [1, 3]
@@ -205,7 +210,7 @@ def test_list_jobs_filters_and_orders(lab_home):
 
 
 def test_job_to_dict_is_json_ready(lab_home):
-    j = store.submit_job(make_cfg(), "0,1", None)
+    j = store.submit_job(make_cfg(), Submission("0,1", None))
     data = json.loads(json.dumps(store.job_to_dict(j)))
     assert data["gpu_ids"] == [0, 1] and data["world_size"] == 2 and data["config"]["d_sae"] == 64
 
@@ -234,7 +239,7 @@ def record(step: int, **extra) -> dict:
 
 
 def test_sink_writes_rows_and_progress_and_ignores_events(lab_home):
-    j = store.submit_job(make_cfg(), None, 1)
+    j = store.submit_job(make_cfg(), Submission(None, 1))
     sink = metrics.SqliteMetricsSink(j.id, flush_interval_s=0.05)
     for step in (10, 20, 30):
         sink.write(record(step, unknown_key="ignored"))
@@ -252,7 +257,7 @@ def test_sink_writes_rows_and_progress_and_ignores_events(lab_home):
 
 
 def test_named_loss_terms_and_stats_become_columns_whatever_their_names(lab_home):
-    j = store.submit_job(make_cfg(), None, 1)
+    j = store.submit_job(make_cfg(), Submission(None, 1))
     named = {"losses": {"mse": 0.5, "inner_mse_128": 0.7, "aux": float("nan")}, "stats": {"sparsity_coefficient": 2.0}}
     points = [metrics.metric_point_from_record(j.id, record(s, **named)) for s in (10, 20)]
     points.append(metrics.metric_point_from_record(j.id, record(30)))  # a record without them
@@ -265,7 +270,7 @@ def test_named_loss_terms_and_stats_become_columns_whatever_their_names(lab_home
 
 
 def test_metrics_frame_thins_evenly_keeping_ends(lab_home):
-    j = store.submit_job(make_cfg(), None, 1)
+    j = store.submit_job(make_cfg(), Submission(None, 1))
     metrics.write_metric_points(j.id, [metrics.metric_point_from_record(j.id, record(s)) for s in range(1, 101)])
     thin = metrics.metrics_frame(j.id, max_points=10)
     assert len(thin) == 10 and thin["step"].iloc[0] == 1 and thin["step"].iloc[-1] == 100
@@ -274,7 +279,7 @@ def test_metrics_frame_thins_evenly_keeping_ends(lab_home):
 
 
 def test_backfill_adds_only_missing_records(lab_home):
-    j = store.submit_job(make_cfg(), None, 1)
+    j = store.submit_job(make_cfg(), Submission(None, 1))
     metrics.write_metric_points(j.id, [metrics.metric_point_from_record(j.id, record(10))])
     out = lab_home / "jobs" / str(j.id)
     out.mkdir(parents=True)
@@ -299,7 +304,7 @@ def _hold_write_lock(path, seconds: float):
 
 
 def test_locked_database_never_stalls_write_and_rows_land_later(lab_home):
-    j = store.submit_job(make_cfg(), None, 1)
+    j = store.submit_job(make_cfg(), Submission(None, 1))
     sink = metrics.SqliteMetricsSink(j.id, flush_interval_s=0.05, close_timeout_s=10)
     timer = _hold_write_lock(str(lab_home / "lab.db"), 1.5)
     worst = 0.0
@@ -311,7 +316,7 @@ def test_locked_database_never_stalls_write_and_rows_land_later(lab_home):
             time.sleep(0.05)  # the flush thread is now blocked on the lock
     assert worst < 0.05, f"write() blocked {worst:.3f} s"
     # a submission in the meantime waits for the lock (busy timeout) and succeeds
-    other = store.submit_job(make_cfg(), None, 1)
+    other = store.submit_job(make_cfg(), Submission(None, 1))
     timer.join()
     sink.close()
     assert other.id == j.id + 1
@@ -321,7 +326,7 @@ def test_locked_database_never_stalls_write_and_rows_land_later(lab_home):
 def test_failed_flush_is_retried(lab_home, monkeypatch):
     monkeypatch.setattr(db.engine, "BUSY_TIMEOUT_MS", 100)  # give up on the lock quickly
     db.dispose_engines()
-    j = store.submit_job(make_cfg(), None, 1)
+    j = store.submit_job(make_cfg(), Submission(None, 1))
     sink = metrics.SqliteMetricsSink(j.id, flush_interval_s=0.05, close_timeout_s=10)
     timer = _hold_write_lock(str(lab_home / "lab.db"), 0.6)
     sink.write(record(1))
@@ -335,13 +340,13 @@ def test_failed_flush_is_retried(lab_home, monkeypatch):
 def test_long_read_transaction_does_not_block_submission_or_metrics(lab_home):
     import sqlite3
 
-    first = store.submit_job(make_cfg(), None, 1)
+    first = store.submit_job(make_cfg(), Submission(None, 1))
     reader = sqlite3.connect(str(lab_home / "lab.db"), isolation_level=None)
     reader.execute("BEGIN")
     assert reader.execute("SELECT count(*) FROM job").fetchone() == (1,)  # snapshot taken, kept open
     try:
         started = time.perf_counter()
-        second = store.submit_job(make_cfg(), None, 1)
+        second = store.submit_job(make_cfg(), Submission(None, 1))
         sink = metrics.SqliteMetricsSink(first.id, flush_interval_s=0.01)
         sink.write(record(1))
         sink.close()

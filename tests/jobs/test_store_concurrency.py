@@ -9,6 +9,7 @@ import pytest
 from sae_core.config import TrainConfig
 from sae_core.db.tables import Job
 from sae_core.jobs import store
+from sae_core.jobs.placement import Submission
 from tests.conftest import racing_scripts, subprocess_env
 
 # Each process submits its share of jobs and, like a (rogue) second launcher, claims and finishes
@@ -17,12 +18,13 @@ WORKER = r"""
 import json, random, sys, time
 from sae_core.config import TrainConfig
 from sae_core.jobs import scheduler, store
+from sae_core.jobs.placement import Submission
 me, n_submit = int(sys.argv[1]), int(sys.argv[2])
 cfg = TrainConfig(activation_source="/x.safetensors", d_sae=64, k=8, batch_size=256, total_steps=2)
 rng = random.Random(me)
 claimed = []
 for i in range(n_submit):
-    store.submit_job(cfg, rng.choice(["0", "1", "0,1"]), None, name=f"p{me}-{i}")
+    store.submit_job(cfg, Submission(rng.choice(["0", "1", "0,1"]), None, name=f"p{me}-{i}"))
 idle_since = time.time()
 while time.time() - idle_since < 1.0:
     jobs = scheduler.claim_runnable(cpu_budget=2)
@@ -60,7 +62,9 @@ def test_overlap_check_detects_a_double_booking():
 
 @pytest.mark.slow
 def test_racing_processes_claim_each_job_once_and_never_share_a_gpu(lab_home):
-    store.submit_job(TrainConfig(activation_source="/x", d_sae=64, k=8, batch_size=256, total_steps=2), "0", None)
+    store.submit_job(
+        TrainConfig(activation_source="/x", d_sae=64, k=8, batch_size=256, total_steps=2), Submission("0", None)
+    )
     env = subprocess_env(SAE_LAB_HOME=str(lab_home))
     claimed = racing_scripts(WORKER, [[str(n), "5"] for n in range(4)], env)
     jobs = store.list_jobs()

@@ -1,0 +1,82 @@
+"""The submission gate's check of a training (called through its JobKind row by submission.py, the one gate):
+the batch split over the ranks, the activations (inside the lab's roots, readable, finite), the GPUs and the
+memory estimate, the host's RAM."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from sqlalchemy.engine import Engine
+
+from ..config import ConfigError, TrainConfig
+from ..data.catalog import OUTSIDE_ROOTS, in_data_roots
+from ..data.checks import DatasetError, check_dataset
+from ..gpu.availability import GpuStatus
+from ..gpu.memory import host_bytes
+from . import store
+from .errors import unexpected
+from .gate import Problem, Verdict, check_gpus, check_host_memory, ranks, start_verdict
+from .placement import Submission
+
+
+def check_train(
+    cfg: TrainConfig,
+    submission: Submission,
+    *,
+    statuses: Sequence[GpuStatus] | None = None,
+    engine: Engine | None = None,
+    scan_values: bool | None = None,
+    planned_d_in: int | None = None,
+    planned_rows: int | None = None,
+) -> Verdict:
+    """Every problem of queueing the training `cfg` as `submission`.
+
+    `scan_values` None scans values for NaN/Inf as `check_dataset` does (all of a set up to 2 GiB, a sample of a
+    larger one); False checks the structure only, as the Train page does while a person types. `statuses`
+    defaults to the GPUs as the queue sees them now. `planned_d_in`: the activations do not exist yet (an
+    extraction queued before this training will write them, this wide, `planned_rows` of them); their other
+    checks are the job's."""
+    verdict = start_verdict(cfg, submission)
+    if verdict.placement_failed:
+        return verdict
+    if not verdict.gpus:
+        _check_cpu_batch(cfg, int(submission.cpu_procs or 1), verdict)
+    if planned_d_in is None:
+        _check_dataset(cfg, scan_values, store.engine_home(store.engine_or_default(engine)), verdict)
+    elif planned_rows is not None and planned_rows < cfg.batch_size + cfg.holdout_tokens:
+        message = (
+            f"the extraction writes {planned_rows:,} rows, fewer than one global batch (batch_size "
+            f"{cfg.batch_size:,}) plus the holdout (holdout_tokens {cfg.holdout_tokens:,}); extract more tokens "
+            "or lower batch_size/holdout_tokens"
+        )
+        verdict.problems.append(Problem("n_tokens", message))
+    # after the dataset: the memory fit needs its width
+    d_in = planned_d_in if planned_d_in is not None else verdict.dataset.d_in if verdict.dataset else None
+    if verdict.gpus:
+        check_gpus(cfg, statuses, engine, verdict, d_in)
+    if d_in is not None and not verdict.problems:
+        count = ranks(verdict, submission)
+        check_host_memory(verdict, "run", host_bytes(cfg, count, d_in, on_gpu=bool(verdict.gpus)), count)
+    return verdict
+
+
+def _check_cpu_batch(cfg: TrainConfig, cpu_procs: int, verdict: Verdict) -> None:
+    try:
+        cfg.per_rank_batch(cpu_procs)
+    except ConfigError as exc:
+        verdict.problems.append(Problem("batch_size", str(exc)))
+
+
+def _check_dataset(cfg: TrainConfig, scan_values: bool | None, home: Path, verdict: Verdict) -> None:
+    if not in_data_roots(cfg.activation_source, home):
+        verdict.problems.append(Problem("activation_source", f"activation_source: {OUTSIDE_ROOTS}"))
+        return
+    try:
+        scan = True if scan_values is None else scan_values
+        # One rank: the batch's split across the real ranks is the placement's problem, reported once.
+        verdict.dataset = check_dataset(cfg, 1, scan_values=scan)
+    except (DatasetError, ConfigError, OSError) as exc:
+        verdict.problems.append(Problem("activation_source", str(exc)))
+    except Exception:  # noqa: BLE001  (the gate's safety net: logged, and named by field)
+        verdict.problems.append(Problem(*unexpected("activation_source")))
