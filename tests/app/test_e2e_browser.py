@@ -265,7 +265,12 @@ def test_extract_from_a_model_then_train_evaluate_inspect_and_explore(tmp_path, 
         for label, value in (("Tokens (rows)", "2000"), ("Context size", "32"), ("CPU processes", "1")):
             fill(page, label, value)
         page.get_by_text("Then train an SAE on the result").click()
-        for label, value in (("Expansion factor", "2"), ("Steps", "30"), ("Global batch", "256"), ("k", "4")):
+        for label, value in (
+            ("Expansion factor", "2"),
+            ("Steps", "30"),
+            ("Global batch", "256"),
+            ("k (active latents per token)", "4"),
+        ):
             fill(page, label, value)
         expect(page.get_by_text("d_sae = 2 × 32 = 64 · 200 rows held out for evaluation")).to_be_visible()
         page.get_by_text("Then evaluate it with the model").click()
