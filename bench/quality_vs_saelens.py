@@ -28,7 +28,7 @@ import math
 import subprocess
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +64,8 @@ class Row:
     saelens: dict = field(default_factory=dict)  # driver options (JumpReLU's sparsity settings)
     equal_wall: bool = False  # also run SAE Lab for SAELens's wall time
     saelens_same_lr: bool = False  # give SAELens SAE Lab's automatic lr instead of the Gao et al. rule
+    # "gao_lr": instead of SAELens, SAE Lab itself at Gao et al.'s lr rule (the long-run check of the defaults)
+    versus: str = "saelens"
 
 
 # JumpReLU: the same objective for both tools. SAELens normalises inputs as SAE Lab does (E‖x‖² = d_in),
@@ -71,9 +73,23 @@ class Row:
 JUMPRELU_SAELENS = {
     "normalize_activations": "expected_average_only_in",
     "l0_coefficient": 5.0,
-    "jumprelu_init_threshold": 0.001,
-    "jumprelu_bandwidth": 0.001,
+    "jumprelu_init_threshold": 0.01,
+    "jumprelu_bandwidth": 0.05,
 }
+
+
+def at_l0(target: float) -> tuple[dict, dict]:
+    """(SAE Lab's, SAELens's) JumpReLU settings aiming at one L0: SAE Lab's target_l0 (its coefficient adapts);
+    SAELens's own way to an L0, Gemma Scope 2's quadratic sparsity loss around the same target."""
+    saelens = {**JUMPRELU_SAELENS, "jumprelu_sparsity_loss_mode": "quadratic", "target_l0": target}
+    return {"target_l0": target}, saelens
+
+
+# Matryoshka's nested prefixes, the same for both tools (SAELens needs them given; the last is d_sae).
+MATRYOSHKA_1024 = {"matryoshka_widths": [64, 256, 1024]}
+# Gated: both tools at one L1 coefficient, SAELens normalising inputs as SAE Lab does (E‖x‖² = d_in).
+GATED = {"l1_coefficient": 1.0}
+GATED_SAELENS = {"normalize_activations": "expected_average_only_in", **GATED}
 
 ROWS = [
     # toy: d_in 128, 512 ground-truth features
@@ -96,6 +112,17 @@ ROWS = [
     # SAELens at SAE Lab's (4x higher) automatic lr: does the lr alone close the gap?
     Row("T3=", "toy", "topk", 512, 16, 100, 4096, saelens_same_lr=True),
     Row("B3=", "minilm-l4", "topk", 1536, 8, 100, 2048, saelens_same_lr=True),
+    # issue 22: the new architectures against SAELens's own trainer for the same architecture, equal tokens
+    Row("T8", "toy", "matryoshka_batchtopk", 1024, 8, 200, 4096, saelab=MATRYOSHKA_1024, saelens=MATRYOSHKA_1024),
+    Row("T9", "toy", "gated", 1024, None, 200, 4096, saelab=GATED, saelens=GATED_SAELENS),
+    # JumpReLU at equal L0: SAE Lab's target_l0 against SAELens's quadratic loss around the same target, and
+    # TopK at k = that L0 (T10k, A5k)
+    Row("T10", "toy", "jumprelu", 1024, None, 1000, 4096, saelab=at_l0(8)[0], saelens=at_l0(8)[1]),
+    Row("T10k", "toy", "topk", 1024, 8, 1000, 4096),
+    Row("A5", "minilm-l1", "jumprelu", 1536, None, 1000, 1024, saelab=at_l0(32)[0], saelens=at_l0(32)[1]),
+    Row("A5k", "minilm-l1", "topk", 1536, 32, 1000, 1024),
+    # the long run: today's default lr rule against Gao et al.'s, both SAE Lab, 20,000 steps
+    Row("L1", "toy", "topk", 1024, 8, 20_000, 4096, versus="gao_lr"),
 ]
 QUICK = ["T3", "T6", "B3"]
 
@@ -275,7 +302,11 @@ def main() -> None:
             continue
         mine = run_saelab(row, ds, row.steps)
         equal_wall = row.equal_wall and not args.no_equal_wall
-        theirs = run_saelens(row, split, saelens_lr(row), cache, args.threads, need_cpu=equal_wall)
+        if row.versus == "gao_lr":
+            gao = replace(row, saelab={**row.saelab, "lr": GAO_LR_AT_16K / math.sqrt(row.d_sae / 2**14)})
+            theirs = {**run_saelab(gao, ds, row.steps), "own_fvu": float("nan")}
+        else:
+            theirs = run_saelens(row, split, saelens_lr(row), cache, args.threads, need_cpu=equal_wall)
         a = score(mine["tensors"], row.architecture, row.k, x, features)
         b = score(theirs["tensors"], row.architecture, row.k, x, features)
         if math.isfinite(theirs["own_fvu"]) and abs(b["fvu"] - theirs["own_fvu"]) > 1e-3 * max(1.0, b["fvu"]):

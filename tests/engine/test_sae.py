@@ -12,7 +12,7 @@ from sae_core.config import DEFAULT_ENCODER_INIT_SCALE, TrainConfig
 from sae_core.engine import cpu_kernels, saelens, sparse
 from sae_core.engine.evaluation import evaluate
 from sae_core.engine.saelens import exported_copy
-from sae_core.engine.saes import StepContext, sae_class, sae_from_config
+from sae_core.engine.saes import StepContext, penalty, sae_class, sae_from_config
 from sae_core.engine.saes import make_sae as build_sae
 from sae_core.engine.saes.topk import TopKSAE
 
@@ -235,16 +235,31 @@ def test_jumprelu_threshold_stays_non_negative_and_old_checkpoints_load(x):
 def test_a_target_l0_moves_the_coefficient_towards_it_once_warm(x):
     model = make_sae("standard", l1_coefficient=1.0, target_l0=2.0, l1_warmup_steps=2)
     out = model.training_step(x)
-    assert float(out.l0) > 2.0  # too many latents fire: the coefficient must rise
+    assert float(out.l0) > 2 * math.e  # far too many latents fire: the coefficient must rise, at the most
     model.after_optimizer_step(out, StepContext(step=1, total_steps=10))  # still warming up: unchanged
     assert float(model.penalty.log_base.exp()) == pytest.approx(1.0)
     model.after_optimizer_step(out, StepContext(step=2, total_steps=10))
-    assert float(model.penalty.log_base.exp()) == pytest.approx(math.exp(0.01))  # at most ~1 % a step
-    assert "penalty.log_base" in model.state_dict()  # checkpoints carry it: a resume continues exactly
+    assert float(model.penalty.log_base.exp()) == pytest.approx(math.exp(penalty.TARGET_L0_RATE))
+    assert {"penalty.log_base", "penalty.error", "penalty.trend"} <= set(model.state_dict())  # a resume continues
     few = make_sae("standard", l1_coefficient=1.0, target_l0=30.0, l1_warmup_steps=0)
     few.after_optimizer_step(few.training_step(x), StepContext(step=5, total_steps=10))
-    assert float(few.penalty.log_base.exp()) < 1.0
+    assert float(few.penalty.log_base.exp()) < 1.0  # too few: it falls
     assert "penalty.log_base" not in make_sae("standard").state_dict()  # no target: nothing adapts
+
+
+def test_a_target_l0_holds_the_coefficient_while_l0_is_already_on_course(x):
+    """The trend term: an L0 above the target but falling fast enough to reach it within the horizon does not
+    raise the coefficient further (a rise would carry L0 past the target, see penalty.py); the same L0 standing
+    still does."""
+    steady, falling = (make_sae("standard", l1_coefficient=1.0, target_l0=10.0, l1_warmup_steps=0) for _ in "ab")
+    out = steady.training_step(x)
+    for step in range(100):  # log(L0 / target) from 2 down to 0.02 a step lower: the target in ~100 steps
+        for model, l0 in ((steady, 10.0 * math.exp(1.0)), (falling, 10.0 * math.exp(2.0 - 0.02 * step))):
+            out.l0 = torch.tensor(l0)
+            model.after_optimizer_step(out, StepContext(step=step, total_steps=1000))
+    assert float(steady.penalty.log_base) == pytest.approx(100 * penalty.TARGET_L0_RATE)  # rose every step
+    assert float(falling.penalty.log_base) < 0.5 * float(steady.penalty.log_base)  # held back by the trend
+    assert float(falling.penalty.trend) == pytest.approx(-0.02, rel=0.05)
 
 
 def test_decoder_gradient_projection_keeps_rows_unit_norm(x):
