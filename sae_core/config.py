@@ -162,7 +162,16 @@ class TrainConfig(StrictConfig):
     lr_decay_steps: int | None = Field(
         None, ge=0, le=MAX_STEPS, description="Linear decay to zero over the last N steps; default 10% of total_steps."
     )
-    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed for initialisation and data order.")
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED, description="Seed for the data order, and for initialisation unless init_seed is set."
+    )
+    init_seed: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_SEED,
+        description="Seed for the SAE's initialisation; default: seed. A sweep varies it to train "
+        "seeds side by side on one data order.",
+    )
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Dtype the weights are stored in.")
     autocast: Literal["bf16"] | None = Field(None, description="null or 'bf16': bf16 autocast for matmuls on CUDA.")
     checkpoint_every: int = Field(
@@ -260,6 +269,10 @@ class TrainConfig(StrictConfig):
     @property
     def effective_lr(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR_AT_16K / math.sqrt(self.d_sae / 2**14)
+
+    @property
+    def effective_init_seed(self) -> int:
+        return self.init_seed if self.init_seed is not None else self.seed
 
     @property
     def effective_lr_warmup_steps(self) -> int:

@@ -59,12 +59,18 @@ def _v5_named_losses_and_stats(conn: Connection) -> None:
     _add_column(conn, "metric_point", "stats_json", "VARCHAR")
 
 
+def _v6_sweep_members(conn: Connection) -> None:
+    """v6: metric_point.member (the sweep member a record is of; NULL for a single run's)."""
+    _add_column(conn, "metric_point", "member", "VARCHAR")
+
+
 # MIGRATIONS[i] upgrades version i+1 to version i+2.
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _v2_cancel_grace_metric_time_and_step_index,
     _v3_data_wait,
     _v4_job_kinds_dependencies_and_disk,
     _v5_named_losses_and_stats,
+    _v6_sweep_members,
 ]
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 

@@ -83,6 +83,7 @@ class MetricPoint(SQLModel, table=True):
     __table_args__ = (Index("ix_metric_point_job_step", "job_id", "step"),)
     id: int | None = Field(default=None, primary_key=True)
     job_id: int = Field(foreign_key="job.id")
+    member: str | None = None  # v6: the sweep member the record is of (None: a single run's)
     step: int
     tokens: int
     loss: float | None = None

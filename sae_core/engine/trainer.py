@@ -77,7 +77,7 @@ class Trainer:
         """`extra_sinks()` is asked on rank 0 only, for sinks besides metrics.jsonl (the job store's)."""
         self.cfg, self.out_dir, self.env, self.data = cfg, out_dir, env, data
         self.per_rank_batch = cfg.per_rank_batch(env.world_size)
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.effective_init_seed)
         self.sae = sae_from_config(cfg, data.d_in, device=env.device)
         self.order = data_order(cfg, data)
         # fused: one kernel for all parameters (CPU and CUDA), 0.7 → 0.1 ms per step on the CPU bench

@@ -26,8 +26,10 @@ from ..files import (
     INSPECT_REQUEST_FILE,
     MANIFEST_FILE,
     MODEL_EVAL_FILE,
+    SWEEP_RESULT_FILE,
     TRAIN_REQUEST_FILE,
 )
+from ..sweep import Sweep
 
 # How `resume` continues a failed or cancelled job of the kind (submission.py implements each):
 # "checkpoint": from the newest complete checkpoint (its own, or its source's); "shards": in the folder that
@@ -41,7 +43,7 @@ Tile = Literal["data_wait", "disk", "model_figures"]
 class JobKind:
     name: str  # the job row's `kind`
     noun: str  # for messages: "the training exited ..."
-    config: type[StrictConfig]
+    config: type[StrictConfig] | type[Sweep]
     entry: str  # the module torchrun runs
     request_file: str  # the config as the file `--config` names, in the job folder
     total_field: str  # the config field progress counts to: steps, rows, contexts, rows
@@ -53,7 +55,7 @@ class JobKind:
     chart_metrics: tuple[str, ...] | None  # what the Jobs page charts; None: a training's figures and named losses
     result_note: str  # where its result appears, said on the Jobs page until it does
 
-    def total(self, cfg: StrictConfig) -> int:
+    def total(self, cfg: StrictConfig | Sweep) -> int:
         return int(getattr(cfg, self.total_field))
 
     def writes_into(self, job: Job) -> Path:
@@ -95,6 +97,21 @@ KINDS = {
             "data_wait",
             None,
             "The SAE download appears when the job completes.",
+        ),
+        JobKind(
+            "sweep",
+            "sweep",
+            Sweep,
+            "sae_core.train",
+            TRAIN_REQUEST_FILE,
+            "total_steps",
+            "Step",
+            SWEEP_RESULT_FILE,
+            "sae_core.jobs.train_checks:check_sweep",
+            "checkpoint",
+            "data_wait",
+            None,
+            "Each member's SAE appears on the SAEs page (and in its comparison view) when the sweep completes.",
         ),
         JobKind(
             "extract",
@@ -145,7 +162,7 @@ KINDS = {
 }
 
 
-def kind_of(cfg: StrictConfig) -> JobKind:
+def kind_of(cfg: StrictConfig | Sweep) -> JobKind:
     """The kind of a job config (ValueError for a config no kind runs)."""
     for kind in KINDS.values():
         if isinstance(cfg, kind.config):

@@ -36,7 +36,7 @@ METRIC_FIELDS = (
     "data_wait",
     "disk_bytes",
 )
-METRIC_COLUMNS = ("step", "tokens", *METRIC_FIELDS, "peak_mem", "peak_mem_max", "time")
+METRIC_COLUMNS = ("member", "step", "tokens", *METRIC_FIELDS, "peak_mem", "peak_mem_max", "time")
 # An architecture's loss terms become frame columns named "loss: <term>"; its stats keep their own names.
 LOSS_COLUMN_PREFIX = "loss: "
 
@@ -58,8 +58,10 @@ def metric_point_from_record(job_id: int, record: dict) -> MetricPoint | None:
     peak = record.get("peak_mem") or []
     if not isinstance(peak, list | tuple):
         peak = [peak]
+    member = record.get("member")
     point = MetricPoint(
         job_id=job_id,
+        member=str(member)[:200] if member is not None else None,
         step=int(record["step"]),
         tokens=int(record.get("tokens") or 0),
         peak_mem_json=json.dumps([int(p) if p is not None else None for p in peak]),
@@ -131,7 +133,7 @@ def metrics_frame(job_id: int, max_points: int | None = None, engine: Engine | N
 
     The thinning happens in SQL (row numbers over the (job_id, step) index), and rows come back as
     plain tuples: a 100k-step job's chart must not build 100k ORM objects on every page refresh."""
-    columns = ("step", "tokens", *METRIC_FIELDS, "time", "peak_mem_json", "losses_json", "stats_json")
+    columns = ("member", "step", "tokens", *METRIC_FIELDS, "time", "peak_mem_json", "losses_json", "stats_json")
     select_cols = ", ".join(columns)
     engine = engine_or_default(engine)
     with engine.connect() as conn:

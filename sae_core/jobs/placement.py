@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..config import JobConfig, TrainConfig
+from ..sweep import Sweep
 from .errors import JobError
 
 MAX_CPU_PROCS = 512
@@ -59,10 +60,13 @@ def parse_placement(gpu_ids: Sequence[int] | str | None, cpu_procs: int | None) 
     return gpus
 
 
-def check_placement(cfg: JobConfig, gpu_ids: Sequence[int] | str | None, cpu_procs: int | None) -> list[int]:
+def check_placement(cfg: JobConfig | Sweep, gpu_ids: Sequence[int] | str | None, cpu_procs: int | None) -> list[int]:
     """`parse_placement`, and for training a batch that splits across the ranks (ConfigError naming both
-    numbers; an extraction splits whole shards, any number of ranks)."""
+    numbers; an extraction splits whole shards, any number of ranks; a sweep whose members go to ranks reads whole
+    batches on each)."""
     gpus = parse_placement(gpu_ids, cpu_procs)
+    if isinstance(cfg, Sweep) and cfg.placement != "members":
+        cfg = cfg.shared
     if isinstance(cfg, TrainConfig):
         cfg.per_rank_batch(len(gpus) or int(cpu_procs or 1))
     return gpus

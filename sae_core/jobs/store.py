@@ -26,6 +26,7 @@ from .. import db, paths
 from ..config import JobConfig
 from ..db.health import job_folders
 from ..db.tables import FINAL_STATUSES, JOB_STATUSES, Job
+from ..sweep import Sweep
 from ..text import brief
 from .errors import JobError
 from .kinds import job_kind, kind_of
@@ -46,7 +47,7 @@ def engine_home(engine: Engine) -> Path:
 # --------------------------------------------------------------------------- insert
 
 
-def submit_job(cfg: JobConfig, submission: Submission, engine: Engine | None = None) -> Job:
+def submit_job(cfg: JobConfig | Sweep, submission: Submission, engine: Engine | None = None) -> Job:
     """Insert a queued job of the config's kind (kinds.py: a training, an extraction, an evaluation); its output dir
     is SAE_LAB_HOME/jobs/<id>. Only its placement is checked here (a row must name a valid one); people
     submit through the gate (submission.py), which checks all."""

@@ -18,6 +18,7 @@ from sqlalchemy.engine import Engine
 from ..config import EvaluateConfig, ExtractConfig, JobConfig, TrainConfig
 from ..db.tables import Job
 from ..outputs import checkpoint_root, latest_checkpoint
+from ..sweep import Sweep
 from . import store
 from .errors import JobError
 from .gate import MAX_NAME_CHARS, Problem, SubmissionRejected, Verdict
@@ -37,13 +38,13 @@ __all__ = [
 ]
 
 
-def check(cfg: JobConfig, submission: Submission, *, engine: Engine | None = None, **options) -> Verdict:
+def check(cfg: JobConfig | Sweep, submission: Submission, *, engine: Engine | None = None, **options) -> Verdict:
     """Every problem of queueing `cfg` as `submission` (its kind's check). `options` are the check's own:
     `statuses` (the GPUs as the queue sees them, by default now), and for a training `scan_values`."""
     return kind_of(cfg).check_function()(cfg, submission, engine=engine, **options)
 
 
-def submit(cfg: JobConfig, submission: Submission, engine: Engine | None = None) -> tuple[Job, Verdict]:
+def submit(cfg: JobConfig | Sweep, submission: Submission, engine: Engine | None = None) -> tuple[Job, Verdict]:
     """Queue a job if the gate finds no problem (else SubmissionRejected, nothing written)."""
     verdict = check(cfg, submission, engine=engine)
     if not verdict.ok:

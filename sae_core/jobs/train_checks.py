@@ -14,6 +14,7 @@ from ..data.catalog import OUTSIDE_ROOTS, in_data_roots
 from ..data.checks import DatasetError, check_dataset
 from ..gpu.availability import GpuStatus
 from ..gpu.memory import host_bytes
+from ..sweep import Sweep
 from . import store
 from .errors import unexpected
 from .gate import Problem, Verdict, check_gpus, check_host_memory, ranks, start_verdict
@@ -80,3 +81,20 @@ def _check_dataset(cfg: TrainConfig, scan_values: bool | None, home: Path, verdi
         verdict.problems.append(Problem("activation_source", str(exc)))
     except Exception:  # noqa: BLE001  (the gate's safety net: logged, and named by field)
         verdict.problems.append(Problem(*unexpected("activation_source")))
+
+
+def check_sweep(
+    sweep: Sweep,
+    submission: Submission,
+    *,
+    statuses: Sequence[GpuStatus] | None = None,
+    engine: Engine | None = None,
+    scan_values: bool | None = None,
+    planned_d_in: int | None = None,
+    planned_rows: int | None = None,
+) -> Verdict:
+    """Every problem of queueing the sweep: its data and batch as one member's (every member reads the same)."""
+    return check_train(
+        sweep.shared, submission, statuses=statuses, engine=engine, scan_values=scan_values,
+        planned_d_in=planned_d_in, planned_rows=planned_rows,
+    )  # fmt: skip

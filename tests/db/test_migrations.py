@@ -85,9 +85,9 @@ def test_v1_file_is_upgraded_in_place_with_rows_kept(lab_home, with_schema_info)
     engine = db.get_engine(lab_home)
 
     with engine.connect() as conn:
-        assert migrations.current_version(conn) == migrations.SCHEMA_VERSION == 5
+        assert migrations.current_version(conn) == migrations.SCHEMA_VERSION == 6
     assert {"term_sent_at", "last_metric_at"} <= columns(path, "job")
-    assert {"data_wait", "disk_bytes", "losses_json", "stats_json"} <= columns(path, "metric_point")
+    assert {"data_wait", "disk_bytes", "losses_json", "stats_json", "member"} <= columns(path, "metric_point")
     assert {"kind", "depends_on"} <= columns(path, "job")
     assert "ix_metric_point_job_step" in indices(path, "metric_point")
     assert "ix_metric_point_job_id" not in indices(path, "metric_point")

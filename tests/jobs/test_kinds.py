@@ -12,10 +12,14 @@ from sae_core.db.tables import Job
 from sae_core.jobs import kinds, store, submission
 from sae_core.jobs.gate import Verdict
 from sae_core.jobs.placement import Submission
+from sae_core.sweep import sweep_from_dict
 from tests.conftest import REPO
 
 CONFIGS = {
     "train": TrainConfig(activation_source="acts.safetensors", d_sae=64, total_steps=10),
+    "sweep": sweep_from_dict(
+        {"activation_source": "acts.safetensors", "total_steps": 10, "sweep": {"d_sae": [64, 128]}}
+    ),
     "extract": ExtractConfig(model="m", hook="model.layers.0", dataset="d.txt", n_tokens=100),
     "evaluate": EvaluateConfig(sae="sae"),
     "inspect": InspectConfig(sae="sae"),
@@ -49,21 +53,21 @@ def test_where_a_kind_writes_and_what_says_it_finished(name, tmp_path):
 
 
 def test_an_unknown_kind_is_refused_not_run_as_a_training(lab_home):
-    with pytest.raises(ValueError, match="job kind 'sweep' is not one of train, extract, evaluate, inspect"):
-        kinds.job_kind("sweep")
+    with pytest.raises(ValueError, match="job kind 'stream' is not one of train, sweep, extract, evaluate, inspect"):
+        kinds.job_kind("stream")
     with pytest.raises(ValueError, match="no job kind runs a Submission"):
         kinds.kind_of(Submission())  # type: ignore[arg-type]
     job = store.submit_job(CONFIGS["train"], Submission(None, 1))
     with store.db.write_session(store.engine_or_default(None)) as session:  # a row written by another version
         row = session.get(Job, job.id)
-        row.kind = "sweep"
+        row.kind = "stream"
         session.add(row)
-    with pytest.raises(ValueError, match="job kind 'sweep'"):
+    with pytest.raises(ValueError, match="job kind 'stream'"):
         store.job_config(store.require_job(job.id))
 
 
 # Comparisons of a job's kind with a kind's name: what the table answers instead.
-KIND_BY_NAME = re.compile(r"kind(\.name)?\s*(==|!=|in)\s*[\(\[{]?\s*\"(train|extract|evaluate|inspect)\"")
+KIND_BY_NAME = re.compile(r"kind(\.name)?\s*(==|!=|in)\s*[\(\[{]?\s*\"(train|sweep|extract|evaluate|inspect)\"")
 
 
 def test_no_code_outside_the_table_asks_a_jobs_kind_by_name():
