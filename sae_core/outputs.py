@@ -15,6 +15,7 @@ import json
 import os
 import stat
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +31,13 @@ from .files import (
     CHECKPOINT_TENSORS,
     CHECKPOINTS_DIR,
     DATASETS_DIR,
+    EVAL_FILE,
     LOGS_DIR,
+    REFUSED_FILE,
     SAE_REQUIRED,
     SAE_ZIP_FILE,
     SAE_ZIP_MEMBERS,
+    SWEEP_FILE,
     WEIGHTS_FILE,
 )
 
@@ -151,6 +155,49 @@ def _sae_sort_key(path: Path) -> tuple:
         return (0, -int(path.name), str(path))
     except ValueError:
         return (1, 0, str(path))
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+@dataclass(frozen=True)
+class MemberStatus:
+    """One member of a sweep as its folder shows it: "completed" (eval.json), "failed" (error.txt, the reason),
+    else "running" (or never started, when the sweep itself ended)."""
+
+    name: str
+    folder: Path
+    overrides: dict
+    status: str
+    error: str | None
+    figures: dict
+
+
+def sweep_members(run_dir: str | Path) -> list[MemberStatus]:
+    """The members of the sweep written into `run_dir` (its sweep.json), in grid order, each with its status;
+    [] for a folder that holds no sweep."""
+    run_dir = Path(run_dir)
+    listed = read_json(run_dir / SWEEP_FILE).get("members")
+    members = []
+    for entry in listed if isinstance(listed, list) else []:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            continue
+        folder = run_dir / Path(entry["name"]).name  # only ever a child of the run's folder
+        figures = read_json(folder / EVAL_FILE)
+        error = _read_text(folder / REFUSED_FILE) if not figures else None
+        status = "completed" if figures else "failed" if error is not None else "running"
+        overrides = entry.get("overrides") if isinstance(entry.get("overrides"), dict) else {}
+        members.append(MemberStatus(entry["name"], folder, overrides, status, error, figures))
+    return members
+
+
+def _read_text(path: Path, limit: int = 4000) -> str | None:
+    if not plain_file(path):
+        return None
+    try:
+        return path.read_text(errors="replace")[:limit].strip()
+    except OSError:
+        return None
 
 
 def read_json(path: Path) -> dict:
