@@ -186,7 +186,8 @@ def sweep_members(run_dir: str | Path) -> list[MemberStatus]:
         figures = read_json(folder / EVAL_FILE)
         error = _read_text(folder / REFUSED_FILE) if not figures else None
         status = "completed" if figures else "failed" if error is not None else "running"
-        overrides = entry.get("overrides") if isinstance(entry.get("overrides"), dict) else {}
+        overrides = entry.get("overrides")
+        overrides = overrides if isinstance(overrides, dict) else {}
         members.append(MemberStatus(entry["name"], folder, overrides, status, error, figures))
     return members
 
