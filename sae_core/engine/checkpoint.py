@@ -74,6 +74,11 @@ def save_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, torch.Ten
     return final
 
 
+def is_checkpoint(path: str | Path) -> bool:
+    """A folder that is one checkpoint (step_N/), not a run folder holding checkpoints/."""
+    return Path(path).name.startswith(CHECKPOINT_PREFIX) and (Path(path) / CHECKPOINT_MARKER).exists()
+
+
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     path = Path(path)
     if not (path / CHECKPOINT_MARKER).exists():

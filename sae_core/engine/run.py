@@ -21,9 +21,11 @@ from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, recor
 from ..config import ConfigError, TrainConfig
 from ..data.checks import DatasetError, check_dataset
 from ..files import METRICS_FILE, REFUSED_FILE
+from ..sweep import Sweep, read_training_config
 from .checkpoint import CheckpointError
 from .distributed import DistEnv, init_process_group, read_dist_env
 from .sinks import JsonlSink, MetricsSink
+from .sweep_trainer import SweepTrainer
 from .trainer import Trainer
 
 
@@ -31,7 +33,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m sae_core.train", description="Train an SAE (one process, or each rank under torchrun)."
     )
-    parser.add_argument("--config", required=True, help="TrainConfig JSON file")
+    parser.add_argument("--config", required=True, help="TrainConfig JSON file, or a sweep of them (sweep.py)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--resume", help="a run directory whose latest complete checkpoint to continue from")
     return parser.parse_args(argv)
@@ -75,27 +77,45 @@ def main(argv: list[str] | None = None, extra_sinks: Callable[[], list[MetricsSi
     args = parse_args(argv)
     out_dir = Path(args.out)
     try:
-        cfg = TrainConfig.from_json_file(args.config)
-        env = read_dist_env(cfg)
-        cfg.per_rank_batch(env.world_size)
-        data = check_dataset(cfg, env.world_size)
+        cfg = read_training_config(args.config)
+        env = read_dist_env(cfg.shared if isinstance(cfg, Sweep) else cfg)
+        cfg, ranks = placed(cfg, env.world_size)
+        data = check_dataset(cfg.shared if isinstance(cfg, Sweep) else cfg, ranks)
     except (ConfigError, DatasetError) as exc:
         return report_bad_input(out_dir, exc)
     keep_freed_memory()
     init_process_group(env)
+    resume = Path(args.resume) if args.resume else None
     try:
         if env.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
-        trainer = Trainer(cfg, out_dir, env, data, Path(args.resume) if args.resume else None, extra_sinks)
-        trainer.run()
+        trainer = (SweepTrainer if isinstance(cfg, Sweep) else Trainer)(cfg, out_dir, env, data, resume, extra_sinks)  # type: ignore[arg-type]
+        result = trainer.run()
         del trainer  # DDP's reducer and gloo's threads go before the process group, not at teardown
         gc.collect()
+        if isinstance(cfg, Sweep) and env.is_main and not any(m["status"] == "completed" for m in result["members"]):
+            return report_bad_input(
+                out_dir, DatasetError("every member of the sweep failed (see each member's error.txt)")
+            )
     except (DatasetError, CheckpointError) as exc:  # a non-finite row met in training; nothing to resume from
         return report_bad_input(out_dir, exc)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def placed(cfg: TrainConfig | Sweep, world_size: int) -> tuple[TrainConfig | Sweep, int]:
+    """The config with its placement settled, and how many ranks share each batch (ConfigError if the batch does
+    not split). A sweep run without the gate (`python -m sae_core.train`) splits batches unless told otherwise."""
+    if isinstance(cfg, Sweep) and cfg.placement == "auto":
+        cfg = cfg.with_placement("batch")
+    ranks = 1 if isinstance(cfg, Sweep) and cfg.placement == "members" else world_size
+    for member in cfg.members if isinstance(cfg, Sweep) else ():
+        member.config.per_rank_batch(ranks)
+    if isinstance(cfg, TrainConfig):
+        cfg.per_rank_batch(ranks)
+    return cfg, ranks
 
 
 def run_ranks(

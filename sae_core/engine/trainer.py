@@ -65,6 +65,12 @@ class _TrainForward(torch.nn.Module):
 
 
 class Trainer:
+    """One SAE's training: its module, optimizer, firing counters, checkpoints and metrics, and (for a single run)
+    the loop. A sweep (sweep_trainer.py) runs several on one shared feed: it passes `feed` (the order and the
+    reader every member steps on), `first` (the first global batch, read once), `collective` (False when this
+    rank trains the member on whole batches alone: no DDP, no all-reduce), `writes` (this rank writes the member's
+    files) and `name` (carried by its metric records)."""
+
     def __init__(
         self,
         cfg: TrainConfig,
@@ -73,13 +79,22 @@ class Trainer:
         data,
         resume_from: Path | None = None,
         extra_sinks: Callable[[], list[MetricsSink]] | None = None,
+        *,
+        feed: tuple[BlockOrder, DeviceFeed] | None = None,
+        first: torch.Tensor | None = None,
+        collective: bool = True,
+        writes: bool | None = None,
+        name: str | None = None,
     ):
-        """`extra_sinks()` is asked on rank 0 only, for sinks besides metrics.jsonl (the job store's)."""
+        """`extra_sinks()` is asked on the writing rank only, for sinks besides metrics.jsonl (the job store's)."""
         self.cfg, self.out_dir, self.env, self.data = cfg, out_dir, env, data
-        self.per_rank_batch = cfg.per_rank_batch(env.world_size)
+        self.collective = collective and env.world_size > 1
+        self.writes = env.is_main if writes is None else writes
+        self.name = name
+        self.per_rank_batch = cfg.per_rank_batch(env.world_size if collective else 1)
         torch.manual_seed(cfg.effective_init_seed)
         self.sae = sae_from_config(cfg, data.d_in, device=env.device)
-        self.order = data_order(cfg, data)
+        self.order = feed[0] if feed is not None else data_order(cfg, data)
         # fused: one kernel for all parameters (CPU and CUDA), 0.7 → 0.1 ms per step on the CPU bench
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.effective_lr, betas=(0.9, 0.999), fused=True)
         d_sae = cfg.d_sae
@@ -92,38 +107,35 @@ class Trainer:
         if resume_from is not None:
             self.load_state(resume_from)
         else:  # every rank initialises from the whole first global batch, so all start alike
-            first = torch.from_numpy(self.data.read(self.order.global_rows(self.order.key))).to(env.device)
+            if first is None:
+                first = torch.from_numpy(self.data.read(self.order.global_rows(self.order.key))).to(env.device)
             init_from_data(self.sae, first, cfg.b_dec_init)
-        # Reads the coming batches' blocks while this one trains; its state is what the loop has consumed.
-        loader = Loader(
-            data,
-            self.order,
-            env.rank,
-            env.world_size,
-            threads=cfg.reader_threads,
-            cache_bytes=cfg.read_ahead_bytes(env.world_size),
-            host_float32=env.device.type != "cuda",
-            pin_memory=env.device.type == "cuda",
-        )
-        self.reader = DeviceFeed(loader, env.device)
+        self.reader = feed[1] if feed is not None else self._own_reader()
         self._waited_at_log = 0.0  # the reader's wait_seconds at the last metric record
         self.forward: torch.nn.Module = _TrainForward(self.sae)
-        if dist.is_initialized() and env.world_size > 1:
+        if self.collective and dist.is_initialized():
             self.forward = data_parallel(self.forward, env.device)
         self.sinks: list[MetricsSink] = []
-        if env.is_main:
+        if self.writes:
+            out_dir.mkdir(parents=True, exist_ok=True)
             self.sinks = [JsonlSink(out_dir / METRICS_FILE), *(extra_sinks() if extra_sinks else [])]
 
-    # -- one optimizer step
-    def next_batch(self) -> torch.Tensor:
-        return self.reader.next() * self.sae.input_scale
+    def _own_reader(self) -> DeviceFeed:
+        """Reads the coming batches' blocks while this one trains; its state is what the loop has consumed."""
+        return open_feed(self.cfg, self.data, self.order, self.env, self.env.rank, self.env.world_size)
 
+    # -- one optimizer step
     def train_step(self) -> tuple[torch.Tensor, StepOutput]:
-        """One optimizer step; returns this rank's (scaled) batch and the step's output, for logging."""
+        """One optimizer step on the reader's next batch; returns this rank's (scaled) batch and the step's
+        output, for logging."""
+        return self.step_on(self.reader.next())
+
+    def step_on(self, batch: torch.Tensor) -> tuple[torch.Tensor, StepOutput]:
+        """One optimizer step on `batch` as read (this rank's share, or the whole batch); returns it scaled."""
         cfg = self.cfg
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.step, cfg)
-        x = self.next_batch()
+        x = batch * self.sae.input_scale
         ctx = StepContext(self.step, cfg.total_steps, self.dead_mask_for_step())
         self.optimizer.zero_grad(set_to_none=True)
         out = self.forward_backward(x, ctx)
@@ -177,9 +189,13 @@ class Trainer:
         """Share of latents silent for at least dead_tokens_window tokens (a host sync)."""
         return float((self.tokens_since_fired >= self.cfg.dead_tokens_window).float().mean())
 
+    def _reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Summed over the ranks that share this SAE's batches (none but this one when it is not collective)."""
+        return all_reduce_(tensor) if self.collective else tensor
+
     @torch.no_grad()
     def _track_firing(self, counts: torch.Tensor) -> None:
-        counts = all_reduce_(counts.to(torch.int64))
+        counts = self._reduce(counts.to(torch.int64))
         self.fire_counts += counts
         self.tokens_since_fired += self.cfg.batch_size
         self.tokens_since_fired.masked_fill_(counts > 0, 0)
@@ -207,7 +223,7 @@ class Trainer:
                 x64.sum(0),
             ]
         )
-        all_reduce_(packed)
+        self._reduce(packed)
         head = 3 + len(per_token)
         err, sq, n, l0_sum, loss_sum, *named_sums = packed[:head].tolist()
         mean = packed[head:] / n
@@ -233,7 +249,7 @@ class Trainer:
         else:
             mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
         local = torch.tensor([mine], dtype=torch.int64, device=self.env.device)
-        if not dist.is_initialized():
+        if not (self.collective and dist.is_initialized()):
             return [int(mine)]
         gathered = [torch.zeros_like(local) for _ in range(self.env.world_size)]
         dist.all_gather(gathered, local)
@@ -251,8 +267,8 @@ class Trainer:
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.env.device)
         return tensors
 
-    def save_checkpoint(self, elapsed: float) -> None:
-        if not self.env.is_main:
+    def save_checkpoint(self, elapsed: float, keep: int | None = None) -> None:
+        if not self.writes:
             return
         tensors = self.state_tensors()
         state = {
@@ -263,14 +279,18 @@ class Trainer:
             "optimizer": self._optim_meta,
             "config": json.loads(self.cfg.to_json()),
         }
-        checkpoint.save_checkpoint(self.out_dir, self.step, tensors, state, self.cfg.keep_checkpoints)
+        checkpoint.save_checkpoint(self.out_dir, self.step, tensors, state, keep or self.cfg.keep_checkpoints)
 
     def load_state(self, run_dir: Path) -> None:
-        # Every rank reads the same files and so picks the same checkpoint; rank 0 says what it skipped.
-        say = (lambda line: print(line, file=sys.stderr, flush=True)) if self.env.is_main else (lambda _: None)
-        path, tensors, state = checkpoint.load_newest_valid(run_dir, say)
-        if self.env.is_main:
-            print(f"resume: from {path.parent.name}/{path.name} (step {state['step']})", flush=True)
+        """The newest valid checkpoint of `run_dir` (a folder, or one checkpoint a sweep chose for its members)."""
+        if checkpoint.is_checkpoint(run_dir):
+            tensors, state = checkpoint.load_checkpoint(run_dir)
+        else:
+            # Every rank reads the same files and so picks the same checkpoint; rank 0 says what it skipped.
+            say = (lambda line: print(line, file=sys.stderr, flush=True)) if self.env.is_main else (lambda _: None)
+            path, tensors, state = checkpoint.load_newest_valid(run_dir, say)
+            if self.env.is_main:
+                print(f"resume: from {path.parent.name}/{path.name} (step {state['step']})", flush=True)
         model_sd = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
         self.sae.load_state_dict(model_sd)
         self.optimizer.load_state_dict(checkpoint.optimizer_from_flat(tensors, state["optimizer"]))
@@ -313,8 +333,11 @@ class Trainer:
         self._waited_at_log = self.reader.wait_seconds
         return min(waited / seconds, 1.0)
 
-    def log(self, x, out, tokens_per_s: float, eta_s: float, data_wait: float = 0.0) -> None:
+    def log(self, x, out, tokens_per_s: float, eta_s: float, data_wait: float = 0.0) -> dict:
+        """Every rank computes the record (its figures are reduced over the ranks); the writing rank writes it."""
         record = {"step": self.step, "tokens": self.tokens, **self.batch_metrics(x, out)}
+        if self.name is not None:
+            record["member"] = self.name
         record.update(
             lr=self.optimizer.param_groups[0]["lr"],
             tokens_per_s=tokens_per_s,
@@ -323,20 +346,20 @@ class Trainer:
             time=time.time(),
             total_steps=self.cfg.total_steps,
         )
-        if not self.env.is_main:
-            return
-        for sink in self.sinks:
-            sink.write(record)
-        print(progress_line(record, eta_s), flush=True)
+        if self.writes:
+            for sink in self.sinks:
+                sink.write(record)
+            print(progress_line(record, eta_s), flush=True)
+        return record
 
-    def finish(self, train_seconds: float) -> dict:
-        """Rank 0 evaluates on the holdout and writes the SAE; every rank returns the eval figures."""
+    def finish(self, train_seconds: float, barrier: bool = True) -> dict:
+        """The writing rank evaluates on the holdout and writes the SAE; every rank returns the eval figures."""
         figures = {}
         # The final checkpoint holds the optimizer; freeing gradients and Adam state here keeps the
         # evaluation below the training step's memory peak.
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer.state.clear()
-        if self.env.is_main:
+        if self.writes:
             figures = evaluate(
                 self.sae, self.data, self.order.holdout_rows(), self.env.device, chunk=min(4096, self.per_rank_batch)
             )
@@ -350,7 +373,7 @@ class Trainer:
             )
             write_outputs(self.sae, self.cfg, self.out_dir, self.fire_counts, self.tokens, figures)
             report_done(self.sinks, figures)
-        if dist.is_initialized():
+        if barrier and dist.is_initialized():
             dist.barrier()
         return figures
 
@@ -363,6 +386,21 @@ def data_parallel(forward: torch.nn.Module, device: torch.device) -> Distributed
         gradient_as_bucket_view=True,  # the gradients are the all-reduce buckets: no second copy (gpu/memory.py)
         broadcast_buffers=False,  # buffers stay identical by construction (all-reduced statistics)
     )
+
+
+def open_feed(cfg: TrainConfig, data, order: BlockOrder, env: DistEnv, rank: int, ranks: int) -> DeviceFeed:
+    """The reader of `order` for `rank` of `ranks` (its share of each global batch), on env's device."""
+    loader = Loader(
+        data,
+        order,
+        rank,
+        ranks,
+        threads=cfg.reader_threads,
+        cache_bytes=cfg.read_ahead_bytes(ranks),
+        host_float32=env.device.type != "cuda",
+        pin_memory=env.device.type == "cuda",
+    )
+    return DeviceFeed(loader, env.device)
 
 
 def data_order(cfg: TrainConfig, data) -> BlockOrder:
@@ -385,6 +423,7 @@ def progress_line(record: dict, eta_s: float) -> str:
 
 def write_outputs(sae, cfg: TrainConfig, out_dir: Path, fire_counts, tokens: int, figures: dict) -> None:
     """The SAE in SAELens format, its firing frequencies, the figures (eval.json last: "finished")."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     save(sae, out_dir, dtype=cfg.dtype, extra_meta={"dataset_path": cfg.activation_source})
     frequency = fire_counts.double().cpu() / max(tokens, 1)
     log_freq = torch.log10(frequency.clamp_min(1e-10)).float()
