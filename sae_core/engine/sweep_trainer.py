@@ -68,12 +68,12 @@ class SweepTrainer:
         self.shared_sinks = (extra_sinks() if extra_sinks else []) if writes and owned else []
         if env.is_main:
             self.write_plan()
+        self.failed: dict[str, str] = {}
         resumed = self.resume_points(resume_from) if resume_from is not None else {}
         first = None
         if resume_from is None:  # the first global batch, read once: every member initialises from it
             first = torch.from_numpy(data.read(self.order.global_rows(self.order.key))).to(env.device)
         self.members: dict[str, Trainer] = {}
-        self.failed: dict[str, str] = {}
         feed = (self.order, None)
         for member in owned:
             if resume_from is not None and member.name not in resumed:
@@ -116,7 +116,12 @@ class SweepTrainer:
         steps: dict[str, dict[int, Path]] = {}
         for member in self.sweep.members:
             folder = member.folder(run_dir)
-            if (folder / REFUSED_FILE).exists():
+            if (folder / REFUSED_FILE).exists():  # it failed before: it stays failed, for the same reason
+                reason = (folder / REFUSED_FILE).read_text().strip()
+                self.failed[member.name] = reason
+                if self.env.is_main and folder != member.folder(self.out_dir):
+                    member.folder(self.out_dir).mkdir(parents=True, exist_ok=True)
+                    (member.folder(self.out_dir) / REFUSED_FILE).write_text(reason + "\n")
                 continue
             steps[member.name] = {
                 int(p.name.split("_")[-1]): p for p in complete_checkpoints(folder) if checkpoint_problem(p) is None

@@ -17,7 +17,7 @@ from sqlalchemy.engine import Engine
 
 from ..config import EvaluateConfig, ExtractConfig, JobConfig, TrainConfig
 from ..db.tables import Job
-from ..outputs import checkpoint_root, latest_checkpoint
+from ..outputs import checkpoint_root, latest_checkpoint, sweep_members
 from ..sweep import Sweep
 from . import store
 from .errors import JobError
@@ -139,4 +139,9 @@ _RESUMED_FROM = {"checkpoint": _from_checkpoint, "shards": _in_its_shards, "agai
 
 
 def _checkpoint_of(job: Job) -> Path | None:
-    return latest_checkpoint(job.out_dir) if job.out_dir else None
+    """The job's newest complete checkpoint: in its folder, or for a sweep in its members' (the first that has
+    one; the sweep's resume finds the step every member has)."""
+    if not job.out_dir:
+        return None
+    folders = [member.folder for member in sweep_members(job.out_dir)] or [Path(job.out_dir)]
+    return next((found for found in map(latest_checkpoint, folders) if found is not None), None)
