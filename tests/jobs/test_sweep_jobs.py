@@ -3,8 +3,6 @@ lab.db by name, and a cancelled sweep resumes through the queue to the weights o
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,10 @@ from sae_core.jobs.placement import Submission
 from sae_core.outputs import sweep_members
 from sae_core.sweep import sweep_from_dict
 from tests.conftest import tiny_config
-from tests.jobs.test_launcher_procs import job_processes_left, lab, load_weights, wait_for, wait_status  # noqa: F401
+from tests.jobs import test_launcher_procs
+from tests.jobs.test_launcher_procs import job_processes_left, load_weights, wait_for, wait_status
+
+lab = test_launcher_procs.lab  # the launcher tests' fixture: a lab home and its daemons, cleaned up after
 
 pytestmark = pytest.mark.slow
 
