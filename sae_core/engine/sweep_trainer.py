@@ -100,6 +100,7 @@ class SweepTrainer:
             trainer.reader = self.reader
         self.step = next(iter(self.members.values())).step if self.members else 0
         self.step_seconds = dict.fromkeys(self.members, 0.0)  # each member's own step time, for the bench
+        self.loop_seconds = 0.0
 
     # -- the plan, the resume point
     def write_plan(self) -> None:
@@ -162,6 +163,7 @@ class SweepTrainer:
                         trainer.save_checkpoint(elapsed + time.perf_counter() - start, cfg.keep_checkpoints + 1)
         finally:
             self.reader.close()
+        self.loop_seconds = time.perf_counter() - start
         outputs.clear()
         train_seconds = elapsed + time.perf_counter() - start
         for trainer in self.members.values():
