@@ -121,3 +121,23 @@ def _firing_histogram_spec() -> dict:
         )
     )
     return _detached(chart)
+
+
+def members_spec(metric: str) -> dict:
+    """One metric of a sweep, a line per member (colour), from `frames.member_lines`."""
+    return copy.deepcopy(_members_spec(metric))
+
+
+@functools.cache
+def _members_spec(metric: str) -> dict:
+    chart = (
+        alt.Chart()
+        .mark_line(strokeWidth=1.5)
+        .encode(
+            x=alt.X("step:Q", title="step"),
+            y=alt.Y("value:Q", title=metric, scale=alt.Scale(zero=False)),
+            color=alt.Color("member:N", title="member", legend=alt.Legend(orient="bottom", labelLimit=240)),
+            tooltip=["member:N", "step:Q", alt.Tooltip("value:Q", title=metric, format=".4g")],
+        )
+    )
+    return _detached(chart)
