@@ -243,7 +243,9 @@ def members_table(members: Iterable[Any], metrics: pd.DataFrame, live: bool) -> 
                 "Error": member.error or "",
             }
         )
-    return pd.DataFrame(rows, columns=MEMBER_TABLE_COLUMNS)
+    table = pd.DataFrame(rows, columns=MEMBER_TABLE_COLUMNS)
+    table["Step"] = table["Step"].astype("Int64")  # a member without a metric yet has no step
+    return table
 
 
 def _int_or_none(value) -> int | None:
