@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Literal, Self, get_args
+from typing import Annotated, Literal, Self, get_args
 
 from pydantic import (
     BaseModel,
@@ -382,8 +382,7 @@ class ExtractConfig(StrictConfig):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu.")
 
 
-MAX_EVAL_CONTEXTS = 2**24
-MAX_EVAL_SAES = 256  # SAEs one evaluation job evaluates in one pass (a sweep's members, or a hand-picked list)
+MAX_EVAL_CONTEXTS, MAX_EVAL_SAES = 2**24, 256  # SAEs: what one evaluation job evaluates in one pass
 
 
 class EvaluateConfig(StrictConfig):
@@ -395,13 +394,11 @@ class EvaluateConfig(StrictConfig):
         description="The SAE folder (cfg.json + sae_weights.safetensors): one SAE Lab trained, or any in SAELens's "
         "on-disk format; or a sweep's run folder (it holds sweep.json): every completed member is evaluated.",
     )
-    saes: list[str] = Field(
-        default_factory=list,
-        max_length=MAX_EVAL_SAES - 1,
-        description="More SAE folders (or sweep folders) evaluated in the same pass as `sae`, on the same contexts: "
-        f"one model forward per batch shared by all; each must be trained on the same model and hook (at most "
-        f"{MAX_EVAL_SAES} SAEs in all).",
-    )
+    saes: list[Annotated[str, Field(min_length=1, max_length=MAX_PATH_CHARS)]] = Field(
+        default_factory=list, max_length=MAX_EVAL_SAES - 1,
+        description="More SAE (or sweep) folders evaluated in the same pass as `sae`, on the same contexts and one "
+        f"model forward per batch; each trained on the same model and hook (at most {MAX_EVAL_SAES} SAEs in all).",
+    )  # fmt: skip
     contexts: int = Field(
         256, gt=0, le=MAX_EVAL_CONTEXTS, description="Contexts to evaluate on (at most the held-out ones there are)."
     )
@@ -442,19 +439,10 @@ class EvaluateConfig(StrictConfig):
     @field_validator("saes")
     @classmethod
     def _each_sae_once(cls, value: list[str], info: ValidationInfo) -> list[str]:
-        seen = {info.data.get("sae")}
-        for path in value:
-            if not path or len(path) > MAX_PATH_CHARS:
-                raise ValueError(f"each SAE folder is a path of 1 to {MAX_PATH_CHARS} characters")
-            if path in seen:
-                raise ValueError(f"{brief(path, 200)} is named twice")
-            seen.add(path)
+        named = [info.data.get("sae"), *value]
+        if twice := next((p for i, p in enumerate(named) if p in named[:i]), None):
+            raise ValueError(f"{brief(twice, 200)} is named twice")
         return value
-
-    @property
-    def sae_folders(self) -> list[str]:
-        """`sae` then `saes`: every folder named (a sweep folder stands for its members)."""
-        return [self.sae, *self.saes]
 
 
 class InspectConfig(StrictConfig):

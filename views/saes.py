@@ -101,8 +101,12 @@ def compare_view(saes: list[Path], home: Path) -> None:
     """Several SAEs side by side: L0 against FVU (and CE loss recovered), the Pareto frontier, a sortable
     table; a click opens the SAE in Explore; "Evaluate all" queues one model evaluation of them all."""
     sweeps = compare.sweep_folders(saes)
-    modes = ["A sweep", "SAEs I pick"] if sweeps else ["SAEs I pick"]
-    mode = st.radio("Compare", modes, horizontal=True, key="compare_mode")
+    if "compare_mode" not in st.session_state and not sweeps:
+        st.session_state["compare_mode"] = "SAEs I pick"
+    mode = st.radio("Compare", ["A sweep", "SAEs I pick"], horizontal=True, key="compare_mode")
+    if mode == "A sweep" and not sweeps:
+        st.info("No sweep has a completed member yet: pick SAEs instead.")
+        return
     if mode == "A sweep":
         sweep = st.selectbox("Sweep", sweeps, key="compare_sweep", format_func=lambda p: relative(p, home))
         entries, evaluated = compare.sweep_entries(sweep), (sweep, [])

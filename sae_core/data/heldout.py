@@ -125,11 +125,11 @@ def evaluated_saes(cfg: EvaluateConfig) -> list[NamedSae]:
             f"saes: {len(named)} SAEs in all (a sweep counts its completed members); one evaluation takes at most "
             f"{MAX_EVAL_SAES}: split them across jobs"
         )
-    folders = [os.path.realpath(sae.folder) for sae in named]
-    for i, folder in enumerate(folders):
-        if folder in folders[:i]:
+    real = [os.path.realpath(sae.folder) for sae in named]
+    for i, where in enumerate(real):
+        if where in real[:i]:
             raise ConfigError(
-                f"{named[i].field}: {named[i].label} is named twice (once as {named[folders.index(folder)].label})"
+                f"{named[i].field}: {named[i].label} is named twice (once as {named[real.index(where)].label})"
             )
     return named
 
@@ -150,8 +150,11 @@ def _require_same_pass(first_sae: NamedSae, first: EvalPlan, sae: NamedSae, plan
             f"{first_sae.label} of {brief(first.model, 200)} at {first.hook} (d_in {first.d_in}): one evaluation "
             "runs one model and splices at one hook; evaluate them in separate jobs"
         )
-    same_ids = (first.context_ids is None) == (plan.context_ids is None) and (
-        first.context_ids is None or np.array_equal(first.context_ids, plan.context_ids)
+    ids, first_ids = plan.context_ids, first.context_ids
+    same_ids = (
+        ids is None
+        and first_ids is None
+        or (ids is not None and first_ids is not None and np.array_equal(ids, first_ids))
     )
     if not same_ids or (plan.activation_dir, plan.context_size, plan.exclude_special_tokens) != (
         first.activation_dir, first.context_size, first.exclude_special_tokens

@@ -168,7 +168,7 @@ def splice_batch(splicer: Splicer, saes, tokens: torch.Tensor, mask: torch.Tenso
         latents = sae.encode(kept)
         reconstruction = torch.zeros_like(original)
         reconstruction[mask] = sae.decode(latents)
-        spliced = splicer.logits(tokens, lambda _h, r=reconstruction: r, mask)
+        spliced = splicer.logits(tokens, _constant(reconstruction), mask)
         sums.add("predicted", predicted)
         sums.add("ce_clean", ce_clean)
         sums.add("ce_spliced", cross_entropy_sum(spliced, tokens))
@@ -177,6 +177,10 @@ def splice_batch(splicer: Splicer, saes, tokens: torch.Tensor, mask: torch.Tenso
             sums.add(f"ce_{name}", ce)
             sums.add(f"kl_{name}", kl)
         _add_reconstruction(sums, kept, reconstruction[mask], latents)
+
+
+def _constant(value: torch.Tensor) -> Replacement:
+    return lambda _h: value
 
 
 def _add_reconstruction(totals, kept: torch.Tensor, reconstruction: torch.Tensor, latents: torch.Tensor) -> None:

@@ -148,7 +148,7 @@ COMPARE_TITLES = {"l0": "L0 (active latents per token)", "fvu": "FVU (lower is b
                   "ce_loss_score": "CE loss recovered (higher is better)"}  # fmt: skip
 
 
-def comparison_chart(frame, x: str, y: str, frontier: str) -> alt.LayerChart:
+def comparison_chart(frame, x: str, y: str, frontier: str) -> alt.LayerChart | alt.FacetChart:
     """SAEs as points (x against y), the Pareto frontier (rows where `frontier` is true) as a line through
     them; hovering shows a point's name, config and figures, clicking selects its `folder`. An Altair chart
     (not a cached spec): Streamlit's `on_select` needs the chart's selection parameter."""

@@ -65,7 +65,8 @@ def comparison_frame(entries: Sequence[Compared], home: Path) -> pd.DataFrame:
     rows = []
     for entry in entries:
         figures, cfg = read_json(entry.folder / EVAL_FILE), read_json(entry.folder / CFG_FILE)
-        metadata = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+        metadata = cfg.get("metadata")
+        metadata = metadata if isinstance(metadata, dict) else {}
         folder = str(entry.folder.relative_to(home)) if entry.folder.is_relative_to(home) else ""
         rows.append(
             {
@@ -89,9 +90,9 @@ def pareto_frontier(xs: Sequence[float | None], ys: Sequence[float | None], *, h
     higher and its y no worse (lower, or higher with `higher_is_better`), and it is strictly better on one.
     Points missing either value are left out. Sorted by x (then by y, best first): the frontier's line."""
     points = [
-        (float(x), -float(y) if higher_is_better else float(y), i)
-        for i, (x, y) in enumerate(zip(xs, ys, strict=True))
-        if _finite(x) and _finite(y)
+        (x, -y if higher_is_better else y, i)
+        for i, (x, y) in enumerate(zip(map(_number, xs), map(_number, ys), strict=True))
+        if x is not None and y is not None
     ]
     points.sort()
     frontier: list[int] = []
