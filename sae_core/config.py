@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Literal, Self, get_args
+from typing import Annotated, Literal, Self, get_args
 
 from pydantic import (
     BaseModel,
@@ -382,7 +382,7 @@ class ExtractConfig(StrictConfig):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu.")
 
 
-MAX_EVAL_CONTEXTS = 2**24
+MAX_EVAL_CONTEXTS, MAX_EVAL_SAES = 2**24, 256  # SAEs: what one evaluation job evaluates in one pass
 
 
 class EvaluateConfig(StrictConfig):
@@ -392,8 +392,13 @@ class EvaluateConfig(StrictConfig):
         min_length=1,
         max_length=MAX_PATH_CHARS,
         description="The SAE folder (cfg.json + sae_weights.safetensors): one SAE Lab trained, or any in SAELens's "
-        "on-disk format.",
+        "on-disk format; or a sweep's run folder (it holds sweep.json): every completed member is evaluated.",
     )
+    saes: list[Annotated[str, Field(min_length=1, max_length=MAX_PATH_CHARS)]] = Field(
+        default_factory=list, max_length=MAX_EVAL_SAES - 1,
+        description="More SAE (or sweep) folders evaluated in the same pass as `sae`, on the same contexts and one "
+        f"model forward per batch; each trained on the same model and hook (at most {MAX_EVAL_SAES} SAEs in all).",
+    )  # fmt: skip
     contexts: int = Field(
         256, gt=0, le=MAX_EVAL_CONTEXTS, description="Contexts to evaluate on (at most the held-out ones there are)."
     )
@@ -430,6 +435,14 @@ class EvaluateConfig(StrictConfig):
         "auto", description="The model's dtype: auto = as saved (float32 on a CPU for half-precision weights)."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu.")
+
+    @field_validator("saes")
+    @classmethod
+    def _each_sae_once(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        named = [info.data.get("sae"), *value]
+        if twice := next((p for i, p in enumerate(named) if p in named[:i]), None):
+            raise ValueError(f"{brief(twice, 200)} is named twice")
+        return value
 
 
 class InspectConfig(StrictConfig):

@@ -16,7 +16,7 @@ from sae_core.jobs.kinds import job_kind
 from sae_core.jobs.lifecycle import cancel_job
 from sae_core.jobs.logs import log_dir_of, tail_text
 from sae_core.jobs.metrics import metrics_frame, named_columns
-from sae_core.outputs import is_trained_sae, plain_file, read_json, served_dir
+from sae_core.outputs import is_trained_sae, plain_file, read_json, served_dir, sweep_members
 from sae_core.text import format_bytes, format_duration, format_rate
 from sae_core.ui import charts, frames, html, labels
 from sae_core.ui.downloads import metrics_csv
@@ -130,15 +130,42 @@ def data_wait_tile(job, metrics, col) -> None:  # noqa: ARG001
 def model_figures(job, metrics=None, col=None) -> None:  # noqa: ARG001
     """An evaluation job's result (its model_eval.json), once written."""
     out_dir = served_dir(job.out_dir, paths.lab_home())
-    shown = labels.model_eval_figures(read_json(out_dir / MODEL_EVAL_FILE)) if out_dir is not None else {}
+    result = read_json(out_dir / MODEL_EVAL_FILE) if out_dir is not None else {}
+    shown = labels.model_eval_figures(result)
     if shown:
         cols = st.columns(len(shown))
         for col, (label, value) in zip(cols, shown.items(), strict=False):
             col.metric(md_text(label), md_text(value))
+    each = frames.evaluation_table(result, paths.lab_home())
+    if not each.empty:
+        st.markdown(md("**Each SAE** ({} evaluated in one pass)", len(each)))
+        st.dataframe(each, hide_index=True, width="stretch", key="job_evaluated_saes")
 
 
 # The sixth tile of a job, by its kind's `tile` (jobs/kinds.py).
 TILES = {"disk": disk_tile, "data_wait": data_wait_tile, "model_figures": model_figures}
+
+
+def sweep_section(job, members, metrics) -> None:
+    """A sweep: each member's status (from its folder) and latest figures, and one chart, a line per member."""
+    live = job.status in LIVE_STATUSES
+    table = frames.members_table(members, metrics, live)
+    done = int((table["Status"] == "completed").sum())
+    st.markdown(md("**Members**: {} of {} completed", done, len(members)))
+    st.dataframe(table, hide_index=True, width="stretch", key="job_members_table")
+    names = [member.name for member in members]
+    figures = frames.member_metrics(metrics)
+    if not figures:
+        st.caption("No metrics yet: rank 0 records each member's every log_every steps once training runs.")
+        return
+    c1, c2 = st.columns([1, 3])
+    metric = c1.selectbox("Metric", figures, key="job_member_metric")
+    chosen = c2.multiselect("Members shown", names, default=names, key="job_members_shown")
+    lines = frames.member_lines(metrics, chosen, metric)
+    if lines.empty:
+        st.caption("Nothing to draw for the members chosen.")
+    else:
+        st.vega_lite_chart(lines, charts.members_spec(metric), width="stretch", height=charts.WIDE_CHART_HEIGHT)
 
 
 def job_detail(job_id: int, was_live: bool) -> None:
@@ -168,7 +195,11 @@ def job_detail(job_id: int, was_live: bool) -> None:
         st.error(md_text(job.error, multiline=True), icon=":material/error:")
     actions(job)
 
-    if metrics.empty:
+    out_dir = served_dir(job.out_dir, paths.lab_home())
+    members = sweep_members(out_dir) if out_dir is not None else []
+    if members:
+        sweep_section(job, members, metrics)
+    elif metrics.empty:
         st.caption("No metrics yet: rank 0 records them every log_every steps once training runs.")
     else:
         shown = kind.chart_metrics or [*frames.CHART_METRICS, *named_columns(metrics)]

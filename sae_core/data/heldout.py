@@ -9,13 +9,23 @@ contexts there were never trained on, and `contexts.safetensors` holds their exa
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from ..config import ConfigError, EvaluateConfig, ExtractConfig, InspectConfig, TrainConfig
-from ..files import CFG_FILE, CONTEXTS_FILE, EVAL_FILE, EXTRACT_CONFIG_FILE, TRAIN_CONFIG_FILE, WEIGHTS_FILE
+from ..config import MAX_EVAL_SAES, ConfigError, EvaluateConfig, ExtractConfig, InspectConfig, TrainConfig
+from ..files import (
+    CFG_FILE,
+    CONTEXTS_FILE,
+    EVAL_FILE,
+    EXTRACT_CONFIG_FILE,
+    SWEEP_FILE,
+    TRAIN_CONFIG_FILE,
+    WEIGHTS_FILE,
+)
+from ..outputs import sweep_members
 from ..text import brief
 from .activations import ActivationSet, open_activations
 from .formats import DatasetError
@@ -23,9 +33,9 @@ from .formats import DatasetError
 
 @dataclass(frozen=True)
 class EvalPlan:
-    sae_dir: Path
-    d_in: int  # the SAE's input width: the hook's output must match it
-    d_sae: int
+    sae_dirs: tuple[Path, ...]  # every SAE evaluated in the one pass (one for a single evaluation)
+    d_in: int  # the SAEs' input width: the hook's output must match it
+    d_saes: tuple[int, ...]  # each SAE's width, as sae_dirs
     model: str
     hook: str
     context_size: int  # tokens per context evaluated
@@ -33,6 +43,23 @@ class EvalPlan:
     context_ids: np.ndarray | None  # those contexts, at most cfg.contexts of them, ascending
     exclude_special_tokens: bool  # positions the SAE was not trained on keep the model's own activation
     special_token_ids: tuple[int, ...]
+
+    @property
+    def sae_dir(self) -> Path:
+        return self.sae_dirs[0]
+
+    @property
+    def d_sae(self) -> int:
+        return self.d_saes[0]
+
+
+@dataclass(frozen=True)
+class NamedSae:
+    """An SAE folder to evaluate, with the field that named it and how a message names it."""
+
+    folder: Path
+    field: str  # "sae" or "saes"
+    label: str  # the folder, or "member NAME of SWEEP"
 
 
 def held_out_contexts(data: ActivationSet, holdout: int) -> np.ndarray:
@@ -63,8 +90,84 @@ def sae_shape(sae_dir: Path) -> tuple[int, int]:
 
 
 def plan_evaluation(cfg: EvaluateConfig) -> EvalPlan:
-    """Every check that needs no model: the SAE folder, where the model and hook come from, the contexts."""
-    sae_dir = Path(cfg.sae).expanduser()
+    """Every check that needs no model, for every SAE the evaluation names (`sae`, `saes`, a sweep folder's
+    completed members): each folder, where the model and hook come from, the contexts. Several SAEs are
+    evaluated in one pass, so they must share the model, the hook and the contexts; a problem of one names it."""
+    named = evaluated_saes(cfg)
+    if len(named) == 1:
+        return _plan_one(cfg, named[0].folder)
+    plans = [_plan_named(cfg, sae) for sae in named]
+    first = plans[0]
+    for sae, plan in zip(named[1:], plans[1:], strict=True):
+        _require_same_pass(named[0], first, sae, plan)
+    return replace(first, sae_dirs=tuple(p.sae_dir for p in plans), d_saes=tuple(p.d_sae for p in plans))
+
+
+def evaluated_saes(cfg: EvaluateConfig) -> list[NamedSae]:
+    """The SAE folders an evaluation names, in order: a sweep folder (one holding sweep.json) stands for its
+    completed members; at most MAX_EVAL_SAES in all."""
+    named: list[NamedSae] = []
+    for field, path in [("sae", cfg.sae), *(("saes", p) for p in cfg.saes)]:
+        folder = Path(path).expanduser()
+        if not (folder / SWEEP_FILE).is_file():
+            named.append(NamedSae(folder, field, brief(folder, 200)))
+            continue
+        members = sweep_members(folder)
+        done = [m for m in members if m.status == "completed"]
+        if not done:
+            raise ConfigError(
+                f"{field}: the sweep {brief(folder, 200)} has no completed member yet ({len(members)} listed in "
+                f"{SWEEP_FILE}); evaluate it once its members have finished training"
+            )
+        named += [NamedSae(m.folder, field, f"member {brief(m.name, 200)} of {brief(folder, 200)}") for m in done]
+    if len(named) > MAX_EVAL_SAES:
+        raise ConfigError(
+            f"saes: {len(named)} SAEs in all (a sweep counts its completed members); one evaluation takes at most "
+            f"{MAX_EVAL_SAES}: split them across jobs"
+        )
+    real = [os.path.realpath(sae.folder) for sae in named]
+    for i, where in enumerate(real):
+        if where in real[:i]:
+            raise ConfigError(
+                f"{named[i].field}: {named[i].label} is named twice (once as {named[real.index(where)].label})"
+            )
+    return named
+
+
+def _plan_named(cfg: EvaluateConfig, sae: NamedSae) -> EvalPlan:
+    """One SAE's plan among several: its problem, if any, names it (under the field that named it)."""
+    try:
+        return _plan_one(cfg, sae.folder)
+    except (ConfigError, DatasetError) as exc:
+        raise type(exc)(f"{sae.field}: {sae.label}: {exc}") from None
+
+
+def _require_same_pass(first_sae: NamedSae, first: EvalPlan, sae: NamedSae, plan: EvalPlan) -> None:
+    """ConfigError naming `sae` unless it can share the one pass of `first`: same model, hook, width, contexts."""
+    if (plan.model, plan.hook, plan.d_in) != (first.model, first.hook, first.d_in):
+        raise ConfigError(
+            f"{sae.field}: {sae.label} is an SAE of {brief(plan.model, 200)} at {plan.hook} (d_in {plan.d_in}), but "
+            f"{first_sae.label} of {brief(first.model, 200)} at {first.hook} (d_in {first.d_in}): one evaluation "
+            "runs one model and splices at one hook; evaluate them in separate jobs"
+        )
+    ids, first_ids = plan.context_ids, first.context_ids
+    same_ids = (
+        ids is None
+        and first_ids is None
+        or (ids is not None and first_ids is not None and np.array_equal(ids, first_ids))
+    )
+    if not same_ids or (plan.activation_dir, plan.context_size, plan.exclude_special_tokens) != (
+        first.activation_dir, first.context_size, first.exclude_special_tokens
+    ):  # fmt: skip
+        raise ConfigError(
+            f"{sae.field}: {sae.label} held out other contexts than {first_sae.label} (trained on other activations "
+            "or another holdout_tokens), and each SAE is evaluated only on contexts it never saw; evaluate it in its "
+            "own job, or give a text dataset (dataset) to evaluate all on the same text"
+        )
+
+
+def _plan_one(cfg: EvaluateConfig, sae_dir: Path) -> EvalPlan:
+    """Every check of one SAE that needs no model: its folder, where the model and hook come from, the contexts."""
     d_in, d_sae = sae_shape(sae_dir)
     trained = _training_source(sae_dir)
     provenance = trained[0].manifest.provenance if trained and trained[0].from_model else {}
@@ -76,7 +179,7 @@ def plan_evaluation(cfg: EvaluateConfig) -> EvalPlan:
             f"model and hook it was trained on (--model, --hook)"
         )
     if cfg.dataset is not None:
-        return EvalPlan(sae_dir, d_in, d_sae, model, hook, cfg.context_size, None, None, True, ())
+        return EvalPlan((sae_dir,), d_in, (d_sae,), model, hook, cfg.context_size, None, None, True, ())
     if trained is None or not trained[0].from_model:
         raise ConfigError(
             "dataset: the SAE's training data holds no contexts to evaluate on (it was not extracted by SAE Lab "
@@ -97,7 +200,7 @@ def plan_evaluation(cfg: EvaluateConfig) -> EvalPlan:
         )
     extract_cfg = ExtractConfig.from_json_file(data.source / EXTRACT_CONFIG_FILE)
     return EvalPlan(
-        sae_dir, d_in, d_sae, model, hook, int(provenance["context_size"]), data.source, ids[: cfg.contexts], extract_cfg.exclude_special_tokens,
+        (sae_dir,), d_in, (d_sae,), model, hook, int(provenance["context_size"]), data.source, ids[: cfg.contexts], extract_cfg.exclude_special_tokens,
         tuple(int(i) for i in provenance.get("special_token_ids", ())),
     )  # fmt: skip
 

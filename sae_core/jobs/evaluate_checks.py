@@ -19,6 +19,7 @@ from ..data.heldout import EvalPlan, InspectPlan, plan_evaluation, plan_inspecti
 from ..gpu.availability import GpuStatus
 from ..gpu.memory import evaluation_bytes, inspection_bytes
 from ..latents import WINDOW
+from ..text import brief
 from . import store
 from .errors import guarded
 from .gate import Verdict, check_model_memory, outside_roots, start_verdict
@@ -80,6 +81,9 @@ def locations(cfg: EvaluateConfig, home: Path) -> list[tuple[str, str]]:
     problems = []
     if not in_data_roots(cfg.sae, home):
         problems.append(("sae", f"sae: {OUTSIDE_ROOTS}"))
+    outside = [path for path in cfg.saes if not in_data_roots(path, home)]
+    if outside:
+        problems.append(("saes", f"saes: {brief(outside[0], 200)}: {OUTSIDE_ROOTS}"))
     if cfg.model is not None and not model_allowed(cfg.model, home):
         problems.append(("model", f"model: {OUTSIDE_MODEL_ROOTS}"))
     if cfg.dataset is not None and not text_allowed(cfg.dataset, home):
@@ -115,11 +119,15 @@ def model_problems(evaluation: EvalPlan) -> tuple[ModelFacts | None, list[tuple[
 
 
 def memory_per_rank(cfg: EvaluateConfig, facts: ModelFacts, evaluation: EvalPlan, on_gpu: bool) -> dict[str, int]:
-    """The estimate's terms for one rank; the weights in the dtype the job will load them in."""
+    """The estimate's terms for one rank; the weights in the dtype the job will load them in. Several SAEs in
+    one pass are all held at once, one's latents at a time: the widest one's term, plus the others' weights."""
+    widest = max(evaluation.d_saes)
     terms = evaluation_bytes(
         facts.parameters, loaded_dtype(facts, cfg.model_dtype, on_gpu), cfg.batch_size, evaluation.context_size,
-        facts.hidden_size, facts.heads, facts.vocab_size, evaluation.d_in, evaluation.d_sae,
+        facts.hidden_size, facts.heads, facts.vocab_size, evaluation.d_in, widest,
     )  # fmt: skip
+    others = sum(evaluation.d_saes) - widest
+    terms["sae"] += (2 * evaluation.d_in * others + others) * 4 + (len(evaluation.d_saes) - 1) * evaluation.d_in * 4
     if not on_gpu:
         terms.pop("cuda_context")
     return terms

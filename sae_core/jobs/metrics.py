@@ -19,6 +19,7 @@ from sqlmodel import select
 from .. import db
 from ..db.tables import Job, MetricPoint
 from ..files import METRICS_FILE
+from ..outputs import plain_file, sweep_members
 from .store import engine_or_default
 
 if TYPE_CHECKING:
@@ -100,25 +101,46 @@ def write_metric_points(job_id: int, points: Sequence[MetricPoint], engine: Engi
 
 def backfill_metrics_from_jsonl(job: Job, engine: Engine | None = None) -> int:
     """Copy records of metrics.jsonl that never reached the database (e.g. it was locked when the job
-    ended) into it. Returns the number of rows added. Called by the launcher when a job ends."""
-    path = Path(job.out_dir) / METRICS_FILE
-    if not path.is_file():
-        return 0
+    ended) into it. Returns the number of rows added. Called by the launcher when a job ends. A sweep's
+    run folder (it holds sweep.json) has a metrics.jsonl per member folder: each is read, its records
+    stored with the member's name; a row is known by (member, step)."""
     engine = engine_or_default(engine)
     with db.read_session(engine) as session:
-        have = set(session.exec(select(MetricPoint.step).where(MetricPoint.job_id == job.id)).all())
+        rows = session.exec(select(MetricPoint.member, MetricPoint.step).where(MetricPoint.job_id == job.id)).all()
+    have = {(member, step) for member, step in rows}
     points = []
+    for member, path in _metrics_files(Path(job.out_dir)):
+        for record in _records(path):
+            if member is not None:
+                record["member"] = member
+            point = metric_point_from_record(job.id, record)
+            if point is not None and (point.member, point.step) not in have:
+                have.add((point.member, point.step))
+                points.append(point)
+    write_metric_points(job.id, points, engine)
+    return len(points)
+
+
+def _metrics_files(out_dir: Path) -> list[tuple[str | None, Path]]:
+    """(member or None, metrics.jsonl) of a run folder: its own, or each member's of a sweep."""
+    members = sweep_members(out_dir)
+    if not members:
+        return [(None, out_dir / METRICS_FILE)]
+    return [(m.name, m.folder / METRICS_FILE) for m in members]
+
+
+def _records(path: Path) -> list[dict]:
+    if not plain_file(path):
+        return []
+    records = []
     for line in path.read_text(errors="replace").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a torn last line of a killed job
-        point = metric_point_from_record(job.id, record) if isinstance(record, dict) else None
-        if point is not None and point.step not in have:
-            have.add(point.step)
-            points.append(point)
-    write_metric_points(job.id, points, engine)
-    return len(points)
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def metric_count(job_id: int, engine: Engine | None = None) -> int:

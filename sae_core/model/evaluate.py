@@ -6,6 +6,10 @@ come from (data/heldout.py), the model being a causal LM and the hook's width be
 problem ends the run with exit code 2 and its reason in error.txt. Each rank takes every world-th context;
 rank 0 writes `model_eval.json` into the job folder (the figures and the context ids) and adds the figures
 to the SAE's eval.json (replaced atomically).
+
+Several SAEs of one model and hook (`saes`, or a sweep's folder as `sae`) are evaluated in one pass over the
+same contexts: each batch runs the clean and the two ablated forwards once, then one forward per SAE spliced
+in; each SAE's eval.json gains exactly the figures a single evaluation of it would give.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -106,9 +110,10 @@ class Target:
         }
 
 
-def run(cfg: EvaluateConfig, target: Target, env: DistEnv, sinks: list[MetricsSink]) -> dict:
-    """This rank's share of the contexts through the four runs; the figures of all ranks together."""
-    sae = load_sae(target.plan.sae_dir, env.device)
+def run(cfg: EvaluateConfig, target: Target, env: DistEnv, sinks: list[MetricsSink]) -> list[dict]:
+    """This rank's share of the contexts through the clean and ablated runs, and each SAE spliced in; the
+    figures of all ranks together, one dict per SAE (target.plan.sae_dirs' order)."""
+    saes = [load_sae(folder, env.device) for folder in target.plan.sae_dirs]
     model = load_model(target.model_dir, cfg.model_dtype, env.device)
     mine = np.arange(env.rank, len(target.tokens), env.world_size)
 
@@ -119,19 +124,21 @@ def run(cfg: EvaluateConfig, target: Target, env: DistEnv, sinks: list[MetricsSi
             yield tokens, torch.from_numpy(target.mask[chosen]).to(env.device)
 
     reader = HookReader(model, target.plan.hook)
-    mean = input_mean(reader, batches, sae.d_in, env.device)
+    mean = input_mean(reader, batches, target.plan.d_in, env.device)
     reader.close()
     splicer = Splicer(model, target.plan.hook)
-    totals = SpliceTotals(sae.d_in, sae.d_sae, env.device)
+    totals = [SpliceTotals(sae.d_in, sae.d_sae, env.device) for sae in saes]
     started, done = time.perf_counter(), 0
     for tokens, mask in batches():
-        splice_batch(splicer, sae, tokens, mask, mean, totals)
+        splice_batch(splicer, saes, tokens, mask, mean, totals)
         done += len(tokens)
         if env.is_main:
             report_progress(sinks, done * env.world_size, len(target.tokens), tokens.shape[1], started)
     splicer.close()
-    totals.reduce()
-    return {**totals.figures(), **target.summary()}
+    summary = target.summary()
+    for sums in totals:
+        sums.reduce()
+    return [{**sums.figures(), **summary} for sums in totals]
 
 
 def report_progress(sinks: list[MetricsSink], contexts: int, total: int, context_size: int, started: float) -> None:
@@ -144,12 +151,38 @@ def report_progress(sinks: list[MetricsSink], contexts: int, total: int, context
     print(f"contexts {contexts:,}/{total:,} | {record_['tokens_per_s']:,.0f} tok/s", flush=True)
 
 
-def write_figures(out_dir: Path, sae_dir: Path, figures: dict) -> None:
-    """model_eval.json in the job folder; the figures (not the context ids) added to the SAE's eval.json."""
+def write_figures(out_dir: Path, sae_dirs: Sequence[Path], figures: Sequence[dict]) -> dict:
+    """model_eval.json in the job folder; each SAE's figures (not the context ids) added to its own eval.json,
+    exactly as a single evaluation adds them. One SAE: model_eval.json holds its figures; several: the shared
+    summary, and `saes` lists each one's folder and figures. Returns what model_eval.json holds."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    _replace_json(out_dir / MODEL_EVAL_FILE, figures)
-    merged = {**read_json(sae_dir / EVAL_FILE), **{k: v for k, v in figures.items() if k != "eval_context_ids"}}
-    _replace_json(sae_dir / EVAL_FILE, merged)
+    for sae_dir, own in zip(sae_dirs, figures, strict=True):
+        merged = {**read_json(sae_dir / EVAL_FILE), **{k: v for k, v in own.items() if k != "eval_context_ids"}}
+        _replace_json(sae_dir / EVAL_FILE, merged)
+    if len(figures) == 1:
+        result = figures[0]
+    else:
+        shared = {k: v for k, v in figures[0].items() if k in SHARED_FIGURES or k in SUMMARY}
+        result = {**shared, "saes": [{"sae": str(d), **_own(f)} for d, f in zip(sae_dirs, figures, strict=True)]}
+    _replace_json(out_dir / MODEL_EVAL_FILE, result)
+    return result
+
+
+# What every SAE of one pass shares: the clean and ablated runs, and what the contexts were.
+SHARED_FIGURES = ("ce_clean", "ce_zero_ablation", "ce_mean_ablation", "kl_zero_ablation", "kl_mean_ablation")
+SUMMARY = (
+    "eval_model",
+    "eval_hook",
+    "eval_contexts",
+    "eval_context_size",
+    "eval_source",
+    "eval_context_ids",
+    "eval_tokens",
+)
+
+
+def _own(figures: dict) -> dict:
+    return {k: v for k, v in figures.items() if k not in SHARED_FIGURES and k not in SUMMARY}
 
 
 def _replace_json(path: Path, value: dict) -> None:
@@ -167,8 +200,8 @@ def evaluate_ranks(out_dir: Path, env: DistEnv, state, sinks: list[MetricsSink])
     cfg, target = state
     figures = run(cfg, target, env, sinks)
     if env.is_main:
-        write_figures(out_dir, target.plan.sae_dir, figures)
-        report_done(sinks, {k: v for k, v in figures.items() if k != "eval_context_ids"})
+        result = write_figures(out_dir, target.plan.sae_dirs, figures)
+        report_done(sinks, {k: v for k, v in result.items() if k not in ("eval_context_ids", "saes")})
     if dist.is_initialized():
         dist.barrier()
 

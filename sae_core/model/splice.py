@@ -1,7 +1,8 @@
 """An SAE spliced into a causal language model: CE loss and KL when the hook's output is its reconstruction.
 
-For each batch of contexts the model runs four times: clean, with the hooked module's output replaced by
-the SAE's reconstruction, by zeros (zero ablation), and by the mean activation (mean ablation). Only the
+For each batch of contexts the model runs clean, with the hooked module's output replaced by zeros (zero
+ablation) and by the mean activation (mean ablation), and then once per SAE evaluated with that output
+replaced by the SAE's reconstruction: several SAEs of one hook share the first three runs. Only the
 positions the SAE was trained on are replaced (special tokens excluded from training keep the model's own
 output). The scores are SAELens's, so figures compare across tools:
 
@@ -147,27 +148,46 @@ def input_mean(reader: HookReader, batches, d_in: int, device: torch.device) -> 
 
 
 @torch.inference_mode()
-def splice_batch(splicer: Splicer, sae, tokens: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor, totals):
-    """Add one batch's clean, spliced and ablated CE and KL to `totals`; `sae` encodes and decodes raw inputs."""
+def splice_batch(splicer: Splicer, saes, tokens: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor, totals) -> None:
+    """Add one batch's clean, spliced and ablated CE and KL to `totals`, for every SAE of `saes` (each encodes
+    and decodes raw inputs) into its own entry of `totals`. The clean forward and the two ablations run once
+    per batch, shared by all; then one spliced forward per SAE. Each SAE's sums are exactly those it gets
+    evaluated alone: the same tensors, added in the same order."""
     clean = splicer.logits(tokens)
     assert splicer.captured is not None  # the hook ran
     original = splicer.captured.float()
-    latents = sae.encode(original[mask])
-    reconstruction = torch.zeros_like(original)
-    reconstruction[mask] = sae.decode(latents)
-    runs = {
-        "spliced": splicer.logits(tokens, lambda _h: reconstruction, mask),
+    kept = original[mask]
+    shared = {
         "zero_ablation": splicer.logits(tokens, torch.zeros_like, mask),
         "mean_ablation": splicer.logits(tokens, lambda h: mean.expand_as(h), mask),
     }
-    totals.add("predicted", clean.shape[0] * clean.shape[1])
-    totals.add("ce_clean", cross_entropy_sum(clean, tokens))
-    for name, log_probs in runs.items():
-        totals.add(f"ce_{name}", cross_entropy_sum(log_probs, tokens))
-        totals.add(f"kl_{name}", kl_sum(clean, log_probs))
-    kept = original[mask].double()
+    shared_sums = [(name, cross_entropy_sum(lp, tokens), kl_sum(clean, lp)) for name, lp in shared.items()]
+    ce_clean, predicted = cross_entropy_sum(clean, tokens), clean.shape[0] * clean.shape[1]
+    del shared
+    for sae, sums in zip(saes, totals, strict=True):
+        latents = sae.encode(kept)
+        reconstruction = torch.zeros_like(original)
+        reconstruction[mask] = sae.decode(latents)
+        spliced = splicer.logits(tokens, _constant(reconstruction), mask)
+        sums.add("predicted", predicted)
+        sums.add("ce_clean", ce_clean)
+        sums.add("ce_spliced", cross_entropy_sum(spliced, tokens))
+        sums.add("kl_spliced", kl_sum(clean, spliced))
+        for name, ce, kl in shared_sums:
+            sums.add(f"ce_{name}", ce)
+            sums.add(f"kl_{name}", kl)
+        _add_reconstruction(sums, kept, reconstruction[mask], latents)
+
+
+def _constant(value: torch.Tensor) -> Replacement:
+    return lambda _h: value
+
+
+def _add_reconstruction(totals, kept: torch.Tensor, reconstruction: torch.Tensor, latents: torch.Tensor) -> None:
+    """The SAE's own figures on the replaced positions: squared error, variance, L0, which latents fired."""
+    kept = kept.double()
     totals.add("replaced", kept.shape[0])
-    totals.add("sq_error", (kept - reconstruction[mask].double()).pow(2).sum())
+    totals.add("sq_error", (kept - reconstruction.double()).pow(2).sum())
     totals.add("sq_total", kept.pow(2).sum())
     totals.input_sum += kept.sum(0)
     fired = latents > 0

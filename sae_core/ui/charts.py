@@ -121,3 +121,59 @@ def _firing_histogram_spec() -> dict:
         )
     )
     return _detached(chart)
+
+
+def members_spec(metric: str) -> dict:
+    """One metric of a sweep, a line per member (colour), from `frames.member_lines`."""
+    return copy.deepcopy(_members_spec(metric))
+
+
+@functools.cache
+def _members_spec(metric: str) -> dict:
+    chart = (
+        alt.Chart()
+        .mark_line(strokeWidth=1.5)
+        .encode(
+            x=alt.X("step:Q", title="step"),
+            y=alt.Y("value:Q", title=metric, scale=alt.Scale(zero=False)),
+            color=alt.Color("member:N", title="member", legend=alt.Legend(orient="bottom", labelLimit=240)),
+            tooltip=["member:N", "step:Q", alt.Tooltip("value:Q", title=metric, format=".4g")],
+        )
+    )
+    return _detached(chart)
+
+
+COMPARE_SELECTION = "picked"  # the comparison chart's click selection: the point's `folder`
+COMPARE_TITLES = {"l0": "L0 (active latents per token)", "fvu": "FVU (lower is better)",
+                  "ce_loss_score": "CE loss recovered (higher is better)"}  # fmt: skip
+
+
+def comparison_chart(frame, x: str, y: str, frontier: str) -> alt.LayerChart | alt.FacetChart:
+    """SAEs as points (x against y), the Pareto frontier (rows where `frontier` is true) as a line through
+    them; hovering shows a point's name, config and figures, clicking selects its `folder`. An Altair chart
+    (not a cached spec): Streamlit's `on_select` needs the chart's selection parameter."""
+    picked = alt.selection_point(name=COMPARE_SELECTION, fields=["folder"], on="click", clear="dblclick")
+    base = alt.Chart(frame)
+    x_enc = alt.X(f"{x}:Q", title=COMPARE_TITLES.get(x, x), scale=alt.Scale(zero=False))
+    y_enc = alt.Y(f"{y}:Q", title=COMPARE_TITLES.get(y, y), scale=alt.Scale(zero=False))
+    line = (
+        base.transform_filter(alt.datum[frontier])
+        .mark_line(color="#f97316", strokeDash=[4, 3], strokeWidth=1.5)
+        .encode(x=x_enc, y=y_enc, order=alt.Order(f"{x}:Q"))
+    )
+    tooltip = [alt.Tooltip("name:N", title="SAE"), alt.Tooltip("config:N", title="config"),
+               alt.Tooltip("architecture:N"), alt.Tooltip("d_sae:Q", format=","),
+               alt.Tooltip(f"{x}:Q", format=".4g"), alt.Tooltip(f"{y}:Q", format=".4g"),
+               alt.Tooltip(f"{frontier}:N", title="on the frontier")]  # fmt: skip
+    points = (
+        base.mark_circle(size=90)
+        .encode(
+            x=x_enc,
+            y=y_enc,
+            color=alt.condition(alt.datum[frontier], alt.value("#f97316"), alt.value("#6366f1")),
+            opacity=alt.condition(picked, alt.value(1.0), alt.value(0.35)),
+            tooltip=tooltip,
+        )
+        .add_params(picked)
+    )
+    return alt.layer(line, points)

@@ -4,7 +4,9 @@ firing frequencies, the memory breakdown."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -207,3 +209,97 @@ def breakdown_frame(breakdown: Mapping[str, int], labels: Mapping[str, str] | No
     items = sorted(((k, v) for k, v in breakdown.items() if v), key=lambda kv: -kv[1])
     labels = labels or {}
     return pd.DataFrame({"part": [labels.get(k, k) for k, _ in items], "memory": [format_bytes(v) for _, v in items]})
+
+
+# --------------------------------------------------------------------------- a sweep's members
+
+MEMBER_TABLE_COLUMNS = ["Member", "Status", "Step", "FVU", "L0", "Error"]
+
+
+def latest_per_member(frame: pd.DataFrame) -> dict[str, dict]:
+    """Each member's latest metric row (a sweep's `metrics_frame`), by member name."""
+    if frame.empty or "member" not in frame.columns:
+        return {}
+    rows = frame.dropna(subset=["member"]).sort_values("step", kind="stable").groupby("member").tail(1)
+    return {str(row["member"]): row.to_dict() for _, row in rows.iterrows()}
+
+
+def members_table(members: Iterable[Any], metrics: pd.DataFrame, live: bool) -> pd.DataFrame:
+    """One row per member of a sweep (outputs.MemberStatus): its status as its folder shows it (a member
+    neither completed nor failed is "running" while the job is live, else "not finished"), and step, FVU
+    and L0 from its latest metric."""
+    latest = latest_per_member(metrics)
+    rows = []
+    for member in members:
+        last = latest.get(member.name, {})
+        status = member.status if member.status != "running" or live else "not finished"
+        rows.append(
+            {
+                "Member": member.name,
+                "Status": status,
+                "Step": _int_or_none(last.get("step")),
+                "FVU": _float_or_none(member.figures.get("fvu"), last.get("fvu")),
+                "L0": _float_or_none(member.figures.get("l0"), last.get("l0")),
+                "Error": member.error or "",
+            }
+        )
+    table = pd.DataFrame(rows, columns=MEMBER_TABLE_COLUMNS)
+    table["Step"] = table["Step"].astype("Int64")  # a member without a metric yet has no step
+    return table
+
+
+def _int_or_none(value) -> int | None:
+    return int(value) if isinstance(value, int | float) and not pd.isna(value) else None
+
+
+def _float_or_none(*values) -> float | None:
+    """The first finite number of `values` (eval.json's figure first, then the latest metric's)."""
+    for value in values:
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    return None
+
+
+def member_lines(frame: pd.DataFrame, members: Iterable[str], metric: str) -> pd.DataFrame:
+    """(step, member, value) rows of one metric for the chosen members: a line per member."""
+    chosen = list(members)
+    if frame.empty or metric not in frame.columns or "member" not in frame.columns:
+        return pd.DataFrame({"step": [], "member": [], "value": []})
+    rows = frame[frame["member"].isin(chosen)][["step", "member", metric]].rename(columns={metric: "value"})
+    return rows.dropna(subset=["value"]).reset_index(drop=True)
+
+
+def member_metrics(frame: pd.DataFrame) -> list[str]:
+    """The chartable per-step figures a sweep's frame holds (loss first), for the member chart's picker."""
+    numeric = [c for c in ("loss", "fvu", "l0", "dead_fraction", "lr", "aux_loss") if c in frame.columns]
+    named = [c for c in frame.columns if c not in _FRAME_BASICS and c not in numeric]
+    return [c for c in [*numeric, *named] if frame[c].notna().any()]
+
+
+_FRAME_BASICS = {"member", "step", "tokens", "time", "peak_mem", "peak_mem_max", "mse", "tokens_per_s", "data_wait",
+                 "disk_bytes"}  # fmt: skip
+
+
+EVALUATION_COLUMNS = {
+    "ce_loss_score": "CE loss recovered",
+    "kl_div_score": "KL recovered",
+    "ce_spliced": "CE with the SAE",
+    "kl_spliced": "KL with the SAE",
+    "explained_variance": "Explained variance",
+    "eval_l0": "L0",
+}
+
+
+def evaluation_table(result: Mapping[str, Any], home: Path | None = None) -> pd.DataFrame:
+    """An evaluation of several SAEs in one pass (model_eval.json's `saes`): a row per SAE, its folder
+    (relative to `home` when inside it) and its figures; empty for a single SAE's result."""
+    entries = result.get("saes")
+    rows = []
+    for entry in entries if isinstance(entries, list) else []:
+        if not isinstance(entry, dict):
+            continue
+        folder = str(entry.get("sae", ""))
+        if home is not None and Path(folder).is_relative_to(home):
+            folder = str(Path(folder).relative_to(home))
+        rows.append({"SAE": folder, **{label: _float_or_none(entry.get(k)) for k, label in EVALUATION_COLUMNS.items()}})
+    return pd.DataFrame(rows, columns=["SAE", *EVALUATION_COLUMNS.values()])

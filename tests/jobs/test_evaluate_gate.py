@@ -128,3 +128,24 @@ def test_the_cli_queues_an_inspection_and_resume_queues_it_again(lab_home, train
     store.finish_job(job["id"], "cancelled", None, "cancelled on request")
     again, _ = submission.resume(job["id"])
     assert again.kind == "inspect" and store.job_config(again).tokens == 700
+
+
+def test_several_saes_are_checked_each_and_their_weights_counted(lab_home, trained, tmp_path):
+    import shutil
+
+    from sae_core.gpu.memory import evaluation_bytes
+
+    copy = tmp_path / "copy"
+    shutil.copytree(trained["sae"], copy)
+    one = submission.check(EvaluateConfig(sae=str(trained["sae"]), contexts=4), Submission(None, 1))
+    two = submission.check(EvaluateConfig(sae=str(trained["sae"]), saes=[str(copy)], contexts=4), Submission(None, 1))
+    assert two.ok, two.describe()
+    assert two.evaluation.sae_dirs == (trained["sae"], copy) and two.evaluation.d_saes == (64, 64)
+    weights = evaluation_bytes(0, "float32", 1, 1, 1, 1, 1, 32, 64)["sae"] - 64 * 4 * 2  # one SAE's, no latents
+    assert two.memory["sae"] - one.memory["sae"] == weights  # the second SAE's weights, its latents not twice
+    foreign = identity_sae(tmp_path / "foreign")
+    cfg = EvaluateConfig(sae=str(trained["sae"]), saes=[str(copy), str(foreign)])
+    ((field, message),) = problems(submission.check(cfg, Submission(None, 1)))
+    assert field == "saes" and message.startswith(f"saes: {foreign}: model: the SAE's training data names no model")
+    outside = EvaluateConfig(sae=str(trained["sae"]), saes=["/etc/somewhere"])
+    assert [f for f, _ in problems(submission.check(outside, Submission(None, 1)))] == ["saes"]

@@ -357,3 +357,25 @@ def test_long_read_transaction_does_not_block_submission_or_metrics(lab_home):
     finally:
         reader.execute("COMMIT")
         reader.close()
+
+
+def test_backfill_reads_each_member_of_a_sweep_by_member_and_step(lab_home):
+    j = store.submit_job(make_cfg(), Submission(None, 1))
+    # one member's step 10 reached the database; the same step of the other member did not
+    metrics.write_metric_points(j.id, [metrics.metric_point_from_record(j.id, {**record(10), "member": "k=4"})])
+    out = lab_home / "jobs" / str(j.id)
+    members = [{"name": "k=4", "overrides": {"k": 4}}, {"name": "k=8", "overrides": {"k": 8}}]
+    for member in members:
+        (out / member["name"]).mkdir(parents=True)
+        lines = [json.dumps({**record(s), "member": member["name"]}) for s in (10, 20)]
+        (out / member["name"] / "metrics.jsonl").write_text("\n".join([*lines, json.dumps({"event": "done"})]))
+    (out / "sweep.json").write_text(json.dumps({"placement": "batch", "world_size": 1, "members": members}))
+    assert metrics.backfill_metrics_from_jsonl(store.get_job(j.id)) == 3
+    frame = metrics.metrics_frame(j.id)
+    assert sorted(zip(frame["member"], frame["step"], strict=True)) == [
+        ("k=4", 10),
+        ("k=4", 20),
+        ("k=8", 10),
+        ("k=8", 20),
+    ]
+    assert metrics.backfill_metrics_from_jsonl(store.get_job(j.id)) == 0

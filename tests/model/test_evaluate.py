@@ -5,6 +5,7 @@ the figures are deterministic, 2 ranks give those of 1, and every bad input gets
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from sae_core.data.activations import open_activations
 from sae_core.engine.saelens import save as save_sae
 from sae_core.engine.saes import make_sae
-from sae_core.files import EVAL_FILE, MODEL_EVAL_FILE, REFUSED_FILE
+from sae_core.files import EVAL_FILE, MODEL_EVAL_FILE, REFUSED_FILE, SWEEP_FILE
 from sae_core.model.evaluate import main as evaluate_main
 from tests.conftest import subprocess_env, write_json
 from tests.hf_models import HOOKS
@@ -148,3 +149,68 @@ def test_two_ranks_give_the_figures_of_one(tmp_path, trained):
     assert one["eval_context_ids"] == two["eval_context_ids"] and one["eval_tokens"] == two["eval_tokens"]
     for name in ("ce_clean", "ce_spliced", "ce_zero_ablation", "ce_mean_ablation", "kl_spliced", "ce_loss_score"):
         assert two[name] == pytest.approx(one[name], rel=1e-6, abs=1e-9), name
+
+
+# --------------------------------------------------------------------------- several SAEs in one pass
+
+
+def sweep_folder(tmp_path: Path, trained, holdouts=(320, 320)) -> tuple[Path, list[Path]]:
+    """A sweep's run folder as the training writes it: sweep.json, and a member folder per SAE (the trained
+    TopK SAE and two more trained on the same activations, with `holdouts` held out)."""
+    from sae_core.engine.run import main as train_main
+
+    run = tmp_path / "sweep"
+    members = [("k=8", {}), ("k=4", {"k": 4, "holdout_tokens": holdouts[0]}),
+               ("d_sae=32", {"d_sae": 32, "holdout_tokens": holdouts[1]})]  # fmt: skip
+    shutil.copytree(trained["sae"], run / "k=8")
+    base = json.loads((trained["sae"] / "train_config.json").read_text())
+    for name, overrides in members[1:]:
+        config = write_json(tmp_path / f"{name}.json", {**base, **overrides, "total_steps": 20})
+        assert train_main(["--config", str(config), "--out", str(run / name)]) == 0
+    write_json(run / SWEEP_FILE, {"placement": "batch", "world_size": 1,
+                                  "members": [{"name": n, "overrides": o} for n, o in members]})  # fmt: skip
+    return run, [run / name for name, _ in members]
+
+
+def test_several_saes_in_one_pass_get_exactly_the_figures_each_gets_alone(tmp_path, trained):
+    run, folders = sweep_folder(tmp_path, trained)
+    alone = []
+    for folder in folders:
+        code, out = evaluate(tmp_path, folder, contexts=6)
+        assert code == 0
+        alone.append(figures_of(out))
+    code, out = evaluate(tmp_path, run, contexts=6)  # the sweep's folder: every completed member
+    assert code == 0
+    together = figures_of(out)
+    assert [entry["sae"] for entry in together["saes"]] == [str(f) for f in folders]
+    assert together["eval_contexts"] == 6 and together["eval_context_ids"] == alone[0]["eval_context_ids"]
+    for folder, single, entry in zip(folders, alone, together["saes"], strict=True):
+        merged = {**together, **entry}
+        for name, value in single.items():
+            assert merged[name] == value, (folder.name, name)  # exactly: the same sums in the same order
+        eval_json = json.loads((folder / EVAL_FILE).read_text())
+        assert {k: eval_json[k] for k in single if k != "eval_context_ids"} == {
+            k: v for k, v in single.items() if k != "eval_context_ids"
+        }
+    assert len({entry["ce_spliced"] for entry in together["saes"]}) == 3  # three different SAEs
+    # a hand-picked list (`saes`) is the same pass
+    code, out = evaluate(tmp_path, folders[2], saes=[str(folders[0])], contexts=6)
+    assert code == 0
+    picked = figures_of(out)
+    assert [e["ce_loss_score"] for e in picked["saes"]] == [alone[2]["ce_loss_score"], alone[0]["ce_loss_score"]]
+
+
+def test_a_member_that_cannot_share_the_pass_is_named(tmp_path, trained):
+    run, folders = sweep_folder(tmp_path, trained, holdouts=(320, 640))
+    message = refused(tmp_path, run)
+    assert message.startswith(f"sae: member d_sae=32 of {run} held out other contexts than member k=8 of {run}")
+    (folders[1] / "sae_weights.safetensors").unlink()
+    message = refused(tmp_path, folders[0], saes=[str(folders[1])])
+    assert message.startswith(f"saes: {folders[1]}: sae: {folders[1]} holds no SAE")
+    foreign = identity_sae(tmp_path / "foreign")
+    message = refused(tmp_path, folders[0], saes=[str(foreign)])
+    assert message.startswith(f"saes: {foreign}: model: the SAE's training data names no model")
+    for folder in folders:
+        (folder / EVAL_FILE).unlink()
+    message = refused(tmp_path, run)
+    assert message.startswith(f"sae: the sweep {run} has no completed member yet (3 listed in sweep.json)")
