@@ -11,6 +11,10 @@ renormalisation over all parameters): negligible on a GPU, a visible share on a 
 
 compute(1) is measured on one device (a job's own step time, or `bench/scaling.py`); link bandwidth comes
 from NVML's PCIe generation/width or NVLink count (`link_bandwidth`).
+
+A sweep steps its members one after another on each batch, so its step is the sum of theirs: in layout "batch"
+each member's step(N) as above (its share of the batch, its own all-reduce); in layout "members" the largest sum
+of whole-batch compute(1) over the members one GPU holds (no all-reduce) (`predict_sweep`).
 """
 
 from __future__ import annotations
