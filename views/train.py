@@ -1,7 +1,8 @@
 """Train: the run's settings, where it runs (GPUs with a memory estimate, or CPU processes), and Submit.
 
 Whether a submission may be queued is decided by the same gate as the CLI's (`jobs.submission`): the page
-shows its problems as the person types (without the full value scan) and submits through it.
+shows its problems as the person types (without the full value scan) and submits through it. With "Train a grid
+of SAEs" on, the settings are the base of a sweep (every combination of the values typed), queued as one job.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import streamlit as st
 
 from sae_core import db, paths
+from sae_core.architectures import ARCHITECTURE_NAMES
 from sae_core.data.activations import open_activations
 from sae_core.data.catalog import OUTSIDE_ROOTS, in_data_roots, list_datasets, list_extracted
 from sae_core.data.formats import DatasetError
@@ -18,9 +20,20 @@ from sae_core.gpu.history import latest_probe
 from sae_core.jobs import submission
 from sae_core.jobs.gpus import gpu_statuses
 from sae_core.jobs.submission import Submission
+from sae_core.sweep import PLACEMENTS, Sweep
 from sae_core.text import format_bytes
 from sae_core.ui import frames, html
-from sae_core.ui.forms import DATASET_MISSING, FormValues, form_to_config, path_mtime
+from sae_core.ui.forms import (
+    DATASET_MISSING,
+    FormValues,
+    SweepValues,
+    form_to_config,
+    form_to_sweep,
+    path_mtime,
+    sweep_fields,
+    sweep_layouts,
+    sweep_need,
+)
 from views.widgets import (
     NAME_MISSING,
     architecture_options,
@@ -131,11 +144,61 @@ def model_widgets(d_in: int | None) -> tuple[FormValues, list[str]]:
     return values, problems
 
 
+PLACEMENT_HELP = (
+    "How several GPUs share the sweep. batch: every GPU trains every member on its share of each batch (as a "
+    "single run). members: each GPU trains its share of the members on whole batches (no gradient all-reduce). "
+    "auto: batch when it fits, else members."
+)
+
+
+def sweep_widgets(arch: str) -> SweepValues | None:
+    """The sweep section: values per field, the architectures, the placement (None while it is off)."""
+    if not st.toggle("Train a grid of SAEs (sweep)", key="train_sweep"):
+        return None
+    st.caption(
+        "Every combination of the values below is one SAE; all of them train on one read of the data. "
+        "A blank field keeps the setting above."
+    )
+    archs = st.multiselect("Architectures", ARCHITECTURE_NAMES, default=[arch], key="train_sweep_architecture")
+    texts = {}
+    columns = st.columns(2)
+    for i, spec in enumerate(sweep_fields(arch)):
+        texts[spec.name] = columns[i % 2].text_input(
+            html.md_text(spec.label), key=f"train_sweep_{spec.name}", placeholder=spec.placeholder
+        )
+    placement_choice = st.radio(
+        "Placement on several GPUs", PLACEMENTS, key="train_sweep_placement", horizontal=True, help=PLACEMENT_HELP
+    )
+    return SweepValues(texts, archs, placement_choice)
+
+
 def per_gpu_bytes(cfg, world: int, d_in: int | None) -> int | None:
     """The estimate for `world` GPUs, or None while the config, dataset or batch split is not valid."""
-    if cfg is None or d_in is None or cfg.batch_size % world:
+    if cfg is None or d_in is None:
+        return None
+    if isinstance(cfg, Sweep):
+        return sweep_need(cfg, world, d_in)
+    if cfg.batch_size % world:
         return None
     return memory.estimate(cfg, world, d_in=d_in).total_bytes
+
+
+def sweep_panel(sweep: Sweep, world: int, d_in: int, gpus, chosen: str | None) -> None:
+    """A sweep's per-GPU estimate in both layouts, the one the gate chose, and their predicted speed-up."""
+    layouts = sweep_layouts(sweep, world, d_in)
+    figure = layouts.get(chosen) if chosen else None
+    if isinstance(figure, int):
+        st.metric("Estimated memory per GPU", format_bytes(figure))
+    rows_md = [
+        html.md(
+            "placement {}: {}{}", layout, format_bytes(value) if isinstance(value, int) else "cannot run",
+            " (chosen)" if layout == chosen else "",
+        )
+        for layout, value in layouts.items()
+    ]  # fmt: skip
+    st.caption(" · ".join(rows_md))
+    if speedups := scaling.sweep_speedup_labels(sweep, d_in, gpus):
+        st.caption("Predicted speed-up: " + " · ".join(html.md_text(s) for s in speedups), help=scaling.__doc__)
 
 
 def estimate_panel(cfg, world: int, d_in: int, gpus) -> None:
@@ -175,6 +238,7 @@ with form_col:
     d_in = dataset.d_in if dataset is not None else None
     values, option_problems = model_widgets(d_in)
     errors += option_problems
+    sweep_values = sweep_widgets(values.architecture)
     values.activation_source = source
     values.device = "auto" if statuses else "cpu"
     c1, c2 = st.columns(2)
@@ -183,7 +247,7 @@ with form_col:
     st.session_state["user_name"] = user  # survives leaving the page (widget state does not)
     submit_box = st.container()
 
-cfg, config_errors = form_to_config(values)
+cfg, config_errors = form_to_config(values) if sweep_values is None else form_to_sweep(values, sweep_values)
 missing = [e for e in config_errors if e == DATASET_MISSING]  # nothing chosen yet: a hint, not an error
 errors += [e for e in config_errors if e != DATASET_MISSING]
 if not user.strip():
@@ -198,14 +262,20 @@ missing += placement_missing
 world = len(gpu_ids) or cpu_procs or 1
 where = Submission(gpu_ids or None, cpu_procs, name=job_name, submitted_by=user.strip())
 notes: list[str] = []
+chosen = None  # a sweep's layout, as the gate chose it
 if cfg is not None and dataset is not None and not placement_missing:
     # The gate, without the full value scan (Submit does that): every rule the CLI applies.
     verdict = submission.check(cfg, where, scan_values=False, statuses=statuses, engine=engine)
     errors += [str(problem) for problem in verdict.problems]
     notes = verdict.notes
+    chosen = verdict.config.placement if isinstance(verdict.config, Sweep) else None
 
 with estimate_box:
-    if cfg is not None and d_in is not None and cfg.batch_size % world == 0:
+    if isinstance(cfg, Sweep):
+        st.caption(html.md("Sweep: {} SAEs", len(cfg.members)))
+        if d_in is not None and statuses:
+            sweep_panel(cfg, world, d_in, probe.gpus, chosen)
+    elif cfg is not None and d_in is not None and cfg.batch_size % world == 0:
         if statuses:
             estimate_panel(cfg, world, d_in, probe.gpus)
         else:

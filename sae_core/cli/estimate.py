@@ -1,4 +1,5 @@
-"""`python -m sae_core estimate --config CFG.json --gpus N [--d-in D] [--json]`: GPU memory per rank."""
+"""`python -m sae_core estimate --config CFG.json --gpus N [--d-in D] [--json]`: GPU memory per rank; for a sweep,
+per GPU in both layouts, and their predicted speed-up."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ import sys
 from ..config import ConfigError, TrainConfig
 from ..data.activations import open_activations
 from ..data.formats import DatasetError
-from ..gpu.memory import TERM_LABELS, GiB, MemoryEstimate, estimate
+from ..gpu.memory import TERM_LABELS, GiB, MemoryEstimate, estimate, sweep_estimate
+from ..gpu.scaling import PCIE4_X16_BYTES_PER_S, predict_sweep
+from ..sweep import Sweep, read_training_config
+
+LAYOUTS = ("batch", "members")
 
 
 def format_estimate(est: MemoryEstimate, world_size: int) -> str:
@@ -19,6 +24,52 @@ def format_estimate(est: MemoryEstimate, world_size: int) -> str:
     ]
     for name, value in est.breakdown.items():
         lines.append(f"  {TERM_LABELS.get(name, name):<48} {value / GiB:9.3f} GiB")
+    return "\n".join(lines)
+
+
+def sweep_figures(sweep: Sweep, world_size: int, d_in: int) -> dict:
+    """Both layouts' per-GPU estimates (or why one cannot run on `world_size` GPUs) and the predicted speed-up
+    of each over one GPU, links assumed PCIe 4.0 x16 (as JSON)."""
+    if d_in < 1:
+        raise ConfigError(f"d_in must be at least 1, got {d_in}")
+    layouts: dict[str, dict] = {}
+    for layout in LAYOUTS:
+        try:
+            layouts[layout] = sweep_estimate(sweep, world_size, d_in, layout).to_dict()
+        except ConfigError as exc:
+            layouts[layout] = {"error": str(exc)}
+    prediction = predict_sweep(sweep, d_in, world_size, PCIE4_X16_BYTES_PER_S)
+    return {
+        "members": [m.name for m in sweep.members],
+        "placement": sweep.placement,
+        "gpus": world_size,
+        "d_in": d_in,
+        "layouts": layouts,
+        "speedup": {
+            layout: None if seconds is None else prediction.one_gpu_s / seconds
+            for layout, seconds in (("batch", prediction.batch_s), ("members", prediction.members_s))
+        },
+    }
+
+
+def format_sweep(figures: dict) -> str:
+    n, count = figures["gpus"], len(figures["members"])
+    lines = [
+        f"sweep of {count} member(s) on {n} GPU(s), d_in {figures['d_in']} (placement asked: {figures['placement']})"
+    ]
+    for layout, est in figures["layouts"].items():
+        if "error" in est:
+            lines.append(f"  placement {layout:<8} cannot run: {est['error']}")
+            continue
+        if layout == "batch":
+            how = f"every member on each GPU, {est['ranks'][0]['per_rank_batch']:,} tokens per GPU per step"
+        else:
+            most = max(len(rank["members"]) for rank in est["ranks"])
+            how = f"members dealt to GPUs, at most {most} per GPU, each on whole batches"
+        lines.append(f"  placement {layout:<8} {est['total_bytes'] / GiB:8.2f} GiB per GPU  ({how})")
+    if n > 1:
+        shown = [f"{layout} ≈{x:.1f}×" for layout, x in figures["speedup"].items() if x is not None]
+        lines.append(f"predicted tokens/s over one GPU (PCIe 4.0 x16 links assumed): {', '.join(shown)}")
     return "\n".join(lines)
 
 
@@ -40,8 +91,12 @@ def cli_estimate(argv: list[str]) -> int:
         print(f"--gpus must be at least 1, got {args.gpus}", file=sys.stderr)
         return 2
     try:
-        cfg = TrainConfig.from_json_file(args.config)
-        d_in = args.d_in if args.d_in is not None else d_in_of(cfg)
+        cfg = read_training_config(args.config)
+        d_in = args.d_in if args.d_in is not None else d_in_of(cfg.shared if isinstance(cfg, Sweep) else cfg)
+        if isinstance(cfg, Sweep):
+            figures = sweep_figures(cfg, args.gpus, d_in)
+            print(json.dumps(figures, indent=2) if args.json else format_sweep(figures))
+            return 0
         est = estimate(cfg, args.gpus, d_in)
     except (ConfigError, DatasetError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

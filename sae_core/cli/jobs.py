@@ -16,14 +16,16 @@ from pathlib import Path
 from .. import paths
 from ..config import ConfigError, EvaluateConfig, ExtractConfig, InspectConfig, TrainConfig, read_json_object
 from ..db.tables import FINAL_STATUSES, JOB_STATUSES, Job
-from ..files import STDERR_LOG, STDOUT_LOG
+from ..files import METRICS_FILE, STDERR_LOG, STDOUT_LOG
 from ..jobs import store, submission
 from ..jobs.daemon_control import daemon_status, ensure_daemon
 from ..jobs.errors import JobError
 from ..jobs.kinds import job_kind
 from ..jobs.lifecycle import GRACE_S, cancel_job
-from ..jobs.logs import log_dir_of
+from ..jobs.logs import log_dir_of, tail_text
 from ..jobs.placement import Submission
+from ..outputs import sweep_members
+from ..sweep import Sweep, read_training_config
 from ..text import brief, format_duration
 
 REJECTED = 2
@@ -78,18 +80,40 @@ def _submission(args: argparse.Namespace) -> Submission:
 
 
 def cli_submit(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sae_core submit", description="Queue a training job.")
-    parser.add_argument("--config", required=True, help="TrainConfig JSON file.")
+    parser = argparse.ArgumentParser(
+        prog="python -m sae_core submit",
+        description='Queue a training job: one SAE, or a sweep of them (a config with "sweep" or "members").',
+    )
+    parser.add_argument("--config", required=True, help="TrainConfig JSON file (a single run or a sweep).")
     _submission_args(parser)
     args = parser.parse_args(argv)
 
     try:
-        cfg = TrainConfig.from_json_file(args.config)
+        cfg = read_training_config(args.config)
         job, verdict = submission.submit(cfg, _submission(args))
     except (ConfigError, JobError) as exc:
         return _reject(str(exc))
     _print_notes(verdict.notes)
+    if isinstance(cfg, Sweep):
+        return _queued_sweep(job, args)
     return _queued(job, args, f"queued job {job.id} ({job.name}) on {_placement(job)}; output in {job.out_dir}")
+
+
+def _queued_sweep(job: Job, args: argparse.Namespace) -> int:
+    """A queued sweep: the job, the placement the gate chose, and its members (a line each; in JSON a list)."""
+    sweep = store.job_config(job)
+    members = [{"name": m.name, "overrides": m.overrides, "folder": str(m.folder(job.out_dir))} for m in sweep.members]
+    if args.json:
+        print(json.dumps({**store.job_to_dict(job), "placement": sweep.placement, "members": members}))
+    else:
+        lines = [
+            f"queued sweep job {job.id} ({job.name}) on {_placement(job)}, placement {sweep.placement}: "
+            f"{len(members)} member(s); output in {job.out_dir}",
+            *(f"  {member['name']}" for member in members),
+        ]
+        print("\n".join(lines))
+    _daemon_note(args.no_daemon, args.json)
+    return 0
 
 
 def cli_extract(argv: list[str]) -> int:
@@ -220,8 +244,58 @@ def _duration(job: Job, now: float) -> str:
     return format_duration(max(0.0, end - job.started_at))
 
 
-def format_jobs(jobs: list[Job], now: float | None = None) -> str:
+def sweep_member_rows(job: Job) -> list[dict] | None:
+    """A sweep job's members, as its folder shows them (name, status, error, last step and FVU, folder); None for
+    a job that is not a sweep. Before the sweep writes its plan, the members are the config's, with the job's
+    status."""
+    if job_kind(job.kind).config is not Sweep:
+        return None
+    on_disk = {m.name: m for m in sweep_members(job.out_dir)} if job.out_dir else {}
+    try:
+        names = [m.name for m in store.job_config(job).members]
+    except (ConfigError, ValueError):
+        names = list(on_disk)
+    rows = []
+    for name in names:
+        member = on_disk.get(name)
+        if member is None:
+            status = job.status if job.status in ("queued", "starting", "running") else "not started"
+        else:  # a member still "running" in a sweep that ended stopped with it
+            status = job.status if member.status == "running" and job.status in FINAL_STATUSES else member.status
+        folder = Path(job.out_dir) / name if job.out_dir else None
+        step, fvu = _last_step(folder / METRICS_FILE) if folder is not None else (None, None)
+        if member is not None and isinstance(member.figures.get("fvu"), int | float):
+            fvu = float(member.figures["fvu"])  # the holdout's, once evaluated
+        error = member.error if member is not None else None
+        rows.append({"name": name, "status": status, "error": error, "step": step, "fvu": fvu, "folder": str(folder)})
+    return rows
+
+
+def _last_step(path: Path) -> tuple[int | None, float | None]:
+    """The step and FVU of the newest metrics record of a member (reading the file's end only)."""
+    for line in reversed(tail_text(path, 8192).splitlines()):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            fvu = record.get("fvu")
+            return record["step"], float(fvu) if isinstance(fvu, int | float) else None
+    return None, None
+
+
+def _member_line(member: dict, total_steps: int) -> str:
+    step = f"step {member['step']}/{total_steps}" if member["step"] is not None else ""
+    fvu = f"fvu {member['fvu']:.4f}" if member["fvu"] is not None else ""
+    error = brief(member["error"].splitlines()[0], 60) if member["error"] else ""
+    cells = [brief(member["name"], 48).ljust(30), member["status"].ljust(11), step.ljust(14), fvu.ljust(11), error]
+    return ("    " + "  ".join(cells)).rstrip()
+
+
+def format_jobs(jobs: list[Job], now: float | None = None, members: dict[int, list[dict]] | None = None) -> str:
+    """The jobs as a table; under a sweep (`members` by job id), a line per member."""
     now = time.time() if now is None else now
+    members = members or {}
     header = ("ID", "NAME", "STATUS", "WHERE", "STEP", "TOK/S", "USER", "TIME", "ERROR")
     rows = [header]
     for job in jobs:
@@ -241,7 +315,10 @@ def format_jobs(jobs: list[Job], now: float | None = None) -> str:
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(rows[0], widths, strict=True)).rstrip()]
+    for job, row in zip(jobs, rows[1:], strict=True):
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        lines += [_member_line(member, job.total_steps) for member in members.get(job.id, [])]
     if any(j.cancel_requested and j.status not in FINAL_STATUSES for j in jobs):
         lines.append("* cancel requested")
     return "\n".join(lines)
@@ -254,10 +331,15 @@ def cli_jobs(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     jobs = store.list_jobs(args.status, limit=args.limit or None)
+    members = {job.id: rows for job in jobs if (rows := sweep_member_rows(job)) is not None}
     if args.json:
-        print(json.dumps([store.job_to_dict(j) for j in jobs]))
+        print(
+            json.dumps(
+                [{**store.job_to_dict(j), **({"members": members[j.id]} if j.id in members else {})} for j in jobs]
+            )
+        )
         return 0
-    print(format_jobs(jobs) if jobs else "no jobs")
+    print(format_jobs(jobs, members=members) if jobs else "no jobs")
     status = daemon_status(paths.lab_home())
     print(f"\n{status.message}", file=sys.stderr)
     return 0

@@ -39,10 +39,12 @@ writes one on a GPU) replaces whichever of them it holds.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from ..architectures import MemoryTerms
 from ..config import ConfigError, TrainConfig
+from ..sweep import Sweep
 from .memory_constants import CudaConstants, load_constants
 
 MiB = 1024**2
@@ -169,14 +171,23 @@ def _init_extra(cfg: TrainConfig, d_in: int) -> int:
 # ---------------------------------------------------------------------------------------------
 # The estimate
 # ---------------------------------------------------------------------------------------------
-def estimate(cfg: TrainConfig, world_size: int, d_in: int) -> MemoryEstimate:
-    """Peak GPU memory of one rank when `cfg` trains on `world_size` GPUs, for activations `d_in` wide.
+@dataclass(frozen=True)
+class _Share:
+    """One SAE's part of a rank's memory at the per-rank batch `batch`."""
 
-    Raises ConfigError when batch_size does not divide by world_size."""
-    batch = cfg.per_rank_batch(world_size)
-    d_in = int(d_in)
-    if d_in < 1:
-        raise ConfigError(f"d_in must be at least 1, got {d_in}")
+    persistent: dict[str, int]  # parameters, gradients, DDP buckets, Adam states, dead-latent counters
+    activations: dict[str, int]  # the batch tensors of its training step (the feed included)
+    kept: int  # its last batch (scaled) and reconstruction, which the loop keeps for logging
+    params: int
+    init_extra: int
+    eval_extra: int
+
+    @property
+    def held(self) -> int:
+        return sum(self.persistent.values())
+
+
+def _share(cfg: TrainConfig, d_in: int, batch: int) -> _Share:
     params = parameter_bytes(cfg, d_in)
     persistent = {
         "parameters": params,
@@ -185,23 +196,60 @@ def estimate(cfg: TrainConfig, world_size: int, d_in: int) -> MemoryEstimate:
         "adam_states": adam_state_bytes(cfg, d_in),
         "latent_statistics": latent_statistics_bytes(cfg),
     }
-    held = sum(persistent.values())
     # activations live for one forward/backward: a micro-batch when gradients are accumulated
     activations = step_activation_terms(cfg, d_in, cfg.micro_batch_size or batch)
-    previous_batch = batch * d_in * (4 + dtype_bytes(cfg.dtype))  # x and x̂ kept by the loop
+    kept = batch * d_in * (4 + dtype_bytes(cfg.dtype))  # x and x̂ kept by the loop
+    return _Share(persistent, activations, kept, params, _init_extra(cfg, d_in), _eval_extra(cfg, d_in, batch))
+
+
+def _group_phases(shares: list[_Share]) -> tuple[dict[str, int], int]:
+    """Allocator bytes at each candidate moment of a rank that trains `shares` one after another on each batch,
+    and which SAE's training step is the largest. The SAEs' persistent terms add up; one SAE steps at a time, so
+    only its step's batch tensors are alive then, beside the others' kept batch and reconstruction; the batch
+    as read (the feed) is one tensor for all. One SAE's phases are exactly a single run's."""
+    held = sum(s.held for s in shares)
+    kept = sum(s.kept for s in shares)
+    steps = [held + kept - s.kept + sum(s.activations.values()) for s in shares]
+    stepping = max(range(len(shares)), key=lambda i: steps[i])
+    # Evaluation: the SAEs evaluate in order, each after freeing its gradients and Adam state (and the kept
+    # batches are dropped before the first); the ones not yet evaluated still hold theirs.
+    light = [s.params + s.persistent["latent_statistics"] for s in shares]
+    evaluations = [
+        sum(light[: i + 1]) + s.eval_extra + sum(t.held for t in shares[i + 1 :]) for i, s in enumerate(shares)
+    ]
     phases = {
-        "training step": held + sum(activations.values()),
-        "optimizer step": held + previous_batch + params,  # foreach Adam's sqrt(exp_avg_sq) temporary
-        # b_dec init runs before any gradient or Adam state exists
-        "b_dec initialisation": params + persistent["latent_statistics"] + _init_extra(cfg, d_in),
+        "training step": steps[stepping],
+        "optimizer step": held + kept + max(s.params for s in shares),  # foreach Adam's sqrt(exp_avg_sq) temporary
+        # b_dec init runs before any gradient or Adam state exists; the first global batch is read once
+        "b_dec initialisation": sum(light) + max(s.init_extra for s in shares),
         # the trainer frees gradients and Adam state before evaluating
-        "evaluation (rank 0)": params + persistent["latent_statistics"] + _eval_extra(cfg, d_in, batch),
+        "evaluation (rank 0)": max(evaluations),
     }
+    return phases, stepping
+
+
+def group_estimate(cfgs: Sequence[TrainConfig], batch_ranks: int, d_in: int, world_size: int) -> MemoryEstimate:
+    """Peak GPU memory of one rank that trains every config of `cfgs` on one feed, each batch split over
+    `batch_ranks` ranks (1: whole batches), in a job of `world_size` ranks (NCCL's buffers when above 1).
+
+    Raises ConfigError when a batch does not divide by batch_ranks (or by a micro-batch)."""
+    d_in = int(d_in)
+    if d_in < 1:
+        raise ConfigError(f"d_in must be at least 1, got {d_in}")
+    if not cfgs:
+        raise ConfigError("a rank needs at least one SAE to train")
+    batch = cfgs[0].per_rank_batch(batch_ranks)
+    shares = [_share(cfg, d_in, cfg.per_rank_batch(batch_ranks)) for cfg in cfgs]
+    phases, stepping = _group_phases(shares)
     peak_phase = max(phases, key=lambda name: phases[name])
     gpu = cuda_constants()
     breakdown = {"cuda_context": gpu.cuda_context_bytes, "nccl_buffers": gpu.nccl_bytes if world_size > 1 else 0}
-    breakdown.update(persistent)
-    breakdown.update(activations)
+    for share in shares:
+        for name, value in share.persistent.items():
+            breakdown[name] = breakdown.get(name, 0) + value
+    breakdown.update(shares[stepping].activations)
+    if len(shares) > 1:
+        breakdown["other_members_kept_batches"] = sum(s.kept for s in shares) - shares[stepping].kept
     # When another moment beats the training step, the difference is named after it.
     breakdown["other_peak_excess"] = phases[peak_phase] - phases["training step"]
     breakdown["allocator_headroom"] = int(gpu.allocator_headroom * phases[peak_phase])
@@ -213,6 +261,70 @@ def estimate(cfg: TrainConfig, world_size: int, d_in: int) -> MemoryEstimate:
         phases=phases,
         d_in=d_in,
     )
+
+
+def estimate(cfg: TrainConfig, world_size: int, d_in: int) -> MemoryEstimate:
+    """Peak GPU memory of one rank when `cfg` trains on `world_size` GPUs, for activations `d_in` wide.
+
+    Raises ConfigError when batch_size does not divide by world_size."""
+    return group_estimate([cfg], world_size, d_in, world_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# A sweep: its members on each rank, in either layout
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class SweepEstimate:
+    """A sweep's memory per rank in one layout: "batch" (every rank trains every member on its share of each
+    batch) or "members" (member i on rank i % ranks, on whole batches). The per-GPU figure is the fullest rank's."""
+
+    placement: str
+    n_ranks: int
+    ranks: list[MemoryEstimate]  # one per rank ("batch": one, every rank alike)
+    members: list[list[str]]  # the members each rank trains, by name
+
+    @property
+    def worst(self) -> MemoryEstimate:
+        return max(self.ranks, key=lambda est: est.total_bytes)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.worst.total_bytes
+
+    def to_dict(self) -> dict:
+        return {
+            "placement": self.placement,
+            "n_ranks": self.n_ranks,
+            "total_bytes": self.total_bytes,
+            "ranks": [{"members": names, **est.to_dict()} for names, est in zip(self.members, self.ranks, strict=True)],
+        }
+
+
+def members_on_ranks(n_members: int, n_ranks: int) -> list[list[int]]:
+    """Placement "members": the member indices each rank trains (member i on rank i % n_ranks)."""
+    return [list(range(rank, n_members, n_ranks)) for rank in range(n_ranks)]
+
+
+def sweep_estimate(sweep: Sweep, n_ranks: int, d_in: int, placement: str) -> SweepEstimate:
+    """Peak GPU memory of each rank when `sweep` trains on `n_ranks` GPUs in `placement` ("batch" or
+    "members"). ConfigError when the layout cannot run there: a batch that does not split over the ranks
+    ("batch"), more ranks than members ("members")."""
+    members = list(sweep.members)
+    if placement == "batch":
+        configs = [m.config for m in members]
+        return SweepEstimate(
+            "batch", n_ranks, [group_estimate(configs, n_ranks, d_in, n_ranks)], [[m.name for m in members]]
+        )
+    if placement != "members":
+        raise ConfigError(f"placement: {placement!r} is not a layout; allowed: batch, members")
+    if n_ranks > len(members):
+        raise ConfigError(
+            f"placement members: {n_ranks} ranks for {len(members)} member(s) would leave "
+            f"{n_ranks - len(members)} idle; use at most {len(members)}, or placement batch"
+        )
+    groups = [[members[i] for i in indices] for indices in members_on_ranks(len(members), n_ranks)]
+    ranks = [group_estimate([m.config for m in group], 1, d_in, n_ranks) for group in groups]
+    return SweepEstimate("members", n_ranks, ranks, [[m.name for m in group] for group in groups])
 
 
 # Terms that only exist on a GPU: a CPU rank has no CUDA context and talks over gloo, not NCCL.
@@ -243,6 +355,17 @@ def host_bytes(cfg: TrainConfig, ranks: int, d_in: int, on_gpu: bool = False) ->
     return job_host_bytes(per_rank, ranks)
 
 
+def sweep_host_bytes(sweep: Sweep, ranks: int, d_in: int, placement: str, on_gpu: bool = False) -> int:
+    """Host RAM of a sweep job, all ranks together: each rank's one loader (the feed every member reads: a share
+    of each batch, or whole batches under "members") and, on CPU processes, its fullest rank's estimate without
+    the GPU-only terms."""
+    per_rank = sweep.shared.loader_bytes(ranks if placement == "batch" else 1, d_in)
+    if not on_gpu:
+        step = sweep_estimate(sweep, ranks, d_in, placement).worst
+        per_rank += step.total_bytes - sum(step.breakdown[t] for t in GPU_ONLY_TERMS)
+    return job_host_bytes(per_rank, ranks)
+
+
 def host_bytes_of_terms(terms: dict[str, int], ranks: int, on_gpu: bool) -> int:
     """Host RAM of an extraction, evaluation or inspection from one rank's estimate `terms`: on the GPU only
     what is staged through RAM, on CPU processes every term."""
@@ -267,6 +390,7 @@ TERM_LABELS = {
     "activations_gradients": "batch: gradients (backward)",
     "activations_topk": "batch: top-k values + indices",
     "autocast_copies": "bf16 autocast copies",
+    "other_members_kept_batches": "sweep: the other members' last batch + reconstruction",
     "other_peak_excess": "init/optimizer/evaluation peak above the step",
     "allocator_headroom": "allocator headroom",
 }

@@ -11,13 +11,17 @@ renormalisation over all parameters): negligible on a GPU, a visible share on a 
 
 compute(1) is measured on one device (a job's own step time, or `bench/scaling.py`); link bandwidth comes
 from NVML's PCIe generation/width or NVLink count (`link_bandwidth`).
+
+A sweep steps its members one after another on each batch, so its step is the sum of theirs: in layout "batch"
+each member's step(N) as above (its share of the batch, its own all-reduce); in layout "members" the largest sum
+of whole-batch compute(1) over the members one GPU holds (no all-reduce) (`predict_sweep`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .memory import parameter_bytes  # the gradients DDP all-reduces have the parameters' size
+from .memory import members_on_ranks, parameter_bytes  # the gradients DDP all-reduces have the parameters' size
 
 PCIE_LANE_BYTES_PER_S = {1: 0.25e9, 2: 0.5e9, 3: 0.985e9, 4: 1.969e9, 5: 3.938e9, 6: 7.563e9}
 PCIE_EFFICIENCY = 0.8  # protocol overhead: a x16 gen4 link moves ~25 of its 31.5 GB/s in practice
@@ -108,13 +112,67 @@ def speedup_labels(cfg, d_in: int, gpus, counts=(2, 4, 8)) -> list[str]:
     usable = [n for n in counts if n <= len(gpus)]
     if not usable:
         return []
-    # The link's maximum: an idle GPU reports a downshifted current generation (often gen 1).
+    bandwidth = _bandwidth(gpus)
+    compute = estimate_compute_seconds(cfg, d_in, gpus[0].name or "")
+    return [p.label() for p in predict_many(compute, parameter_bytes(cfg, d_in), bandwidth, counts=usable)]
+
+
+def _bandwidth(gpus: list) -> float:
+    """The slowest link between the GPUs, at its maximum: an idle GPU reports a downshifted current generation
+    (often gen 1)."""
     links = [
         link_bandwidth(
             getattr(g, "pcie_gen_max", None) or g.pcie_gen, getattr(g, "pcie_width_max", None) or g.pcie_width
         )
         for g in gpus
     ]
-    bandwidth = min((b for b in links if b), default=PCIE4_X16_BYTES_PER_S)
-    compute = estimate_compute_seconds(cfg, d_in, gpus[0].name or "")
-    return [p.label() for p in predict_many(compute, parameter_bytes(cfg, d_in), bandwidth, counts=usable)]
+    return min((b for b in links if b), default=PCIE4_X16_BYTES_PER_S)
+
+
+# -- A sweep: both layouts ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SweepPrediction:
+    """A sweep's step on `gpus` GPUs in either layout (None where the layout cannot run there), against its
+    step on one GPU (every member one after another on the whole batch)."""
+
+    gpus: int
+    one_gpu_s: float
+    batch_s: float | None  # each member's share of the batch per GPU, then its own all-reduce
+    members_s: float | None  # the fullest GPU's members, each on the whole batch, no all-reduce
+
+    def label(self) -> str:
+        parts = [
+            f"{layout} ≈{self.one_gpu_s / seconds:.1f}×"
+            for layout, seconds in (("batch", self.batch_s), ("members", self.members_s))
+            if seconds is not None
+        ]
+        return f"{self.gpus} GPU{'s' if self.gpus > 1 else ''}: " + ", ".join(parts) + " tokens/s"
+
+
+def predict_sweep(sweep, d_in: int, world_size: int, bandwidth: float, gpu_name: str = "") -> SweepPrediction:
+    """The sweep's step time per layout: "batch" sums the members' predicted multi-GPU steps (each splits the
+    batch and all-reduces its own gradients); "members" is the largest sum of whole-batch steps any rank holds."""
+    configs = [m.config for m in sweep.members]
+    computes = [estimate_compute_seconds(cfg, d_in, gpu_name) for cfg in configs]
+    batch_s: float | None = None
+    if all(cfg.batch_size % world_size == 0 for cfg in configs):
+        batch_s = sum(
+            predict(c, parameter_bytes(cfg, d_in), world_size, bandwidth).step_s
+            for c, cfg in zip(computes, configs, strict=True)
+        )
+    members_s: float | None = None
+    if world_size <= len(configs):
+        members_s = max(sum(computes[i] for i in ranked) for ranked in members_on_ranks(len(configs), world_size))
+    return SweepPrediction(world_size, sum(computes), batch_s, members_s)
+
+
+def sweep_speedup_labels(sweep, d_in: int, gpus, counts=(2, 4, 8)) -> list[str]:
+    """'2 GPUs: batch ≈1.8×, members ≈2.0× tokens/s' for the counts that fit on this machine."""
+    gpus = list(gpus)
+    usable = [n for n in counts if n <= len(gpus)]
+    if not usable:
+        return []
+    bandwidth = _bandwidth(gpus)
+    return [predict_sweep(sweep, d_in, n, bandwidth, gpus[0].name or "").label() for n in usable]

@@ -18,6 +18,7 @@ from ..db.tables import Job
 from ..gpu.availability import GpuStatus, validate
 from ..gpu.host import CPU_BUDGET_ENV, available_ram, cpu_budget
 from ..gpu.memory import GiB, host_bytes_of_terms
+from ..sweep import Sweep
 from ..text import label_problem
 from .errors import JobError
 from .gpus import gpu_statuses
@@ -52,6 +53,7 @@ class Verdict:
     evaluation: EvalPlan | None = None  # what a model evaluation will run on
     placement_failed: bool = False  # nothing after the placement was checked
     then_evaluation: Job | None = None  # the evaluation submit_extract queued after the training
+    config: JobConfig | Sweep | None = None  # what is queued when the check settled part of it (a sweep's placement)
 
     @property
     def ok(self) -> bool:

@@ -45,11 +45,12 @@ def check(cfg: JobConfig | Sweep, submission: Submission, *, engine: Engine | No
 
 
 def submit(cfg: JobConfig | Sweep, submission: Submission, engine: Engine | None = None) -> tuple[Job, Verdict]:
-    """Queue a job if the gate finds no problem (else SubmissionRejected, nothing written)."""
+    """Queue a job if the gate finds no problem (else SubmissionRejected, nothing written): the config as the gate
+    settled it (`verdict.config`: a sweep with the placement it chose), else as given."""
     verdict = check(cfg, submission, engine=engine)
     if not verdict.ok:
         raise SubmissionRejected(verdict.problems)
-    return store.submit_job(cfg, submission, engine), verdict
+    return store.submit_job(verdict.config or cfg, submission, engine), verdict
 
 
 def submit_extract(

@@ -13,11 +13,12 @@ from ..config import ConfigError, TrainConfig
 from ..data.catalog import OUTSIDE_ROOTS, in_data_roots
 from ..data.checks import DatasetError, check_dataset
 from ..gpu.availability import GpuStatus
-from ..gpu.memory import host_bytes
+from ..gpu.memory import host_bytes, sweep_host_bytes
 from ..sweep import Sweep
-from . import store
+from . import store, sweep_layout
 from .errors import unexpected
 from .gate import Problem, Verdict, check_gpus, check_host_memory, ranks, start_verdict
+from .gpus import gpu_statuses
 from .placement import Submission
 
 
@@ -43,6 +44,26 @@ def check_train(
         return verdict
     if not verdict.gpus:
         _check_cpu_batch(cfg, int(submission.cpu_procs or 1), verdict)
+    # after the dataset: the memory fit needs its width
+    d_in = _check_data(cfg, verdict, engine, scan_values, planned_d_in, planned_rows)
+    if verdict.gpus:
+        check_gpus(cfg, statuses, engine, verdict, d_in)
+    if d_in is not None and not verdict.problems:
+        count = ranks(verdict, submission)
+        check_host_memory(verdict, "run", host_bytes(cfg, count, d_in, on_gpu=bool(verdict.gpus)), count)
+    return verdict
+
+
+def _check_data(
+    cfg: TrainConfig,
+    verdict: Verdict,
+    engine: Engine | None,
+    scan_values: bool | None,
+    planned_d_in: int | None,
+    planned_rows: int | None,
+) -> int | None:
+    """The activations (or, for a training queued behind its extraction, the rows it will write); their width
+    when known."""
     if planned_d_in is None:
         _check_dataset(cfg, scan_values, store.engine_home(store.engine_or_default(engine)), verdict)
     elif planned_rows is not None and planned_rows < cfg.batch_size + cfg.holdout_tokens:
@@ -52,14 +73,7 @@ def check_train(
             "or lower batch_size/holdout_tokens"
         )
         verdict.problems.append(Problem("n_tokens", message))
-    # after the dataset: the memory fit needs its width
-    d_in = planned_d_in if planned_d_in is not None else verdict.dataset.d_in if verdict.dataset else None
-    if verdict.gpus:
-        check_gpus(cfg, statuses, engine, verdict, d_in)
-    if d_in is not None and not verdict.problems:
-        count = ranks(verdict, submission)
-        check_host_memory(verdict, "run", host_bytes(cfg, count, d_in, on_gpu=bool(verdict.gpus)), count)
-    return verdict
+    return planned_d_in if planned_d_in is not None else verdict.dataset.d_in if verdict.dataset else None
 
 
 def _check_cpu_batch(cfg: TrainConfig, cpu_procs: int, verdict: Verdict) -> None:
@@ -93,8 +107,21 @@ def check_sweep(
     planned_d_in: int | None = None,
     planned_rows: int | None = None,
 ) -> Verdict:
-    """Every problem of queueing the sweep: its data and batch as one member's (every member reads the same)."""
-    return check_train(
-        sweep.shared, submission, statuses=statuses, engine=engine, scan_values=scan_values,
-        planned_d_in=planned_d_in, planned_rows=planned_rows,
-    )  # fmt: skip
+    """Every problem of queueing the sweep: its data once (every member reads the same), the GPUs chosen, and the
+    whole group's memory in the layout it asks for; "auto" takes "batch" on one rank, else "batch" when it
+    fits, else "members" when that fits, else a refusal naming both figures. The layout chosen is in the notes
+    and in `verdict.config`, the sweep that is queued."""
+    verdict = start_verdict(sweep.shared, submission)
+    if verdict.placement_failed:
+        return verdict
+    d_in = _check_data(sweep.shared, verdict, engine, scan_values, planned_d_in, planned_rows)
+    count = ranks(verdict, submission)
+    if verdict.gpus:
+        statuses = list(statuses) if statuses is not None else gpu_statuses(engine)
+        check_gpus(None, statuses, engine, verdict, None)  # present, not busy; the memory is the layout's
+    layout = sweep_layout.choose(sweep, count, d_in, verdict, statuses or [])
+    if layout is not None:
+        verdict.config = sweep.with_placement(layout)
+        if verdict.gpus and d_in is not None and not verdict.problems:
+            check_host_memory(verdict, "run", sweep_host_bytes(sweep, count, d_in, layout, on_gpu=True), count)
+    return verdict

@@ -1,5 +1,5 @@
-"""The Train page's widget values turned into a TrainConfig, an architecture's option widgets as data, GPU
-selector rows, and URL parameters (pure)."""
+"""The Train page's widget values turned into a TrainConfig (or a sweep of them), an architecture's option widgets
+as data, GPU selector rows, and URL parameters (pure)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import annotated_types
 
 from ..architectures import DEFAULT_ARCHITECTURE, architecture
 from ..config import ConfigError, TrainConfig
+from ..gpu.memory import sweep_estimate
+from ..sweep import PLACEMENTS, Sweep, sweep_from_dict
 
 
 @dataclass
@@ -70,9 +72,20 @@ def form_to_config(values: FormValues) -> tuple[TrainConfig | None, list[str]]:
     """TrainConfig from the form, or the list of problems (each names its field and what is allowed; a blank
     dataset is DATASET_MISSING)."""
     errors: list[str] = []
+    data = _form_data(values, errors)
+    if errors:
+        return None, errors
+    try:
+        return TrainConfig.from_dict(data), []
+    except ConfigError as exc:
+        return None, split_config_error(str(exc))
+
+
+def _form_data(values: FormValues, errors: list[str]) -> dict[str, Any]:
+    """The form's values as TrainConfig keys (what cannot be read goes to `errors`)."""
     if not values.activation_source.strip():
         errors.append(DATASET_MISSING)
-    data: dict[str, Any] = {
+    return {
         "activation_source": values.activation_source.strip(),
         "architecture": values.architecture,
         "d_sae": resolve_d_sae(values, errors),
@@ -88,12 +101,114 @@ def form_to_config(values: FormValues) -> tuple[TrainConfig | None, list[str]]:
         **values.options,
         **values.extra,
     }
+
+
+# --------------------------------------------------------------------------- a sweep
+@dataclass(frozen=True)
+class SweepField:
+    """A field the Train page's sweep section takes values of, as a comma-separated text."""
+
+    name: str
+    label: str
+    kind: str  # "int" or "float"
+    placeholder: str
+
+
+# The sweep section's fields besides the architectures: d_sae, the architecture's main option (its first: k, or
+# the sparsity coefficient), the learning rate and the initialisation seed. Any other field: a sweep config file.
+SWEEP_FIELDS = ("d_sae", "lr", "init_seed")
+_PLACEHOLDERS = {"d_sae": "e.g. 4096, 16384", "lr": "e.g. 1e-4, 3e-4", "init_seed": "e.g. 0, 1, 2"}
+
+
+def sweep_fields(arch: str) -> list[SweepField]:
+    """What the sweep section asks values of, for architecture `arch` (its main option second)."""
+    main = option_fields(arch)[0]
+    fields = [
+        SweepField(name, f"{name} values", _kind_of(TrainConfig.model_fields[name].annotation)[0], _PLACEHOLDERS[name])
+        for name in SWEEP_FIELDS
+    ]
+    fields.insert(1, SweepField(main.name, f"{main.label} values", main.kind, f"e.g. {main.default}, …"))
+    return fields
+
+
+def parse_sweep_values(field: SweepField, text: str) -> tuple[list, str | None]:
+    """The values typed for `field` ('4096, 16384'): ([values], None), or ([], the problem naming the field).
+    Blank is [] (the field keeps the form's setting)."""
+    parts = [part for part in (text or "").replace(",", " ").split() if part]
+    values: list = []
+    for part in parts:
+        try:
+            value: Any = int(part) if field.kind == "int" else float(part)
+        except ValueError:
+            what = "a whole number" if field.kind == "int" else "a number such as 3e-4"
+            return [], f"sweep {field.name}: {part[:40]!r} is not {what}; separate values by commas"
+        if value in values:
+            return [], f"sweep {field.name}: {part} is listed twice"
+        values.append(value)
+    return values, None
+
+
+@dataclass
+class SweepValues:
+    """What the sweep section's widgets hold: the values typed per field, the architectures, the placement."""
+
+    texts: dict[str, str] = field(default_factory=dict)
+    architectures: list[str] = field(default_factory=list)
+    placement: str = "auto"
+
+
+def form_to_sweep(values: FormValues, sweep: SweepValues) -> tuple[Sweep | None, list[str]]:
+    """A sweep of the form's settings over the values typed (every combination), or the list of problems (each
+    names its field). A swept field need not be valid in the form (the grid sets it)."""
+    errors: list[str] = []
+    grid: dict[str, list] = {}
+    architectures = list(dict.fromkeys(sweep.architectures))
+    if not architectures:
+        errors.append("sweep architectures: choose at least one")
+    for spec in sweep_fields(values.architecture):
+        if spec.name == option_fields(values.architecture)[0].name and len(architectures) > 1:
+            grid["architecture"] = architectures  # before the main option: members are named arch first
+        parsed, problem = parse_sweep_values(spec, sweep.texts.get(spec.name, ""))
+        if problem:
+            errors.append(problem)
+        elif parsed:
+            grid[spec.name] = parsed
+    if architectures and "architecture" not in grid and architectures != [values.architecture]:
+        grid["architecture"] = architectures
+    if sweep.placement not in PLACEMENTS:
+        errors.append(f"sweep placement: {sweep.placement!r} is not one of {', '.join(PLACEMENTS)}")
+    if not grid and not errors:
+        errors.append("sweep: give the values of at least one field (separated by commas), or turn the sweep off")
+    data = _form_data(values, errors)
     if errors:
         return None, errors
+    if "architecture" in grid:  # keep only the options every swept architecture has
+        shared = set.intersection(*(set(architecture(a).options.model_fields) for a in grid["architecture"]))
+        data = {k: v for k, v in data.items() if k not in values.options or k in shared}
+    base = {k: v for k, v in data.items() if k not in grid}
     try:
-        return TrainConfig.from_dict(data), []
+        return sweep_from_dict({**base, "sweep": grid, "placement": sweep.placement}), []
     except ConfigError as exc:
         return None, split_config_error(str(exc))
+
+
+def sweep_layouts(sweep: Sweep, world: int, d_in: int) -> dict[str, int | str]:
+    """Each layout's per-GPU estimate on `world` GPUs, or why it cannot run there."""
+    layouts: dict[str, int | str] = {}
+    for layout in ("batch", "members"):
+        try:
+            layouts[layout] = sweep_estimate(sweep, world, d_in, layout).total_bytes
+        except ConfigError as exc:
+            layouts[layout] = str(exc)
+    return layouts
+
+
+def sweep_need(sweep: Sweep, world: int, d_in: int) -> int | None:
+    """The per-GPU memory a sweep needs on `world` GPUs, for marking GPUs too full: the layout asked for, or for
+    "auto" the smaller of the layouts that can run (the gate picks one that fits); None if none can."""
+    asked = [sweep.placement] if sweep.placement != "auto" else ["batch"] if world == 1 else ["batch", "members"]
+    needs = [v for k, v in sweep_layouts(sweep, world, d_in).items() if k in asked and isinstance(v, int)]
+    return min(needs) if needs else None
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import pytest
 from sae_core.cli import jobs as cli_jobs
 from sae_core.files import TOY_FILE
 from sae_core.jobs import store
-from sae_core.ui.forms import FormValues, form_to_config
+from sae_core.ui.forms import FormValues, SweepValues, form_to_config, form_to_sweep
 from tests.app.conftest import Lab
 from tests.fakes import fake_pynvml as fake
 
@@ -94,3 +94,81 @@ def test_page_and_cli_agree(lab, tmp_path, capsys, machine, batch, placement, ac
         ]
         (cli_job,) = [j for j in store.list_jobs() if j.id not in page_jobs]
         assert cli_job.config_json == page_job.config_json and cli_job.gpu_ids == page_job.gpu_ids
+
+
+# --------------------------------------------------------------------------- sweeps: the same gate
+GRID = {"d_sae": "64, 128"}
+SWEEP_CASES = [
+    # id, machine, global batch, placement, layout asked, accepted
+    ("sweep on the cpu", "cpu", 4096, {"cpu": 2}, "auto", True),
+    ("sweep whose batch does not split: members", "cpu", 4095, {"cpu": 2}, "auto", True),
+    ("sweep whose batch does not split, placement batch", "cpu", 4095, {"cpu": 2}, "batch", False),
+    ("sweep on two idle gpus", "gpus", 4096, {"gpus": [2, 3]}, "auto", True),
+    ("sweep on a busy gpu", "gpus", 4096, {"gpus": [1]}, "auto", False),
+    ("sweep on more gpus than members, placement members", "gpus", 4096, {"gpus": [0, 2, 3]}, "members", False),
+]
+
+
+def page_accepts_sweep(lab: Lab, batch: int, placement: dict, layout: str) -> bool:
+    at = lab.page("views/train.py", user_name="ana")
+    at.number_input(key="train_batch").set_value(batch)
+    at.toggle(key="train_sweep").set_value(True).run()
+    for name, text in GRID.items():
+        at.text_input(key=f"train_sweep_{name}").input(text)
+    at.radio(key="train_sweep_placement").set_value(layout)
+    if "cpu" in placement:
+        at.number_input(key="train_cpu_procs").set_value(placement["cpu"])
+    for index in placement.get("gpus", []):
+        box = at.checkbox(key=f"train_gpu_pick_{index}")
+        if box.disabled:
+            return False
+        box.check()
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    if at.button(key="train_submit").disabled:
+        return False
+    before = len(store.list_jobs())
+    at.button(key="train_submit").click().run()
+    return len(store.list_jobs()) > before
+
+
+def cli_accepts_sweep(lab: Lab, tmp_path, machine: str, batch: int, placement: dict, layout: str, capsys) -> bool:
+    values = FormValues(activation_source=str(lab.home / "datasets" / TOY_FILE), batch_size=batch)
+    values.device = "cpu" if machine == "cpu" else "auto"
+    sweep, errors = form_to_sweep(values, SweepValues(dict(GRID), [values.architecture], layout))
+    assert sweep is not None, errors
+    path = tmp_path / "sweep.json"
+    path.write_text(sweep.to_json())
+    where = (
+        ["--cpu-procs", str(placement["cpu"])]
+        if "cpu" in placement
+        else ["--gpus", ",".join(map(str, placement["gpus"]))]
+    )
+    code = cli_jobs.cli_submit(["--config", str(path), *where, "--user", "ana", "--no-daemon"])
+    capsys.readouterr()
+    assert code in (0, 2)
+    return code == 0
+
+
+@pytest.mark.parametrize(
+    ("machine", "batch", "placement", "layout", "accepted"),
+    [c[1:] for c in SWEEP_CASES],
+    ids=[c[0] for c in SWEEP_CASES],
+)
+def test_page_and_cli_agree_on_sweeps(lab, tmp_path, capsys, machine, batch, placement, layout, accepted):
+    lab.toy_dataset()
+    set_up_machine(lab, machine)
+    by_page = page_accepts_sweep(lab, batch, placement, layout)
+    page_jobs = {j.id for j in store.list_jobs()}
+    for job in store.list_jobs(["queued"]):
+        store.request_cancel(job.id)
+    by_cli = cli_accepts_sweep(lab, tmp_path, machine, batch, placement, layout, capsys)
+    assert (by_page, by_cli) == (accepted, accepted)
+    if accepted:
+        (page_job,) = [j for j in store.list_jobs() if j.id in page_jobs and j.kind == "sweep"]
+        (cli_job,) = [j for j in store.list_jobs() if j.id not in page_jobs]
+        by_cli_sweep, by_page_sweep = store.job_config(cli_job), store.job_config(page_job)
+        # the same SAEs (the page writes its option widgets' defaults out; the file leaves them to the config)
+        assert [(m.name, m.config) for m in by_cli_sweep.members] == [(m.name, m.config) for m in by_page_sweep.members]
+        assert by_cli_sweep.placement == by_page_sweep.placement != "auto"  # what the gate chose is queued
+        assert cli_job.gpu_ids == page_job.gpu_ids
