@@ -163,8 +163,9 @@ def sweep_widgets(arch: str) -> SweepValues | None:
     texts = {}
     columns = st.columns(2)
     for i, spec in enumerate(sweep_fields(arch)):
+        label_md = spec.label_md
         texts[spec.name] = columns[i % 2].text_input(
-            html.md_text(spec.label), key=f"train_sweep_{spec.name}", placeholder=spec.placeholder
+            label_md, key=f"train_sweep_{spec.name}", placeholder=spec.placeholder
         )
     placement_choice = st.radio(
         "Placement on several GPUs", PLACEMENTS, key="train_sweep_placement", horizontal=True, help=PLACEMENT_HELP

@@ -109,8 +109,8 @@ class SweepField:
     """A field the Train page's sweep section takes values of, as a comma-separated text."""
 
     name: str
-    label: str
-    kind: str  # "int" or "float"
+    label_md: str  # our words (a field's name, an option's label), shown as is: escaping would put a backslash
+    kind: str  # "int" or "float"     # before each underscore into the field's accessible name
     placeholder: str
 
 
