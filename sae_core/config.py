@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
-from typing import Annotated, Literal, Self, get_args
+from typing import Annotated, Literal, Self
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     ValidationInfo,
@@ -30,13 +27,23 @@ from .architectures import (
     ArchitectureOptions,
     all_option_keys,
     architecture,
-    option_owners,
 )
-from .jsonfile import ConfigError, read_json_object
-from .limits import MAX_COEFFICIENT, MAX_HOLDOUT, MAX_SEED, MAX_STEPS, MAX_TOKENS, MAX_WIDTH
+from .jsonfile import ConfigError
+from .limits import (
+    HOOK_PATTERN,
+    MAX_COEFFICIENT,
+    MAX_CONTEXT,
+    MAX_HOLDOUT,
+    MAX_PATH_CHARS,
+    MAX_SEED,
+    MAX_STEPS,
+    MAX_TOKENS,
+    MAX_WIDTH,
+)
+from .model_source import ModelSourceFields
+from .strict_config import StrictConfig, describe_validation_error
 from .text import brief
 
-MAX_PATH_CHARS = 4096
 MAX_SHUFFLE_BYTES = 64 * 2**30  # shuffle buffer (host RAM per rank, see data/order.py)
 MAX_READER_THREADS = 64
 READY_BATCHES = 4  # batches each rank's loader keeps assembled ahead of the training loop
@@ -50,42 +57,7 @@ DEFAULT_LR_AT_16K = 8e-4
 DEFAULT_ENCODER_INIT_SCALE = 0.5
 
 
-class StrictConfig(BaseModel):
-    """A config read from JSON: unknown keys, NaN and Infinity are errors, and every error names its field."""
-
-    # allow_inf_nan: NaN and Infinity (which JSON readers accept) are refused for every float field.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_lax_coercion(cls, value, info: ValidationInfo):
-        """A number field takes numbers and a switch takes true/false: pydantic alone would read true as 1,
-        "5" as 5 and 1 as true."""
-        annotation = cls.model_fields[info.field_name].annotation if info.field_name else None
-        kinds = get_args(annotation) or (annotation,)  # `int | None` -> (int, NoneType)
-        if bool in kinds:
-            if not isinstance(value, bool) and value is not None:
-                raise ValueError(f"must be true or false, got {brief(json.dumps(value, default=str), 40)}")
-        elif any(kind in (int, float) for kind in kinds) and isinstance(value, bool | str):
-            raise ValueError(f"must be a number, got {brief(json.dumps(value), 40)}")
-        return value
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Self:
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise ConfigError(describe_validation_error(exc, list(cls.model_fields))) from None
-
-    @classmethod
-    def from_json_file(cls, path: str | Path) -> Self:
-        return cls.from_dict(read_json_object(path, "config file", f"{cls.__name__} keys"))
-
-    def to_json(self) -> str:
-        return self.model_dump_json(indent=2)
-
-
-class TrainConfig(StrictConfig):
+class TrainConfig(StrictConfig, ModelSourceFields):
     """Everything one SAE training run needs. Defaults train well on their own.
 
     The fields below are every architecture's; an architecture adds its own options (architectures/), flat
@@ -126,10 +98,12 @@ class TrainConfig(StrictConfig):
             arch = data.get("architecture", DEFAULT_ARCHITECTURE)
             raise ConfigError(describe_validation_error(exc, list(chosen.model_fields), arch)) from None
 
-    activation_source: str = Field(
+    activation_source: str | None = Field(
+        None,
         min_length=1,
         max_length=MAX_PATH_CHARS,
-        description="Path of the activations: a .safetensors file, a .npy file, or a directory of shards of either kind.",
+        description="Path of the activations: a .safetensors file, a .npy file, or a directory of shards of either "
+        "kind. Or, instead, a model to stream them from (model, hook, dataset: model_source.py).",
     )
     activation_key: str = Field(
         "activations", min_length=1, max_length=256, description="Tensor name inside .safetensors files."
@@ -237,7 +211,7 @@ class TrainConfig(StrictConfig):
 
     @model_validator(mode="after")
     def _cross_field_checks(self) -> TrainConfig:
-        if problems := self.options.option_problems(self.d_sae):
+        if problems := self.source_problems() + self.options.option_problems(self.d_sae):
             raise ValueError("; ".join(problems))
         if self.autocast == "bf16" and self.device == "cpu":
             raise ValueError("autocast 'bf16' needs device 'cuda' or 'auto' (it is only applied on CUDA)")
@@ -330,9 +304,7 @@ def config_class(name: object) -> type[TrainConfig]:
     return _CONFIG_CLASSES[name]
 
 
-MAX_CONTEXT = 2**17  # tokens per context
 MAX_EXTRACT_TOKENS = 2**40  # rows an extraction writes
-HOOK_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$"  # a module path: model.layers.12, transformer.h.6.mlp
 
 
 class ExtractConfig(StrictConfig):
@@ -460,41 +432,6 @@ class InspectConfig(StrictConfig):
     top_k: int = Field(20, gt=0, le=1000, description="Top-activating examples kept per latent.")
     chunk_rows: int = Field(2048, gt=0, le=2**20, description="Rows encoded at once (memory: chunk_rows × d_sae).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu.")
-
-
-def field_names() -> list[str]:
-    return list(TrainConfig.model_fields)
-
-
-def describe_validation_error(exc: ValidationError, fields: list[str] | None = None, arch: object = None) -> str:
-    """One line per problem: `field: what is wrong (allowed: ...)`; a value is repeated briefly at most.
-    `fields` are the allowed keys named for an unknown one (default: TrainConfig's); `arch` the architecture
-    a TrainConfig asked for, named when a key is another architecture's option."""
-    fields = fields if fields is not None else field_names()
-    lines = []
-    for err in exc.errors():
-        field = brief(".".join(str(p) for p in err["loc"]) or "config", 60)
-        kind = err["type"]
-        if kind == "extra_forbidden" and (owners := option_owners(field)):
-            lines.append(f"{field}: an option of {', '.join(owners)}, not of {brief(str(arch), 60)}")
-        elif kind == "extra_forbidden":
-            lines.append(f"{field}: unknown key (allowed keys: {', '.join(fields)})")
-        elif kind == "missing":
-            lines.append(f"{field}: required")
-        elif kind == "literal_error":
-            allowed = err.get("ctx", {}).get("expected", "")
-            lines.append(f"{field}: got {brief(repr(err.get('input')), 60)}; allowed: {allowed}")
-        elif kind == "string_pattern_mismatch":  # only hook has a pattern
-            lines.append(
-                f"{field}: {brief(repr(err.get('input')), 60)} is not a module path (dot-separated names, such as "
-                "model.layers.12)"
-            )
-        elif kind == "finite_number":
-            lines.append(f"{field}: must be a finite number, got {brief(err.get('input'), 60)}")
-        else:
-            msg = brief(err["msg"].removeprefix("Value error, "))
-            lines.append(f"{field}: {msg}" if field != "config" else msg)
-    return "; ".join(lines)
 
 
 JobConfig = TrainConfig | ExtractConfig | EvaluateConfig | InspectConfig  # what a queued job runs (jobs/kinds.py)

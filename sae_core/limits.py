@@ -10,3 +10,6 @@ MAX_WIDTH = 2**24  # latents (d_sae)
 MAX_K = 2**16  # k and aux_k
 MAX_SEED = 2**63 - 1
 MAX_COEFFICIENT = 1e6
+MAX_PATH_CHARS = 4096  # a path or a hub name
+MAX_CONTEXT = 2**17  # tokens per context
+HOOK_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$"  # a module path: model.layers.12, transformer.h.6.mlp

@@ -45,6 +45,17 @@ BATCH_FIELDS = (
     "checkpoint_every",
     "keep_checkpoints",
     "log_every",
+    # a model source: one forward pass (of the same contexts, mixed alike) feeds every member; `hook` may vary
+    "model",
+    "dataset",
+    "text_field",
+    "split",
+    "context_size",
+    "prepend_bos",
+    "exclude_special_tokens",
+    "model_dtype",
+    "model_batch_size",
+    "mixing_contexts",
 )
 # How a member's name shows a field (the rest by their own names).
 SHORT_NAMES = {"architecture": "arch", "l1_coefficient": "l1", "matryoshka_widths": "widths"}

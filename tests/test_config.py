@@ -16,6 +16,7 @@ from sae_core.config import (
     TrainConfig,
     config_class,
 )
+from sae_core.model_source import ModelSourceFields
 
 MINIMAL = {"activation_source": "x.safetensors", "architecture": "topk", "d_sae": 64, "k": 4, "total_steps": 100}
 
@@ -252,7 +253,7 @@ def kinds_of(cls: type[StrictConfig], kind: type) -> list[str]:
 
 def test_every_config_class_is_covered():
     assert set(VALID) == set(StrictConfig.__subclasses__())
-    assert kinds_of(TrainConfig, bool) == ["torch_compile"]
+    assert kinds_of(TrainConfig, bool) == ["prepend_bos", "exclude_special_tokens", "torch_compile"]
     assert kinds_of(ExtractConfig, bool) == ["prepend_bos", "exclude_special_tokens"]
 
 
@@ -280,10 +281,12 @@ def test_booleans_and_text_are_not_numbers_in_any_config(cls):
 @pytest.mark.parametrize("cls", list(VALID), ids=lambda c: c.__name__)
 def test_switches_take_only_true_or_false(cls):
     for field in kinds_of(cls, bool):
+        # a training's stream fields belong to a config that streams from a model
+        valid = STREAMED if cls is TrainConfig and field in ModelSourceFields.model_fields else VALID[cls]
         for value in (1, 0, "yes", "false"):
             with pytest.raises(ConfigError, match=f"^{field}: must be true or false, got "):
-                cls.from_dict({**VALID[cls], field: value})
-        assert getattr(cls.from_dict({**VALID[cls], field: True}), field) is True
+                cls.from_dict({**valid, field: value})
+        assert getattr(cls.from_dict({**valid, field: True}), field) is True
 
 
 def test_numbers_still_read_as_before_from_json_forms_and_rows(tmp_path):
@@ -322,3 +325,45 @@ def test_a_link_to_a_pseudo_file_is_refused_and_the_cli_says_so(tmp_path, capsys
         TrainConfig.from_json_file(link)
     assert cli(["submit", "--config", "/proc/kmsg", "--cpu-procs", "1", "--no-daemon"]) == 2
     assert "config file /proc/kmsg is a kernel pseudo-file" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- a model as the source (issue 24)
+
+STREAMED = {**{k: v for k, v in MINIMAL.items() if k != "activation_source"},
+            "model": "m", "hook": "model.layers.0", "dataset": "d.txt"}  # fmt: skip
+
+
+def test_a_model_hook_and_text_stand_instead_of_activation_files():
+    cfg = TrainConfig.from_dict(STREAMED)
+    assert cfg.streamed and cfg.activation_source is None
+    assert (cfg.context_size, cfg.model_batch_size, cfg.mixing_contexts, cfg.exclude_special_tokens) == (
+        128,
+        32,
+        256,
+        True,
+    )
+    assert not make().streamed
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"activation_source": "x.safetensors"}, "activation_source and model: give one"),
+        ({"hook": None}, "hook: required to train from a model"),
+        ({"dataset": None}, "dataset: required to train from a model"),
+        ({"hook": "layers..0"}, "hook: 'layers..0' is not a module path"),
+        ({"mixing_contexts": 0}, "mixing_contexts: Input should be greater than 0"),
+        ({"prepend_bos": 1}, "prepend_bos: must be true or false"),
+    ],
+)
+def test_a_model_source_is_checked_and_named(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.from_dict({**STREAMED, **changes})
+
+
+def test_stream_fields_without_a_model_are_named():
+    with pytest.raises(ConfigError, match="context_size: only for training from a model"):
+        make(context_size=64)
+    with pytest.raises(ConfigError) as err:
+        TrainConfig.from_dict({"architecture": "topk", "k": 4})
+    assert "activation_source: required (or train from a model: model, hook and dataset)" in str(err.value)

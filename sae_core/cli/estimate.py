@@ -12,6 +12,7 @@ from ..data.activations import open_activations
 from ..data.formats import DatasetError
 from ..gpu.memory import TERM_LABELS, GiB, MemoryEstimate, estimate, sweep_estimate
 from ..gpu.scaling import PCIE4_X16_BYTES_PER_S, predict_sweep
+from ..model_source import activation_files
 from ..sweep import Sweep, read_training_config
 
 LAYOUTS = ("batch", "members")
@@ -75,7 +76,7 @@ def format_sweep(figures: dict) -> str:
 
 def d_in_of(cfg: TrainConfig) -> int:
     """The width of the config's activations, from the files' headers (DatasetError when unreadable)."""
-    return open_activations(cfg.activation_source, cfg.activation_key).d_in
+    return open_activations(activation_files(cfg), cfg.activation_key).d_in
 
 
 def cli_estimate(argv: list[str]) -> int:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .. import paths
-from ..config import ConfigError, EvaluateConfig, ExtractConfig, InspectConfig, TrainConfig, read_json_object
+from ..config import ConfigError, EvaluateConfig, ExtractConfig, InspectConfig, TrainConfig
 from ..db.tables import FINAL_STATUSES, JOB_STATUSES, Job
 from ..files import METRICS_FILE, STDERR_LOG, STDOUT_LOG
 from ..jobs import store, submission
@@ -24,6 +24,7 @@ from ..jobs.kinds import job_kind
 from ..jobs.lifecycle import GRACE_S, cancel_job
 from ..jobs.logs import log_dir_of, tail_text
 from ..jobs.placement import Submission
+from ..jsonfile import read_json_object
 from ..outputs import sweep_members
 from ..sweep import Sweep, read_training_config
 from ..text import brief, format_duration

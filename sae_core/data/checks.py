@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import TrainConfig
+from ..model_source import activation_files
 from .activations import ActivationSet, open_activations
 from .formats import DatasetError, to_float32
 
@@ -98,7 +99,7 @@ def check_dataset(cfg: TrainConfig, world_size: int = 1, *, scan_values: bool = 
     it (training checks every batch it reads, see `check_batch`). `scan_values=False` skips the scan.
     """
     cfg.per_rank_batch(world_size)
-    ds = open_activations(cfg.activation_source, cfg.activation_key)
+    ds = open_activations(activation_files(cfg), cfg.activation_key)
     needed = cfg.batch_size + cfg.holdout_tokens
     if ds.n_rows < needed:
         raise DatasetError(

@@ -25,6 +25,7 @@ from ..files import (
     TRAIN_CONFIG_FILE,
     WEIGHTS_FILE,
 )
+from ..model_source import activation_files
 from ..outputs import sweep_members
 from ..text import brief
 from .activations import ActivationSet, open_activations
@@ -212,7 +213,7 @@ def _training_source(sae_dir: Path) -> tuple[ActivationSet, int] | None:
         return None
     try:
         train_cfg = TrainConfig.from_json_file(sae_dir / TRAIN_CONFIG_FILE)
-        data = open_activations(train_cfg.activation_source, train_cfg.activation_key)
+        data = open_activations(activation_files(train_cfg), train_cfg.activation_key)
     except (ConfigError, DatasetError, OSError) as exc:
         raise DatasetError(f"sae: its training data cannot be opened ({brief(exc, 200)})") from None
     if not data.from_model:
@@ -260,7 +261,7 @@ def plan_inspection(cfg: InspectConfig) -> InspectPlan:
                 "(--activations)"
             )
         train_cfg = TrainConfig.from_json_file(sae_dir / TRAIN_CONFIG_FILE)
-        source, key, holdout = train_cfg.activation_source, train_cfg.activation_key, train_cfg.holdout_tokens
+        source, key, holdout = activation_files(train_cfg), train_cfg.activation_key, train_cfg.holdout_tokens
     try:
         data = open_activations(source, key)
     except (DatasetError, OSError) as exc:

@@ -14,8 +14,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import ConfigError, read_json_object
 from ..files import ACTIVATION_SUFFIXES, MANIFEST_FILE
+from ..jsonfile import ConfigError, read_json_object
 from ..text import brief
 from .formats import ALLOWED_DTYPES, DatasetError
 

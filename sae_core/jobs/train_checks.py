@@ -84,6 +84,10 @@ def _check_cpu_batch(cfg: TrainConfig, cpu_procs: int, verdict: Verdict) -> None
 
 
 def _check_dataset(cfg: TrainConfig, scan_values: bool | None, home: Path, verdict: Verdict) -> None:
+    if cfg.activation_source is None:
+        message = "model: training straight from a model cannot be queued yet; extract its activations first"
+        verdict.problems.append(Problem("model", message))
+        return
     if not in_data_roots(cfg.activation_source, home):
         verdict.problems.append(Problem("activation_source", f"activation_source: {OUTSIDE_ROOTS}"))
         return

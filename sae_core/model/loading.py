@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, read_json_object
 from ..data.catalog import hub_snapshot
 from ..files import MODEL_CONFIG_FILE, MODEL_SETTINGS_FILES
+from ..jsonfile import ConfigError, read_json_object
 from ..text import brief
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -1,0 +1,107 @@
+"""A training config's model source: the fields that name a model, a hook and a text to stream activations from,
+instead of activation files (`activation_source`). The names are the extraction's (ExtractConfig); TrainConfig
+takes them as a mixin and checks them with the rest (`source_problems`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from .limits import HOOK_PATTERN, MAX_CONTEXT, MAX_PATH_CHARS
+
+_NO_SOURCE = object()  # neither activation_source nor model given: named with the other missing fields
+MAX_MIXING_CONTEXTS = 2**20
+DEFAULT_MIXING_CONTEXTS = 256
+
+
+class ModelSourceFields(BaseModel):
+    model: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_PATH_CHARS,
+        description="Train straight from this model instead of activation files: a local Hugging Face model folder, "
+        "or a hub name found in the local Hugging Face cache. Its activations at `hook` over `dataset` are "
+        "computed as training reads them (nothing is written unless cache_to says where).",
+    )
+    hook: str | None = Field(
+        None,
+        min_length=1,
+        max_length=300,
+        pattern=HOOK_PATTERN,
+        description="With model: the module whose output the SAE reads (a sweep may vary it: one forward feeds "
+        "every hook).",
+    )
+    dataset: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_PATH_CHARS,
+        description="With model: the text (as ExtractConfig's dataset).",
+    )
+    text_field: str = Field("text", min_length=1, max_length=200, description="With model: the field holding the text.")
+    split: str = Field("train", min_length=1, max_length=200, description="With model: the split of the dataset.")
+    context_size: int = Field(128, ge=2, le=MAX_CONTEXT, description="With model: tokens per context.")
+    prepend_bos: bool | None = Field(
+        None, description="With model: start every context with BOS (or CLS); null: as the tokenizer does."
+    )
+    exclude_special_tokens: bool = Field(
+        True, description="With model: positions holding special tokens are run but not trained on."
+    )
+    model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="With model: the model's dtype (auto = as saved; float32 on a CPU for half precision)."
+    )
+    model_batch_size: int = Field(32, gt=0, le=2**16, description="With model: contexts per forward pass.")
+    mixing_contexts: int = Field(
+        DEFAULT_MIXING_CONTEXTS,
+        gt=0,
+        le=MAX_MIXING_CONTEXTS,
+        description="With model: the activations of this many contexts are shuffled together before they form "
+        "batches (memory: mixing_contexts x context_size x d_in floats per hook).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mark_missing_source(cls, data):
+        if isinstance(data, dict) and data.get("activation_source") is None and data.get("model") is None:
+            return {**data, "activation_source": _NO_SOURCE}
+        return data
+
+    @field_validator("activation_source", mode="before", check_fields=False)
+    @classmethod
+    def _source_given(cls, value):
+        if value is _NO_SOURCE:
+            raise ValueError("required (or train from a model: model, hook and dataset)")
+        return value
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the activations come from a model, computed as training reads them."""
+        return self.model is not None
+
+    def source_problems(self) -> list[str]:
+        """What is wrong with where the activations come from: activation files or a model, never both."""
+        source = getattr(self, "activation_source", None)
+        if source is not None and self.model is not None:
+            return ["activation_source and model: give one (activation files, or a model to stream from)"]
+        if self.model is not None:
+            return [
+                f"{name}: required to train from a model" for name in ("hook", "dataset") if getattr(self, name) is None
+            ]
+        return [
+            f"{name}: only for training from a model (set model, hook and dataset)"
+            for name, field in ModelSourceFields.model_fields.items()
+            if getattr(self, name) != field.default
+        ]
+
+
+def activation_files(cfg) -> str:
+    """The activation files a training config reads; ConfigError for one that streams from a model, where the
+    caller needs files (naming what to give instead)."""
+    from .jsonfile import ConfigError
+
+    if cfg.activation_source is None:
+        raise ConfigError(
+            f"activation_source: the SAE was trained from a model ({cfg.model}, hook {cfg.hook}), not from "
+            "activation files: give the activations (or the text) to use"
+        )
+    return cfg.activation_source
