@@ -25,9 +25,22 @@ def job_sinks() -> list[MetricsSink]:
     return [SqliteMetricsSink(job_id=int(job_id))]
 
 
+def open_stream(cfg, hooks: list[str], device, rank: int, ranks: int):
+    """A model's stream for `cfg` (model/stream.py), its problems as the engine's bad-input errors."""
+    from .data.formats import DatasetError
+    from .data.text import TextError
+    from .model.loading import ModelError
+    from .model.stream import open_stream as open_model_stream
+
+    try:
+        return open_model_stream(cfg, hooks, device, rank, ranks)
+    except (ModelError, TextError) as exc:
+        raise DatasetError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     use_private_files()
-    code = run_training(argv, extra_sinks=job_sinks)  # torchrun's @record types it as optional
+    code = run_training(argv, extra_sinks=job_sinks, open_stream=open_stream)  # torchrun's @record: optional
     return 0 if code is None else code
 
 

@@ -22,6 +22,9 @@ SHARED = {
     "access",
     "text",
     "log_backoff",
+    "strict_config",
+    "model_source",
+    "sweep",
 }  # facts and files every layer shares
 
 # layer -> the sae_core layers it must never import

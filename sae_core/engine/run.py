@@ -73,23 +73,39 @@ def report_bad_input(out_dir: Path, exc: Exception) -> int:
 
 
 @record
-def main(argv: list[str] | None = None, extra_sinks: Callable[[], list[MetricsSink]] | None = None) -> int:
+def main(
+    argv: list[str] | None = None,
+    extra_sinks: Callable[[], list[MetricsSink]] | None = None,
+    open_stream: Callable | None = None,
+) -> int:
+    """`open_stream(cfg, hooks, device, rank, ranks)`: what opens a model's stream for a config that names a model
+    (model/stream.py, passed in by `sae_core.train`: the engine does not import the model layer); it raises
+    ConfigError or DatasetError naming what is wrong."""
     args = parse_args(argv)
     out_dir = Path(args.out)
     try:
         cfg = read_training_config(args.config)
-        env = read_dist_env(cfg.shared if isinstance(cfg, Sweep) else cfg)
+        shared = cfg.shared if isinstance(cfg, Sweep) else cfg
+        env = read_dist_env(shared)
         cfg, ranks = placed(cfg, env.world_size)
-        data = check_dataset(cfg.shared if isinstance(cfg, Sweep) else cfg, ranks)
+        data = None if shared.streamed else check_dataset(shared, ranks)
+        if shared.streamed and open_stream is None:
+            raise ConfigError("model: this entry cannot run a model (use python -m sae_core.train)")
     except (ConfigError, DatasetError) as exc:
         return report_bad_input(out_dir, exc)
     keep_freed_memory()
     init_process_group(env)
     resume = Path(args.resume) if args.resume else None
     try:
+        stream = None
+        if open_stream is not None and shared.streamed:  # after the group starts: the ranks share each window
+            hooks = sorted({str(m.config.hook) for m in cfg.members} if isinstance(cfg, Sweep) else {str(shared.hook)})
+            rank = env.rank if ranks > 1 else 0
+            stream = open_stream(shared, hooks, env.device, rank, ranks)
         if env.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
-        trainer = (SweepTrainer if isinstance(cfg, Sweep) else Trainer)(cfg, out_dir, env, data, resume, extra_sinks)  # type: ignore[arg-type]
+        make = SweepTrainer if isinstance(cfg, Sweep) else Trainer
+        trainer = make(cfg, out_dir, env, data, resume, extra_sinks, stream=stream)  # type: ignore[arg-type]
         result = trainer.run()
         del trainer  # DDP's reducer and gloo's threads go before the process group, not at teardown
         gc.collect()
@@ -97,7 +113,7 @@ def main(argv: list[str] | None = None, extra_sinks: Callable[[], list[MetricsSi
             return report_bad_input(
                 out_dir, DatasetError("every member of the sweep failed (see each member's error.txt)")
             )
-    except (DatasetError, CheckpointError) as exc:  # a non-finite row met in training; nothing to resume from
+    except (ConfigError, DatasetError, CheckpointError) as exc:  # bad text or model; a non-finite row; no checkpoint
         return report_bad_input(out_dir, exc)
     finally:
         if dist.is_initialized():

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..data.stream_plan import stream_key
 from ..files import CHECKPOINT_STATE, REFUSED_FILE, SWEEP_FILE, SWEEP_RESULT_FILE
 from ..outputs import checkpoint_problem, complete_checkpoints, sweep_members
 from ..sweep import Sweep
@@ -57,12 +58,14 @@ class SweepTrainer:
         data,
         resume_from: Path | None = None,
         extra_sinks: Callable[[], list[MetricsSink]] | None = None,
+        stream=None,
     ):
+        """`stream` (model/stream.py's Stream): every member's rows come from one model's forward passes."""
         self.sweep, self.out_dir, self.env, self.data = sweep, out_dir, env, data
         self.cfg = sweep.shared  # the batch, the loop's cadence and the data order are every member's
         self.by_batch = sweep.placement != "members" or env.world_size == 1
         ranks, rank = (env.world_size, env.rank) if self.by_batch else (1, 0)
-        self.order = data_order(self.cfg, data)
+        self.order = stream.order if stream is not None else data_order(self.cfg, data)
         owned = [m for i, m in enumerate(sweep.members) if self.by_batch or i % env.world_size == env.rank]
         writes = env.is_main if self.by_batch else True
         self.shared_sinks = (extra_sinks() if extra_sinks else []) if writes and owned else []
@@ -71,18 +74,21 @@ class SweepTrainer:
         self.failed: dict[str, str] = {}
         resumed = self.resume_points(resume_from) if resume_from is not None else {}
         first = None
-        if resume_from is None:  # the first global batch, read once: every member initialises from it
+        if resume_from is None and stream is not None:
+            first = stream.feed.first_batch()
+        elif resume_from is None:  # the first global batch, read once: every member initialises from it
             first = torch.from_numpy(data.read(self.order.global_rows(self.order.key))).to(env.device)
         self.members: dict[str, Trainer] = {}
         feed = (self.order, None)
         for member in owned:
             if resume_from is not None and member.name not in resumed:
                 continue  # it had failed before the interruption: it stays failed
+            member_data = stream.holdout[stream_key(str(member.config.hook))] if stream is not None else data
             self.members[member.name] = Trainer(
                 member.config,
                 member.folder(out_dir),
                 env,
-                data,
+                member_data,
                 resumed.get(member.name),
                 lambda: [SharedSink(sink) for sink in self.shared_sinks],
                 feed=feed,  # type: ignore[arg-type]  # the reader is set below, once the members exist
@@ -95,7 +101,7 @@ class SweepTrainer:
         if resumed:  # the data order every member's checkpoint holds alike
             state = json.loads((next(iter(resumed.values())) / CHECKPOINT_STATE).read_text())
             self.order.load_state_dict(state["data"])
-        self.reader = open_feed(self.cfg, data, self.order, env, rank, ranks)
+        self.reader = stream.feed if stream is not None else open_feed(self.cfg, data, self.order, env, rank, ranks)
         for trainer in self.members.values():
             trainer.reader = self.reader
         self.step = next(iter(self.members.values())).step if self.members else 0

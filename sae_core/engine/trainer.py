@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..config import TrainConfig
 from ..data.loader import DeviceFeed, Loader
 from ..data.order import BlockOrder, blocks_for
+from ..data.stream_plan import stream_key
 from ..files import EVAL_FILE, METRICS_FILE, SPARSITY_FILE, TRAIN_CONFIG_FILE
 from ..text import format_duration
 from . import checkpoint
@@ -85,8 +86,14 @@ class Trainer:
         collective: bool = True,
         writes: bool | None = None,
         name: str | None = None,
+        stream=None,
     ):
-        """`extra_sinks()` is asked on the writing rank only, for sinks besides metrics.jsonl (the job store's)."""
+        """`extra_sinks()` is asked on the writing rank only, for sinks besides metrics.jsonl (the job store's).
+        `stream` (model/stream.py's Stream): the activations come from a model as training reads them; `data` is
+        then unused (the held-out rows are the stream's)."""
+        self.input_key = stream_key(cfg.hook) if cfg.streamed and cfg.hook else None
+        if stream is not None and feed is None:  # a single run from a model
+            feed, first, data = (stream.order, stream.feed), stream.feed.first_batch(), stream.holdout[self.input_key]
         self.cfg, self.out_dir, self.env, self.data = cfg, out_dir, env, data
         self.collective = collective and env.world_size > 1
         self.writes = env.is_main if writes is None else writes
@@ -109,7 +116,7 @@ class Trainer:
         else:  # every rank initialises from the whole first global batch, so all start alike
             if first is None:
                 first = torch.from_numpy(self.data.read(self.order.global_rows(self.order.key))).to(env.device)
-            init_from_data(self.sae, first, cfg.b_dec_init)
+            init_from_data(self.sae, pick(first, self.input_key), cfg.b_dec_init)
         self.reader = feed[1] if feed is not None else self._own_reader()
         self._waited_at_log = 0.0  # the reader's wait_seconds at the last metric record
         self.forward: torch.nn.Module = _TrainForward(self.sae)
@@ -135,7 +142,7 @@ class Trainer:
         cfg = self.cfg
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.step, cfg)
-        x = batch * self.sae.input_scale
+        x = pick(batch, self.input_key) * self.sae.input_scale
         ctx = StepContext(self.step, cfg.total_steps, self.dead_mask_for_step())
         self.optimizer.zero_grad(set_to_none=True)
         out = self.forward_backward(x, ctx)
@@ -388,6 +395,11 @@ def data_parallel(forward: torch.nn.Module, device: torch.device) -> Distributed
     )
 
 
+def pick(batch, key: str | None) -> torch.Tensor:
+    """A member's rows of a batch: the batch itself (activation files), or its hook's rows (a model's stream)."""
+    return batch if key is None else batch[key]
+
+
 def open_feed(cfg: TrainConfig, data, order: BlockOrder, env: DistEnv, rank: int, ranks: int) -> DeviceFeed:
     """The reader of `order` for `rank` of `ranks` (its share of each global batch), on env's device."""
     loader = Loader(
@@ -424,7 +436,15 @@ def progress_line(record: dict, eta_s: float) -> str:
 def write_outputs(sae, cfg: TrainConfig, out_dir: Path, fire_counts, tokens: int, figures: dict) -> None:
     """The SAE in SAELens format, its firing frequencies, the figures (eval.json last: "finished")."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    save(sae, out_dir, dtype=cfg.dtype, extra_meta={"dataset_path": cfg.activation_source})
+    source: dict[str, object] = {"dataset_path": cfg.activation_source}
+    if cfg.streamed:
+        source = {
+            "model_name": cfg.model,
+            "hook_name": cfg.hook,
+            "dataset_path": cfg.dataset,
+            "context_size": cfg.context_size,
+        }
+    save(sae, out_dir, dtype=cfg.dtype, extra_meta=source)
     frequency = fire_counts.double().cpu() / max(tokens, 1)
     log_freq = torch.log10(frequency.clamp_min(1e-10)).float()
     save_file({"sparsity": log_freq}, str(out_dir / SPARSITY_FILE))

@@ -1,0 +1,263 @@
+"""Training straight from a model: the model runs on each window of contexts as training reads it, one forward
+pass for every hook any member reads, and the window's rows are shuffled together into global batches.
+
+Where the rows come from is `data/stream_plan.py` (a pure function of the text, the config and the seed). Each
+rank runs the model on its contiguous share of a window's contexts; the shares are gathered, so every rank holds
+the whole window in context order, shuffles it with the window's permutation and takes its slice of each global
+batch: the batches never depend on the number of ranks. The feed's state is one number, the stream position (rows
+consumed): a resume recomputes the window it falls in, so nothing but that number is checkpointed. The held-out
+contexts are run once up front; the end-of-run evaluation reads their rows (`HoldoutRows`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..data.stream_plan import StreamPlan, plan_stream, rows_needed, stream_key, window_of
+from ..data.text import Specials, TextError, iter_pieces, kept_positions, pack_contexts
+from .hooks import find_module, first_tensor, list_hooks
+from .loading import ModelError, load_model, load_tokenizer, resolve_model
+
+
+class _Reached(Exception):
+    """Raised once the deepest hook has run: nothing after it is computed."""
+
+
+class HooksReader:
+    """Runs a model up to the deepest of several modules and returns each one's output [batch, tokens, width]."""
+
+    def __init__(self, model: torch.nn.Module, paths: list[str]):
+        self.model, self.paths = model, list(paths)
+        self._outputs: dict[str, torch.Tensor] = {}
+        self._handles = [find_module(model, path).register_forward_hook(self._capture(path)) for path in paths]
+
+    def _capture(self, path: str):
+        def hook(_module, _inputs, output):
+            tensor = first_tensor(output)
+            if tensor is None:
+                raise ModelError(f"hook: {path}'s output is a {type(output).__name__}, not a tensor")
+            self._outputs[path] = tensor
+            if len(self._outputs) == len(self.paths):
+                raise _Reached
+
+        return hook
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        self._outputs = {}
+        with contextlib.suppress(_Reached):
+            self.model(input_ids=input_ids)
+        missing = [path for path in self.paths if path not in self._outputs]
+        if missing:
+            raise ModelError(f"hook: {', '.join(missing)} not run by the model's forward pass")
+        outputs, self._outputs = self._outputs, {}
+        return outputs
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+@dataclass
+class StreamSource:
+    """The model, its contexts and the plan of a streamed training: every rank builds the same."""
+
+    reader: HooksReader
+    tokens: np.ndarray  # int32 [n_contexts, context_size]
+    kept: np.ndarray  # bool [n_contexts, context_size]: the rows each context gives
+    plan: StreamPlan
+    widths: dict[str, int]  # d_in per hook
+    model_batch_size: int
+    device: torch.device
+
+    def rows(self, contexts: np.ndarray) -> dict[str, torch.Tensor]:
+        """The kept rows of `contexts` at every hook, in context order, float32 on the device."""
+        pieces: dict[str, list[torch.Tensor]] = {hook: [] for hook in self.widths}
+        for start in range(0, len(contexts), self.model_batch_size):
+            batch = contexts[start : start + self.model_batch_size]
+            ids = torch.from_numpy(self.tokens[batch].astype(np.int64)).to(self.device)
+            mask = torch.from_numpy(self.kept[batch]).to(self.device)
+            for hook, hidden in self.reader(ids).items():
+                pieces[hook].append(hidden[mask].float())
+        return {
+            hook: torch.cat(found) if found else torch.zeros(0, self.widths[hook], device=self.device)
+            for hook, found in pieces.items()
+        }
+
+
+def open_source(cfg, hooks: list[str], device: torch.device) -> StreamSource:
+    """Check and load what `cfg` (a streamed TrainConfig) names, pack its text and plan the stream. ModelError or
+    TextError name what is wrong (before anything is trained)."""
+    model_dir = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(model_dir)
+    specials = Specials.of(tokenizer)
+    widths_found = {h.path: h.width for h in list_hooks(model_dir)}
+    for hook in hooks:
+        if hook not in widths_found:
+            raise ModelError(f"hook: {hook!r} does not output a [batch, tokens, width] tensor")
+    prepend_bos = specials.adds_start if cfg.prepend_bos is None else cfg.prepend_bos
+    needed = rows_needed(cfg.batch_size, cfg.total_steps, cfg.holdout_tokens) + cfg.context_size
+    found = 0
+
+    def enough(contexts) -> bool:
+        nonlocal found
+        found += int(kept_positions(contexts, specials, cfg.exclude_special_tokens).sum())
+        return found >= needed
+
+    pieces = iter_pieces(cfg.dataset, cfg.text_field, cfg.split)
+    tokens, _ = pack_contexts(tokenizer, pieces, cfg.context_size, prepend_bos, enough, specials)
+    if found < needed:
+        raise TextError(
+            f"dataset: the run reads {needed:,} rows (batch_size x total_steps + holdout_tokens, and a context to "
+            f"spare), but the text gives only {found:,} at context_size {cfg.context_size}; give more text or lower "
+            "total_steps"
+        )
+    kept = kept_positions(tokens, specials, cfg.exclude_special_tokens)
+    plan = plan_stream(kept, cfg.holdout_tokens, cfg.mixing_contexts, cfg.seed)
+    model = load_model(model_dir, cfg.model_dtype, device)
+    widths = {hook: widths_found[hook] for hook in hooks}
+    return StreamSource(HooksReader(model, hooks), tokens, kept, plan, widths, cfg.model_batch_size, device)
+
+
+def gather_rows(mine: dict[str, torch.Tensor], ranks: int) -> dict[str, torch.Tensor]:
+    """Every rank's rows, in rank order (each rank computed a contiguous share of the contexts)."""
+    if ranks == 1 or not dist.is_initialized():
+        return mine
+    out = {}
+    for key, rows in mine.items():
+        counts = [torch.zeros(1, dtype=torch.int64, device=rows.device) for _ in range(ranks)]
+        dist.all_gather(counts, torch.tensor([len(rows)], dtype=torch.int64, device=rows.device))
+        longest = int(max(int(c) for c in counts))
+        padded = torch.zeros(longest, rows.shape[1], dtype=rows.dtype, device=rows.device)
+        padded[: len(rows)] = rows
+        parts = [torch.empty_like(padded) for _ in range(ranks)]
+        dist.all_gather(parts, padded)
+        out[key] = torch.cat([part[: int(count)] for part, count in zip(parts, counts, strict=True)])
+    return out
+
+
+class StreamFeed:
+    """This rank's slice of each global batch from the stream, as `{stream_key(hook): rows}`: the trainer's
+    reader when training from a model. `ranks` share each batch (1: this rank reads whole batches)."""
+
+    def __init__(self, source: StreamSource, batch_size: int, rank: int, ranks: int, position: int = 0):
+        self.source, self.batch_size, self.rank, self.ranks = source, batch_size, rank, ranks
+        self.position = position
+        self.starts = source.plan.window_starts()
+        self._windows: dict[int, dict[str, torch.Tensor]] = {}
+        self.wait_seconds = 0.0  # time spent running the model (the trainer's data_wait)
+
+    def window(self, index: int) -> dict[str, torch.Tensor]:
+        """Window `index`'s rows at every hook, shuffled (computed once; earlier windows are dropped)."""
+        if index not in self._windows:
+            started = time.perf_counter()
+            contexts = self.source.plan.windows[index]
+            share = np.array_split(contexts, self.ranks)[self.rank]
+            rows = gather_rows(self.source.rows(share), self.ranks)
+            order = torch.from_numpy(self.source.plan.permutation(index)).to(self.source.device)
+            self._windows = {w: rows for w, rows in self._windows.items() if w > index - 1}
+            self._windows[index] = {stream_key(hook): hook_rows[order] for hook, hook_rows in rows.items()}
+            self.wait_seconds += time.perf_counter() - started
+        return self._windows[index]
+
+    def global_rows(self, start: int, stop: int) -> dict[str, torch.Tensor]:
+        """Rows [start, stop) of the stream (they may span windows)."""
+        if stop > self.starts[-1]:
+            raise TextError(f"the stream holds {int(self.starts[-1]):,} rows; row {stop:,} was asked for")
+        pieces = []
+        while start < stop:
+            index = window_of(self.starts, start)
+            end = min(stop, int(self.starts[index + 1]))
+            offset = int(self.starts[index])
+            pieces.append({key: rows[start - offset : end - offset] for key, rows in self.window(index).items()})
+            start = end
+        return {key: torch.cat([piece[key] for piece in pieces]) for key in pieces[0]}
+
+    def next(self) -> dict[str, torch.Tensor]:
+        # The whole global batch first: every rank computes the same windows at the same time (they gather).
+        whole = self.global_rows(self.position, self.position + self.batch_size)
+        self.position += self.batch_size
+        share = self.batch_size // self.ranks
+        return {key: rows[self.rank * share : (self.rank + 1) * share] for key, rows in whole.items()}
+
+    def first_batch(self) -> dict[str, torch.Tensor]:
+        """The whole first global batch (every member initialises from it)."""
+        return self.global_rows(0, self.batch_size)
+
+    def state_dict(self) -> dict:
+        return {"stream_position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["stream_position"])
+
+    def close(self) -> None:
+        self._windows.clear()
+
+
+class HoldoutRows:
+    """The held-out contexts' rows at one hook (the first holdout_tokens of them), as the evaluation reads data."""
+
+    from_model = True
+    features = None
+
+    def __init__(self, rows: torch.Tensor, holdout_tokens: int):
+        self.rows = rows[:holdout_tokens].cpu().numpy()
+        self.d_in = self.rows.shape[1]
+
+    def read(self, index) -> np.ndarray:
+        return self.rows[index]
+
+
+class StreamOrder:
+    """What the trainer asks of its data order, for a stream: the holdout's rows and the feed's position."""
+
+    holdout_kind = "contexts"
+
+    def __init__(self, feed: StreamFeed, holdout_rows: int):
+        self.feed, self.n_holdout = feed, holdout_rows
+
+    def holdout_rows(self) -> np.ndarray:
+        return np.arange(self.n_holdout)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.feed.load_state_dict(state)
+
+
+@dataclass
+class Stream:
+    """A streamed training's feed, its order and the held-out rows of each hook."""
+
+    feed: StreamFeed
+    order: StreamOrder
+    holdout: dict[str, HoldoutRows]
+
+    def close(self) -> None:
+        self.feed.source.reader.close()
+
+
+def open_stream(cfg, hooks: list[str], device: torch.device, rank: int, ranks: int) -> Stream:
+    source = open_source(cfg, hooks, device)
+    held = source.rows(source.plan.holdout)  # every rank: whoever writes a member evaluates it
+    n_holdout = min(cfg.holdout_tokens, source.plan.holdout_rows)
+    holdout = {stream_key(hook): HoldoutRows(rows, n_holdout) for hook, rows in held.items()}
+    feed = StreamFeed(source, cfg.batch_size, rank, ranks)
+    return Stream(feed, StreamOrder(feed, n_holdout), holdout)
+
+
+def provenance(cfg) -> dict:
+    """What the SAE was trained on, for its cfg.json's metadata."""
+    return {
+        "model_name": cfg.model,
+        "hook_name": cfg.hook,
+        "dataset_path": cfg.dataset,
+        "context_size": cfg.context_size,
+    }
+
+
+__all__ = ["HoldoutRows", "Stream", "StreamFeed", "StreamOrder", "open_stream"]
