@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ from sae_core.config import TrainConfig
 from sae_core.data.stream_plan import plan_stream
 from sae_core.model.loading import load_model, resolve_model
 from sae_core.model.stream import open_source
-from sae_core.outputs import sweep_members
+from sae_core.outputs import complete_checkpoints, sweep_members
 from sae_core.train import main
 from tests.engine.test_train import finish, run_train, weights
 
@@ -109,3 +111,28 @@ def test_two_ranks_stream_as_one(tmp_path, hf):
     finish(run_train(config, tmp_path / "two", nproc=2))
     for name, tensor in weights(tmp_path / "one").items():
         torch.testing.assert_close(weights(tmp_path / "two")[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_kill_9_and_resume_of_a_streamed_sweep_end_bit_for_bit_equal(tmp_path, hf):
+    base = {
+        k: v
+        for k, v in streamed(hf, batch_size=64, total_steps=60, checkpoint_every=4, log_every=4).items()
+        if k != "hook"
+    }
+    config = write(tmp_path, {**base, "sweep": {"hook": GPT2_HOOKS}}, "sweep")
+    finish(run_train(config, tmp_path / "straight"))
+    killed = tmp_path / "killed"
+    proc = run_train(config, killed)
+    last = killed / f"hook={GPT2_HOOKS[1]}"
+    deadline = time.time() + 120
+    while not any(int(p.name[5:]) >= 8 for p in complete_checkpoints(last)):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / files.SWEEP_RESULT_FILE).exists(), "the run finished before the kill; nothing was tested"
+    finish(run_train(config, killed, resume=killed))
+    for member in sweep_members(tmp_path / "straight"):
+        for name, tensor in weights(member.folder).items():
+            assert torch.equal(weights(killed / member.name)[name], tensor), (member.name, name)
