@@ -25,7 +25,7 @@ def job_sinks() -> list[MetricsSink]:
     return [SqliteMetricsSink(job_id=int(job_id))]
 
 
-def open_stream(cfg, hooks: list[str], device, rank: int, ranks: int):
+def open_stream(cfg, keys: list[str], device, rank: int, ranks: int):
     """A model's stream for `cfg` (model/stream.py), its problems as the engine's bad-input errors."""
     from .data.formats import DatasetError
     from .data.text import TextError
@@ -33,7 +33,7 @@ def open_stream(cfg, hooks: list[str], device, rank: int, ranks: int):
     from .model.stream import open_stream as open_model_stream
 
     try:
-        return open_model_stream(cfg, hooks, device, rank, ranks)
+        return open_model_stream(cfg, keys, device, rank, ranks)
     except (ModelError, TextError) as exc:
         raise DatasetError(str(exc)) from None
 

@@ -20,6 +20,7 @@ from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, recor
 
 from ..config import ConfigError, TrainConfig
 from ..data.checks import DatasetError, check_dataset
+from ..data.stream_plan import stream_key
 from ..files import METRICS_FILE, REFUSED_FILE
 from ..sweep import Sweep, read_training_config
 from .checkpoint import CheckpointError
@@ -78,7 +79,7 @@ def main(
     extra_sinks: Callable[[], list[MetricsSink]] | None = None,
     open_stream: Callable | None = None,
 ) -> int:
-    """`open_stream(cfg, hooks, device, rank, ranks)`: what opens a model's stream for a config that names a model
+    """`open_stream(cfg, keys, device, rank, ranks)`: what opens a model's stream for a config that names a model
     (model/stream.py, passed in by `sae_core.train`: the engine does not import the model layer); it raises
     ConfigError or DatasetError naming what is wrong."""
     args = parse_args(argv)
@@ -99,9 +100,10 @@ def main(
     try:
         stream = None
         if open_stream is not None and shared.streamed:  # after the group starts: the ranks share each window
-            hooks = sorted({str(m.config.hook) for m in cfg.members} if isinstance(cfg, Sweep) else {str(shared.hook)})
+            configs = [m.config for m in cfg.members] if isinstance(cfg, Sweep) else [shared]
+            keys = sorted({stream_key(str(c.hook)) for c in configs})
             rank = env.rank if ranks > 1 else 0
-            stream = open_stream(shared, hooks, env.device, rank, ranks)
+            stream = open_stream(shared, keys, env.device, rank, ranks)
         if env.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
         make = SweepTrainer if isinstance(cfg, Sweep) else Trainer

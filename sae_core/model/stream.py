@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..data.stream_plan import StreamPlan, plan_stream, rows_needed, stream_key, window_of
+from ..data.stream_plan import StreamPlan, plan_stream, rows_needed, window_of
 from ..data.text import Specials, TextError, iter_pieces, kept_positions, pack_contexts
 from .hooks import find_module, first_tensor, list_hooks
 from .loading import ModelError, load_model, load_tokenizer, resolve_model
@@ -30,34 +30,40 @@ class _Reached(Exception):
 
 
 class HooksReader:
-    """Runs a model up to the deepest of several modules and returns each one's output [batch, tokens, width]."""
+    """Runs a model up to the deepest of several modules and returns what each stream key names: `out:<path>` a
+    module's output, `in:<path>` its input (a transcoder reads a module's input and predicts its output), each
+    [batch, tokens, width]."""
 
-    def __init__(self, model: torch.nn.Module, paths: list[str]):
-        self.model, self.paths = model, list(paths)
-        self._outputs: dict[str, torch.Tensor] = {}
+    def __init__(self, model: torch.nn.Module, keys: list[str]):
+        self.model, self.keys = model, list(keys)
+        self._found: dict[str, torch.Tensor] = {}
+        paths = dict.fromkeys(key.partition(":")[2] for key in keys)
         self._handles = [find_module(model, path).register_forward_hook(self._capture(path)) for path in paths]
 
     def _capture(self, path: str):
-        def hook(_module, _inputs, output):
-            tensor = first_tensor(output)
-            if tensor is None:
-                raise ModelError(f"hook: {path}'s output is a {type(output).__name__}, not a tensor")
-            self._outputs[path] = tensor
-            if len(self._outputs) == len(self.paths):
+        def hook(_module, inputs, output):
+            for side, value in (("in", inputs), ("out", output)):
+                key = f"{side}:{path}"
+                if key in self.keys:
+                    tensor = first_tensor(value)
+                    if tensor is None:
+                        raise ModelError(f"hook: {path}'s {side}put is a {type(value).__name__}, not a tensor")
+                    self._found[key] = tensor
+            if len(self._found) == len(self.keys):
                 raise _Reached
 
         return hook
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        self._outputs = {}
+        self._found = {}
         with contextlib.suppress(_Reached):
             self.model(input_ids=input_ids)
-        missing = [path for path in self.paths if path not in self._outputs]
+        missing = [key for key in self.keys if key not in self._found]
         if missing:
             raise ModelError(f"hook: {', '.join(missing)} not run by the model's forward pass")
-        outputs, self._outputs = self._outputs, {}
-        return outputs
+        found, self._found = self._found, {}
+        return found
 
     def close(self) -> None:
         for handle in self._handles:
@@ -72,33 +78,33 @@ class StreamSource:
     tokens: np.ndarray  # int32 [n_contexts, context_size]
     kept: np.ndarray  # bool [n_contexts, context_size]: the rows each context gives
     plan: StreamPlan
-    widths: dict[str, int]  # d_in per hook
+    widths: dict[str, int]  # the width of each stream key's rows
     model_batch_size: int
     device: torch.device
 
     def rows(self, contexts: np.ndarray) -> dict[str, torch.Tensor]:
-        """The kept rows of `contexts` at every hook, in context order, float32 on the device."""
-        pieces: dict[str, list[torch.Tensor]] = {hook: [] for hook in self.widths}
+        """The kept rows of `contexts` for every stream key, in context order, float32 on the device."""
+        pieces: dict[str, list[torch.Tensor]] = {key: [] for key in self.widths}
         for start in range(0, len(contexts), self.model_batch_size):
             batch = contexts[start : start + self.model_batch_size]
             ids = torch.from_numpy(self.tokens[batch].astype(np.int64)).to(self.device)
             mask = torch.from_numpy(self.kept[batch]).to(self.device)
-            for hook, hidden in self.reader(ids).items():
-                pieces[hook].append(hidden[mask].float())
+            for key, hidden in self.reader(ids).items():
+                pieces[key].append(hidden[mask].float())
         return {
-            hook: torch.cat(found) if found else torch.zeros(0, self.widths[hook], device=self.device)
-            for hook, found in pieces.items()
+            key: torch.cat(found) if found else torch.zeros(0, self.widths[key], device=self.device)
+            for key, found in pieces.items()
         }
 
 
-def open_source(cfg, hooks: list[str], device: torch.device) -> StreamSource:
-    """Check and load what `cfg` (a streamed TrainConfig) names, pack its text and plan the stream. ModelError or
-    TextError name what is wrong (before anything is trained)."""
+def open_source(cfg, keys: list[str], device: torch.device) -> StreamSource:
+    """Check and load what `cfg` (a streamed TrainConfig) names, pack its text and plan the stream of `keys`
+    (`out:<hook>`, `in:<hook>`). ModelError or TextError name what is wrong (before anything is trained)."""
     model_dir = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_dir)
     specials = Specials.of(tokenizer)
     widths_found = {h.path: h.width for h in list_hooks(model_dir)}
-    for hook in hooks:
+    for hook in dict.fromkeys(key.partition(":")[2] for key in keys):
         if hook not in widths_found:
             raise ModelError(f"hook: {hook!r} does not output a [batch, tokens, width] tensor")
     prepend_bos = specials.adds_start if cfg.prepend_bos is None else cfg.prepend_bos
@@ -121,8 +127,10 @@ def open_source(cfg, hooks: list[str], device: torch.device) -> StreamSource:
     kept = kept_positions(tokens, specials, cfg.exclude_special_tokens)
     plan = plan_stream(kept, cfg.holdout_tokens, cfg.mixing_contexts, cfg.seed)
     model = load_model(model_dir, cfg.model_dtype, device)
-    widths = {hook: widths_found[hook] for hook in hooks}
-    return StreamSource(HooksReader(model, hooks), tokens, kept, plan, widths, cfg.model_batch_size, device)
+    reader = HooksReader(model, keys)
+    probe = reader(torch.from_numpy(tokens[:1].astype(np.int64)).to(device))  # an input's width is seen, not listed
+    widths = {key: int(probe[key].shape[-1]) for key in keys}
+    return StreamSource(reader, tokens, kept, plan, widths, cfg.model_batch_size, device)
 
 
 def gather_rows(mine: dict[str, torch.Tensor], ranks: int) -> dict[str, torch.Tensor]:
@@ -162,7 +170,7 @@ class StreamFeed:
             rows = gather_rows(self.source.rows(share), self.ranks)
             order = torch.from_numpy(self.source.plan.permutation(index)).to(self.source.device)
             self._windows = {w: rows for w, rows in self._windows.items() if w > index - 1}
-            self._windows[index] = {stream_key(hook): hook_rows[order] for hook, hook_rows in rows.items()}
+            self._windows[index] = {key: key_rows[order] for key, key_rows in rows.items()}
             self.wait_seconds += time.perf_counter() - started
         return self._windows[index]
 
@@ -241,11 +249,12 @@ class Stream:
         self.feed.source.reader.close()
 
 
-def open_stream(cfg, hooks: list[str], device: torch.device, rank: int, ranks: int) -> Stream:
-    source = open_source(cfg, hooks, device)
+def open_stream(cfg, keys: list[str], device: torch.device, rank: int, ranks: int) -> Stream:
+    """The stream of `keys` (each member's stream_key, and its target's for a transcoder) for a streamed config."""
+    source = open_source(cfg, keys, device)
     held = source.rows(source.plan.holdout)  # every rank: whoever writes a member evaluates it
     n_holdout = min(cfg.holdout_tokens, source.plan.holdout_rows)
-    holdout = {stream_key(hook): HoldoutRows(rows, n_holdout) for hook, rows in held.items()}
+    holdout = {key: HoldoutRows(rows, n_holdout) for key, rows in held.items()}
     feed = StreamFeed(source, cfg.batch_size, rank, ranks)
     return Stream(feed, StreamOrder(feed, n_holdout), holdout)
 

@@ -44,7 +44,7 @@ def write(tmp_path: Path, data: dict, name: str) -> Path:
 
 def test_streamed_rows_are_the_models_own_hidden_states(hf):
     cfg = TrainConfig.from_dict(streamed(hf))
-    source = open_source(cfg, GPT2_HOOKS, torch.device("cpu"))
+    source = open_source(cfg, [f"out:{hook}" for hook in GPT2_HOOKS] + ["in:transformer.h.1"], torch.device("cpu"))
     contexts = source.plan.windows[0][:5]
     rows = source.rows(contexts)
     model = load_model(resolve_model(cfg.model), "auto", torch.device("cpu"))
@@ -56,9 +56,10 @@ def test_streamed_rows_are_the_models_own_hidden_states(hf):
     with torch.no_grad():
         hidden = model(input_ids=torch.from_numpy(source.tokens[contexts].astype(np.int64)), output_hidden_states=True)
     mask = torch.from_numpy(source.kept[contexts])
-    torch.testing.assert_close(rows[GPT2_HOOKS[0]], hidden.hidden_states[1][mask])  # [0] is the embeddings
+    torch.testing.assert_close(rows["out:transformer.h.0"], hidden.hidden_states[1][mask])  # [0]: the embeddings
     for hook in GPT2_HOOKS:
-        assert torch.equal(rows[hook], seen[hook][mask]), hook
+        assert torch.equal(rows[f"out:{hook}"], seen[hook][mask]), hook
+    assert torch.equal(rows["in:transformer.h.1"], rows["out:transformer.h.0"])  # a block's input: the one before
 
 
 def test_the_plan_holds_out_whole_contexts_first_and_never_trains_on_them():
