@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     source = build_set(args.dir, args.gb)
-    cases = {"mixed": ([int(w) for w in args.d_sae.split(",")], [16, 64]), "read-bound": ([64], [4, 16])}
+    cases = {"mixed": ([int(w) for w in args.d_sae.split(",")], [16, 64]), "read-bound": ([64], [4, 8, 12, 16])}
     results = []
     for name in args.cases.split(","):
         widths, ks = cases[name]
@@ -97,7 +97,7 @@ def main() -> None:
         results.append(figures)
         print(
             f"{name}: {figures['members']} members x {figures['steps']} steps | sweep cold {figures['sweep_cold_s']:.1f} s, "
-            f"warm {figures['sweep_warm_s']:.1f} s | 8 singles cold {figures['singles_cold_s']:.1f} s, warm "
+            f"warm {figures['sweep_warm_s']:.1f} s | {figures['members']} singles cold {figures['singles_cold_s']:.1f} s, warm "
             f"{figures['singles_warm_s']:.1f} s | speed-up cold {figures['speedup_cold']:.2f}x, warm "
             f"{figures['speedup_warm']:.2f}x | sweep loop / members' own steps {figures['loop_over_member_steps']:.3f}",
             flush=True,
