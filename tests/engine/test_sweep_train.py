@@ -5,8 +5,6 @@ reported by name while the others complete."""
 from __future__ import annotations
 
 import json
-import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -16,11 +14,11 @@ from sae_core import files
 from sae_core.data.checks import check_dataset
 from sae_core.engine.distributed import DistEnv
 from sae_core.engine.sweep_trainer import SweepTrainer
-from sae_core.outputs import complete_checkpoints, sweep_members
+from sae_core.outputs import sweep_members
 from sae_core.sweep import sweep_from_dict
 from sae_core.train import main
 from tests.conftest import read_jsonl, tiny_config
-from tests.engine.test_train import SMALL_BLOCKS, finish, run_train, weights
+from tests.engine.test_train import SMALL_BLOCKS, finish, kill_after_checkpoint, run_train, weights
 
 TIMING = ("tokens_per_s", "time", "data_wait", "peak_mem", "train_seconds")
 
@@ -109,14 +107,7 @@ def test_kill_and_resume_of_a_sweep_ends_bit_for_bit_equal(tmp_path, toy_path):
     config = write(tmp_path, data, "sweep")
     finish(run_train(config, tmp_path / "straight"))
     killed = tmp_path / "killed"
-    proc = run_train(config, killed)
-    last = killed / "d_sae=64,k=4"
-    deadline = time.time() + 120
-    while not any(int(p.name[5:]) >= 60 for p in complete_checkpoints(last)):
-        assert proc.poll() is None and time.time() < deadline, "the sweep ended before it could be killed"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(run_train(config, killed), killed / "d_sae=64,k=4", 60)
     assert not (killed / files.SWEEP_RESULT_FILE).exists(), "the sweep finished before the kill; nothing was tested"
     finish(run_train(config, killed, resume=killed))
     for member in sweep_members(tmp_path / "straight"):

@@ -62,6 +62,16 @@ def finish(proc: subprocess.Popen, timeout: float = 180) -> str:
     return output
 
 
+def kill_after_checkpoint(proc: subprocess.Popen, folder: Path, step: int) -> None:
+    """kill -9 the run once `folder` holds a complete checkpoint of `step` or later (it must still be running)."""
+    deadline = time.time() + 120
+    while not any(int(p.name[5:]) >= step for p in complete_checkpoints(folder)):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / files.WEIGHTS_FILE))
 
@@ -157,13 +167,7 @@ def test_kill_and_resume_ends_bit_for_bit_equal(tmp_path, toy_path):
     finish(run_train(config, tmp_path / "straight"))
 
     killed = tmp_path / "killed"
-    proc = run_train(config, killed)
-    deadline = time.time() + 120
-    while not any(int(p.name[5:]) >= 50 for p in complete_checkpoints(killed)):
-        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(run_train(config, killed), killed, 50)
     assert not (killed / "eval.json").exists(), "the run finished before the kill; nothing was tested"
     for ckpt in complete_checkpoints(killed):
         assert (ckpt / MARKER).exists()

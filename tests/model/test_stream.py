@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +18,9 @@ from sae_core.config import TrainConfig
 from sae_core.data.stream_plan import plan_stream
 from sae_core.model.loading import load_model, resolve_model
 from sae_core.model.stream import open_source
-from sae_core.outputs import complete_checkpoints, sweep_members
+from sae_core.outputs import sweep_members
 from sae_core.train import main
-from tests.engine.test_train import finish, run_train, weights
+from tests.engine.test_train import finish, kill_after_checkpoint, run_train, weights
 
 GPT2_HOOKS = ["transformer.h.0", "transformer.h.1"]
 
@@ -124,14 +122,7 @@ def test_kill_9_and_resume_of_a_streamed_sweep_end_bit_for_bit_equal(tmp_path, h
     config = write(tmp_path, {**base, "sweep": {"hook": GPT2_HOOKS}}, "sweep")
     finish(run_train(config, tmp_path / "straight"))
     killed = tmp_path / "killed"
-    proc = run_train(config, killed)
-    last = killed / f"hook={GPT2_HOOKS[1]}"
-    deadline = time.time() + 120
-    while not any(int(p.name[5:]) >= 8 for p in complete_checkpoints(last)):
-        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(run_train(config, killed), killed / f"hook={GPT2_HOOKS[1]}", 8)
     assert not (killed / files.SWEEP_RESULT_FILE).exists(), "the run finished before the kill; nothing was tested"
     finish(run_train(config, killed, resume=killed))
     for member in sweep_members(tmp_path / "straight"):
