@@ -90,9 +90,8 @@ class StreamSource:
 
     def terms(self) -> dict[str, int]:
         """Bytes per rank, by term (no CUDA context: the estimate it joins counts one)."""
-        model = extraction_bytes(
-            self.parameters, self.model_dtype, self.model_batch_size, self.context_size, self.hidden_size, self.heads
-        )
+        size = (self.model_batch_size, self.context_size, self.hidden_size, self.heads)
+        model = extraction_bytes(self.parameters, self.model_dtype, *size)
         return {
             "model_weights": model["weights"],
             "model_forward_batch": model["forward_batch"],
@@ -396,11 +395,8 @@ def host_bytes(
 
 
 def _feed_bytes(cfg: TrainConfig, ranks: int, d_in: int, stream: StreamSource | None, on_gpu: bool) -> int:
-    """Host RAM of a rank's feed beyond its estimate: the file loader's, or the streamed model's weights on
-    their way to the GPU."""
-    if stream is None:
-        return cfg.loader_bytes(ranks, d_in)
-    return stream.terms()["model_weights"] if on_gpu else 0
+    """A rank's feed beyond its estimate: the file loader, or a stream's model weights on their way to the GPU."""
+    return cfg.loader_bytes(ranks, d_in) if stream is None else stream.terms()["model_weights"] if on_gpu else 0
 
 
 def sweep_host_bytes(

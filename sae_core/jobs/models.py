@@ -131,7 +131,7 @@ def _refusal(stderr: str, command: str, fields: tuple[str, ...]) -> ModelProblem
 # --- how many rows a text gives a model's tokenizer (`python -m sae_core rows`)
 ROWS_TIMEOUT_S = 120.0  # counting stops here: the job counts again before it trains
 _ROWS_FIELDS = ("model:", "dataset:", "text_field:", "split:", "prepend_bos:")
-_rows_cache: dict[tuple, tuple[int, int, bool]] = {}
+_rows_cache: dict[tuple, tuple[int, bool]] = {}  # (rows, the whole text counted)
 
 
 @dataclass(frozen=True)
@@ -154,25 +154,26 @@ class TextQuery:
         return argv + ([] if self.exclude_special_tokens else ["--keep-special-tokens"])
 
 
-def text_rows(query: TextQuery, needed: int, timeout_s: float = ROWS_TIMEOUT_S) -> tuple[int, bool]:
-    """(rows, exhausted): the rows the text gives, counted until `needed` (exhausted: it gives no more);
-    ModelProblem naming the field the rows command refused; subprocess.TimeoutExpired when counting took over
-    `timeout_s`. Remembered per query while the model's settings and the text's file stay as they are."""
+def text_rows(query: TextQuery, needed: int, timeout_s: float = ROWS_TIMEOUT_S) -> int:
+    """The rows the text gives, counted until `needed` (fewer: all the text gives); ModelProblem naming the
+    field the rows command refused; subprocess.TimeoutExpired when counting took over `timeout_s`. Remembered
+    per query while the model's settings and the text's file stay as they are (a count of the whole text
+    answers any `needed`)."""
     key = (_key(query.model), query, _mtime(Path(query.dataset).expanduser()))
     cached = _rows_cache.get(key)
-    if cached is not None and (cached[2] or cached[0] >= needed):
-        return cached[0], cached[2]
+    if cached is not None and (cached[1] or cached[0] >= needed):
+        return cached[0]
     child = _run_child(query.argv(needed), timeout_s)
     if child.returncode != 0:
         raise _refusal(child.stderr, "rows", _ROWS_FIELDS)
     try:
         found = json.loads(child.stdout)
-        counted = (int(found["rows"]), int(found["contexts"]), bool(found["exhausted"]))
+        counted = (int(found["rows"]), bool(found["exhausted"]))
     except (ValueError, KeyError, TypeError):
         log.error("the rows command for %s printed no count:\n%s", query.dataset, child.stdout[-4000:])
         raise ModelProblem("dataset", f"dataset: {UNEXPECTED}") from None
     _rows_cache[key] = counted
-    return counted[0], counted[2]
+    return counted[0]
 
 
 def loaded_dtype(facts: ModelFacts, model_dtype: str, on_gpu: bool) -> str:

@@ -68,7 +68,7 @@ def enough_rows(query: TextQuery, needed: int, asked: str, lower: str):
     needs them, `lower` which fields ask for fewer). Counting that takes too long is a note, not a problem:
     the job counts again before it starts."""
     try:
-        rows, exhausted = text_rows(query, needed)
+        rows = text_rows(query, needed)
     except ModelProblem as exc:
         return None, [(exc.field, str(exc))]
     except subprocess.TimeoutExpired:
@@ -77,7 +77,7 @@ def enough_rows(query: TextQuery, needed: int, asked: str, lower: str):
             f"{needed:,}); the job counts them before it trains"
         )
         return note, []
-    if not exhausted:
+    if rows >= needed:
         return None, []
     what = "is empty" if rows == 0 else f"gives only {rows:,} rows in contexts of {query.context_size}"
     return None, [("dataset", f"dataset: {asked} needs {needed:,} rows, but the text {what}; {lower}")]
