@@ -18,6 +18,7 @@ from sae_core.jobs.gpus import gpu_statuses
 from sae_core.jobs.submission import Submission
 from sae_core.text import format_bytes
 from sae_core.ui import html
+from sae_core.ui.forms import MODEL_MISSING, TEXT_MISSING
 from views.widgets import (
     NAME_MISSING,
     architecture_options,
@@ -29,9 +30,6 @@ from views.widgets import (
     queued_link,
     text_picker,
 )
-
-MODEL_MISSING = "model: choose one, or type a model folder or the hub name of a model in the local cache"
-TEXT_MISSING = "text dataset: choose one, or type a text file, folder or hub dataset name"
 
 
 def model_section():
