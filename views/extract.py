@@ -7,90 +7,41 @@ the submission goes through the same gate as `python -m sae_core extract`.
 
 from __future__ import annotations
 
-import re
-
 import streamlit as st
 
-from sae_core import db, paths
+from sae_core import db
 from sae_core.config import ConfigError, EvaluateConfig, ExtractConfig, TrainConfig
-from sae_core.data.catalog import list_models, list_texts, model_roots
 from sae_core.gpu.history import latest_probe
 from sae_core.jobs import submission
 from sae_core.jobs.extract_checks import memory_per_rank
 from sae_core.jobs.gpus import gpu_statuses
-from sae_core.jobs.models import ModelProblem, model_facts
 from sae_core.jobs.submission import Submission
 from sae_core.text import format_bytes
-from sae_core.ui import html, labels
+from sae_core.ui import html
+from sae_core.ui.forms import MODEL_MISSING, TEXT_MISSING
 from views.widgets import (
     NAME_MISSING,
     architecture_options,
     architecture_picker,
+    default_hook,
+    model_picker,
     placement,
     problems_and_submit,
     queued_link,
+    text_picker,
 )
-
-OTHER = "Other…"
-MODEL_MISSING = "model: choose one, or type a model folder or the hub name of a model in the local cache"
-TEXT_MISSING = "text dataset: choose one, or type a text file, folder or hub dataset name"
-_LAYER = re.compile(r"\.(layers|h|layer|blocks)\.(\d+)$")
-
-
-def picker(label_md: str, options: list[str], key: str, placeholder: str, help_md: str) -> str:
-    """A choice among known entries, or a typed path/name."""
-    choice = st.selectbox(label_md, [*options, OTHER], key=key, help=help_md)
-    typed = st.text_input(
-        f"…or another {label_md.lower()}", key=f"{key}_typed", placeholder=placeholder, disabled=choice != OTHER
-    )
-    return (typed or "").strip() if choice == OTHER else choice
-
-
-def default_hook(hooks: list[str]) -> int:
-    """The middle block of the model (a residual stream output), else the first module."""
-    layers = [i for i, path in enumerate(hooks) if _LAYER.search(path)]
-    return layers[len(layers) // 2] if layers else 0
 
 
 def model_section():
-    home = paths.lab_home()
-    found = list_models(home)
-    models_dir, cache_dir = model_roots(home)[:2]
-    model = picker(
-        "Model", found, "extract_model", "/models/gemma-2-2b or org/name",
-        "Folders in SAE_LAB_HOME/models and models in the local Hugging Face cache",
-    )  # fmt: skip
-    where_md = html.md_text(labels.model_sources(found, models_dir, cache_dir))
-    if found:
-        st.caption(where_md)
-    else:
-        st.info(where_md, icon=":material/info:")
-    if not model:
-        return model, None, None, None
-    try:
-        with st.spinner("Reading the model's modules…"):
-            facts = model_facts(model)
-    except ModelProblem as exc:
-        return model, None, None, str(exc)
-    st.caption(html.md_text(f"{facts.cls}, {facts.parameters:,} parameters ({facts.dtype})"))
+    model, facts, problem = model_picker("extract")
+    if facts is None:
+        return model, None, None, problem
     hooks = list(facts.hooks)
     hook = st.selectbox(
         "Hook (module whose output is extracted)", hooks, index=default_hook(hooks), key="extract_hook",
         format_func=lambda path: f"{path} · width {facts.hooks[path]}",
     )  # fmt: skip
     return model, facts, hook, None
-
-
-def text_section() -> tuple[str, str, str]:
-    texts = [str(p) for p in list_texts(paths.datasets_dir())]
-    dataset = picker(
-        "Text dataset", texts, "extract_dataset", "/data/corpus.jsonl or org/dataset",
-        "Text files and folders in SAE_LAB_HOME/datasets (.txt, .jsonl, .json, .parquet, datasets.save_to_disk)",
-    )  # fmt: skip
-    c1, c2 = st.columns(2)
-    field = c1.text_input("Text field", value="text", key="extract_field")
-    split = c2.text_input("Split", value="train", key="extract_split")
-    return dataset, field, split
 
 
 def numbers_section() -> dict:
@@ -168,7 +119,7 @@ missing: list[str] = []  # nothing chosen or typed yet: hints until Submit is pr
 
 with form_col:
     model, facts, hook, model_problem = model_section()
-    dataset, text_field, split = text_section()
+    dataset, text_field, split = text_picker("extract")
     numbers = numbers_section()
     width = facts.hooks.get(hook) if facts is not None and hook else None
     then_train = then_train_section(width, int(numbers["n_tokens"]))

@@ -3,6 +3,8 @@
 Whether a submission may be queued is decided by the same gate as the CLI's (`jobs.submission`): the page
 shows its problems as the person types (without the full value scan) and submits through it. With "Train a grid
 of SAEs" on, the settings are the base of a sweep (every combination of the values typed), queued as one job.
+"From a model" streams the activations from a model's hooks over a text instead of activation files (the Extract
+page's pickers); several hooks are a sweep over `hook`, fed by one forward.
 """
 
 from __future__ import annotations
@@ -19,13 +21,16 @@ from sae_core.gpu import memory, scaling
 from sae_core.gpu.history import latest_probe
 from sae_core.jobs import submission
 from sae_core.jobs.gpus import gpu_statuses
+from sae_core.jobs.stream_checks import stream_source
 from sae_core.jobs.submission import Submission
+from sae_core.model_source import DEFAULT_MIXING_CONTEXTS
 from sae_core.sweep import PLACEMENTS, Sweep
 from sae_core.text import format_bytes
 from sae_core.ui import frames, html
 from sae_core.ui.forms import (
-    DATASET_MISSING,
+    MISSING,
     FormValues,
+    StreamValues,
     SweepValues,
     form_to_config,
     form_to_sweep,
@@ -38,9 +43,12 @@ from views.widgets import (
     NAME_MISSING,
     architecture_options,
     architecture_picker,
+    default_hook,
+    model_picker,
     placement,
     problems_and_submit,
     queued_link,
+    text_picker,
 )
 
 OTHER_PATH = "Other path…"
@@ -91,6 +99,34 @@ def dataset_widgets() -> tuple[str, object | None, list[str]]:
         return source, None, [f"dataset: {exc}"]
     st.caption(html.md_text(dataset.describe()))
     return source, dataset, []
+
+
+SOURCES = ("Activation files", "From a model")
+
+
+def stream_widgets() -> tuple[StreamValues, object | None, list[str]]:
+    """ "From a model": the Extract page's model and text pickers, the hooks (several: a sweep over hook), the
+    context size, contexts per forward and the mixing window. (values, the model's facts, problems)."""
+    model, facts, problem = model_picker("train")
+    hooks: list[str] = []
+    if facts is not None:
+        names = list(facts.hooks)
+        hooks = st.multiselect(
+            "Hooks (several: one SAE per hook, one forward feeds them all)", names,
+            default=[names[default_hook(names)]] if names else [], key="train_hooks",
+            format_func=lambda path: f"{path} · width {facts.hooks[path]}",
+        )  # fmt: skip
+    dataset, field, split = text_picker("train_text")
+    c1, c2, c3 = st.columns(3)
+    context = c1.number_input("Context size", value=128, step=32, min_value=2, key="train_context")
+    per_forward = c2.number_input("Contexts per forward", value=32, step=8, min_value=1, key="train_model_batch")
+    mixing = c3.number_input(
+        "Mixing window (contexts)", value=DEFAULT_MIXING_CONTEXTS, step=64, min_value=1, key="train_mixing",
+        help="The activations of this many contexts are shuffled together before they form batches; memory: "
+        "2 × window × context size × d_in × 4 bytes per hook",
+    )  # fmt: skip
+    values = StreamValues(model, hooks, dataset, field, split, int(context), int(per_forward), int(mixing))
+    return values, facts, [problem] if problem else []
 
 
 def model_widgets(d_in: int | None) -> tuple[FormValues, list[str]]:
@@ -173,20 +209,20 @@ def sweep_widgets(arch: str) -> SweepValues | None:
     return SweepValues(texts, archs, placement_choice)
 
 
-def per_gpu_bytes(cfg, world: int, d_in: int | None) -> int | None:
+def per_gpu_bytes(cfg, world: int, d_in: int | None, stream=None) -> int | None:
     """The estimate for `world` GPUs, or None while the config, dataset or batch split is not valid."""
     if cfg is None or d_in is None:
         return None
     if isinstance(cfg, Sweep):
-        return sweep_need(cfg, world, d_in)
+        return sweep_need(cfg, world, d_in, stream)
     if cfg.batch_size % world:
         return None
-    return memory.estimate(cfg, world, d_in=d_in).total_bytes
+    return memory.estimate(cfg, world, d_in=d_in, stream=stream).total_bytes
 
 
-def sweep_panel(sweep: Sweep, world: int, d_in: int, gpus, chosen: str | None) -> None:
+def sweep_panel(sweep: Sweep, world: int, d_in: int, gpus, chosen: str | None, stream=None) -> None:
     """A sweep's per-GPU estimate in both layouts, the one the gate chose, and their predicted speed-up."""
-    layouts = sweep_layouts(sweep, world, d_in)
+    layouts = sweep_layouts(sweep, world, d_in, stream)
     figure = layouts.get(chosen) if chosen else None
     if isinstance(figure, int):
         st.metric("Estimated memory per GPU", format_bytes(figure))
@@ -202,8 +238,8 @@ def sweep_panel(sweep: Sweep, world: int, d_in: int, gpus, chosen: str | None) -
         st.caption("Predicted speed-up: " + " · ".join(html.md_text(s) for s in speedups), help=scaling.__doc__)
 
 
-def estimate_panel(cfg, world: int, d_in: int, gpus) -> None:
-    estimate = memory.estimate(cfg, world, d_in=d_in)
+def estimate_panel(cfg, world: int, d_in: int, gpus, stream=None) -> None:
+    estimate = memory.estimate(cfg, world, d_in=d_in, stream=stream)
     st.metric("Estimated memory per GPU", format_bytes(estimate.total_bytes))
     st.caption(
         html.md(
@@ -219,7 +255,7 @@ def estimate_panel(cfg, world: int, d_in: int, gpus) -> None:
 
 def submit(engine, cfg, where: Submission) -> None:
     try:
-        with st.spinner("Checking the activations…"):
+        with st.spinner("Checking the activations (or the model and counting its text's rows)…"):
             job, _ = submission.submit(cfg, where, engine)
     except submission.SubmissionRejected as exc:
         for problem in exc.problems:
@@ -235,12 +271,21 @@ statuses = gpu_statuses(engine, snapshot=probe) if probe is not None and probe.g
 form_col, place_col = st.columns([3, 2], gap="large")
 
 with form_col:
-    source, dataset, errors = dataset_widgets()
-    d_in = dataset.d_in if dataset is not None else None
+    from_model = st.radio("Activations", SOURCES, key="train_source_kind", horizontal=True) == SOURCES[1]
+    stream_values, facts, dataset = None, None, None
+    if from_model:
+        stream_values, facts, errors = stream_widgets()
+        widths = [facts.hooks[h] for h in stream_values.hooks] if facts is not None else []
+        d_in = max(widths) if widths else None  # a sweep over hooks: its SAEs' memory at the widest
+        source = ""
+    else:
+        source, dataset, errors = dataset_widgets()
+        d_in = dataset.d_in if dataset is not None else None
     values, option_problems = model_widgets(d_in)
     errors += option_problems
     sweep_values = sweep_widgets(values.architecture)
     values.activation_source = source
+    values.stream = stream_values
     values.device = "auto" if statuses else "cpu"
     c1, c2 = st.columns(2)
     job_name = c1.text_input("Job name", key="train_name", placeholder="e.g. l12-topk-16k")
@@ -249,22 +294,26 @@ with form_col:
     submit_box = st.container()
 
 cfg, config_errors = form_to_config(values) if sweep_values is None else form_to_sweep(values, sweep_values)
-missing = [e for e in config_errors if e == DATASET_MISSING]  # nothing chosen yet: a hint, not an error
-errors += [e for e in config_errors if e != DATASET_MISSING]
+missing = [e for e in config_errors if e in MISSING]  # nothing chosen yet: a hint, not an error
+errors += [e for e in config_errors if e not in MISSING]
+stream = None  # what a run streamed from a model holds on each GPU, for the estimates
+if cfg is not None and facts is not None and stream_values is not None:
+    shared = cfg.shared if isinstance(cfg, Sweep) else cfg
+    stream = stream_source(shared, facts, stream_values.hooks, on_gpu=True)
 if not user.strip():
     missing.append(NAME_MISSING)
 
 with place_col:
     st.subheader("Where it runs")
     estimate_box = st.container()  # filled once the ticked GPUs are known
-    need = None if cfg is None or d_in is None else (lambda world: per_gpu_bytes(cfg, world, d_in))
+    need = None if cfg is None or d_in is None else (lambda world: per_gpu_bytes(cfg, world, d_in, stream))
     gpu_ids, cpu_procs, placement_missing = placement(statuses, probe, need, "train")
 missing += placement_missing
 world = len(gpu_ids) or cpu_procs or 1
 where = Submission(gpu_ids or None, cpu_procs, name=job_name, submitted_by=user.strip())
 notes: list[str] = []
 chosen = None  # a sweep's layout, as the gate chose it
-if cfg is not None and dataset is not None and not placement_missing:
+if cfg is not None and (dataset is not None or stream is not None) and not placement_missing:
     # The gate, without the full value scan (Submit does that): every rule the CLI applies.
     verdict = submission.check(cfg, where, scan_values=False, statuses=statuses, engine=engine)
     errors += [str(problem) for problem in verdict.problems]
@@ -275,10 +324,10 @@ with estimate_box:
     if isinstance(cfg, Sweep):
         st.caption(html.md("Sweep: {} SAEs", len(cfg.members)))
         if d_in is not None and statuses:
-            sweep_panel(cfg, world, d_in, probe.gpus, chosen)
+            sweep_panel(cfg, world, d_in, probe.gpus, chosen, stream)
     elif cfg is not None and d_in is not None and cfg.batch_size % world == 0:
         if statuses:
-            estimate_panel(cfg, world, d_in, probe.gpus)
+            estimate_panel(cfg, world, d_in, probe.gpus, stream)
         else:
             st.caption(html.md("{} process(es) × {:,} tokens each per step", world, cfg.batch_size // world))
 

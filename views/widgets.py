@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 import streamlit as st
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 
-from sae_core import db
+from sae_core import db, paths
 from sae_core.architectures import ARCHITECTURE_NAMES, DEFAULT_ARCHITECTURE, architecture
 from sae_core.config import ConfigError, JobConfig
+from sae_core.data.catalog import list_models, list_texts, model_roots
 from sae_core.db.health import DATABASE_ERRORS
 from sae_core.files import SAE_ZIP_FILE
 from sae_core.gpu.availability import recommend
 from sae_core.gpu.history import latest_probe
 from sae_core.jobs import submission
 from sae_core.jobs.gpus import gpu_statuses
+from sae_core.jobs.models import ModelFacts, ModelProblem, model_facts
 from sae_core.jobs.submission import Submission, SubmissionRejected
 from sae_core.outputs import build_sae_zip, zip_is_current
 from sae_core.text import format_bytes, format_percent
@@ -266,3 +269,61 @@ def _option_widget(where, prefix: str, option: OptionField, values: dict, proble
             step=1 if kind is int else None, format=None if kind is int else "%g", key=key, help=tip_md,
         )  # fmt: skip
         values[option.name] = number
+
+
+# --------------------------------------------------------------------------- a model and a text (Extract, Train)
+OTHER = "Other…"
+_LAYER = re.compile(r"\.(layers|h|layer|blocks)\.(\d+)$")
+
+
+def picker(label_md: str, options: list[str], key: str, placeholder: str, help_md: str) -> str:
+    """A choice among known entries, or a typed path/name."""
+    choice = st.selectbox(label_md, [*options, OTHER], key=key, help=help_md)
+    typed = st.text_input(
+        f"…or another {label_md.lower()}", key=f"{key}_typed", placeholder=placeholder, disabled=choice != OTHER
+    )
+    return (typed or "").strip() if choice == OTHER else choice
+
+
+def default_hook(hooks: list[str]) -> int:
+    """The middle block of the model (a residual stream output), else the first module."""
+    layers = [i for i, path in enumerate(hooks) if _LAYER.search(path)]
+    return layers[len(layers) // 2] if layers else 0
+
+
+def model_picker(prefix: str) -> tuple[str, ModelFacts | None, str | None]:
+    """The model (known ones, or typed), read by the gate's own means: (name, facts, the problem reading it)."""
+    home = paths.lab_home()
+    found = list_models(home)
+    models_dir, cache_dir = model_roots(home)[:2]
+    model = picker(
+        "Model", found, f"{prefix}_model", "/models/gemma-2-2b or org/name",
+        "Folders in SAE_LAB_HOME/models and models in the local Hugging Face cache",
+    )  # fmt: skip
+    where_md = html.md_text(labels.model_sources(found, models_dir, cache_dir))
+    if found:
+        st.caption(where_md)
+    else:
+        st.info(where_md, icon=":material/info:")
+    if not model:
+        return model, None, None
+    try:
+        with st.spinner("Reading the model's modules…"):
+            facts = model_facts(model)
+    except ModelProblem as exc:
+        return model, None, str(exc)
+    st.caption(html.md_text(f"{facts.cls}, {facts.parameters:,} parameters ({facts.dtype})"))
+    return model, facts, None
+
+
+def text_picker(prefix: str) -> tuple[str, str, str]:
+    """The text dataset (known ones, or typed), its text field and split."""
+    texts = [str(p) for p in list_texts(paths.datasets_dir())]
+    dataset = picker(
+        "Text dataset", texts, f"{prefix}_dataset", "/data/corpus.jsonl or org/dataset",
+        "Text files and folders in SAE_LAB_HOME/datasets (.txt, .jsonl, .json, .parquet, datasets.save_to_disk)",
+    )  # fmt: skip
+    c1, c2 = st.columns(2)
+    field = c1.text_input("Text field", value="text", key=f"{prefix}_field")
+    split = c2.text_input("Split", value="train", key=f"{prefix}_split")
+    return dataset, field, split

@@ -1,5 +1,6 @@
 """`python -m sae_core estimate --config CFG.json --gpus N [--d-in D] [--json]`: GPU memory per rank; for a sweep,
-per GPU in both layouts, and their predicted speed-up."""
+per GPU in both layouts, and their predicted speed-up. A config streamed from a model takes d_in from its hook's
+width (the widest of a sweep's hooks) and adds the model, its forward batch and the mixing windows."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import sys
 from ..config import ConfigError, TrainConfig
 from ..data.activations import open_activations
 from ..data.formats import DatasetError
-from ..gpu.memory import TERM_LABELS, GiB, MemoryEstimate, estimate, sweep_estimate
+from ..gpu.memory import TERM_LABELS, GiB, MemoryEstimate, StreamSource, estimate, sweep_estimate
 from ..gpu.scaling import PCIE4_X16_BYTES_PER_S, predict_sweep
+from ..jobs.models import ModelProblem, model_facts
+from ..jobs.stream_checks import hooks_of, stream_d_in, stream_source
 from ..model_source import activation_files
 from ..sweep import Sweep, read_training_config
 
@@ -28,7 +31,7 @@ def format_estimate(est: MemoryEstimate, world_size: int) -> str:
     return "\n".join(lines)
 
 
-def sweep_figures(sweep: Sweep, world_size: int, d_in: int) -> dict:
+def sweep_figures(sweep: Sweep, world_size: int, d_in: int, stream: StreamSource | None = None) -> dict:
     """Both layouts' per-GPU estimates (or why one cannot run on `world_size` GPUs) and the predicted speed-up
     of each over one GPU, links assumed PCIe 4.0 x16 (as JSON)."""
     if d_in < 1:
@@ -36,7 +39,7 @@ def sweep_figures(sweep: Sweep, world_size: int, d_in: int) -> dict:
     layouts: dict[str, dict] = {}
     for layout in LAYOUTS:
         try:
-            layouts[layout] = sweep_estimate(sweep, world_size, d_in, layout).to_dict()
+            layouts[layout] = sweep_estimate(sweep, world_size, d_in, layout, stream).to_dict()
         except ConfigError as exc:
             layouts[layout] = {"error": str(exc)}
     prediction = predict_sweep(sweep, d_in, world_size, PCIE4_X16_BYTES_PER_S)
@@ -46,6 +49,7 @@ def sweep_figures(sweep: Sweep, world_size: int, d_in: int) -> dict:
         "gpus": world_size,
         "d_in": d_in,
         "layouts": layouts,
+        "stream": stream.terms() if stream is not None else None,
         "speedup": {
             layout: None if seconds is None else prediction.one_gpu_s / seconds
             for layout, seconds in (("batch", prediction.batch_s), ("members", prediction.members_s))
@@ -68,6 +72,9 @@ def format_sweep(figures: dict) -> str:
             most = max(len(rank["members"]) for rank in est["ranks"])
             how = f"members dealt to GPUs, at most {most} per GPU, each on whole batches"
         lines.append(f"  placement {layout:<8} {est['total_bytes'] / GiB:8.2f} GiB per GPU  ({how})")
+    if figures.get("stream"):
+        lines.append("  of which, on every GPU, the stream from the model:")
+        lines += [f"    {TERM_LABELS[name]:<46} {value / GiB:9.3f} GiB" for name, value in figures["stream"].items()]
     if n > 1:
         shown = [f"{layout} ≈{x:.1f}×" for layout, x in figures["speedup"].items() if x is not None]
         lines.append(f"predicted tokens/s over one GPU (PCIe 4.0 x16 links assumed): {', '.join(shown)}")
@@ -77,6 +84,21 @@ def format_sweep(figures: dict) -> str:
 def d_in_of(cfg: TrainConfig) -> int:
     """The width of the config's activations, from the files' headers (DatasetError when unreadable)."""
     return open_activations(activation_files(cfg), cfg.activation_key).d_in
+
+
+def source_of(cfg: TrainConfig | Sweep, d_in: int | None) -> tuple[int, StreamSource | None]:
+    """The activations' width (`d_in` when given) and, for a config streamed from a model, what the stream holds
+    on each GPU: the model as the hooks command reads it (ModelProblem when it cannot)."""
+    shared = cfg.shared if isinstance(cfg, Sweep) else cfg
+    if not shared.streamed:
+        return (d_in if d_in is not None else d_in_of(shared)), None
+    assert shared.model is not None
+    facts, hooks = model_facts(shared.model), hooks_of(cfg)
+    missing = [hook for hook in hooks if hook not in facts.hooks]
+    if missing:
+        raise ModelProblem("hook", f"hook: {missing[0]!r} is not a module of this model (`hooks MODEL` lists them)")
+    stream = stream_source(shared, facts, hooks, on_gpu=True)
+    return (d_in if d_in is not None else stream_d_in(facts, hooks)), stream
 
 
 def cli_estimate(argv: list[str]) -> int:
@@ -93,13 +115,13 @@ def cli_estimate(argv: list[str]) -> int:
         return 2
     try:
         cfg = read_training_config(args.config)
-        d_in = args.d_in if args.d_in is not None else d_in_of(cfg.shared if isinstance(cfg, Sweep) else cfg)
+        d_in, stream = source_of(cfg, args.d_in)
         if isinstance(cfg, Sweep):
-            figures = sweep_figures(cfg, args.gpus, d_in)
+            figures = sweep_figures(cfg, args.gpus, d_in, stream)
             print(json.dumps(figures, indent=2) if args.json else format_sweep(figures))
             return 0
-        est = estimate(cfg, args.gpus, d_in)
-    except (ConfigError, DatasetError, OSError) as exc:
+        est = estimate(cfg, args.gpus, d_in, stream)
+    except (ConfigError, DatasetError, OSError, ModelProblem) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:

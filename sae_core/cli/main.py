@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "logs": ("sae_core.cli.jobs", "Show a job's log."),
     "serve": ("sae_core.cli.serve", "Run the launcher daemon (queue + GPU sampler)."),
     "hooks": ("sae_core.cli.hooks", "List a model's hookable modules and their widths."),
+    "rows": ("sae_core.cli.rows", "Count the rows a text gives a model (tokenized, packed into contexts)."),
     "extract": ("sae_core.cli.jobs", "Queue an extraction job (and a training on its output, and its evaluation)."),
     "evaluate": ("sae_core.cli.jobs", "Queue a model evaluation of an SAE (CE loss and KL recovered)."),
     "inspect": ("sae_core.cli.jobs", "Queue an inspection of an SAE's latents (for the Explore page)."),

@@ -74,6 +74,33 @@ _BD_FP32 = 3
 _BD_MODEL = 8
 
 
+@dataclass(frozen=True)
+class StreamSource:
+    """What a rank of a training streamed from a model holds beside its SAEs: the model's weights and one forward
+    batch (counted as an extraction's), and the mixing window of every distinct hook a member reads."""
+
+    parameters: int
+    model_dtype: str  # the dtype the weights are loaded in ("auto" already resolved)
+    hidden_size: int
+    heads: int
+    model_batch_size: int  # contexts per forward
+    context_size: int
+    mixing_contexts: int
+    hook_widths: tuple[int, ...]  # each distinct hook's width
+
+    def terms(self) -> dict[str, int]:
+        """Bytes per rank, by term (no CUDA context: the estimate it joins counts one)."""
+        size = (self.model_batch_size, self.context_size, self.hidden_size, self.heads)
+        model = extraction_bytes(self.parameters, self.model_dtype, *size)
+        return {
+            "model_weights": model["weights"],
+            "model_forward_batch": model["forward_batch"],
+            "model_attention_scores": model["attention_scores"],
+            # the window being read and the next one, float32, per hook
+            "mixing_window": 2 * self.mixing_contexts * self.context_size * sum(self.hook_widths) * 4,
+        }
+
+
 @dataclass
 class MemoryEstimate:
     total_bytes: int
@@ -228,9 +255,13 @@ def _group_phases(shares: list[_Share]) -> tuple[dict[str, int], int]:
     return phases, stepping
 
 
-def group_estimate(cfgs: Sequence[TrainConfig], batch_ranks: int, d_in: int, world_size: int) -> MemoryEstimate:
+def group_estimate(
+    cfgs: Sequence[TrainConfig], batch_ranks: int, d_in: int, world_size: int, stream: StreamSource | None = None
+) -> MemoryEstimate:
     """Peak GPU memory of one rank that trains every config of `cfgs` on one feed, each batch split over
-    `batch_ranks` ranks (1: whole batches), in a job of `world_size` ranks (NCCL's buffers when above 1).
+    `batch_ranks` ranks (1: whole batches), in a job of `world_size` ranks (NCCL's buffers when above 1). A feed
+    streamed from a model (`stream`) adds the model's weights, its forward batch and the mixing windows, alive
+    through every moment.
 
     Raises ConfigError when a batch does not divide by batch_ranks (or by a micro-batch)."""
     d_in = int(d_in)
@@ -252,7 +283,9 @@ def group_estimate(cfgs: Sequence[TrainConfig], batch_ranks: int, d_in: int, wor
         breakdown["other_members_kept_batches"] = sum(s.kept for s in shares) - shares[stepping].kept
     # When another moment beats the training step, the difference is named after it.
     breakdown["other_peak_excess"] = phases[peak_phase] - phases["training step"]
-    breakdown["allocator_headroom"] = int(gpu.allocator_headroom * phases[peak_phase])
+    streamed = stream.terms() if stream is not None else {}
+    breakdown.update(streamed)
+    breakdown["allocator_headroom"] = int(gpu.allocator_headroom * (phases[peak_phase] + sum(streamed.values())))
     return MemoryEstimate(
         total_bytes=sum(breakdown.values()),
         breakdown=breakdown,
@@ -263,11 +296,12 @@ def group_estimate(cfgs: Sequence[TrainConfig], batch_ranks: int, d_in: int, wor
     )
 
 
-def estimate(cfg: TrainConfig, world_size: int, d_in: int) -> MemoryEstimate:
-    """Peak GPU memory of one rank when `cfg` trains on `world_size` GPUs, for activations `d_in` wide.
+def estimate(cfg: TrainConfig, world_size: int, d_in: int, stream: StreamSource | None = None) -> MemoryEstimate:
+    """Peak GPU memory of one rank when `cfg` trains on `world_size` GPUs, for activations `d_in` wide (streamed
+    from a model: `stream`).
 
     Raises ConfigError when batch_size does not divide by world_size."""
-    return group_estimate([cfg], world_size, d_in, world_size)
+    return group_estimate([cfg], world_size, d_in, world_size, stream)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,15 +339,17 @@ def members_on_ranks(n_members: int, n_ranks: int) -> list[list[int]]:
     return [list(range(rank, n_members, n_ranks)) for rank in range(n_ranks)]
 
 
-def sweep_estimate(sweep: Sweep, n_ranks: int, d_in: int, placement: str) -> SweepEstimate:
+def sweep_estimate(
+    sweep: Sweep, n_ranks: int, d_in: int, placement: str, stream: StreamSource | None = None
+) -> SweepEstimate:
     """Peak GPU memory of each rank when `sweep` trains on `n_ranks` GPUs in `placement` ("batch" or
-    "members"). ConfigError when the layout cannot run there: a batch that does not split over the ranks
-    ("batch"), more ranks than members ("members")."""
+    "members"); every rank runs the model of a streamed sweep (`stream`). ConfigError when the layout cannot run
+    there: a batch that does not split over the ranks ("batch"), more ranks than members ("members")."""
     members = list(sweep.members)
     if placement == "batch":
         configs = [m.config for m in members]
         return SweepEstimate(
-            "batch", n_ranks, [group_estimate(configs, n_ranks, d_in, n_ranks)], [[m.name for m in members]]
+            "batch", n_ranks, [group_estimate(configs, n_ranks, d_in, n_ranks, stream)], [[m.name for m in members]]
         )
     if placement != "members":
         raise ConfigError(f"placement: {placement!r} is not a layout; allowed: batch, members")
@@ -323,7 +359,7 @@ def sweep_estimate(sweep: Sweep, n_ranks: int, d_in: int, placement: str) -> Swe
             f"{n_ranks - len(members)} idle; use at most {len(members)}, or placement batch"
         )
     groups = [[members[i] for i in indices] for indices in members_on_ranks(len(members), n_ranks)]
-    ranks = [group_estimate([m.config for m in group], 1, d_in, n_ranks) for group in groups]
+    ranks = [group_estimate([m.config for m in group], 1, d_in, n_ranks, stream) for group in groups]
     return SweepEstimate("members", n_ranks, ranks, [[m.name for m in group] for group in groups])
 
 
@@ -337,7 +373,7 @@ GPU_ONLY_TERMS = ("cuda_context", "nccl_buffers")
 PROCESS_BYTES = 400 * MiB
 # Terms of a rank's GPU estimate that pass through the host's RAM on their way to the GPU: a model's weights
 # (read from disk into RAM, then moved) and an SAE's.
-HOST_STAGED_TERMS = ("weights", "sae")
+HOST_STAGED_TERMS = ("weights", "sae", "model_weights")
 
 
 def job_host_bytes(per_rank: int, ranks: int) -> int:
@@ -345,23 +381,33 @@ def job_host_bytes(per_rank: int, ranks: int) -> int:
     return ranks * (per_rank + PROCESS_BYTES) + PROCESS_BYTES
 
 
-def host_bytes(cfg: TrainConfig, ranks: int, d_in: int, on_gpu: bool = False) -> int:
+def host_bytes(
+    cfg: TrainConfig, ranks: int, d_in: int, on_gpu: bool = False, stream: StreamSource | None = None
+) -> int:
     """Host RAM of a training job, all ranks together: each rank's loader (blocks read ahead, assembled
-    float32 batches) and, on CPU processes, the rank's estimate without the GPU-only terms."""
-    per_rank = cfg.loader_bytes(ranks, d_in)
+    float32 batches; a streamed run reads no files) and, on CPU processes, the rank's estimate without the
+    GPU-only terms; on GPUs, a streamed run's model weights staged through RAM."""
+    per_rank = _feed_bytes(cfg, ranks, d_in, stream, on_gpu)
     if not on_gpu:
-        step = estimate(cfg, ranks, d_in)
+        step = estimate(cfg, ranks, d_in, stream)
         per_rank += step.total_bytes - sum(step.breakdown[t] for t in GPU_ONLY_TERMS)
     return job_host_bytes(per_rank, ranks)
 
 
-def sweep_host_bytes(sweep: Sweep, ranks: int, d_in: int, placement: str, on_gpu: bool = False) -> int:
+def _feed_bytes(cfg: TrainConfig, ranks: int, d_in: int, stream: StreamSource | None, on_gpu: bool) -> int:
+    """A rank's feed beyond its estimate: the file loader, or a stream's model weights on their way to the GPU."""
+    return cfg.loader_bytes(ranks, d_in) if stream is None else stream.terms()["model_weights"] if on_gpu else 0
+
+
+def sweep_host_bytes(
+    sweep: Sweep, ranks: int, d_in: int, placement: str, on_gpu: bool = False, stream: StreamSource | None = None
+) -> int:
     """Host RAM of a sweep job, all ranks together: each rank's one loader (the feed every member reads: a share
     of each batch, or whole batches under "members") and, on CPU processes, its fullest rank's estimate without
     the GPU-only terms."""
-    per_rank = sweep.shared.loader_bytes(ranks if placement == "batch" else 1, d_in)
+    per_rank = _feed_bytes(sweep.shared, ranks if placement == "batch" else 1, d_in, stream, on_gpu)
     if not on_gpu:
-        step = sweep_estimate(sweep, ranks, d_in, placement).worst
+        step = sweep_estimate(sweep, ranks, d_in, placement, stream).worst
         per_rank += step.total_bytes - sum(step.breakdown[t] for t in GPU_ONLY_TERMS)
     return job_host_bytes(per_rank, ranks)
 
@@ -392,6 +438,10 @@ TERM_LABELS = {
     "autocast_copies": "bf16 autocast copies",
     "other_members_kept_batches": "sweep: the other members' last batch + reconstruction",
     "other_peak_excess": "init/optimizer/evaluation peak above the step",
+    "model_weights": "stream: the model's weights",
+    "model_forward_batch": "stream: one forward batch",
+    "model_attention_scores": "stream: attention scores",
+    "mixing_window": "stream: mixing windows (read + next, per hook)",
     "allocator_headroom": "allocator headroom",
 }
 

@@ -89,21 +89,12 @@ def model_facts(model: str, timeout_s: float = FACTS_TIMEOUT_S) -> ModelFacts:
 def _read_facts(model: str, timeout_s: float) -> ModelFacts | ModelProblem:
     """What the hooks command says of `model`: its facts, or the problem it named. A child that ran out of
     time raises (that answer is not remembered)."""
-    argv = [sys.executable, "-m", "sae_core", "hooks", model, "--json"]
     try:
-        child = subprocess.run(
-            argv,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            env=offline_env(without_secrets(os.environ)),
-            check=False,
-        )
+        child = _run_child(["hooks", model, "--json"], timeout_s)
     except subprocess.TimeoutExpired:
         raise ModelProblem("model", f"model: listing its modules took over {timeout_s:.0f} s; try again") from None
     if child.returncode != 0:
-        return _refusal(child.stderr)
+        return _refusal(child.stderr, "hooks", ("model:", "hook:"))
     try:
         return ModelFacts.from_json(json.loads(child.stdout))
     except (ValueError, KeyError, TypeError):
@@ -111,16 +102,78 @@ def _read_facts(model: str, timeout_s: float) -> ModelFacts | ModelProblem:
         return ModelProblem("model", f"model: {UNEXPECTED}")
 
 
-def _refusal(stderr: str) -> ModelProblem:
-    """The hooks command's own refusal (its last line, `error: model: ...`); a crash (a traceback, whose last
-    line is the exception) is one line for the person and the whole of it for the server log."""
+def _run_child(args: list[str], timeout_s: float) -> subprocess.CompletedProcess:
+    """`python -m sae_core ARGS` with no stdin, offline, without the app's secrets."""
+    return subprocess.run(
+        [sys.executable, "-m", "sae_core", *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env=offline_env(without_secrets(os.environ)),
+        check=False,
+    )
+
+
+def _refusal(stderr: str, command: str, fields: tuple[str, ...]) -> ModelProblem:
+    """A command's own refusal (its last line, `error: model: ...`; the field is the message's first word when it
+    is one of `fields`); a crash (a traceback, whose last line is the exception) is one line for the person and
+    the whole of it for the server log."""
     last = (stderr.strip().splitlines() or [""])[-1]
     if not last.startswith("error: "):
-        log.error("the hooks command failed:\n%s", stderr[-4000:])
+        log.error("the %s command failed:\n%s", command, stderr[-4000:])
         return ModelProblem("model", f"model: {UNEXPECTED}")
     message = last.removeprefix("error: ")
-    field = message.split(":", 1)[0] if message.startswith(("model:", "hook:")) else "model"
+    field = message.split(":", 1)[0] if message.startswith(fields) else "model"
     return ModelProblem(field, brief(message, 400))
+
+
+# --- how many rows a text gives a model's tokenizer (`python -m sae_core rows`)
+ROWS_TIMEOUT_S = 120.0  # counting stops here: the job counts again before it trains
+_ROWS_FIELDS = ("model:", "dataset:", "text_field:", "split:", "prepend_bos:")
+_rows_cache: dict[tuple, tuple[int, bool]] = {}  # (rows, the whole text counted)
+
+
+@dataclass(frozen=True)
+class TextQuery:
+    """What the rows command is asked: the model's tokenizer over a text, packed as a training or extraction
+    packs it."""
+
+    model: str
+    dataset: str
+    text_field: str
+    split: str
+    context_size: int
+    prepend_bos: bool | None
+    exclude_special_tokens: bool
+
+    def argv(self, needed: int) -> list[str]:
+        bos = {None: "auto", True: "true", False: "false"}[self.prepend_bos]
+        argv = ["rows", self.model, self.dataset, "--needed", str(needed), "--json", "--text-field", self.text_field]
+        argv += ["--split", self.split, "--context-size", str(self.context_size), "--prepend-bos", bos]
+        return argv + ([] if self.exclude_special_tokens else ["--keep-special-tokens"])
+
+
+def text_rows(query: TextQuery, needed: int, timeout_s: float = ROWS_TIMEOUT_S) -> int:
+    """The rows the text gives, counted until `needed` (fewer: all the text gives); ModelProblem naming the
+    field the rows command refused; subprocess.TimeoutExpired when counting took over `timeout_s`. Remembered
+    per query while the model's settings and the text's file stay as they are (a count of the whole text
+    answers any `needed`)."""
+    key = (_key(query.model), query, _mtime(Path(query.dataset).expanduser()))
+    cached = _rows_cache.get(key)
+    if cached is not None and (cached[1] or cached[0] >= needed):
+        return cached[0]
+    child = _run_child(query.argv(needed), timeout_s)
+    if child.returncode != 0:
+        raise _refusal(child.stderr, "rows", _ROWS_FIELDS)
+    try:
+        found = json.loads(child.stdout)
+        counted = (int(found["rows"]), bool(found["exhausted"]))
+    except (ValueError, KeyError, TypeError):
+        log.error("the rows command for %s printed no count:\n%s", query.dataset, child.stdout[-4000:])
+        raise ModelProblem("dataset", f"dataset: {UNEXPECTED}") from None
+    _rows_cache[key] = counted
+    return counted[0]
 
 
 def loaded_dtype(facts: ModelFacts, model_dtype: str, on_gpu: bool) -> str:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from ..config import ConfigError
 from ..gpu.availability import GpuStatus
 from ..gpu.host import available_ram
-from ..gpu.memory import GiB, members_on_ranks, sweep_estimate, sweep_host_bytes
+from ..gpu.memory import GiB, StreamSource, members_on_ranks, sweep_estimate, sweep_host_bytes
 from ..sweep import Placement, Sweep
 from .gate import Problem, Verdict
 
@@ -21,10 +21,16 @@ LAYOUTS: tuple[Placement, ...] = ("batch", "members")
 
 
 def choose(
-    sweep: Sweep, count: int, d_in: int | None, verdict: Verdict, statuses: Sequence[GpuStatus]
+    sweep: Sweep,
+    count: int,
+    d_in: int | None,
+    verdict: Verdict,
+    statuses: Sequence[GpuStatus],
+    stream: StreamSource | None = None,
 ) -> Placement | None:
     """The layout the sweep runs in on `count` ranks (a note says which and its figure), or None with the
-    reasons in `verdict.problems`. Without the data's width (`d_in` None) the memory is not checked."""
+    reasons in `verdict.problems`. Without the data's width (`d_in` None) the memory is not checked; a sweep
+    streamed from a model counts the model on every rank (`stream`)."""
     on_gpus = bool(verdict.gpus)
     if sweep.placement in LAYOUTS:
         candidates: tuple[Placement, ...] = (sweep.placement,)
@@ -37,7 +43,7 @@ def choose(
         return None
     if d_in is None:
         return runnable[0]
-    needs = {layout: need_bytes(sweep, count, d_in, layout, on_gpus) for layout in runnable}
+    needs = {layout: need_bytes(sweep, count, d_in, layout, on_gpus, stream) for layout in runnable}
     room, where = _room(verdict, statuses)
     for layout in runnable:
         if room is None or needs[layout] <= room:
@@ -65,11 +71,13 @@ def cannot_run(sweep: Sweep, count: int, layout: Placement, on_gpus: bool) -> Pr
     return None
 
 
-def need_bytes(sweep: Sweep, count: int, d_in: int, layout: Placement, on_gpus: bool) -> int:
+def need_bytes(
+    sweep: Sweep, count: int, d_in: int, layout: Placement, on_gpus: bool, stream: StreamSource | None = None
+) -> int:
     """What must fit: per GPU the fullest rank's estimate; on CPU processes the job's host RAM."""
     if on_gpus:
-        return sweep_estimate(sweep, count, d_in, layout).total_bytes
-    return sweep_host_bytes(sweep, count, d_in, layout)
+        return sweep_estimate(sweep, count, d_in, layout, stream).total_bytes
+    return sweep_host_bytes(sweep, count, d_in, layout, stream=stream)
 
 
 def _room(verdict: Verdict, statuses: Sequence[GpuStatus]) -> tuple[int | None, str]:

@@ -1,6 +1,6 @@
 """The submission gate's check of a training (called through its JobKind row by submission.py, the one gate):
-the batch split over the ranks, the activations (inside the lab's roots, readable, finite), the GPUs and the
-memory estimate, the host's RAM."""
+the batch split over the ranks, the activations (inside the lab's roots, readable, finite) or the model, hooks
+and text it streams from (stream_checks.py), the GPUs and the memory estimate, the host's RAM."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from ..config import ConfigError, TrainConfig
 from ..data.catalog import OUTSIDE_ROOTS, in_data_roots
 from ..data.checks import DatasetError, check_dataset
 from ..gpu.availability import GpuStatus
-from ..gpu.memory import host_bytes, sweep_host_bytes
+from ..gpu.memory import StreamSource, estimate, host_bytes, sweep_host_bytes
 from ..sweep import Sweep
-from . import store, sweep_layout
+from . import store, stream_checks, sweep_layout
 from .errors import unexpected
 from .gate import Problem, Verdict, check_gpus, check_host_memory, ranks, start_verdict
 from .gpus import gpu_statuses
@@ -45,13 +45,25 @@ def check_train(
     if not verdict.gpus:
         _check_cpu_batch(cfg, int(submission.cpu_procs or 1), verdict)
     # after the dataset: the memory fit needs its width
-    d_in = _check_data(cfg, verdict, engine, scan_values, planned_d_in, planned_rows)
+    d_in, stream = _check_data(cfg, verdict, engine, scan_values, planned_d_in, planned_rows)
     if verdict.gpus:
-        check_gpus(cfg, statuses, engine, verdict, d_in)
+        check_gpus(cfg, statuses, engine, verdict, d_in, _streamed_need(cfg, len(set(verdict.gpus)), d_in, stream))
     if d_in is not None and not verdict.problems:
         count = ranks(verdict, submission)
-        check_host_memory(verdict, "run", host_bytes(cfg, count, d_in, on_gpu=bool(verdict.gpus)), count)
+        need = host_bytes(cfg, count, d_in, on_gpu=bool(verdict.gpus), stream=stream)
+        check_host_memory(verdict, "run", need, count)
     return verdict
+
+
+def _streamed_need(cfg: TrainConfig, world: int, d_in: int | None, stream: StreamSource | None) -> int | None:
+    """A streamed run's estimate per GPU (None: the files' estimate, which the GPU check makes itself, or a batch
+    that does not split, which it names)."""
+    if stream is None or d_in is None:
+        return None
+    try:
+        return estimate(cfg, world, d_in, stream).total_bytes
+    except ConfigError:
+        return None
 
 
 def _check_data(
@@ -61,9 +73,17 @@ def _check_data(
     scan_values: bool | None,
     planned_d_in: int | None,
     planned_rows: int | None,
-) -> int | None:
-    """The activations (or, for a training queued behind its extraction, the rows it will write); their width
-    when known."""
+    hooks: list[str] | None = None,
+) -> tuple[int | None, StreamSource | None]:
+    """The activations (or, for a training queued behind its extraction, the rows it will write; or the model,
+    `hooks` and text it streams from); their width when known, and what the stream holds."""
+    if cfg.streamed and planned_d_in is None:
+        home = store.engine_home(store.engine_or_default(engine))
+        hooks = hooks or stream_checks.hooks_of(cfg)
+        stream = stream_checks.check_stream(cfg, hooks, verdict, home, count_rows=scan_values is not False)
+        if stream is None or verdict.model is None:
+            return None, None
+        return stream_checks.stream_d_in(verdict.model, hooks), stream
     if planned_d_in is None:
         _check_dataset(cfg, scan_values, store.engine_home(store.engine_or_default(engine)), verdict)
     elif planned_rows is not None and planned_rows < cfg.batch_size + cfg.holdout_tokens:
@@ -73,7 +93,7 @@ def _check_data(
             "or lower batch_size/holdout_tokens"
         )
         verdict.problems.append(Problem("n_tokens", message))
-    return planned_d_in if planned_d_in is not None else verdict.dataset.d_in if verdict.dataset else None
+    return (planned_d_in if planned_d_in is not None else verdict.dataset.d_in if verdict.dataset else None), None
 
 
 def _check_cpu_batch(cfg: TrainConfig, cpu_procs: int, verdict: Verdict) -> None:
@@ -84,10 +104,7 @@ def _check_cpu_batch(cfg: TrainConfig, cpu_procs: int, verdict: Verdict) -> None
 
 
 def _check_dataset(cfg: TrainConfig, scan_values: bool | None, home: Path, verdict: Verdict) -> None:
-    if cfg.activation_source is None:
-        message = "model: training straight from a model cannot be queued yet; extract its activations first"
-        verdict.problems.append(Problem("model", message))
-        return
+    assert cfg.activation_source is not None  # a streamed config is checked by stream_checks
     if not in_data_roots(cfg.activation_source, home):
         verdict.problems.append(Problem("activation_source", f"activation_source: {OUTSIDE_ROOTS}"))
         return
@@ -111,21 +128,24 @@ def check_sweep(
     planned_d_in: int | None = None,
     planned_rows: int | None = None,
 ) -> Verdict:
-    """Every problem of queueing the sweep: its data once (every member reads the same), the GPUs chosen, and the
+    """Every problem of queueing the sweep: its data once (every member reads the same; streamed, every hook a
+    member reads, the SAEs' memory at the widest), the GPUs chosen, and the
     whole group's memory in the layout it asks for; "auto" takes "batch" on one rank, else "batch" when it
     fits, else "members" when that fits, else a refusal naming both figures. The layout chosen is in the notes
     and in `verdict.config`, the sweep that is queued."""
     verdict = start_verdict(sweep.shared, submission)
     if verdict.placement_failed:
         return verdict
-    d_in = _check_data(sweep.shared, verdict, engine, scan_values, planned_d_in, planned_rows)
+    hooks = stream_checks.hooks_of(sweep)
+    d_in, stream = _check_data(sweep.shared, verdict, engine, scan_values, planned_d_in, planned_rows, hooks)
     count = ranks(verdict, submission)
     if verdict.gpus:
         statuses = list(statuses) if statuses is not None else gpu_statuses(engine)
         check_gpus(None, statuses, engine, verdict, None)  # present, not busy; the memory is the layout's
-    layout = sweep_layout.choose(sweep, count, d_in, verdict, statuses or [])
+    layout = sweep_layout.choose(sweep, count, d_in, verdict, statuses or [], stream)
     if layout is not None:
         verdict.config = sweep.with_placement(layout)
         if verdict.gpus and d_in is not None and not verdict.problems:
-            check_host_memory(verdict, "run", sweep_host_bytes(sweep, count, d_in, layout, on_gpu=True), count)
+            need = sweep_host_bytes(sweep, count, d_in, layout, on_gpu=True, stream=stream)
+            check_host_memory(verdict, "run", need, count)
     return verdict

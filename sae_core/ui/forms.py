@@ -14,7 +14,7 @@ import annotated_types
 
 from ..architectures import DEFAULT_ARCHITECTURE, architecture
 from ..config import ConfigError, TrainConfig
-from ..gpu.memory import sweep_estimate
+from ..gpu.memory import StreamSource, sweep_estimate
 from ..sweep import PLACEMENTS, Sweep, sweep_from_dict
 
 
@@ -39,6 +39,21 @@ class FormValues:
     checkpoint_every: int | None = 1000
     device: str = "auto"
     extra: dict = field(default_factory=dict)
+    stream: StreamValues | None = None  # "From a model": instead of activation_source
+
+
+@dataclass
+class StreamValues:
+    """The Train page's "From a model" widgets: the model, its hooks (several: a sweep over hook), the text."""
+
+    model: str
+    hooks: list[str]
+    dataset: str
+    text_field: str = "text"
+    split: str = "train"
+    context_size: int = 128
+    model_batch_size: int = 32
+    mixing_contexts: int = 256
 
 
 def _optional_number(text: str, name: str, kind: type, errors: list[str]) -> Any:
@@ -66,11 +81,17 @@ def resolve_d_sae(values: FormValues, errors: list[str]) -> int | None:
 
 
 DATASET_MISSING = "dataset: choose a dataset or enter the path of an activation file or shard directory"
+MODEL_MISSING = "model: choose one, or type a model folder or the hub name of a model in the local cache"
+TEXT_MISSING = "text dataset: choose one, or type a text file, folder or hub dataset name"
+HOOKS_MISSING = "hooks: choose at least one module of the model"
+MISSING = (DATASET_MISSING, MODEL_MISSING, TEXT_MISSING, HOOKS_MISSING)  # nothing chosen yet: hints, not errors
 
 
-def form_to_config(values: FormValues) -> tuple[TrainConfig | None, list[str]]:
+def form_to_config(values: FormValues) -> tuple[TrainConfig | Sweep | None, list[str]]:
     """TrainConfig from the form, or the list of problems (each names its field and what is allowed; a blank
-    dataset is DATASET_MISSING)."""
+    dataset is DATASET_MISSING); from a model with several hooks, a sweep over `hook`."""
+    if values.stream is not None and len(values.stream.hooks) > 1:  # several hooks: a sweep over hook
+        return form_to_sweep(values, SweepValues(architectures=[values.architecture]))
     errors: list[str] = []
     data = _form_data(values, errors)
     if errors:
@@ -81,12 +102,28 @@ def form_to_config(values: FormValues) -> tuple[TrainConfig | None, list[str]]:
         return None, split_config_error(str(exc))
 
 
+def _source_data(values: FormValues, errors: list[str]) -> dict[str, Any]:
+    """Where the activations come from: activation files, or a model's hooks over a text."""
+    stream = values.stream
+    if stream is None:
+        if not values.activation_source.strip():
+            errors.append(DATASET_MISSING)
+        return {"activation_source": values.activation_source.strip()}
+    errors += [m for m, given in ((MODEL_MISSING, stream.model), (TEXT_MISSING, stream.dataset)) if not given.strip()]
+    if stream.model.strip() and not stream.hooks:
+        errors.append(HOOKS_MISSING)
+    data = {
+        "model": stream.model.strip(), "dataset": stream.dataset.strip(), "text_field": stream.text_field,
+        "split": stream.split, "context_size": stream.context_size, "model_batch_size": stream.model_batch_size,
+        "mixing_contexts": stream.mixing_contexts,
+    }  # fmt: skip
+    return {**data, "hook": stream.hooks[0]} if len(stream.hooks) == 1 else data
+
+
 def _form_data(values: FormValues, errors: list[str]) -> dict[str, Any]:
     """The form's values as TrainConfig keys (what cannot be read goes to `errors`)."""
-    if not values.activation_source.strip():
-        errors.append(DATASET_MISSING)
     return {
-        "activation_source": values.activation_source.strip(),
+        **_source_data(values, errors),
         "architecture": values.architecture,
         "d_sae": resolve_d_sae(values, errors),
         "batch_size": values.batch_size,
@@ -162,6 +199,8 @@ def form_to_sweep(values: FormValues, sweep: SweepValues) -> tuple[Sweep | None,
     names its field). A swept field need not be valid in the form (the grid sets it)."""
     errors: list[str] = []
     grid: dict[str, list] = {}
+    if values.stream is not None and len(values.stream.hooks) > 1:
+        grid["hook"] = list(values.stream.hooks)  # one forward feeds every hook's members
     architectures = list(dict.fromkeys(sweep.architectures))
     if not architectures:
         errors.append("sweep architectures: choose at least one")
@@ -192,22 +231,22 @@ def form_to_sweep(values: FormValues, sweep: SweepValues) -> tuple[Sweep | None,
         return None, split_config_error(str(exc))
 
 
-def sweep_layouts(sweep: Sweep, world: int, d_in: int) -> dict[str, int | str]:
-    """Each layout's per-GPU estimate on `world` GPUs, or why it cannot run there."""
+def sweep_layouts(sweep: Sweep, world: int, d_in: int, stream: StreamSource | None = None) -> dict[str, int | str]:
+    """Each layout's per-GPU estimate on `world` GPUs (streamed from a model: `stream`), or why it cannot run."""
     layouts: dict[str, int | str] = {}
     for layout in ("batch", "members"):
         try:
-            layouts[layout] = sweep_estimate(sweep, world, d_in, layout).total_bytes
+            layouts[layout] = sweep_estimate(sweep, world, d_in, layout, stream).total_bytes
         except ConfigError as exc:
             layouts[layout] = str(exc)
     return layouts
 
 
-def sweep_need(sweep: Sweep, world: int, d_in: int) -> int | None:
+def sweep_need(sweep: Sweep, world: int, d_in: int, stream: StreamSource | None = None) -> int | None:
     """The per-GPU memory a sweep needs on `world` GPUs, for marking GPUs too full: the layout asked for, or for
     "auto" the smaller of the layouts that can run (the gate picks one that fits); None if none can."""
     asked = [sweep.placement] if sweep.placement != "auto" else ["batch"] if world == 1 else ["batch", "members"]
-    needs = [v for k, v in sweep_layouts(sweep, world, d_in).items() if k in asked and isinstance(v, int)]
+    needs = [v for k, v in sweep_layouts(sweep, world, d_in, stream).items() if k in asked and isinstance(v, int)]
     return min(needs) if needs else None
 
 

@@ -13,7 +13,7 @@ import pytest
 from sae_core.cli import jobs as cli_jobs
 from sae_core.files import TOY_FILE
 from sae_core.jobs import store
-from sae_core.ui.forms import FormValues, SweepValues, form_to_config, form_to_sweep
+from sae_core.ui.forms import FormValues, StreamValues, SweepValues, form_to_config, form_to_sweep
 from tests.app.conftest import Lab
 from tests.fakes import fake_pynvml as fake
 
@@ -172,3 +172,91 @@ def test_page_and_cli_agree_on_sweeps(lab, tmp_path, capsys, machine, batch, pla
         assert [(m.name, m.config) for m in by_cli_sweep.members] == [(m.name, m.config) for m in by_page_sweep.members]
         assert by_cli_sweep.placement == by_page_sweep.placement != "auto"  # what the gate chose is queued
         assert cli_job.gpu_ids == page_job.gpu_ids
+
+
+# --------------------------------------------------------------------------- from a model: the same gate
+# The corpus gives 4,389 rows in contexts of 32; the run reads batch x steps + the holdout (4,096 by default).
+STREAM_CASES = [
+    # id, machine, steps, hooks, placement, accepted
+    ("streamed on the cpu", "cpu", 2, ["model.layers.1"], {"cpu": 1}, True),
+    ("streamed from too little text", "cpu", 3, ["model.layers.1"], {"cpu": 1}, False),
+    ("streamed from two hooks: a sweep over hook", "cpu", 2, ["model.layers.0", "model.layers.1"], {"cpu": 1}, True),
+    ("streamed on a busy gpu", "gpus", 2, ["model.layers.1"], {"gpus": [1]}, False),
+    ("streamed on an idle gpu", "gpus", 2, ["model.layers.1"], {"gpus": [2]}, True),
+]
+
+
+def page_accepts_stream(lab: Lab, hf, steps: int, hooks: list[str], placement: dict) -> bool:
+    at = lab.page("views/train.py", user_name="ana")
+    at.radio(key="train_source_kind").set_value("From a model").run()
+    at.selectbox(key="train_model").set_value("Other…").run()
+    at.text_input(key="train_model_typed").input(str(hf["llama"])).run()
+    at.multiselect(key="train_hooks").set_value(hooks)
+    at.selectbox(key="train_text_dataset").set_value("Other…").run()
+    at.text_input(key="train_text_dataset_typed").input(str(hf["corpus"]))
+    at.number_input(key="train_context").set_value(32)
+    at.number_input(key="train_d_sae").set_value(64)
+    at.number_input(key="train_batch").set_value(128)
+    at.number_input(key="train_steps").set_value(steps)
+    if "cpu" in placement:
+        at.number_input(key="train_cpu_procs").set_value(placement["cpu"])
+    for index in placement.get("gpus", []):
+        box = at.checkbox(key=f"train_gpu_pick_{index}")
+        if box.disabled:
+            return False
+        box.check()
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    if at.button(key="train_submit").disabled:
+        return False
+    before = len(store.list_jobs())
+    at.button(key="train_submit").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    return len(store.list_jobs()) > before
+
+
+def cli_accepts_stream(lab: Lab, hf, tmp_path, machine, steps, hooks, placement, capsys) -> bool:
+    stream = StreamValues(str(hf["llama"]), hooks, str(hf["corpus"]), context_size=32)
+    values = FormValues(activation_source="", d_sae=64, batch_size=128, total_steps=steps, stream=stream)
+    values.device = "cpu" if machine == "cpu" else "auto"
+    cfg, errors = form_to_config(values)
+    assert cfg is not None, errors
+    path = tmp_path / "cfg.json"
+    path.write_text(cfg.model_dump_json())
+    where = (
+        ["--cpu-procs", str(placement["cpu"])]
+        if "cpu" in placement
+        else ["--gpus", ",".join(map(str, placement["gpus"]))]
+    )
+    code = cli_jobs.cli_submit(["--config", str(path), *where, "--user", "ana", "--no-daemon"])
+    capsys.readouterr()
+    assert code in (0, 2)
+    return code == 0
+
+
+@pytest.mark.parametrize(
+    ("machine", "steps", "hooks", "placement", "accepted"),
+    [c[1:] for c in STREAM_CASES],
+    ids=[c[0] for c in STREAM_CASES],
+)
+def test_page_and_cli_agree_on_streamed_trainings(
+    lab, hf, tmp_path, capsys, machine, steps, hooks, placement, accepted
+):
+    set_up_machine(lab, machine)
+    by_page = page_accepts_stream(lab, hf, steps, hooks, placement)
+    page_jobs = {j.id for j in store.list_jobs()}
+    for job in store.list_jobs(["queued"]):
+        store.request_cancel(job.id)
+    by_cli = cli_accepts_stream(lab, hf, tmp_path, machine, steps, hooks, placement, capsys)
+    assert (by_page, by_cli) == (accepted, accepted)
+    if accepted:
+        (page_job,) = [j for j in store.list_jobs() if j.id in page_jobs and j.status == "cancelled"]
+        (cli_job,) = [j for j in store.list_jobs() if j.id not in page_jobs]
+        assert page_job.kind == cli_job.kind == ("sweep" if len(hooks) > 1 else "train")
+        by_page_cfg, by_cli_cfg = store.job_config(page_job), store.job_config(cli_job)
+        if len(hooks) > 1:
+            assert [m.config.hook for m in by_page_cfg.members] == hooks
+            assert [(m.name, m.config) for m in by_cli_cfg.members] == [(m.name, m.config) for m in by_page_cfg.members]
+        else:
+            assert by_page_cfg.streamed and by_page_cfg.hook == hooks[0] and by_page_cfg.activation_source is None
+            assert by_cli_cfg == by_page_cfg

@@ -83,7 +83,37 @@ def test_breakdown_sums_to_the_total_and_names_every_term():
     assert memory.estimate(cfg, 1, d_in=768).breakdown["nccl_buffers"] == 0
     peak = est.phases[est.peak_phase]
     assert est.breakdown["allocator_headroom"] == int(memory.ALLOCATOR_HEADROOM * peak)
-    assert set(est.breakdown) == set(memory.TERM_LABELS) - {"other_members_kept_batches"}  # a sweep's only
+    only_some = {"other_members_kept_batches", *STREAM_TERMS}  # a sweep's, a streamed run's
+    assert set(est.breakdown) == set(memory.TERM_LABELS) - only_some
+
+
+STREAM_TERMS = ("model_weights", "model_forward_batch", "model_attention_scores", "mixing_window")
+
+
+def test_a_streamed_run_adds_the_model_its_forward_batch_and_a_window_per_hook():
+    cfg = make_cfg(d_sae=16384, batch_size=4096)
+    stream = memory.StreamSource(
+        parameters=124_000_000, model_dtype="bfloat16", hidden_size=768, heads=12, model_batch_size=32,
+        context_size=128, mixing_contexts=256, hook_widths=(768, 3072),
+    )  # fmt: skip
+    files, est = memory.estimate(cfg, 2, d_in=3072), memory.estimate(cfg, 2, d_in=3072, stream=stream)
+    model = memory.extraction_bytes(124_000_000, "bfloat16", 32, 128, 768, 12)  # as an extraction counts it
+    assert est.breakdown["model_weights"] == model["weights"] == 124_000_000 * 2
+    assert est.breakdown["model_forward_batch"] == model["forward_batch"] == 32 * 128 * 768 * 16 * 2
+    assert est.breakdown["model_attention_scores"] == model["attention_scores"]
+    assert est.breakdown["mixing_window"] == 2 * 256 * 128 * (768 + 3072) * 4  # read + next, per hook, float32
+    assert sum(est.breakdown.values()) == est.total_bytes
+    streamed = sum(est.breakdown[t] for t in STREAM_TERMS)
+    headroom = int(memory.ALLOCATOR_HEADROOM * (est.phases[est.peak_phase] + streamed))
+    assert est.breakdown["allocator_headroom"] == headroom
+    assert est.total_bytes - files.total_bytes == streamed + headroom - files.breakdown["allocator_headroom"]
+    assert est.breakdown["cuda_context"] == files.breakdown["cuda_context"]  # one context for both
+    # a CPU job's RAM: the same terms (no CUDA context or NCCL), and no file loader
+    cpu = memory.host_bytes(cfg, 2, 3072, on_gpu=False, stream=stream)
+    per_rank = est.total_bytes - est.breakdown["cuda_context"] - est.breakdown["nccl_buffers"]
+    assert cpu == memory.job_host_bytes(per_rank, 2)
+    # on GPUs the host stages the model's weights
+    assert memory.host_bytes(cfg, 2, 3072, on_gpu=True, stream=stream) == memory.job_host_bytes(model["weights"], 2)
 
 
 def test_batch_that_does_not_split_is_a_config_error_naming_both_numbers():

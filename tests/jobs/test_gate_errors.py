@@ -14,7 +14,7 @@ import pytest
 
 from sae_core.cli.main import main as cli
 from sae_core.config import ExtractConfig, TrainConfig
-from sae_core.jobs import extract_checks, submission
+from sae_core.jobs import source_checks, submission
 from sae_core.jobs.errors import UNEXPECTED
 from sae_core.jobs.placement import Submission
 
@@ -86,7 +86,7 @@ def test_an_exception_no_check_foresaw_is_one_line_naming_the_field(lab_home, ex
     def broken_reader(*_args, **_kwargs):
         raise RuntimeError("boom in /srv/private/reader.py")
 
-    monkeypatch.setattr(extract_checks, "iter_pieces", broken_reader)
+    monkeypatch.setattr(source_checks, "iter_pieces", broken_reader)
     with caplog.at_level(logging.ERROR, logger="sae_core.gate"):
         found = problems(submission.check(extract_cfg, Submission(None, 1)))
     assert found == [("dataset", f"dataset: {UNEXPECTED}")]

@@ -1,0 +1,80 @@
+"""The submission gate's check of a training streamed from a model (single or sweep; called from
+train_checks.py): the model, every hook a member reads and the text, as an extraction's (source_checks.py),
+and whether the text gives every row the run reads; what the memory estimate counts for the stream."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..config import TrainConfig
+from ..data.stream_plan import rows_needed
+from ..gpu.memory import StreamSource
+from ..sweep import Sweep
+from .gate import Verdict, outside_roots
+from .models import ModelFacts, TextQuery, loaded_dtype
+from .source_checks import enough_rows, first_document, locations, model_and_hooks
+
+FEWER_ROWS = "lower batch_size, total_steps or holdout_tokens, or give more text"
+
+
+def hooks_of(cfg: TrainConfig | Sweep) -> list[str]:
+    """The distinct hooks the members read, in member order (one forward feeds them all)."""
+    configs = [m.config for m in cfg.members] if isinstance(cfg, Sweep) else [cfg]
+    return list(dict.fromkeys(c.hook for c in configs if c.hook is not None))
+
+
+def check_stream(
+    cfg: TrainConfig, hooks: Sequence[str], verdict: Verdict, home: Path, count_rows: bool = True
+) -> StreamSource | None:
+    """Record the stream's problems in `verdict` (and the model's facts in `verdict.model`); what the memory
+    estimate counts for it, or None when the model or a hook cannot be used. `count_rows` False leaves the
+    rows uncounted (the Train page while a person types: counting runs the tokenizer over the text)."""
+    assert cfg.model is not None and cfg.dataset is not None  # a streamed config names both
+    if outside_roots(verdict, locations(cfg.model, cfg.dataset, home)):
+        return None
+    verdict.model, problems = model_and_hooks(cfg.model, hooks)
+    text = first_document(cfg.dataset, cfg.text_field, cfg.split)
+    verdict.add(problems + text)
+    if verdict.model is None or problems:
+        return None
+    if count_rows and not text:
+        needed = rows_needed(cfg.batch_size, cfg.total_steps, cfg.holdout_tokens)
+        asked = f"the run (batch_size {cfg.batch_size:,} x total_steps {cfg.total_steps:,} + holdout_tokens {cfg.holdout_tokens:,})"
+        note, short = enough_rows(text_query(cfg), needed, asked, FEWER_ROWS)
+        verdict.add(short)
+        verdict.notes += [note] if note else []
+    return stream_source(cfg, verdict.model, hooks, on_gpu=bool(verdict.gpus))
+
+
+def text_query(cfg: TrainConfig) -> TextQuery:
+    assert cfg.model is not None and cfg.dataset is not None
+    return TextQuery(
+        cfg.model,
+        cfg.dataset,
+        cfg.text_field,
+        cfg.split,
+        cfg.context_size,
+        cfg.prepend_bos,
+        cfg.exclude_special_tokens,
+    )
+
+
+def stream_source(cfg: TrainConfig, facts: ModelFacts, hooks: Sequence[str], on_gpu: bool) -> StreamSource:
+    """What a rank holds for the stream: the model in the dtype the job loads it in, a forward of
+    model_batch_size contexts, and a mixing window per distinct hook."""
+    return StreamSource(
+        parameters=facts.parameters,
+        model_dtype=loaded_dtype(facts, cfg.model_dtype, on_gpu),
+        hidden_size=facts.hidden_size,
+        heads=facts.heads,
+        model_batch_size=cfg.model_batch_size,
+        context_size=cfg.context_size,
+        mixing_contexts=cfg.mixing_contexts,
+        hook_widths=tuple(facts.hooks[h] for h in dict.fromkeys(hooks)),
+    )
+
+
+def stream_d_in(facts: ModelFacts, hooks: Sequence[str]) -> int:
+    """The width the SAEs' memory is estimated at: the hook's, or for a sweep over hooks the widest."""
+    return max(facts.hooks[h] for h in hooks)
