@@ -57,14 +57,8 @@ def page_accepts(lab: Lab, batch: int, placement: dict) -> bool:
     return len(store.list_jobs()) > before
 
 
-def cli_accepts(lab: Lab, tmp_path, machine: str, batch: int, placement: dict, capsys) -> bool:
-    # The page's own form with the same values: the CLI gets exactly the config the page would queue.
-    values = FormValues(activation_source=str(lab.home / "datasets" / TOY_FILE), batch_size=batch)
-    values.device = "cpu" if machine == "cpu" else "auto"
-    cfg, errors = form_to_config(values)
-    assert cfg is not None, errors
-    path = tmp_path / "cfg.json"
-    path.write_text(cfg.model_dump_json())
+def cli_submits(path, placement: dict, capsys) -> bool:
+    """`submit` of the config at `path` on the placement: True queued, False refused (exit code 2)."""
     where = (
         ["--cpu-procs", str(placement["cpu"])]
         if "cpu" in placement
@@ -74,6 +68,17 @@ def cli_accepts(lab: Lab, tmp_path, machine: str, batch: int, placement: dict, c
     capsys.readouterr()
     assert code in (0, 2)
     return code == 0
+
+
+def cli_accepts(lab: Lab, tmp_path, machine: str, batch: int, placement: dict, capsys) -> bool:
+    # The page's own form with the same values: the CLI gets exactly the config the page would queue.
+    values = FormValues(activation_source=str(lab.home / "datasets" / TOY_FILE), batch_size=batch)
+    values.device = "cpu" if machine == "cpu" else "auto"
+    cfg, errors = form_to_config(values)
+    assert cfg is not None, errors
+    path = tmp_path / "cfg.json"
+    path.write_text(cfg.model_dump_json())
+    return cli_submits(path, placement, capsys)
 
 
 @pytest.mark.parametrize(
@@ -139,15 +144,7 @@ def cli_accepts_sweep(lab: Lab, tmp_path, machine: str, batch: int, placement: d
     assert sweep is not None, errors
     path = tmp_path / "sweep.json"
     path.write_text(sweep.to_json())
-    where = (
-        ["--cpu-procs", str(placement["cpu"])]
-        if "cpu" in placement
-        else ["--gpus", ",".join(map(str, placement["gpus"]))]
-    )
-    code = cli_jobs.cli_submit(["--config", str(path), *where, "--user", "ana", "--no-daemon"])
-    capsys.readouterr()
-    assert code in (0, 2)
-    return code == 0
+    return cli_submits(path, placement, capsys)
 
 
 @pytest.mark.parametrize(
@@ -223,15 +220,7 @@ def cli_accepts_stream(lab: Lab, hf, tmp_path, machine, steps, hooks, placement,
     assert cfg is not None, errors
     path = tmp_path / "cfg.json"
     path.write_text(cfg.model_dump_json())
-    where = (
-        ["--cpu-procs", str(placement["cpu"])]
-        if "cpu" in placement
-        else ["--gpus", ",".join(map(str, placement["gpus"]))]
-    )
-    code = cli_jobs.cli_submit(["--config", str(path), *where, "--user", "ana", "--no-daemon"])
-    capsys.readouterr()
-    assert code in (0, 2)
-    return code == 0
+    return cli_submits(path, placement, capsys)
 
 
 @pytest.mark.parametrize(
