@@ -22,6 +22,7 @@ from ..files import (
     EVAL_FILE,
     EXTRACT_CONFIG_FILE,
     HELDOUT_CONTEXTS_FILE,
+    MANIFEST_FILE,
     SWEEP_FILE,
     TRAIN_CONFIG_FILE,
     WEIGHTS_FILE,
@@ -31,6 +32,8 @@ from ..outputs import sweep_members
 from ..text import brief
 from .activations import ActivationSet, open_activations
 from .formats import DatasetError
+from .stream_cache import cache_folder
+from .stream_plan import stream_key
 
 
 @dataclass(frozen=True)
@@ -306,6 +309,20 @@ def _training_source(sae_dir: Path) -> tuple[ActivationSet, int] | None:
     return data, train_cfg.holdout_tokens
 
 
+def kept_stream(train_cfg: TrainConfig) -> str:
+    """The activation folder a streamed training kept of its hook (cache_to), where inspection reads its rows (the
+    held-out contexts last, as in an extraction); ConfigError when it kept none."""
+    folder = cache_folder(train_cfg.cache_to, stream_key(str(train_cfg.hook))) if train_cfg.cache_to else None
+    if folder is None or not (folder / MANIFEST_FILE).is_file():
+        kept = f" ({brief(folder)} holds no complete copy)" if folder is not None else ""
+        raise ConfigError(
+            f"activations: the SAE was trained straight from {brief(train_cfg.model, 200)} at {train_cfg.hook} and its "
+            f"stream was not kept{kept}; give activations of that model and hook to inspect it on (--activations: "
+            "an extraction), or train with cache_to"
+        )
+    return str(folder)
+
+
 @dataclass(frozen=True)
 class InspectPlan:
     sae_dir: Path
@@ -335,7 +352,8 @@ def plan_inspection(cfg: InspectConfig) -> InspectPlan:
                 "(--activations)"
             )
         train_cfg = TrainConfig.from_json_file(sae_dir / TRAIN_CONFIG_FILE)
-        source, key, holdout = activation_files(train_cfg), train_cfg.activation_key, train_cfg.holdout_tokens
+        files = kept_stream(train_cfg) if train_cfg.streamed else activation_files(train_cfg)
+        source, key, holdout = files, train_cfg.activation_key, train_cfg.holdout_tokens
     try:
         data = open_activations(source, key)
     except (DatasetError, OSError) as exc:

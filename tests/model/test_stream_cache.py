@@ -14,9 +14,10 @@ import torch
 from safetensors.numpy import load_file
 
 from sae_core import files
-from sae_core.config import EvaluateConfig, TrainConfig
+from sae_core.config import ConfigError, EvaluateConfig, InspectConfig, TrainConfig
+from sae_core.data.catalog import list_datasets, list_extracted
 from sae_core.data.checks import check_dataset
-from sae_core.data.heldout import plan_evaluation
+from sae_core.data.heldout import plan_evaluation, plan_inspection
 from sae_core.data.stream_cache import cache_folder, cache_to_problems
 from sae_core.evaluate import main as evaluate_main
 from sae_core.train import main
@@ -116,3 +117,24 @@ def test_cache_to_must_lie_in_the_data_roots_and_hold_no_kept_stream(tmp_path):
 def test_a_streamed_config_rejects_shuffle_off(hf):
     with pytest.raises(Exception, match="shuffle: only for activation files"):
         TrainConfig.from_dict(streamed(hf, shuffle=False))
+
+
+def test_inspecting_a_streamed_sae_reads_its_kept_stream_or_says_why_it_cannot(tmp_path, hf):
+    cache = tmp_path / "cache"
+    kept = tmp_path / "kept"
+    assert main(["--config", str(write(tmp_path, streamed(hf, cache_to=str(cache)), "kept")), "--out", str(kept)]) == 0
+    plan = plan_inspection(InspectConfig(sae=str(kept), tokens=256))
+    assert plan.data.source == cache_folder(cache, f"out:{GPT2_HOOKS[1]}") and plan.held_out == 128
+    bare = tmp_path / "bare"
+    assert main(["--config", str(write(tmp_path, streamed(hf), "bare")), "--out", str(bare)]) == 0
+    with pytest.raises(ConfigError, match="stream was not kept"):
+        plan_inspection(InspectConfig(sae=str(bare)))
+
+
+def test_the_train_page_lists_kept_streams_like_extractions(tmp_path):
+    home = tmp_path / "home"
+    for folder in (home / "datasets" / "kept" / "h.1", home / "jobs" / "7" / "cache" / "h.2", home / "jobs" / "8"):
+        folder.mkdir(parents=True)
+        (folder / files.MANIFEST_FILE).write_text("{}")
+    assert list_datasets(home / "datasets") == [home / "datasets" / "kept" / "h.1"]
+    assert list_extracted(home) == [home / "jobs" / "8", home / "jobs" / "7" / "cache" / "h.2"]
