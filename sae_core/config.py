@@ -175,6 +175,12 @@ class TrainConfig(StrictConfig, ModelSourceFields):
         description="Rows of this many bytes of consecutive blocks are shuffled together before they form batches; "
         "a set no larger than this is shuffled as a whole. Each rank holds about twice its share in RAM.",
     )
+    shuffle: bool = Field(
+        True,
+        description="Shuffle the rows (blocks in a seeded order, each window's rows mixed). false: read the rows "
+        "in their stored order, every epoch alike: for a set already shuffled as it was written, such as a "
+        "model's stream kept with cache_to (it then trains on the stream's very batches).",
+    )
     reader_threads: int = Field(
         4, gt=0, le=MAX_READER_THREADS, description="Threads per rank reading blocks ahead of the training loop."
     )

@@ -19,6 +19,7 @@ INSPECT_DIR = "inspect"  # an inspect job's per-latent statistics and examples (
 INSPECT_SUMMARY_FILE = "summary.json"  # inside inspect/: what was inspected, shapes, edges, what is present
 INSPECT_LATENTS_FILE = "latents.safetensors"  # inside inspect/: the per-latent arrays
 INSPECT_TOKENS_FILE = "tokens.json"  # inside inspect/: the text of every token id the examples and effects use
+HELDOUT_CONTEXTS_FILE = "heldout_contexts.safetensors"  # a streamed SAE's held-out contexts: `tokens`, `context_ids`
 SWEEP_FILE = "sweep.json"  # a sweep's run folder: its members (name, folder, overrides) and placement, written first
 SWEEP_RESULT_FILE = "sweep_result.json"  # a sweep's run folder: each member's status and figures; present = finished
 SAE_REQUIRED = (CFG_FILE, WEIGHTS_FILE)  # a folder holding these is a trained SAE

@@ -58,6 +58,23 @@ class ModelSourceFields(BaseModel):
         description="With model: the activations of this many contexts are shuffled together before they form "
         "batches (memory: mixing_contexts x context_size x d_in floats per hook).",
     )
+    cache_to: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_PATH_CHARS,
+        description="With model: also write the stream as activation folders here, one per hook read "
+        "(`<cache_to>/<hook>/`, the extraction's format, manifest last): the windows' rows in the order training "
+        "read them, then the held-out contexts. A training on such a folder with `shuffle: false` and the same "
+        "batch_size and holdout_tokens reads the very batches the stream gave.",
+    )
+    evaluate_contexts: int = Field(
+        0,
+        ge=0,
+        le=2**20,
+        description="With model: after training, evaluate each SAE spliced into the model (CE loss and KL "
+        "recovered, as `evaluate` does) on up to this many held-out contexts, with the model already loaded; "
+        "the figures join eval.json. 0: no model evaluation.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -84,9 +101,12 @@ class ModelSourceFields(BaseModel):
         if source is not None and self.model is not None:
             return ["activation_source and model: give one (activation files, or a model to stream from)"]
         if self.model is not None:
-            return [
+            problems = [
                 f"{name}: required to train from a model" for name in ("hook", "dataset") if getattr(self, name) is None
             ]
+            if getattr(self, "shuffle", True) is False:
+                problems.append("shuffle: only for activation files (a model's stream mixes mixing_contexts contexts)")
+            return problems
         return [
             f"{name}: only for training from a model (set model, hook and dataset)"
             for name, field in ModelSourceFields.model_fields.items()

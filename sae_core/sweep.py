@@ -41,6 +41,7 @@ BATCH_FIELDS = (
     "device",
     "shuffle_block_bytes",
     "shuffle_buffer_bytes",
+    "shuffle",
     "reader_threads",
     "checkpoint_every",
     "keep_checkpoints",
@@ -56,6 +57,8 @@ BATCH_FIELDS = (
     "model_dtype",
     "model_batch_size",
     "mixing_contexts",
+    "cache_to",  # one stream, kept once
+    "evaluate_contexts",  # one pass of the model over the held-out contexts evaluates every member
 )
 # How a member's name shows a field (the rest by their own names).
 SHORT_NAMES = {"architecture": "arch", "l1_coefficient": "l1", "matryoshka_widths": "widths"}

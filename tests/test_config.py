@@ -253,7 +253,7 @@ def kinds_of(cls: type[StrictConfig], kind: type) -> list[str]:
 
 def test_every_config_class_is_covered():
     assert set(VALID) == set(StrictConfig.__subclasses__())
-    assert kinds_of(TrainConfig, bool) == ["prepend_bos", "exclude_special_tokens", "torch_compile"]
+    assert kinds_of(TrainConfig, bool) == ["prepend_bos", "exclude_special_tokens", "shuffle", "torch_compile"]
     assert kinds_of(ExtractConfig, bool) == ["prepend_bos", "exclude_special_tokens"]
 
 

@@ -62,7 +62,7 @@ def open_dataset(path: str, key: str, mtime: float):  # noqa: ARG001  (mtime: pa
 
 def dataset_options() -> dict[str, str]:
     """label → path: the sets in SAE_LAB_HOME/datasets, then the lab's extractions with their provenance."""
-    options = {p.name: str(p) for p in list_datasets(paths.datasets_dir())}
+    options = {str(p.relative_to(paths.datasets_dir())): str(p) for p in list_datasets(paths.datasets_dir())}
     for folder in list_extracted(paths.lab_home()):
         try:
             manifest = read_manifest(folder)
@@ -71,7 +71,8 @@ def dataset_options() -> dict[str, str]:
         if manifest is not None:
             origin = manifest.provenance
             model = str(origin.get("model", "?")).rstrip("/").rsplit("/", 1)[-1]
-            options[f"job {folder.name}: {model} · {origin.get('hook', '?')} · {manifest.n_rows:,} rows"] = str(folder)
+            job = folder.relative_to(paths.jobs_dir())
+            options[f"job {job}: {model} · {origin.get('hook', '?')} · {manifest.n_rows:,} rows"] = str(folder)
     return options
 
 

@@ -38,10 +38,22 @@ TOY_DEFAULTS = {"tokens": 65_536, "d_in": 64, "features": 256, "seed": 0}
 
 
 def list_datasets(datasets_dir: Path) -> list[Path]:
-    """Activation sets in the datasets folder: files of a known kind, and shard directories."""
+    """Activation sets in the datasets folder: files of a known kind, shard directories, and the activation
+    folders (one per hook) of a kept stream (`cache_to`: a folder of folders with a manifest each)."""
     if not datasets_dir.is_dir():
         return []
-    return [entry for entry in sorted(datasets_dir.iterdir()) if _is_activation_set(entry)]
+    found: list[Path] = []
+    for entry in sorted(datasets_dir.iterdir()):
+        if _is_activation_set(entry):
+            found.append(entry)
+        elif entry.is_dir() and not entry.name.startswith("."):
+            found += _kept_streams(entry)
+    return found
+
+
+def _kept_streams(folder: Path) -> list[Path]:
+    """The complete activation folders (a manifest each) directly inside `folder`: a kept stream's hooks."""
+    return sorted(p.parent for p in folder.glob(f"*/{MANIFEST_FILE}") if not p.parent.name.startswith("."))
 
 
 def _is_activation_set(entry: Path) -> bool:
@@ -125,12 +137,23 @@ def text_allowed(name: str, home: Path) -> bool:
 
 
 def list_extracted(home: Path) -> list[Path]:
-    """The lab's complete extractions: job folders holding a manifest, newest first."""
+    """The lab's complete activation folders in its job folders, newest job first: an extraction's job folder
+    (it holds a manifest), and a streamed training's kept stream inside its job folder (`jobs/<id>/<name>/<hook>`
+    with a manifest each, as cache_to writes it)."""
     jobs = home / JOBS_DIR
     if not jobs.is_dir():
         return []
-    found = [p for p in jobs.iterdir() if p.name.isdigit() and (p / MANIFEST_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name), reverse=True)
+    found: list[Path] = []
+    for job in sorted((p for p in jobs.iterdir() if p.name.isdigit()), key=lambda p: int(p.name), reverse=True):
+        if (job / MANIFEST_FILE).is_file():
+            found.append(job)
+        elif job.is_dir():
+            for inner in sorted(job.iterdir()):
+                if inner.is_dir() and not inner.name.startswith(".") and (inner / MANIFEST_FILE).is_file():
+                    found.append(inner)
+                elif inner.is_dir() and not inner.name.startswith("."):
+                    found += _kept_streams(inner)
+    return found
 
 
 def list_models(home: Path) -> list[str]:

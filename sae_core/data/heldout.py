@@ -21,6 +21,8 @@ from ..files import (
     CONTEXTS_FILE,
     EVAL_FILE,
     EXTRACT_CONFIG_FILE,
+    HELDOUT_CONTEXTS_FILE,
+    MANIFEST_FILE,
     SWEEP_FILE,
     TRAIN_CONFIG_FILE,
     WEIGHTS_FILE,
@@ -30,6 +32,8 @@ from ..outputs import sweep_members
 from ..text import brief
 from .activations import ActivationSet, open_activations
 from .formats import DatasetError
+from .stream_cache import cache_folder
+from .stream_plan import stream_key
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class EvalPlan:
     context_ids: np.ndarray | None  # those contexts, at most cfg.contexts of them, ascending
     exclude_special_tokens: bool  # positions the SAE was not trained on keep the model's own activation
     special_token_ids: tuple[int, ...]
+    contexts_file: Path | None = None  # the `tokens` [n, context_size] that context_ids index (None: cfg.dataset)
 
     @property
     def sae_dir(self) -> Path:
@@ -65,7 +70,10 @@ class NamedSae:
 
 def held_out_contexts(data: ActivationSet, holdout: int) -> np.ndarray:
     """The contexts whose every row is in the tail holdout of `data` (the first context of the tail is cut
-    when the tail starts inside it), ascending."""
+    when the tail starts inside it), ascending. In a kept stream (data/stream_cache.py) only the last
+    held_out_rows rows keep each context's rows together: the tail is looked for there."""
+    if data.manifest is not None and "held_out_rows" in data.manifest.provenance:
+        holdout = min(holdout, int(data.manifest.provenance["held_out_rows"]))
     if holdout <= 0:
         return np.empty(0, np.int64)
     start = data.n_rows - holdout
@@ -157,9 +165,9 @@ def _require_same_pass(first_sae: NamedSae, first: EvalPlan, sae: NamedSae, plan
         and first_ids is None
         or (ids is not None and first_ids is not None and np.array_equal(ids, first_ids))
     )
-    if not same_ids or (plan.activation_dir, plan.context_size, plan.exclude_special_tokens) != (
-        first.activation_dir, first.context_size, first.exclude_special_tokens
-    ):  # fmt: skip
+    if not same_ids or not _same_contexts_file(plan, first) or (
+        plan.activation_dir, plan.context_size, plan.exclude_special_tokens
+    ) != (first.activation_dir, first.context_size, first.exclude_special_tokens):  # fmt: skip
         raise ConfigError(
             f"{sae.field}: {sae.label} held out other contexts than {first_sae.label} (trained on other activations "
             "or another holdout_tokens), and each SAE is evaluated only on contexts it never saw; evaluate it in its "
@@ -167,9 +175,19 @@ def _require_same_pass(first_sae: NamedSae, first: EvalPlan, sae: NamedSae, plan
         )
 
 
+def _same_contexts_file(plan: EvalPlan, first: EvalPlan) -> bool:
+    """Whether two plans' contexts files hold the same contexts (a streamed sweep's members hold one copy each)."""
+    if plan.activation_dir is not None or plan.contexts_file is None or first.contexts_file is None:
+        return True  # an extraction's contexts are named by its folder (compared with activation_dir)
+    return plan.contexts_file.read_bytes() == first.contexts_file.read_bytes()
+
+
 def _plan_one(cfg: EvaluateConfig, sae_dir: Path) -> EvalPlan:
     """Every check of one SAE that needs no model: its folder, where the model and hook come from, the contexts."""
     d_in, d_sae = sae_shape(sae_dir)
+    streamed = _streamed_training(sae_dir)
+    if streamed is not None:
+        return _plan_streamed(cfg, sae_dir, d_in, d_sae, streamed)
     trained = _training_source(sae_dir)
     provenance = trained[0].manifest.provenance if trained and trained[0].from_model else {}
     model, hook = cfg.model or provenance.get("model"), cfg.hook or provenance.get("hook")
@@ -199,11 +217,70 @@ def _plan_one(cfg: EvaluateConfig, sae_dir: Path) -> EvalPlan:
             f"{provenance.get('context_size')}); train with holdout_tokens of at least two contexts, or give a "
             "text dataset (--dataset)"
         )
-    extract_cfg = ExtractConfig.from_json_file(data.source / EXTRACT_CONFIG_FILE)
+    exclude = provenance.get("exclude_special_tokens")  # a kept stream says so; an extraction's config does
+    if not isinstance(exclude, bool):
+        exclude = ExtractConfig.from_json_file(data.source / EXTRACT_CONFIG_FILE).exclude_special_tokens
     return EvalPlan(
-        (sae_dir,), d_in, (d_sae,), model, hook, int(provenance["context_size"]), data.source, ids[: cfg.contexts], extract_cfg.exclude_special_tokens,
-        tuple(int(i) for i in provenance.get("special_token_ids", ())),
+        (sae_dir,), d_in, (d_sae,), model, hook, int(provenance["context_size"]), data.source, ids[: cfg.contexts], exclude,
+        tuple(int(i) for i in provenance.get("special_token_ids", ())), data.source / CONTEXTS_FILE,
     )  # fmt: skip
+
+
+def _streamed_training(sae_dir: Path) -> TrainConfig | None:
+    """The training config of an SAE SAE Lab trained straight from a model; None for any other SAE."""
+    if not (sae_dir / TRAIN_CONFIG_FILE).is_file():
+        return None
+    try:
+        train_cfg = TrainConfig.from_json_file(sae_dir / TRAIN_CONFIG_FILE)
+    except ConfigError:
+        return None  # _training_source names the problem
+    return train_cfg if train_cfg.streamed else None
+
+
+def _plan_streamed(cfg: EvaluateConfig, sae_dir: Path, d_in: int, d_sae: int, train_cfg: TrainConfig) -> EvalPlan:
+    """An SAE trained from a model: its model and hook, and the held-out contexts its training wrote beside it
+    (HELDOUT_CONTEXTS_FILE: the stream's held-out contexts whose every row the end-of-run evaluation read)."""
+    model, hook = cfg.model or str(train_cfg.model), cfg.hook or str(train_cfg.hook)
+    if cfg.dataset is not None:
+        return EvalPlan((sae_dir,), d_in, (d_sae,), model, hook, cfg.context_size, None, None, True, ())
+    if (model, hook) != (train_cfg.model, train_cfg.hook):
+        raise ConfigError(
+            "dataset: the held-out contexts come from the model and hook the SAE was trained on; give a text dataset "
+            "(--dataset) to evaluate it at another model or hook"
+        )
+    held = read_heldout_contexts(sae_dir)
+    if held is None:
+        raise DatasetError(
+            f"dataset: the SAE was trained from a model but {brief(sae_dir)} has no {HELDOUT_CONTEXTS_FILE} (its "
+            "held-out contexts); give a text dataset (--dataset)"
+        )
+    tokens, specials = held
+    if not len(tokens):
+        raise DatasetError(
+            f"contexts: the SAE's training held out no whole context (holdout_tokens {train_cfg.holdout_tokens:,}, "
+            f"context_size {train_cfg.context_size}); train with holdout_tokens of at least two contexts, or give a "
+            "text dataset (--dataset)"
+        )
+    ids = np.arange(min(len(tokens), cfg.contexts), dtype=np.int64)
+    return EvalPlan(
+        (sae_dir,), d_in, (d_sae,), model, hook, train_cfg.context_size, None, ids, train_cfg.exclude_special_tokens,
+        tuple(int(i) for i in specials), sae_dir / HELDOUT_CONTEXTS_FILE,
+    )  # fmt: skip
+
+
+def read_heldout_contexts(sae_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """A streamed SAE's held-out contexts (`tokens` [n, context_size]) and the model's special token ids; None
+    when the folder has no such file."""
+    from safetensors.numpy import load_file
+
+    path = sae_dir / HELDOUT_CONTEXTS_FILE
+    if not path.is_file():
+        return None
+    try:
+        found = load_file(str(path))
+        return found["tokens"], found["special_token_ids"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise DatasetError(f"sae: {brief(path)} cannot be read ({brief(exc, 200)})") from None
 
 
 def _training_source(sae_dir: Path) -> tuple[ActivationSet, int] | None:
@@ -230,6 +307,20 @@ def _training_source(sae_dir: Path) -> tuple[ActivationSet, int] | None:
             "trained on; give a text dataset (--dataset)"
         )
     return data, train_cfg.holdout_tokens
+
+
+def kept_stream(train_cfg: TrainConfig) -> str:
+    """The activation folder a streamed training kept of its hook (cache_to), where inspection reads its rows (the
+    held-out contexts last, as in an extraction); ConfigError when it kept none."""
+    folder = cache_folder(train_cfg.cache_to, stream_key(str(train_cfg.hook))) if train_cfg.cache_to else None
+    if folder is None or not (folder / MANIFEST_FILE).is_file():
+        kept = f" ({brief(folder)} holds no complete copy)" if folder is not None else ""
+        raise ConfigError(
+            f"activations: the SAE was trained straight from {brief(train_cfg.model, 200)} at {train_cfg.hook} and its "
+            f"stream was not kept{kept}; give activations of that model and hook to inspect it on (--activations: "
+            "an extraction), or train with cache_to"
+        )
+    return str(folder)
 
 
 @dataclass(frozen=True)
@@ -261,7 +352,8 @@ def plan_inspection(cfg: InspectConfig) -> InspectPlan:
                 "(--activations)"
             )
         train_cfg = TrainConfig.from_json_file(sae_dir / TRAIN_CONFIG_FILE)
-        source, key, holdout = activation_files(train_cfg), train_cfg.activation_key, train_cfg.holdout_tokens
+        files = kept_stream(train_cfg) if train_cfg.streamed else activation_files(train_cfg)
+        source, key, holdout = files, train_cfg.activation_key, train_cfg.holdout_tokens
     try:
         data = open_activations(source, key)
     except (DatasetError, OSError) as exc:

@@ -24,6 +24,8 @@ MAX_MANIFEST_BYTES = 256 * 2**20  # ~3 M shards; more than any set we expect, le
 # Provenance: what produced the rows (the extraction writes them; DESIGN.md's contract names them).
 PROVENANCE_FIELDS = (
     "model", "hook", "context_size", "tokenizer", "bos_token_id", "special_token_ids", "n_contexts", "dataset", "text_field",
+    "split", "exclude_special_tokens",
+    "held_out_rows",  # a kept stream (data/stream_cache.py): the last rows, whole contexts; those before are mixed
 )  # fmt: skip
 
 

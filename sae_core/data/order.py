@@ -1,7 +1,8 @@
 """The data order: which rows each rank trains on, step after step (deterministic, resumable, 1 ≡ N ranks).
 
 Rows are grouped into contiguous *blocks* of `block_rows` rows (one large read each; ~1 MiB by default).
-Each epoch visits the blocks in a seeded permutation; every `window_blocks` consecutive blocks of that
+Each epoch visits the blocks in a seeded permutation (in order when `shuffle` is off: a set written already
+shuffled, such as a model's stream kept with cache_to, is read as stored); every `window_blocks` consecutive blocks of that
 permutation form a *window* (the shuffle buffer), whose training rows are shuffled together. The windows
 laid end to end are the epoch's stream of rows, and global batch i is rows [i·B, (i+1)·B) of the stream
 (an incomplete tail is dropped). The order costs O(blocks) memory plus one window, never O(rows): 1 B rows
@@ -62,7 +63,8 @@ class _EpochPlan:
     def __init__(self, order: BlockOrder, epoch: int):
         self.epoch = epoch
         self.blocks = np.arange(order.n_blocks, dtype=np.int32 if order.n_blocks < 2**31 else np.int64)
-        np.random.default_rng([order.seed, _EPOCH_STREAM, epoch]).shuffle(self.blocks)
+        if order.shuffle:
+            np.random.default_rng([order.seed, _EPOCH_STREAM, epoch]).shuffle(self.blocks)
         counts = order.train_rows_per_block[self.blocks]
         starts = np.arange(0, order.n_blocks, order.window_blocks)
         per_window = np.int32 if order.window_blocks * order.block_rows < 2**31 else np.int64  # no 8-byte copy
@@ -87,6 +89,7 @@ class BlockOrder:
         window_blocks: int = 1,
         *,
         contiguous_holdout: bool = False,
+        shuffle: bool = True,
     ):
         if global_batch < 1 or block_rows < 1 or window_blocks < 1:
             raise ValueError(f"batch ({global_batch}), block ({block_rows}), window ({window_blocks}) must be ≥ 1")
@@ -101,6 +104,7 @@ class BlockOrder:
         self.block_rows, self.window_blocks = block_rows, window_blocks
         self.n_blocks = -(-n_rows // block_rows)
         self.contiguous_holdout = contiguous_holdout
+        self.shuffle = shuffle  # False: the stored order, every epoch (a set written already shuffled)
         self._holdout = tail_holdout(n_rows, holdout) if contiguous_holdout else holdout_rows_for(n_rows, holdout, seed)
         per_block = np.full(self.n_blocks, block_rows, dtype=np.int32)
         per_block[-1] = n_rows - (self.n_blocks - 1) * block_rows
@@ -188,6 +192,8 @@ class BlockOrder:
         if self.holdout:
             at = np.searchsorted(self._holdout, rows).clip(max=self.holdout - 1)
             rows = rows[self._holdout[at] != rows]
+        if not self.shuffle:
+            return rows
         return rows[np.random.default_rng([self.seed, _WINDOW_STREAM, plan.epoch, w]).permutation(len(rows))]
 
     # -- resume
@@ -201,6 +207,7 @@ class BlockOrder:
             "block_rows": self.block_rows,
             "window_blocks": self.window_blocks,
             "holdout_kind": self.holdout_kind,
+            "shuffle": self.shuffle,
         }
 
     def state_dict(self) -> dict:
@@ -213,7 +220,8 @@ class BlockOrder:
                 "cannot resume the data order: the checkpoint was written by an earlier version of SAE Lab whose "
                 "data order differs; start a new run from its config"
             )
-        state = {"holdout_kind": "random", **state}  # checkpoints from before tail holdouts held random ones
+        # checkpoints from before tail holdouts held random ones; from before `shuffle`, shuffled ones
+        state = {"holdout_kind": "random", "shuffle": True, **state}
         for name, value in self._fingerprint().items():
             if state.get(name) != value:
                 raise DatasetError(f"cannot resume the data order: {name} was {state.get(name)}, now {value}")

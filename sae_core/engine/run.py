@@ -21,7 +21,7 @@ from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, recor
 from ..config import ConfigError, TrainConfig
 from ..data.checks import DatasetError, check_dataset
 from ..data.stream_plan import stream_key
-from ..files import METRICS_FILE, REFUSED_FILE
+from ..files import EVAL_FILE, METRICS_FILE, REFUSED_FILE
 from ..sweep import Sweep, read_training_config
 from .checkpoint import CheckpointError
 from .distributed import DistEnv, init_process_group, read_dist_env
@@ -81,7 +81,9 @@ def main(
 ) -> int:
     """`open_stream(cfg, keys, device, rank, ranks)`: what opens a model's stream for a config that names a model
     (model/stream.py, passed in by `sae_core.train`: the engine does not import the model layer); it raises
-    ConfigError or DatasetError naming what is wrong."""
+    ConfigError or DatasetError naming what is wrong. The stream it returns also writes each SAE's held-out
+    contexts (`write_heldout`), completes the kept stream (`finish`) and evaluates the SAEs with its model
+    (`evaluate`): the engine calls them, never the model layer."""
     args = parse_args(argv)
     out_dir = Path(args.out)
     try:
@@ -106,11 +108,15 @@ def main(
             stream = open_stream(shared, keys, env.device, rank, ranks)
         if env.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
+            if stream is not None:  # before any eval.json: whoever evaluates the SAE later finds its contexts
+                stream.write_heldout([folder for folder, _ in trained_saes(cfg, out_dir)])
         make = SweepTrainer if isinstance(cfg, Sweep) else Trainer
         trainer = make(cfg, out_dir, env, data, resume, extra_sinks, stream=stream)  # type: ignore[arg-type]
         result = trainer.run()
         del trainer  # DDP's reducer and gloo's threads go before the process group, not at teardown
         gc.collect()
+        if stream is not None:
+            after_stream(stream, cfg, out_dir, env)
         if isinstance(cfg, Sweep) and env.is_main and not any(m["status"] == "completed" for m in result["members"]):
             return report_bad_input(
                 out_dir, DatasetError("every member of the sweep failed (see each member's error.txt)")
@@ -121,6 +127,28 @@ def main(
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def trained_saes(cfg: TrainConfig | Sweep, out_dir: Path) -> list[tuple[Path, str]]:
+    """Each SAE folder a run writes, with the hook it reads."""
+    if isinstance(cfg, Sweep):
+        return [(member.folder(out_dir), str(member.config.hook)) for member in cfg.members]
+    return [(out_dir, str(cfg.hook))]
+
+
+def after_stream(stream, cfg: TrainConfig | Sweep, out_dir: Path, env: DistEnv) -> None:
+    """Every rank, once training is done: the kept stream completed (cache_to), then each completed SAE evaluated
+    with the model already loaded (evaluate_contexts)."""
+    stream.finish()
+    shared = cfg.shared if isinstance(cfg, Sweep) else cfg
+    if shared.evaluate_contexts:
+        if dist.is_initialized():
+            dist.barrier()  # every member's eval.json is written
+        done = [(folder, hook) for folder, hook in trained_saes(cfg, out_dir) if (folder / EVAL_FILE).is_file()]
+        if done:
+            stream.evaluate(done, shared.evaluate_contexts, env)
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def placed(cfg: TrainConfig | Sweep, world_size: int) -> tuple[TrainConfig | Sweep, int]:

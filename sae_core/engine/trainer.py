@@ -420,7 +420,7 @@ def data_order(cfg: TrainConfig, data) -> BlockOrder:
     block_rows, window_blocks = blocks_for(data.row_bytes, cfg.shuffle_block_bytes, cfg.shuffle_buffer_bytes)
     return BlockOrder(
         data.n_rows, cfg.holdout_tokens, cfg.batch_size, cfg.seed, block_rows, window_blocks,
-        contiguous_holdout=data.from_model,
+        contiguous_holdout=data.from_model, shuffle=cfg.shuffle,
     )  # fmt: skip
 
 

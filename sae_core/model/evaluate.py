@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors.numpy import load_file as load_numpy
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from ..config import ConfigError, EvaluateConfig
@@ -38,7 +39,6 @@ from ..engine.saelens import load as load_sae
 from ..engine.sinks import MetricsSink, report_done
 from ..files import EVAL_FILE, MODEL_EVAL_FILE
 from ..outputs import read_json
-from . import extraction
 from .hooks import HookReader, find_module, list_hooks
 from .loading import ModelError, load_model, load_tokenizer, meta_model, resolve_model
 from .splice import Splicer, SpliceTotals, input_mean, require_causal_lm, splice_batch
@@ -76,9 +76,9 @@ class Target:
     def _contexts(self, cfg: EvaluateConfig) -> tuple[np.ndarray, np.ndarray]:
         """Token ids [n, context_size] and the positions to replace, from the held-out contexts or the text."""
         plan = self.plan
-        if plan.activation_dir is not None:
+        if plan.contexts_file is not None:
             assert plan.context_ids is not None
-            tokens = extraction.read_contexts(plan.activation_dir)[plan.context_ids]
+            tokens = load_numpy(str(plan.contexts_file))["tokens"][plan.context_ids]
             specials = Specials(None, None, plan.special_token_ids, False)
             return tokens, kept_positions(tokens, specials, plan.exclude_special_tokens)
         assert cfg.dataset is not None
@@ -105,7 +105,7 @@ class Target:
             "eval_hook": self.plan.hook,
             "eval_contexts": len(self.tokens),
             "eval_context_size": int(self.tokens.shape[1]),
-            "eval_source": str(self.plan.activation_dir) if self.plan.activation_dir else "dataset",
+            "eval_source": str(self.plan.activation_dir or self.plan.contexts_file or "dataset"),
             "eval_context_ids": ids.tolist() if ids is not None else None,
         }
 
@@ -115,30 +115,48 @@ def run(cfg: EvaluateConfig, target: Target, env: DistEnv, sinks: list[MetricsSi
     figures of all ranks together, one dict per SAE (target.plan.sae_dirs' order)."""
     saes = [load_sae(folder, env.device) for folder in target.plan.sae_dirs]
     model = load_model(target.model_dir, cfg.model_dtype, env.device)
-    mine = np.arange(env.rank, len(target.tokens), env.world_size)
+    totals = splice_totals(model, saes, target.plan.hook, target.tokens, target.mask, cfg.batch_size, env, sinks)
+    summary = target.summary()
+    return [{**sums.figures(), **summary} for sums in totals]
+
+
+def splice_totals(
+    model: torch.nn.Module,
+    saes: list,
+    hook: str,
+    tokens_all: np.ndarray,
+    mask_all: np.ndarray,
+    batch_size: int,
+    env: DistEnv,
+    sinks: list[MetricsSink],
+) -> list[SpliceTotals]:
+    """Every rank's share of the contexts (`tokens_all` [n, context_size], positions to splice `mask_all`) through
+    the clean and ablated runs and each SAE spliced in at `hook`; the totals of all ranks together, one per SAE.
+    The model evaluation job and a streamed training's own evaluation (`evaluate_contexts`) both run this."""
+    mine = np.arange(env.rank, len(tokens_all), env.world_size)
+    d_in = saes[0].d_in
 
     def batches():
-        for start in range(0, len(mine), cfg.batch_size):
-            chosen = mine[start : start + cfg.batch_size]
-            tokens = torch.from_numpy(target.tokens[chosen].astype(np.int64)).to(env.device)
-            yield tokens, torch.from_numpy(target.mask[chosen]).to(env.device)
+        for start in range(0, len(mine), batch_size):
+            chosen = mine[start : start + batch_size]
+            tokens = torch.from_numpy(tokens_all[chosen].astype(np.int64)).to(env.device)
+            yield tokens, torch.from_numpy(mask_all[chosen]).to(env.device)
 
-    reader = HookReader(model, target.plan.hook)
-    mean = input_mean(reader, batches, target.plan.d_in, env.device)
+    reader = HookReader(model, hook)
+    mean = input_mean(reader, batches, d_in, env.device)
     reader.close()
-    splicer = Splicer(model, target.plan.hook)
+    splicer = Splicer(model, hook)
     totals = [SpliceTotals(sae.d_in, sae.d_sae, env.device) for sae in saes]
     started, done = time.perf_counter(), 0
     for tokens, mask in batches():
         splice_batch(splicer, saes, tokens, mask, mean, totals)
         done += len(tokens)
         if env.is_main:
-            report_progress(sinks, done * env.world_size, len(target.tokens), tokens.shape[1], started)
+            report_progress(sinks, done * env.world_size, len(tokens_all), tokens.shape[1], started)
     splicer.close()
-    summary = target.summary()
     for sums in totals:
         sums.reduce()
-    return [{**sums.figures(), **summary} for sums in totals]
+    return totals
 
 
 def report_progress(sinks: list[MetricsSink], contexts: int, total: int, context_size: int, started: float) -> None:
@@ -156,9 +174,7 @@ def write_figures(out_dir: Path, sae_dirs: Sequence[Path], figures: Sequence[dic
     exactly as a single evaluation adds them. One SAE: model_eval.json holds its figures; several: the shared
     summary, and `saes` lists each one's folder and figures. Returns what model_eval.json holds."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for sae_dir, own in zip(sae_dirs, figures, strict=True):
-        merged = {**read_json(sae_dir / EVAL_FILE), **{k: v for k, v in own.items() if k != "eval_context_ids"}}
-        _replace_json(sae_dir / EVAL_FILE, merged)
+    merge_figures(sae_dirs, figures)
     if len(figures) == 1:
         result = figures[0]
     else:
@@ -166,6 +182,13 @@ def write_figures(out_dir: Path, sae_dirs: Sequence[Path], figures: Sequence[dic
         result = {**shared, "saes": [{"sae": str(d), **_own(f)} for d, f in zip(sae_dirs, figures, strict=True)]}
     _replace_json(out_dir / MODEL_EVAL_FILE, result)
     return result
+
+
+def merge_figures(sae_dirs: Sequence[Path], figures: Sequence[dict]) -> None:
+    """Each SAE's figures (not the context ids) added to its eval.json, replaced atomically."""
+    for sae_dir, own in zip(sae_dirs, figures, strict=True):
+        merged = {**read_json(sae_dir / EVAL_FILE), **{k: v for k, v in own.items() if k != "eval_context_ids"}}
+        _replace_json(sae_dir / EVAL_FILE, merged)
 
 
 # What every SAE of one pass shares: the clean and ablated runs, and what the contexts were.

@@ -109,7 +109,7 @@ class ShardWriter:
 def write_shard(out_dir: Path, index: int, tensors: dict[str, torch.Tensor]) -> None:
     path = out_dir / shard_file_name(index)
     partial = path.with_name(f".{path.name}.partial")
-    save_file(tensors, str(partial))
+    save_file({name: t.cpu().contiguous() for name, t in tensors.items()}, str(partial))  # on this thread
     os.replace(partial, path)
 
 

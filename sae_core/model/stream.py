@@ -12,17 +12,23 @@ contexts are run once up front; the end-of-run evaluation reads their rows (`Hol
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors.numpy import save_file as save_numpy
 
 from ..data.stream_plan import StreamPlan, plan_stream, rows_needed, window_of
 from ..data.text import Specials, TextError, iter_pieces, kept_positions, pack_contexts
+from ..files import HELDOUT_CONTEXTS_FILE
 from .hooks import find_module, first_tensor, list_hooks
 from .loading import ModelError, load_model, load_tokenizer, resolve_model
+from .splice import require_causal_lm
+from .stream_cache import StreamCache
 
 
 class _Reached(Exception):
@@ -81,6 +87,8 @@ class StreamSource:
     widths: dict[str, int]  # the width of each stream key's rows
     model_batch_size: int
     device: torch.device
+    model_dir: Path | None = None
+    specials: Specials | None = None
 
     def rows(self, contexts: np.ndarray) -> dict[str, torch.Tensor]:
         """The kept rows of `contexts` for every stream key, in context order, float32 on the device."""
@@ -130,7 +138,7 @@ def open_source(cfg, keys: list[str], device: torch.device) -> StreamSource:
     reader = HooksReader(model, keys)
     probe = reader(torch.from_numpy(tokens[:1].astype(np.int64)).to(device))  # an input's width is seen, not listed
     widths = {key: int(probe[key].shape[-1]) for key in keys}
-    return StreamSource(reader, tokens, kept, plan, widths, cfg.model_batch_size, device)
+    return StreamSource(reader, tokens, kept, plan, widths, cfg.model_batch_size, device, model_dir, specials)
 
 
 def gather_rows(mine: dict[str, torch.Tensor], ranks: int) -> dict[str, torch.Tensor]:
@@ -154,9 +162,10 @@ class StreamFeed:
     """This rank's slice of each global batch from the stream, as `{stream_key(hook): rows}`: the trainer's
     reader when training from a model. `ranks` share each batch (1: this rank reads whole batches)."""
 
-    def __init__(self, source: StreamSource, batch_size: int, rank: int, ranks: int, position: int = 0):
+    def __init__(self, source: StreamSource, batch_size: int, rank: int, ranks: int, position: int = 0, cache=None):
         self.source, self.batch_size, self.rank, self.ranks = source, batch_size, rank, ranks
         self.position = position
+        self.cache: StreamCache | None = cache  # cache_to: each window also goes there as training reads it
         self.starts = source.plan.window_starts()
         self._windows: dict[int, dict[str, torch.Tensor]] = {}
         self.wait_seconds = 0.0  # time spent running the model (the trainer's data_wait)
@@ -171,6 +180,8 @@ class StreamFeed:
             order = torch.from_numpy(self.source.plan.permutation(index)).to(self.source.device)
             self._windows = {w: rows for w, rows in self._windows.items() if w > index - 1}
             self._windows[index] = {key: key_rows[order] for key, key_rows in rows.items()}
+            if self.cache is not None:
+                self.cache.put_window(index, self._windows[index])
             self.wait_seconds += time.perf_counter() - started
         return self._windows[index]
 
@@ -209,13 +220,15 @@ class StreamFeed:
 
 
 class HoldoutRows:
-    """The held-out contexts' rows at one hook (the first holdout_tokens of them), as the evaluation reads data."""
+    """The held-out contexts' rows at one hook (the last holdout_tokens of them, so the first context may be cut,
+    as in the tail holdout of an extracted set: a kept stream holds the very same rows last), as the evaluation
+    reads data."""
 
     from_model = True
     features = None
 
     def __init__(self, rows: torch.Tensor, holdout_tokens: int):
-        self.rows = rows[:holdout_tokens].cpu().numpy()
+        self.rows = rows[len(rows) - holdout_tokens :].cpu().numpy()
         self.d_in = self.rows.shape[1]
 
     def read(self, index) -> np.ndarray:
@@ -239,24 +252,111 @@ class StreamOrder:
 
 @dataclass
 class Stream:
-    """A streamed training's feed, its order and the held-out rows of each hook."""
+    """A streamed training's feed, its order and the held-out rows of each hook; with the model still loaded after
+    training, it evaluates the SAEs spliced in (`evaluate`), and it keeps the stream when asked (`cache`)."""
 
     feed: StreamFeed
     order: StreamOrder
     holdout: dict[str, HoldoutRows]
+    cache: StreamCache | None = None
+    model_name: str | None = None
 
-    def close(self) -> None:
+    def held_out_contexts(self) -> np.ndarray:
+        """The held-out contexts whose every row the end-of-run evaluation reads (the first may be cut), in order."""
+        source = self.feed.source
+        held = source.plan.holdout
+        rows = source.plan.context_rows[held]
+        first_row = np.cumsum(rows) - rows  # where each context's rows start among the held-out rows
+        return held[first_row >= int(rows.sum()) - self.order.n_holdout]
+
+    def write_heldout(self, sae_dirs: list[Path]) -> None:
+        """Beside each SAE: its held-out contexts' tokens, so that `evaluate SAE_DIR` runs them later."""
+        source = self.feed.source
+        ids = self.held_out_contexts()
+        specials = source.specials.special_ids if source.specials is not None else ()
+        tensors: dict[str, np.ndarray] = {
+            "tokens": np.ascontiguousarray(source.tokens[ids], dtype=np.int32),
+            "context_ids": ids.astype(np.int64),
+            "special_token_ids": np.array(sorted(specials), dtype=np.int64),
+        }
+        for folder in sae_dirs:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / HELDOUT_CONTEXTS_FILE
+            partial = path.with_name(f".{path.name}.partial")
+            save_numpy(tensors, str(partial))
+            os.replace(partial, path)
+
+    def finish(self) -> None:
+        """After training, every rank: the kept stream completed (manifest last); the model's hooks removed."""
+        if self.cache is not None:
+            self.cache.finish(self.feed)  # a resumed run computes the windows it skipped: the hooks are needed
         self.feed.source.reader.close()
+
+    def evaluate(self, saes: list[tuple[Path, str]], contexts: int, env) -> None:
+        """Every rank: each SAE (folder, hook) spliced into the loaded model at its hook on the first `contexts`
+        held-out contexts; the writing rank merges the figures into each eval.json, as a separate evaluation
+        (`python -m sae_core evaluate SAE_DIR`, which reads the same contexts back) merges them."""
+        from ..config import EvaluateConfig
+        from ..engine.saelens import load as load_sae
+        from .evaluate import merge_figures, splice_totals
+
+        self.feed.source.reader.close()  # its hooks would stop the forward at the deepest hook
+        source = self.feed.source
+        ids = self.held_out_contexts()[:contexts]
+        tokens, mask = source.tokens[ids], source.kept[ids]
+        batch = EvaluateConfig.model_fields["batch_size"].default  # a separate evaluation's: the same sums
+        for hook in dict.fromkeys(hook for _, hook in saes):
+            folders = [folder for folder, at in saes if at == hook]
+            loaded = [load_sae(folder, env.device) for folder in folders]
+            totals = splice_totals(source.reader.model, loaded, hook, tokens, mask, batch, env, [])
+            if env.is_main:
+                figures = [
+                    {
+                        **sums.figures(),
+                        "eval_model": self.model_name,
+                        "eval_hook": hook,
+                        "eval_contexts": len(tokens),
+                        "eval_context_size": int(tokens.shape[1]),
+                        "eval_source": str(folder / HELDOUT_CONTEXTS_FILE),
+                    }
+                    for folder, sums in zip(folders, totals, strict=True)
+                ]
+                merge_figures(folders, figures)
 
 
 def open_stream(cfg, keys: list[str], device: torch.device, rank: int, ranks: int) -> Stream:
-    """The stream of `keys` (each member's stream_key, and its target's for a transcoder) for a streamed config."""
+    """The stream of `keys` (each member's stream_key, and its target's for a transcoder) for a streamed config;
+    with cache_to, the writing rank (global rank 0) also keeps it."""
     source = open_source(cfg, keys, device)
+    if cfg.evaluate_contexts:  # before training, not after it
+        require_causal_lm(source.reader.model)
     held = source.rows(source.plan.holdout)  # every rank: whoever writes a member evaluates it
     n_holdout = min(cfg.holdout_tokens, source.plan.holdout_rows)
     holdout = {key: HoldoutRows(rows, n_holdout) for key, rows in held.items()}
-    feed = StreamFeed(source, cfg.batch_size, rank, ranks)
-    return Stream(feed, StreamOrder(feed, n_holdout), holdout)
+    cache = None
+    if cfg.cache_to is not None:
+        writes = not dist.is_initialized() or dist.get_rank() == 0
+        cache = StreamCache(cfg, source, cache_provenance(cfg, source), writes)
+        cache.write_holdout(held)
+    feed = StreamFeed(source, cfg.batch_size, rank, ranks, cache=cache)
+    return Stream(feed, StreamOrder(feed, n_holdout), holdout, cache, cfg.model)
+
+
+def cache_provenance(cfg, source: StreamSource) -> dict:
+    """What an extraction's manifest says of where its rows came from, for a kept stream."""
+    specials = source.specials
+    return {
+        "model": cfg.model,
+        "context_size": cfg.context_size,
+        "tokenizer": str(source.model_dir),
+        "bos_token_id": specials.start_id if specials is not None else None,
+        "special_token_ids": list(specials.special_ids) if specials is not None else [],
+        "n_contexts": len(source.tokens),
+        "dataset": cfg.dataset,
+        "text_field": cfg.text_field,
+        "split": cfg.split,
+        "exclude_special_tokens": cfg.exclude_special_tokens,
+    }
 
 
 def provenance(cfg) -> dict:

@@ -163,3 +163,11 @@ def test_a_billion_rows_cost_blocks_not_rows():
     assert len(first) == 512 and not np.isin(first, o.holdout_rows()).any()
     assert peak < 100 * 2**20, f"{peak / 2**20:.0f} MiB for the order"  # a row permutation would be 8 GB
     print(f"order of 1e9 rows: first batches after {seconds:.2f} s, peak {peak / 2**20:.0f} MiB")
+
+
+def test_an_order_without_shuffle_reads_the_rows_as_stored_every_epoch():
+    order = BlockOrder(100, 10, 15, seed=3, block_rows=7, window_blocks=2, contiguous_holdout=True, shuffle=False)
+    first = [order.global_rows(BatchKey(0, b)) for b in range(order.batches_per_epoch)]
+    assert np.concatenate(first).tolist() == list(range(90))
+    assert order.global_rows(BatchKey(1, 2)).tolist() == list(range(30, 45))
+    assert order.state_dict()["shuffle"] is False
