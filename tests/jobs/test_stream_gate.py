@@ -149,3 +149,17 @@ def test_a_gpu_too_small_for_the_model_and_the_window_is_refused_naming_the_figu
             "pick a GPU with more free memory, more GPUs, or a smaller batch",
         )
     ]
+
+
+def test_where_the_stream_is_kept_and_the_evaluation_after_training_are_checked(lab_home, hf, tmp_path):
+    outside = submission.check(TrainConfig.from_dict(streamed(hf, cache_to="/etc/kept")), Submission(None, 1))
+    assert [p.field for p in outside.problems] == ["cache_to"] and "outside the data roots" in outside.problems[
+        0
+    ].message
+    inside = submission.check(TrainConfig.from_dict(streamed(hf, cache_to=str(lab_home / "datasets" / "kept"))),
+                              Submission(None, 1))  # fmt: skip
+    assert inside.ok, inside.describe()
+    bert = streamed(hf, model=str(hf["bert"]), hook="encoder.layer.0", evaluate_contexts=4)
+    verdict = submission.check(TrainConfig.from_dict(bert), Submission(None, 1))
+    assert ("evaluate_contexts", "evaluate_contexts: the model is not a causal language model (CE loss needs one); "
+            "set it to 0") in problems(verdict)  # fmt: skip
