@@ -45,23 +45,19 @@ from dataclasses import asdict, dataclass, field
 from ..architectures import MemoryTerms
 from ..config import ConfigError, TrainConfig
 from ..sweep import Sweep
-from .memory_constants import CudaConstants, load_constants
+from .memory_constants import (  # noqa: F401  (the constants in force, as memory.X for the estimate's readers)
+    ALLOCATOR_HEADROOM,
+    BUILT_IN_CONSTANTS,
+    CUDA_CONTEXT_BYTES,
+    NCCL_BYTES,
+    CudaConstants,
+    cuda_constants,
+)
+from .model_memory import StreamSource
 
 MiB = 1024**2
 GiB = 1024**3
 
-# CUDA context + lazily loaded kernels + cuBLAS, as nvidia-smi shows it for a process minus what
-# torch's allocator reserved. PyTorch maintainers report ~300-400 MB for CUDA >= 11.7 with lazy
-# module loading (pytorch/pytorch#107667, #109888, pre-Hopper GPUs); Hopper contexts are larger
-# (~500 MB) and the first cuBLAS/topk kernels add tens of MB. Provisional until
-# bench/memory_accuracy.py measures it on a lent GPU (its "context" column).
-CUDA_CONTEXT_BYTES = 600 * MiB
-# NCCL communicator buffers per rank: 544-688 MB per rank measured on 4x A100 NVLink
-# (NVIDIA/nccl#964), up to ~1.6 GB with NVLS on H100 (NVIDIA/nccl#864). DDP uses one communicator.
-NCCL_BYTES = 1 * GiB
-# Reserved over allocated: provisional, calibrated by bench/memory_accuracy.py.
-ALLOCATOR_HEADROOM = 0.10
-BUILT_IN_CONSTANTS = CudaConstants(CUDA_CONTEXT_BYTES, NCCL_BYTES, ALLOCATOR_HEADROOM, source="built-in")
 EVAL_CHUNK_TOKENS = 4096  # evaluation.evaluate's default chunk
 INIT_BYTES_PER_ELEMENT = 20  # fp32 batch (4) + fp64 copy (8) + fp64 scaled copy or Weiszfeld temporary (8)
 
@@ -72,33 +68,6 @@ INIT_BYTES_PER_ELEMENT = 20  # fp32 batch (4) + fp64 copy (8) + fp64 scaled copy
 # the loop, and model-dtype intermediates (centred x, x̂, residuals, squared errors).
 _BD_FP32 = 3
 _BD_MODEL = 8
-
-
-@dataclass(frozen=True)
-class StreamSource:
-    """What a rank of a training streamed from a model holds beside its SAEs: the model's weights and one forward
-    batch (counted as an extraction's), and the mixing window of every distinct hook a member reads."""
-
-    parameters: int
-    model_dtype: str  # the dtype the weights are loaded in ("auto" already resolved)
-    hidden_size: int
-    heads: int
-    model_batch_size: int  # contexts per forward
-    context_size: int
-    mixing_contexts: int
-    hook_widths: tuple[int, ...]  # each distinct hook's width
-
-    def terms(self) -> dict[str, int]:
-        """Bytes per rank, by term (no CUDA context: the estimate it joins counts one)."""
-        size = (self.model_batch_size, self.context_size, self.hidden_size, self.heads)
-        model = extraction_bytes(self.parameters, self.model_dtype, *size)
-        return {
-            "model_weights": model["weights"],
-            "model_forward_batch": model["forward_batch"],
-            "model_attention_scores": model["attention_scores"],
-            # the window being read and the next one, float32, per hook
-            "mixing_window": 2 * self.mixing_contexts * self.context_size * sum(self.hook_widths) * 4,
-        }
 
 
 @dataclass
@@ -112,11 +81,6 @@ class MemoryEstimate:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def cuda_constants() -> CudaConstants:
-    """The CUDA context, NCCL and allocator constants in force: the built-in ones, or a constants file's."""
-    return load_constants(BUILT_IN_CONSTANTS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,59 +406,6 @@ TERM_LABELS = {
     "model_forward_batch": "stream: one forward batch",
     "model_attention_scores": "stream: attention scores",
     "mixing_window": "stream: mixing windows (read + next, per hook)",
+    "kept_windows": "stream: windows queued for cache_to's writer",
     "allocator_headroom": "allocator headroom",
 }
-
-
-# --- an extraction: the model's weights and one forward batch (no gradients: inference mode)
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
-# Per token of the batch, the live tensors of one transformer layer in inference mode: the residual stream,
-# the attention projections and output, the MLP's up/gate/down (typically 4x wide): about 16 widths. A
-# generous round figure; the attention scores are counted apart (eager attention holds heads x T x T).
-FORWARD_WIDTHS_PER_TOKEN = 16
-
-
-def extraction_bytes(
-    parameters: int, model_dtype: str, batch_size: int, context_size: int, hidden_size: int, heads: int
-) -> dict[str, int]:
-    """Memory of one extraction rank, by term: weights, one forward batch, attention scores, CUDA context.
-    `model_dtype` is the dtype the weights are loaded in (an "auto" already resolved)."""
-    width = DTYPE_BYTES.get(model_dtype, 4)
-    return {
-        "weights": parameters * width,
-        "forward_batch": batch_size * context_size * hidden_size * FORWARD_WIDTHS_PER_TOKEN * width,
-        "attention_scores": batch_size * heads * context_size * context_size * width,
-        "cuda_context": cuda_constants().cuda_context_bytes,
-    }
-
-
-# --- a model evaluation: an extraction's terms, the next-token distributions, and the SAE
-# log-probabilities [batch, T, vocab] float32 live at once: the logits, the clean run's, the current run's
-LOGIT_COPIES = 3
-
-
-def evaluation_bytes(
-    parameters: int, model_dtype: str, batch_size: int, context_size: int, hidden_size: int, heads: int,
-    vocab_size: int, d_in: int, d_sae: int,
-) -> dict[str, int]:  # fmt: skip
-    """Memory of one evaluation rank, by term: the model's forward as in an extraction, the next-token
-    distributions of the batch, and the SAE's weights and its latents for the batch (float32)."""
-    terms = extraction_bytes(parameters, model_dtype, batch_size, context_size, hidden_size, heads)
-    tokens = batch_size * context_size
-    terms["log_probabilities"] = tokens * vocab_size * 4 * LOGIT_COPIES
-    terms["sae"] = (2 * d_in * d_sae + d_sae + d_in) * 4 + tokens * d_sae * 4 * 2
-    return terms
-
-
-# --- an inspection: the SAE, one chunk's dense latents and their temporaries, the kept examples
-INSPECT_CHUNK_COPIES = 4  # latents, the active mask, top-k over the chunk, the histogram's gathered values
-
-
-def inspection_bytes(d_in: int, d_sae: int, chunk_rows: int, top_k: int, window: int) -> dict[str, int]:
-    """Memory of one inspection rank, by term (float32 weights and latents)."""
-    return {
-        "sae": (2 * d_in * d_sae + d_sae + d_in) * 4,
-        "chunk": chunk_rows * (d_in + d_sae * INSPECT_CHUNK_COPIES) * 4,
-        "examples": 2 * top_k * d_sae * (8 + window * 12),  # kept and new: value+row, window acts and rows
-        "cuda_context": cuda_constants().cuda_context_bytes,
-    }

@@ -91,3 +91,25 @@ def parse_constants(data: object) -> dict[str, Any]:
             raise ValueError(f"{name} must be between {lowest:g} and {highest:g}, got {value}")
         values[name] = kind(value)
     return values
+
+
+MiB = 1024**2
+GiB = 1024**3
+
+# CUDA context + lazily loaded kernels + cuBLAS, as nvidia-smi shows it for a process minus what
+# torch's allocator reserved. PyTorch maintainers report ~300-400 MB for CUDA >= 11.7 with lazy
+# module loading (pytorch/pytorch#107667, #109888, pre-Hopper GPUs); Hopper contexts are larger
+# (~500 MB) and the first cuBLAS/topk kernels add tens of MB. Provisional until
+# bench/memory_accuracy.py measures it on a lent GPU (its "context" column).
+CUDA_CONTEXT_BYTES = 600 * MiB
+# NCCL communicator buffers per rank: 544-688 MB per rank measured on 4x A100 NVLink
+# (NVIDIA/nccl#964), up to ~1.6 GB with NVLS on H100 (NVIDIA/nccl#864). DDP uses one communicator.
+NCCL_BYTES = 1 * GiB
+# Reserved over allocated: provisional, calibrated by bench/memory_accuracy.py.
+ALLOCATOR_HEADROOM = 0.10
+BUILT_IN_CONSTANTS = CudaConstants(CUDA_CONTEXT_BYTES, NCCL_BYTES, ALLOCATOR_HEADROOM, source="built-in")
+
+
+def cuda_constants() -> CudaConstants:
+    """The CUDA context, NCCL and allocator constants in force: the built-in ones, or a constants file's."""
+    return load_constants(BUILT_IN_CONSTANTS)

@@ -17,7 +17,7 @@ from ..data.catalog import OUTSIDE_MODEL_ROOTS, OUTSIDE_ROOTS, in_data_roots, mo
 from ..data.formats import DatasetError
 from ..data.heldout import EvalPlan, InspectPlan, plan_evaluation, plan_inspection
 from ..gpu.availability import GpuStatus
-from ..gpu.memory import evaluation_bytes, inspection_bytes
+from ..gpu.model_memory import evaluation_bytes, inspection_bytes
 from ..latents import WINDOW
 from ..text import brief
 from . import store

@@ -17,7 +17,7 @@ from sqlalchemy.engine import Engine
 from .. import paths
 from ..config import ExtractConfig
 from ..gpu.availability import GpuStatus
-from ..gpu.memory import DTYPE_BYTES, extraction_bytes
+from ..gpu.model_memory import DTYPE_BYTES, extraction_bytes
 from ..text import format_bytes
 from . import store
 from .errors import guarded

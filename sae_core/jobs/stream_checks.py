@@ -83,6 +83,7 @@ def stream_source(cfg: TrainConfig, facts: ModelFacts, hooks: Sequence[str], on_
         context_size=cfg.context_size,
         mixing_contexts=cfg.mixing_contexts,
         hook_widths=tuple(facts.hooks[h] for h in dict.fromkeys(hooks)),
+        kept=cfg.cache_to is not None,
     )
 
 

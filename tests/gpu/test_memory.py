@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -12,7 +13,7 @@ from sae_core.cli import estimate as cli_estimate
 from sae_core.config import ConfigError, TrainConfig
 from sae_core.data.formats import DatasetError
 from sae_core.engine.saes import StepContext, sae_from_config
-from sae_core.gpu import memory
+from sae_core.gpu import memory, model_memory
 from tests.conftest import train_config
 
 GiB = memory.GiB
@@ -83,7 +84,7 @@ def test_breakdown_sums_to_the_total_and_names_every_term():
     assert memory.estimate(cfg, 1, d_in=768).breakdown["nccl_buffers"] == 0
     peak = est.phases[est.peak_phase]
     assert est.breakdown["allocator_headroom"] == int(memory.ALLOCATOR_HEADROOM * peak)
-    only_some = {"other_members_kept_batches", *STREAM_TERMS}  # a sweep's, a streamed run's
+    only_some = {"other_members_kept_batches", *STREAM_TERMS, "kept_windows"}  # a sweep's, a streamed run's
     assert set(est.breakdown) == set(memory.TERM_LABELS) - only_some
 
 
@@ -97,7 +98,7 @@ def test_a_streamed_run_adds_the_model_its_forward_batch_and_a_window_per_hook()
         context_size=128, mixing_contexts=256, hook_widths=(768, 3072),
     )  # fmt: skip
     files, est = memory.estimate(cfg, 2, d_in=3072), memory.estimate(cfg, 2, d_in=3072, stream=stream)
-    model = memory.extraction_bytes(124_000_000, "bfloat16", 32, 128, 768, 12)  # as an extraction counts it
+    model = model_memory.extraction_bytes(124_000_000, "bfloat16", 32, 128, 768, 12)  # as an extraction counts it
     assert est.breakdown["model_weights"] == model["weights"] == 124_000_000 * 2
     assert est.breakdown["model_forward_batch"] == model["forward_batch"] == 32 * 128 * 768 * 16 * 2
     assert est.breakdown["model_attention_scores"] == model["attention_scores"]
@@ -114,6 +115,9 @@ def test_a_streamed_run_adds_the_model_its_forward_batch_and_a_window_per_hook()
     assert cpu == memory.job_host_bytes(per_rank, 2)
     # on GPUs the host stages the model's weights
     assert memory.host_bytes(cfg, 2, 3072, on_gpu=True, stream=stream) == memory.job_host_bytes(model["weights"], 2)
+    # a kept stream (cache_to): up to three more windows per hook wait for the writer
+    kept = memory.estimate(cfg, 2, d_in=3072, stream=dataclasses.replace(stream, kept=True))
+    assert kept.breakdown["kept_windows"] == 3 * 256 * 128 * (768 + 3072) * 4 and "kept_windows" not in est.breakdown
 
 
 def test_batch_that_does_not_split_is_a_config_error_naming_both_numbers():

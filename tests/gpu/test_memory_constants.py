@@ -10,7 +10,7 @@ import pytest
 
 from sae_core.config import TrainConfig
 from sae_core.files import MEMORY_CONSTANTS_FILE
-from sae_core.gpu import memory
+from sae_core.gpu import memory, model_memory
 from sae_core.gpu.memory_constants import MEMORY_CONSTANTS_ENV
 
 GiB = memory.GiB
@@ -62,8 +62,8 @@ def test_the_lab_homes_file_is_read_when_no_variable_names_one(no_constants):
     assert constants.cuda_context_bytes == 700 * memory.MiB
     assert constants.nccl_bytes == memory.NCCL_BYTES  # absent from the file: built in
     assert constants.allocator_headroom == memory.ALLOCATOR_HEADROOM
-    assert memory.extraction_bytes(10, "float32", 1, 8, 4, 1)["cuda_context"] == 700 * memory.MiB
-    assert memory.inspection_bytes(8, 16, 4, 2, 3)["cuda_context"] == 700 * memory.MiB
+    assert model_memory.extraction_bytes(10, "float32", 1, 8, 4, 1)["cuda_context"] == 700 * memory.MiB
+    assert model_memory.inspection_bytes(8, 16, 4, 2, 3)["cuda_context"] == 700 * memory.MiB
 
 
 def test_the_variable_wins_over_the_lab_homes_file(no_constants, monkeypatch):

@@ -133,7 +133,7 @@ def test_the_cli_queues_an_inspection_and_resume_queues_it_again(lab_home, train
 def test_several_saes_are_checked_each_and_their_weights_counted(lab_home, trained, tmp_path):
     import shutil
 
-    from sae_core.gpu.memory import evaluation_bytes
+    from sae_core.gpu.model_memory import evaluation_bytes
 
     copy = tmp_path / "copy"
     shutil.copytree(trained["sae"], copy)
