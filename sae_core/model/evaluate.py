@@ -36,7 +36,7 @@ from ..engine.distributed import DistEnv, read_dist_env
 from ..engine.run import run_ranks
 from ..engine.saelens import load as load_sae
 from ..engine.sinks import MetricsSink, report_done
-from ..files import EVAL_FILE, MODEL_EVAL_FILE
+from ..files import CFG_FILE, EVAL_FILE, MODEL_EVAL_FILE
 from ..outputs import read_json
 from . import extraction
 from .hooks import HookReader, find_module, list_hooks
@@ -69,8 +69,11 @@ class Target:
         widths = {h.path: h.width for h in list_hooks(self.model_dir)}
         if hook not in widths:
             raise ModelError(f"hook: {hook!r} is not a module of this model with a [batch, tokens, width] output")
-        if widths[hook] != self.plan.d_in:
-            raise ConfigError(f"hook: {hook} outputs width {widths[hook]} but the SAE's d_in is {self.plan.d_in}")
+        # What the hook's output must match: the SAE's input, or a transcoder's output (it reads the module's input)
+        self.d_out = int(read_json(self.plan.sae_dir / CFG_FILE).get("d_out") or self.plan.d_in)
+        if widths[hook] != self.d_out:
+            field = "d_out" if self.d_out != self.plan.d_in else "d_in"
+            raise ConfigError(f"hook: {hook} outputs width {widths[hook]} but the SAE's {field} is {self.d_out}")
         self.tokens, self.mask = self._contexts(cfg)
 
     def _contexts(self, cfg: EvaluateConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -124,10 +127,10 @@ def run(cfg: EvaluateConfig, target: Target, env: DistEnv, sinks: list[MetricsSi
             yield tokens, torch.from_numpy(target.mask[chosen]).to(env.device)
 
     reader = HookReader(model, target.plan.hook)
-    mean = input_mean(reader, batches, target.plan.d_in, env.device)
+    mean = input_mean(reader, batches, target.d_out, env.device)
     reader.close()
     splicer = Splicer(model, target.plan.hook)
-    totals = [SpliceTotals(sae.d_in, sae.d_sae, env.device) for sae in saes]
+    totals = [SpliceTotals(sae.d_out, sae.d_sae, env.device) for sae in saes]
     started, done = time.perf_counter(), 0
     for tokens, mask in batches():
         splice_batch(splicer, saes, tokens, mask, mean, totals)
