@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from .architectures import ARCHITECTURES, TRANSCODER_ARCHITECTURES
+from .data.stream_plan import stream_key
 from .limits import HOOK_PATTERN, MAX_CONTEXT, MAX_PATH_CHARS
 
 _NO_SOURCE = object()  # neither activation_source nor model given: named with the other missing fields
@@ -30,7 +32,7 @@ class ModelSourceFields(BaseModel):
         max_length=300,
         pattern=HOOK_PATTERN,
         description="With model: the module whose output the SAE reads (a sweep may vary it: one forward feeds "
-        "every hook).",
+        "every hook); a transcoder reads its input and predicts its output.",
     )
     dataset: str | None = Field(
         None,
@@ -75,6 +77,17 @@ class ModelSourceFields(BaseModel):
         "recovered, as `evaluate` does) on up to this many held-out contexts, with the model already loaded; "
         "the figures join eval.json. 0: no model evaluation.",
     )
+    transcoder: bool = Field(
+        False,
+        description="With model: train a transcoder: it reads the input of the module `hook` names and predicts "
+        "that module's output (e.g. an MLP block); saved in SAELens's transcoder format and evaluated spliced in "
+        "place of the module. Standard and the TopK/JumpReLU families; a sweep may vary it.",
+    )
+    transcoder_skip: bool = Field(
+        False,
+        description="With transcoder: add a learned linear skip term from the input to the output (a skip "
+        "transcoder, W_skip [d_out, d_in], zero at first).",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -103,7 +116,7 @@ class ModelSourceFields(BaseModel):
         if self.model is not None:
             problems = [
                 f"{name}: required to train from a model" for name in ("hook", "dataset") if getattr(self, name) is None
-            ]
+            ] + self.transcoder_problems()
             if getattr(self, "shuffle", True) is False:
                 problems.append("shuffle: only for activation files (a model's stream mixes mixing_contexts contexts)")
             return problems
@@ -112,6 +125,35 @@ class ModelSourceFields(BaseModel):
             for name, field in ModelSourceFields.model_fields.items()
             if getattr(self, name) != field.default
         ]
+
+    def transcoder_problems(self) -> list[str]:
+        """A transcoder's: an architecture that can be one (named otherwise), a skip term only on one."""
+        if self.transcoder_skip and not self.transcoder:
+            return ["transcoder_skip: only for a transcoder (set transcoder: true)"]
+        name = getattr(self, "architecture", None)
+        if self.transcoder and name in ARCHITECTURES and ARCHITECTURES[name].transcoder_saved_as is None:
+            return [
+                f"transcoder: architecture {name} cannot be trained as a transcoder (one of "
+                f"{', '.join(TRANSCODER_ARCHITECTURES)} can)"
+            ]
+        return []
+
+    @property
+    def input_key(self) -> str | None:
+        """The stream key of what a streamed member reads: its hook's output, or a transcoder's module input."""
+        if self.hook is None:
+            return None
+        return stream_key(self.hook, "in") if self.transcoder else stream_key(self.hook)
+
+    @property
+    def target_key(self) -> str | None:
+        """The stream key a transcoder predicts (its module's output); None for an SAE (it reconstructs its input)."""
+        return stream_key(self.hook) if self.transcoder and self.hook is not None else None
+
+    @property
+    def stream_keys(self) -> list[str]:
+        """Every stream key a streamed member reads."""
+        return [key for key in (self.input_key, self.target_key) if key is not None]
 
 
 def activation_files(cfg) -> str:

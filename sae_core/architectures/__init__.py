@@ -19,7 +19,19 @@ ARCHITECTURES: dict[str, Architecture] = {
 ARCHITECTURE_NAMES: tuple[str, ...] = tuple(ARCHITECTURES)
 DEFAULT_ARCHITECTURE = "topk"
 # What `engine.saelens.load` reads: the architectures some architecture is saved as.
-SAVED_ARCHITECTURES: tuple[str, ...] = tuple(dict.fromkeys(a.saved_architecture for a in ARCHITECTURES.values()))
+# Transcoders: each saved name (SAELens's transcoder, skip_transcoder, jumprelu_transcoder, ...) with the
+# architecture whose module loads it and whether it has a skip term.
+SAVED_TRANSCODERS: dict[str, tuple[str, bool]] = {
+    a.saved_transcoder(skip): (a.saved_architecture, skip)
+    for a in ARCHITECTURES.values()
+    if a.transcoder_saved_as is not None
+    for skip in (False, True)
+}
+TRANSCODER_ARCHITECTURES: tuple[str, ...] = tuple(a.name for a in ARCHITECTURES.values() if a.transcoder_saved_as)
+SAVED_ARCHITECTURES: tuple[str, ...] = (
+    *dict.fromkeys(a.saved_architecture for a in ARCHITECTURES.values()),
+    *SAVED_TRANSCODERS,
+)
 
 
 def architecture(name: str) -> Architecture:
@@ -44,6 +56,8 @@ __all__ = [
     "ARCHITECTURE_NAMES",
     "DEFAULT_ARCHITECTURE",
     "SAVED_ARCHITECTURES",
+    "SAVED_TRANSCODERS",
+    "TRANSCODER_ARCHITECTURES",
     "Architecture",
     "ArchitectureOptions",
     "MemoryTerms",

@@ -72,6 +72,9 @@ class Architecture:
     # The SAELens architecture its files are written as (BatchTopK's inference rule is a JumpReLU); its own
     # name when None.
     saved_as: str | None = None
+    # The SAELens architecture a transcoder of it is written as (its skip variant: `skip_transcoder_name`);
+    # None: it cannot be trained as a transcoder (config.py refuses it by name).
+    transcoder_saved_as: str | None = None
     memory: Callable[[ArchitectureOptions, int], MemoryTerms] = field(default=fixed_memory(MemoryTerms()))
     # A training step's time over its encoder matmul (2·B·d_in·d_sae FLOPs), for the scaling model: the dense
     # architectures do a forward and two backward matmuls (~3x); TopK's sparse backward ~2x (bench/RESULTS.md).
@@ -80,3 +83,15 @@ class Architecture:
     @property
     def saved_architecture(self) -> str:
         return self.saved_as or self.name
+
+    def saved_transcoder(self, skip: bool) -> str:
+        """The SAELens architecture its transcoder is written as (ValueError where it has none)."""
+        if self.transcoder_saved_as is None:
+            raise ValueError(f"architecture {self.name!r} cannot be trained as a transcoder")
+        return skip_transcoder_name(self.transcoder_saved_as) if skip else self.transcoder_saved_as
+
+
+def skip_transcoder_name(plain: str) -> str:
+    """SAELens's name of a transcoder's skip variant: transcoder → skip_transcoder, jumprelu_transcoder →
+    jumprelu_skip_transcoder."""
+    return plain.replace("transcoder", "skip_transcoder")

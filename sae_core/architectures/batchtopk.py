@@ -22,5 +22,6 @@ ARCHITECTURE = Architecture(
     options=BatchTopKOptions,
     engine="sae_core.engine.saes.batchtopk:BatchTopKSAE",
     saved_as="jumprelu",
+    transcoder_saved_as="jumprelu_transcoder",
     memory=topk_family_memory(BATCHTOPK_MEMORY, 4),
 )

@@ -68,5 +68,6 @@ ARCHITECTURE = Architecture(
     description="ReLU above a learned threshold + L0 (or tanh) penalty",
     options=JumpReLUOptions,
     engine="sae_core.engine.saes.jumprelu:JumpReLUSAE",
+    transcoder_saved_as="jumprelu_transcoder",
     memory=jumprelu_memory,
 )

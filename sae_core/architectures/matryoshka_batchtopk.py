@@ -58,5 +58,6 @@ ARCHITECTURE = Architecture(
     options=MatryoshkaOptions,
     engine="sae_core.engine.saes.matryoshka_batchtopk:MatryoshkaBatchTopKSAE",
     saved_as="jumprelu",
+    transcoder_saved_as="jumprelu_transcoder",
     memory=matryoshka_memory,
 )

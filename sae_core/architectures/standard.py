@@ -15,6 +15,7 @@ ARCHITECTURE = Architecture(
     description="ReLU + L1 penalty weighted by decoder norms",
     options=StandardOptions,
     engine="sae_core.engine.saes.standard:StandardSAE",
+    transcoder_saved_as="transcoder",
     # forward: pre-activations, ReLU latents, the L1 product (3f); backward: latents and two gradients (3f)
     memory=fixed_memory(MemoryTerms(forward_per_latent=(3, 0), backward_per_latent=(3, 0))),
 )

@@ -15,6 +15,8 @@ ARCHITECTURE = Architecture(
     description="the k largest latents of each token (+ AuxK)",
     options=TopKOptions,
     engine="sae_core.engine.saes.topk:TopKSAE",
+    # SAELens has no TopK transcoder: the name is ours (engine.saelens.load reads it, SAELens does not)
+    transcoder_saved_as="topk_transcoder",
     # forward: pre-activations (without grad) and AuxK's masked copy (2f); the backward touches the k selected
     # latents per token only (engine/sparse.py); the decode is sparse, so autocast copies no latents.
     memory=topk_family_memory(

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-STREAM_KEY_PREFIX = "out:"  # a member reads its hook's output: a stream's batches are {"out:<hook>": rows}
+STREAM_KEY_PREFIX = "out:"  # an SAE reads its hook's output: {"out:<hook>": rows}; a transcoder also "in:<hook>"
 _STREAM_PLAN = 6  # the seed's stream for the context shuffle (order.py uses 1, 2, 4; the toy set 3; extraction 5)
 _WINDOW_SHUFFLE = 7  # the seed's stream for each window's row permutation
 
@@ -46,8 +46,9 @@ class StreamPlan:
         return np.random.default_rng([self.seed, _WINDOW_SHUFFLE, index]).permutation(self.window_rows(index))
 
 
-def stream_key(hook: str) -> str:
-    return STREAM_KEY_PREFIX + hook
+def stream_key(hook: str, side: str = "out") -> str:
+    """The key of a hook's rows in a stream's batches: `out:<hook>` its output, `in:<hook>` its input."""
+    return f"{side}:{hook}"
 
 
 def rows_needed(batch_size: int, total_steps: int, holdout_tokens: int) -> int:

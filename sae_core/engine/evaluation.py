@@ -9,21 +9,24 @@ from .saes import SparseAutoencoder
 
 
 @torch.no_grad()
-def evaluate(sae: SparseAutoencoder, data, holdout_rows, device, chunk: int = 4096) -> dict:
-    """Holdout FVU = Σ‖x−x̂‖² / Σ‖x−x̄‖² and L0 with the saved (inference) encoder on raw inputs."""
+def evaluate(sae: SparseAutoencoder, data, holdout_rows, device, chunk: int = 4096, targets=None) -> dict:
+    """Holdout FVU = Σ‖y−ŷ‖² / Σ‖y−ȳ‖² and L0 with the saved (inference) encoder on raw inputs, where y is the
+    input itself, or for a transcoder its target: the same rows of `targets` (the module's output)."""
     figures: dict = {}
     if len(holdout_rows):
         inference = exported_copy(sae, device)
         err = sq = 0.0
         l0 = 0.0
-        total = torch.zeros(sae.d_in, dtype=torch.float64, device=device)
+        total = torch.zeros(sae.d_out, dtype=torch.float64, device=device)
         for start in range(0, len(holdout_rows), chunk):
-            x = torch.as_tensor(data.read(holdout_rows[start : start + chunk])).to(device)
+            rows = holdout_rows[start : start + chunk]
+            x = torch.as_tensor(data.read(rows)).to(device)
+            y = x if targets is None else torch.as_tensor(targets.read(rows)).to(device)
             z = inference.encode(x)
-            x_hat = inference.decode(z)
-            err += float((x - x_hat).double().pow(2).sum())
-            sq += float(x.double().pow(2).sum())
-            total += x.double().sum(0)
+            y_hat = inference.decode(z, x)
+            err += float((y - y_hat).double().pow(2).sum())
+            sq += float(y.double().pow(2).sum())
+            total += y.double().sum(0)
             l0 += float((z > 0).sum())
         n = len(holdout_rows)
         total_var = sq - float((total / n).pow(2).sum()) * n

@@ -20,7 +20,6 @@ from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, recor
 
 from ..config import ConfigError, TrainConfig
 from ..data.checks import DatasetError, check_dataset
-from ..data.stream_plan import stream_key
 from ..files import EVAL_FILE, METRICS_FILE, REFUSED_FILE
 from ..sweep import Sweep, read_training_config
 from .checkpoint import CheckpointError
@@ -103,7 +102,7 @@ def main(
         stream = None
         if open_stream is not None and shared.streamed:  # after the group starts: the ranks share each window
             configs = [m.config for m in cfg.members] if isinstance(cfg, Sweep) else [shared]
-            keys = sorted({stream_key(str(c.hook)) for c in configs})
+            keys = sorted({key for c in configs for key in c.stream_keys})  # a transcoder's: in: and out:
             rank = env.rank if ranks > 1 else 0
             stream = open_stream(shared, keys, env.device, rank, ranks)
         if env.is_main:

@@ -3,6 +3,12 @@
 `save` writes an SAE as its saved architecture (BatchTopK and Matryoshka as JumpReLU) with any input scaling folded
 into the weights (`normalize_activations: "none"`), so `sae_lens.SAE.load_from_disk` reads it and encodes
 raw activations exactly like `load` does.
+
+A transcoder is written in SAELens's transcoder format: architecture `transcoder`, `skip_transcoder`,
+`jumprelu_transcoder` or `jumprelu_skip_transcoder` (a TopK one as `topk_transcoder`, a name of ours: SAELens
+has no TopK transcoder), `d_out` beside `d_in`, `apply_b_dec_to_input: false` (b_dec is the output's), W_dec
+[d_sae, d_out] and, with a skip term, W_skip [d_out, d_in]; the metadata names the module (`hook_name`, read at
+its input, and `hook_name_out`, its output).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..architectures import SAVED_ARCHITECTURES
+from ..architectures import SAVED_ARCHITECTURES, SAVED_TRANSCODERS
 from ..files import CFG_FILE, WEIGHTS_FILE
 from .saes import SparseAutoencoder, make_sae, sae_class
 
@@ -27,9 +33,10 @@ def sae_lens_cfg(sae: SparseAutoencoder, dtype: str = "float32", extra_meta: dic
         "d_sae": sae.d_sae,
         "dtype": dtype,
         "device": "cpu",
-        "apply_b_dec_to_input": True,
+        "apply_b_dec_to_input": not sae.transcoder,
         "normalize_activations": "none",
         "reshape_activations": "none",
+        **({"d_out": sae.d_out} if sae.transcoder else {}),
         **sae.saved_config(),
     }
     meta = {"sae_lens_version": SAE_LENS_VERSION, "sae_lens_training_version": SAE_LENS_VERSION}
@@ -41,6 +48,8 @@ def sae_lens_cfg(sae: SparseAutoencoder, dtype: str = "float32", extra_meta: dic
         "trained_architecture": sae.architecture,
         **(extra_meta or {}),
     }
+    if sae.transcoder and "hook_name" in cfg["metadata"]:  # the module it replaces: read at its input
+        cfg["metadata"].setdefault("hook_name_out", cfg["metadata"]["hook_name"])
     return cfg
 
 
@@ -68,9 +77,14 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> SparseAutoenco
 
 def from_saved_tensors(arch: str, d_in: int, d_sae: int, saved: dict, tensors, dtype, device) -> SparseAutoencoder:
     """An inference SAE of saved architecture `arch` from SAELens-named tensors (a file's, or
-    `export_tensors()`) and its cfg.json fields `saved` (TopK's k); a threshold is kept exactly as given."""
-    options = sae_class(arch).options_from_saved(saved)
-    sae = make_sae(arch, d_in, d_sae, options, dtype=dtype, device=device)
+    `export_tensors()`) and its cfg.json fields `saved` (TopK's k); a threshold is kept exactly as given. A
+    transcoder's output width is its decoder's."""
+    engine, skip = SAVED_TRANSCODERS.get(arch, (arch, False))
+    options = sae_class(engine).options_from_saved(saved)
+    shape = (
+        {"transcoder": True, "d_out": int(tensors["W_dec"].shape[1]), "skip": skip} if arch in SAVED_TRANSCODERS else {}
+    )
+    sae = make_sae(engine, d_in, d_sae, options, dtype=dtype, device=device, **shape)
     sae.load_saved_tensors(tensors)
     return sae
 

@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..data.stream_plan import stream_key
 from ..files import CHECKPOINT_STATE, REFUSED_FILE, SWEEP_FILE, SWEEP_RESULT_FILE
 from ..outputs import checkpoint_problem, complete_checkpoints, sweep_members
 from ..sweep import Sweep
@@ -83,7 +82,10 @@ class SweepTrainer:
         for member in owned:
             if resume_from is not None and member.name not in resumed:
                 continue  # it had failed before the interruption: it stays failed
-            member_data = stream.holdout[stream_key(str(member.config.hook))] if stream is not None else data
+            member_data, target_data = data, None
+            if stream is not None:  # its hook's held-out rows (a transcoder's: its module's input and output)
+                member_data = stream.holdout[member.config.input_key]
+                target_data = stream.holdout.get(member.config.target_key)
             self.members[member.name] = Trainer(
                 member.config,
                 member.folder(out_dir),
@@ -96,6 +98,7 @@ class SweepTrainer:
                 collective=self.by_batch,
                 writes=writes,
                 name=member.name,
+                target_data=target_data,
             )
         del first
         if resumed:  # the data order every member's checkpoint holds alike

@@ -24,7 +24,6 @@ from torch.nn.parallel import DistributedDataParallel
 from ..config import TrainConfig
 from ..data.loader import DeviceFeed, Loader
 from ..data.order import BlockOrder, blocks_for
-from ..data.stream_plan import stream_key
 from ..files import EVAL_FILE, METRICS_FILE, SPARSITY_FILE, TRAIN_CONFIG_FILE
 from ..text import format_duration
 from . import checkpoint
@@ -61,8 +60,8 @@ class _TrainForward(torch.nn.Module):
         super().__init__()
         self.sae = sae
 
-    def forward(self, x, ctx: StepContext):
-        return self.sae.training_step(x, ctx)
+    def forward(self, x, ctx: StepContext, target=None):
+        return self.sae.training_step(x, ctx, target=target)
 
 
 class Trainer:
@@ -87,20 +86,26 @@ class Trainer:
         writes: bool | None = None,
         name: str | None = None,
         stream=None,
+        target_data=None,
     ):
         """`extra_sinks()` is asked on the writing rank only, for sinks besides metrics.jsonl (the job store's).
         `stream` (model/stream.py's Stream): the activations come from a model as training reads them; `data` is
-        then unused (the held-out rows are the stream's)."""
-        self.input_key = stream_key(cfg.hook) if cfg.streamed and cfg.hook else None
+        then unused (the held-out rows are the stream's). A transcoder (cfg.transcoder) reads its module's input
+        and predicts its output: `target_data`, the held-out rows of the output (a sweep's member is given them;
+        a single run takes them from the stream)."""
+        self.input_key = cfg.input_key if cfg.streamed else None
+        self.target_key = cfg.target_key if cfg.streamed else None  # None: the SAE reconstructs its input
         if stream is not None and feed is None:  # a single run from a model
-            feed, first, data = (stream.order, stream.feed), stream.feed.first_batch(), stream.holdout[self.input_key]
-        self.cfg, self.out_dir, self.env, self.data = cfg, out_dir, env, data
+            feed, first = (stream.order, stream.feed), stream.feed.first_batch()
+            data, target_data = stream.holdout[self.input_key], stream.holdout.get(self.target_key)
+        self.cfg, self.out_dir, self.env, self.data, self.target_data = cfg, out_dir, env, data, target_data
         self.collective = collective and env.world_size > 1
         self.writes = env.is_main if writes is None else writes
         self.name = name
         self.per_rank_batch = cfg.per_rank_batch(env.world_size if collective else 1)
         torch.manual_seed(cfg.effective_init_seed)
-        self.sae = sae_from_config(cfg, data.d_in, device=env.device)
+        d_out = target_data.d_in if target_data is not None else None
+        self.sae = sae_from_config(cfg, data.d_in, device=env.device, d_out=d_out)
         self.order = feed[0] if feed is not None else data_order(cfg, data)
         # fused: one kernel for all parameters (CPU and CUDA), 0.7 → 0.1 ms per step on the CPU bench
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.effective_lr, betas=(0.9, 0.999), fused=True)
@@ -116,7 +121,8 @@ class Trainer:
         else:  # every rank initialises from the whole first global batch, so all start alike
             if first is None:
                 first = torch.from_numpy(self.data.read(self.order.global_rows(self.order.key))).to(env.device)
-            init_from_data(self.sae, pick(first, self.input_key), cfg.b_dec_init)
+            target = pick(first, self.target_key) if self.target_key else None
+            init_from_data(self.sae, pick(first, self.input_key), cfg.b_dec_init, target)
         self.reader = feed[1] if feed is not None else self._own_reader()
         self._waited_at_log = 0.0  # the reader's wait_seconds at the last metric record
         self.forward: torch.nn.Module = _TrainForward(self.sae)
@@ -138,14 +144,16 @@ class Trainer:
         return self.step_on(self.reader.next())
 
     def step_on(self, batch: torch.Tensor) -> tuple[torch.Tensor, StepOutput]:
-        """One optimizer step on `batch` as read (this rank's share, or the whole batch); returns it scaled."""
+        """One optimizer step on `batch` as read (this rank's share, or the whole batch); returns what the step
+        reconstructed, scaled: the member's rows, or a transcoder's target rows."""
         cfg = self.cfg
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.step, cfg)
         x = pick(batch, self.input_key) * self.sae.input_scale
+        y = pick(batch, self.target_key) * self.sae.output_scale if self.target_key else None
         ctx = StepContext(self.step, cfg.total_steps, self.dead_mask_for_step())
         self.optimizer.zero_grad(set_to_none=True)
-        out = self.forward_backward(x, ctx)
+        out = self.forward_backward(x, ctx, y)
         self.sae.project_decoder_grad()
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.sae.parameters(), cfg.grad_clip)
@@ -155,22 +163,24 @@ class Trainer:
         self._track_firing(out.fired_counts)
         self.step += 1
         self.tokens += cfg.batch_size
-        return x, out
+        return (x if y is None else y), out
 
-    def forward_backward(self, x: torch.Tensor, ctx: StepContext) -> StepOutput:
-        """Loss and gradients of the per-rank batch, in micro-batches when asked: gradients accumulate
-        locally (DDP's no_sync) and are all-reduced once, with the last chunk's backward."""
+    def forward_backward(self, x: torch.Tensor, ctx: StepContext, target: torch.Tensor | None = None) -> StepOutput:
+        """Loss and gradients of the per-rank batch (and a transcoder's target rows), in micro-batches when
+        asked: gradients accumulate locally (DDP's no_sync) and are all-reduced once, with the last chunk's
+        backward."""
         micro = self.cfg.micro_batch_size or len(x)
         chunks = x.split(micro)
+        targets = target.split(micro) if target is not None else [None] * len(chunks)
         outputs = []
-        for i, chunk in enumerate(chunks):
+        for i, (chunk, chunk_target) in enumerate(zip(chunks, targets, strict=True)):
             last = i == len(chunks) - 1
             no_sync = getattr(self.forward, "no_sync", None)  # DDP's; a single process has none
             sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
             autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cfg.autocast == "bf16" and x.is_cuda)
             with sync:
                 with autocast:
-                    out = self.forward(chunk, ctx)
+                    out = self.forward(chunk, ctx, chunk_target)
                 (out.loss * (len(chunk) / len(x))).backward()  # mean over the whole per-rank batch
             outputs.append(out)
         return outputs[0] if len(outputs) == 1 else merge_outputs(outputs)
@@ -211,7 +221,8 @@ class Trainer:
     @torch.no_grad()
     def batch_metrics(self, x: torch.Tensor, out: StepOutput) -> dict:
         """Global-batch metrics, the architecture's named loss terms and stats among them; one all-reduce of a
-        packed float64 vector (host sync on log steps only). Every rank's step returns the same names."""
+        packed float64 vector (host sync on log steps only). Every rank's step returns the same names. `x` is
+        what the step reconstructed (a transcoder's target), scaled."""
         x64, x_hat64 = x.double(), out.x_hat.detach().double()
         n_local = x.shape[0]
         named = {**{f"losses.{k}": v for k, v in out.losses.items()}, **{f"stats.{k}": v for k, v in out.stats.items()}}
@@ -235,10 +246,10 @@ class Trainer:
         err, sq, n, l0_sum, loss_sum, *named_sums = packed[:head].tolist()
         mean = packed[head:] / n
         total_var = sq - n * float(mean.pow(2).sum())
-        scale2 = float(self.sae.input_scale) ** 2
+        scale2 = float(self.sae.output_scale) ** 2
         record = {
             "loss": loss_sum / n,
-            "mse": err / (n * self.sae.d_in) / scale2,  # per element, in the data's own units
+            "mse": err / (n * self.sae.d_out) / scale2,  # per element, in the data's own units
             "fvu": err / total_var if total_var > 0 else float("nan"),
             "l0": l0_sum / n,
             "dead_fraction": self.dead_fraction(),
@@ -368,7 +379,12 @@ class Trainer:
         self.optimizer.state.clear()
         if self.writes:
             figures = evaluate(
-                self.sae, self.data, self.order.holdout_rows(), self.env.device, chunk=min(4096, self.per_rank_batch)
+                self.sae,
+                self.data,
+                self.order.holdout_rows(),
+                self.env.device,
+                chunk=min(4096, self.per_rank_batch),
+                targets=self.target_data,
             )
             figures.update(
                 dead_fraction=self.dead_fraction(),

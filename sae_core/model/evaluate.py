@@ -37,7 +37,7 @@ from ..engine.distributed import DistEnv, read_dist_env
 from ..engine.run import run_ranks
 from ..engine.saelens import load as load_sae
 from ..engine.sinks import MetricsSink, report_done
-from ..files import EVAL_FILE, MODEL_EVAL_FILE
+from ..files import CFG_FILE, EVAL_FILE, MODEL_EVAL_FILE
 from ..outputs import read_json
 from .hooks import HookReader, find_module, list_hooks
 from .loading import ModelError, load_model, load_tokenizer, meta_model, resolve_model
@@ -69,8 +69,11 @@ class Target:
         widths = {h.path: h.width for h in list_hooks(self.model_dir)}
         if hook not in widths:
             raise ModelError(f"hook: {hook!r} is not a module of this model with a [batch, tokens, width] output")
-        if widths[hook] != self.plan.d_in:
-            raise ConfigError(f"hook: {hook} outputs width {widths[hook]} but the SAE's d_in is {self.plan.d_in}")
+        # What the hook's output must match: the SAE's input, or a transcoder's output (it reads the module's input)
+        self.d_out = int(read_json(self.plan.sae_dir / CFG_FILE).get("d_out") or self.plan.d_in)
+        if widths[hook] != self.d_out:
+            field = "d_out" if self.d_out != self.plan.d_in else "d_in"
+            raise ConfigError(f"hook: {hook} outputs width {widths[hook]} but the SAE's {field} is {self.d_out}")
         self.tokens, self.mask = self._contexts(cfg)
 
     def _contexts(self, cfg: EvaluateConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -134,7 +137,6 @@ def splice_totals(
     the clean and ablated runs and each SAE spliced in at `hook`; the totals of all ranks together, one per SAE.
     The model evaluation job and a streamed training's own evaluation (`evaluate_contexts`) both run this."""
     mine = np.arange(env.rank, len(tokens_all), env.world_size)
-    d_in = saes[0].d_in
 
     def batches():
         for start in range(0, len(mine), batch_size):
@@ -143,10 +145,10 @@ def splice_totals(
             yield tokens, torch.from_numpy(mask_all[chosen]).to(env.device)
 
     reader = HookReader(model, hook)
-    mean = input_mean(reader, batches, d_in, env.device)
+    mean = input_mean(reader, batches, saes[0].d_out, env.device)
     reader.close()
     splicer = Splicer(model, hook)
-    totals = [SpliceTotals(sae.d_in, sae.d_sae, env.device) for sae in saes]
+    totals = [SpliceTotals(sae.d_out, sae.d_sae, env.device) for sae in saes]
     started, done = time.perf_counter(), 0
     for tokens, mask in batches():
         splice_batch(splicer, saes, tokens, mask, mean, totals)

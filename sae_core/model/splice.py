@@ -4,7 +4,8 @@ For each batch of contexts the model runs clean, with the hooked module's output
 ablation) and by the mean activation (mean ablation), and then once per SAE evaluated with that output
 replaced by the SAE's reconstruction: several SAEs of one hook share the first three runs. Only the
 positions the SAE was trained on are replaced (special tokens excluded from training keep the model's own
-output). The scores are SAELens's, so figures compare across tools:
+output). A transcoder is spliced in place of its module: the module's output is replaced by the transcoder
+applied to the module's input (the clean run's: what runs before the module is the same in every run). The scores are SAELens's, so figures compare across tools:
 
     ce_loss_score = (CE_ablated - CE_spliced) / (CE_ablated - CE_clean)      (SAELens `ce_loss_score`)
     kl_div_score  = (KL_ablated - KL_spliced) / KL_ablated                   (SAELens `kl_div_score`)
@@ -38,7 +39,8 @@ def require_causal_lm(model: torch.nn.Module) -> None:
 
 
 class Splicer:
-    """Runs a model with one module's output replaced where `mask` is set; remembers that module's output."""
+    """Runs a model with one module's output replaced where `mask` is set; remembers that module's output and
+    its input (what a transcoder reads)."""
 
     def __init__(self, model: torch.nn.Module, hook: str):
         require_causal_lm(model)
@@ -46,13 +48,14 @@ class Splicer:
         self._replace: Replacement | None = None
         self._mask: torch.Tensor | None = None
         self.captured: torch.Tensor | None = None
+        self.captured_input: torch.Tensor | None = None
         self._handle = find_module(model, hook).register_forward_hook(self._hook)
 
-    def _hook(self, _module, _inputs, output):
+    def _hook(self, _module, inputs, output):
         original = first_tensor(output)
         if original is None:
             raise ModelError(f"hook: the module's output is a {type(output).__name__}, not a tensor")
-        self.captured = original
+        self.captured, self.captured_input = original, first_tensor(inputs)
         if self._replace is None:
             return None
         assert self._mask is not None
@@ -164,10 +167,12 @@ def splice_batch(splicer: Splicer, saes, tokens: torch.Tensor, mask: torch.Tenso
     shared_sums = [(name, cross_entropy_sum(lp, tokens), kl_sum(clean, lp)) for name, lp in shared.items()]
     ce_clean, predicted = cross_entropy_sum(clean, tokens), clean.shape[0] * clean.shape[1]
     del shared
+    module_input = splicer.captured_input
     for sae, sums in zip(saes, totals, strict=True):
-        latents = sae.encode(kept)
+        reads = kept if not sae.transcoder else _transcoder_input(module_input, mask)
+        latents = sae.encode(reads)
         reconstruction = torch.zeros_like(original)
-        reconstruction[mask] = sae.decode(latents)
+        reconstruction[mask] = sae.decode(latents, reads)
         spliced = splicer.logits(tokens, _constant(reconstruction), mask)
         sums.add("predicted", predicted)
         sums.add("ce_clean", ce_clean)
@@ -177,6 +182,12 @@ def splice_batch(splicer: Splicer, saes, tokens: torch.Tensor, mask: torch.Tenso
             sums.add(f"ce_{name}", ce)
             sums.add(f"kl_{name}", kl)
         _add_reconstruction(sums, kept, reconstruction[mask], latents)
+
+
+def _transcoder_input(module_input: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+    if module_input is None:
+        raise ModelError("hook: the module's input is not a tensor; a transcoder cannot read it")
+    return module_input.float()[mask]
 
 
 def _constant(value: torch.Tensor) -> Replacement:

@@ -26,12 +26,15 @@ def sae_class(name: str) -> type[SparseAutoencoder]:
 
 def make_sae(name: str, d_in: int, d_sae: int, options: ArchitectureOptions | None = None, **base) -> SparseAutoencoder:
     """An SAE of architecture `name` with `options` (its defaults when None); `base` for the module (dtype,
-    device, kernels, encoder_init_scale)."""
+    device, kernels, encoder_init_scale; transcoder, d_out and skip for a transcoder)."""
     return sae_class(name)(d_in, d_sae, options, **base)
 
 
-def sae_from_config(cfg, d_in: int, device: torch.device | str | None = None) -> SparseAutoencoder:
-    """The SAE a TrainConfig describes, freshly initialised."""
+def sae_from_config(
+    cfg, d_in: int, device: torch.device | str | None = None, d_out: int | None = None
+) -> SparseAutoencoder:
+    """The SAE a TrainConfig describes, freshly initialised (a transcoder of d_in to d_out where it says so)."""
+    transcoder = bool(getattr(cfg, "transcoder", False))
     return make_sae(
         cfg.architecture,
         d_in,
@@ -41,6 +44,7 @@ def sae_from_config(cfg, d_in: int, device: torch.device | str | None = None) ->
         device=device,
         kernels=Kernels(cfg.torch_compile),
         encoder_init_scale=cfg.encoder_init_scale,
+        **({"transcoder": True, "d_out": d_out, "skip": cfg.transcoder_skip} if transcoder else {}),
     )
 
 

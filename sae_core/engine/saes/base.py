@@ -4,6 +4,12 @@ decoder, the export of its tensors in SAELens's names, and the step's input and 
 Shapes follow SAELens: W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc [d_sae], b_dec [d_in]. Inputs are
 centred by b_dec before encoding. Training runs on inputs scaled by `input_scale` (so E‖x‖² ≈ d_in whatever
 the model); the SAELens export folds that scale into the weights, so files on disk work on raw activations.
+
+A transcoder (`transcoder=True`) reads one activation and predicts another (a module's input and its output):
+W_dec [d_sae, d_out] and b_dec [d_out] live in the output's space, so the input is centred by `b_in` instead
+(a buffer set from the data, folded into b_enc at export: SAELens's transcoders do not centre their input),
+the target is scaled by its own `target_scale`, and a skip transcoder adds x @ W_skip.T (W_skip [d_out, d_in],
+SAELens's shape, zero at first) to the reconstruction.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ class StepContext:
 class StepOutput:
     """What one training forward pass produces (tensors; no host sync here)."""
 
-    x_hat: torch.Tensor  # [B, d_in] reconstruction
+    x_hat: torch.Tensor  # [B, d_out] reconstruction (of the input, or a transcoder's target)
     # The loss's terms by name, each as weighted in the loss ("mse", "aux", "l1", "inner_mse_128", ...):
     # the trainer backprops their sum and logs each. Every step of a run returns the same names.
     losses: dict[str, torch.Tensor]
@@ -53,6 +59,9 @@ class SparseAutoencoder(nn.Module):
 
     spec: ClassVar[Architecture]  # the architecture's facts (architectures/<name>.py)
     input_scale: torch.Tensor  # a buffer: the factor applied to raw inputs during training
+    b_in: torch.Tensor  # a transcoder's buffer: where its (scaled) inputs are centred
+    target_scale: torch.Tensor  # a transcoder's buffer: the factor applied to raw targets during training
+    W_skip: nn.Parameter | None
 
     def __init__(
         self,
@@ -64,18 +73,31 @@ class SparseAutoencoder(nn.Module):
         device: torch.device | str | None = None,
         kernels: Kernels | None = None,
         encoder_init_scale: float = DEFAULT_ENCODER_INIT_SCALE,
+        d_out: int | None = None,
+        transcoder: bool = False,
+        skip: bool = False,
     ):
         super().__init__()
+        if (skip or d_out is not None) and not transcoder:
+            raise ValueError("d_out and skip are a transcoder's (transcoder=True)")
+        if transcoder and self.spec.transcoder_saved_as is None:
+            raise ValueError(f"architecture {self.spec.name!r} cannot be trained as a transcoder")
         self.d_in, self.d_sae = d_in, d_sae
+        self.d_out = d_in if d_out is None else d_out
+        self.transcoder, self.skip = transcoder, skip
         self.options = options if options is not None else self.spec.options()
         self.encoder_init_scale = encoder_init_scale
         self.kernels = kernels or Kernels()
-        self.W_dec = nn.Parameter(torch.empty(d_sae, d_in, dtype=dtype, device=device))
+        self.W_dec = nn.Parameter(torch.empty(d_sae, self.d_out, dtype=dtype, device=device))
         self.W_enc = nn.Parameter(torch.empty(d_in, d_sae, dtype=dtype, device=device))
         self.b_enc = nn.Parameter(torch.zeros(d_sae, dtype=dtype, device=device))
-        self.b_dec = nn.Parameter(torch.zeros(d_in, dtype=dtype, device=device))
+        self.b_dec = nn.Parameter(torch.zeros(self.d_out, dtype=dtype, device=device))
+        self.W_skip = nn.Parameter(torch.zeros(self.d_out, d_in, dtype=dtype, device=device)) if skip else None
         # Not a weight: the factor applied to raw inputs during training; folded in at save.
         self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device))
+        if transcoder:  # only a transcoder has them: an SAE's checkpoints keep their keys
+            self.register_buffer("b_in", torch.zeros(d_in, dtype=dtype, device=device))
+            self.register_buffer("target_scale", torch.ones((), dtype=torch.float32, device=device))
         self.reset_parameters()
 
     @property
@@ -84,29 +106,54 @@ class SparseAutoencoder(nn.Module):
 
     @property
     def saved_architecture(self) -> str:
-        return self.spec.saved_architecture
+        return self.spec.saved_transcoder(self.skip) if self.transcoder else self.spec.saved_architecture
+
+    @property
+    def encoder_centre(self) -> torch.Tensor:
+        """What inputs are centred by before encoding: b_dec (learned) for an SAE, b_in for a transcoder."""
+        return self.b_in if self.transcoder else self.b_dec
+
+    @property
+    def output_scale(self) -> torch.Tensor:
+        """The factor the reconstructed activations carry during training (the input's, for an SAE)."""
+        return self.target_scale if self.transcoder else self.input_scale
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.W_dec)
         normalize_decoder_rows(self.W_dec)
-        # The decoder's transpose, scaled down (see DEFAULT_ENCODER_INIT_SCALE in config.py for why).
-        self.W_enc.copy_(self.W_dec.t() * self.encoder_init_scale)
+        if self.transcoder:  # input and output are different spaces: the encoder is drawn alike, not tied
+            rows = torch.empty(self.d_sae, self.d_in, dtype=self.W_enc.dtype, device=self.W_enc.device)
+            nn.init.kaiming_uniform_(rows)
+            normalize_decoder_rows(rows)
+            self.W_enc.copy_(rows.t() * self.encoder_init_scale)
+        else:  # the decoder's transpose, scaled down (see DEFAULT_ENCODER_INIT_SCALE in config.py for why)
+            self.W_enc.copy_(self.W_dec.t() * self.encoder_init_scale)
         self.b_enc.zero_()
         self.b_dec.zero_()
 
     # -- inference (dense latents), identical to what SAELens computes on the saved files
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.to(self.W_enc.dtype) - self.b_dec) @ self.W_enc + self.b_enc  # [B, d_sae]
+        return (x.to(self.W_enc.dtype) - self.encoder_centre) @ self.W_enc + self.b_enc  # [B, d_sae]
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return z @ self.W_dec + self.b_dec
+    def decode(self, z: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """The reconstruction from latents z; a skip transcoder's also needs its input x."""
+        return z @ self.W_dec + self.decoder_offset(x)
+
+    def decoder_offset(self, x: torch.Tensor | None) -> torch.Tensor:
+        """What the reconstruction holds besides the latents' decoder rows: b_dec, and a skip transcoder's
+        x @ W_skip.T ([B, d_out]; b_dec alone is [d_out])."""
+        if self.W_skip is None:
+            return self.b_dec
+        if x is None:
+            raise ValueError("a skip transcoder's reconstruction needs its input: decode(z, x)")
+        return torch.addmm(self.b_dec, x.to(self.W_skip.dtype), self.W_skip.t())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
+        return self.decode(self.encode(x), x)
 
     def inference_selection(self, x: torch.Tensor) -> Selection | None:  # noqa: ARG002  (TopK's override uses it)
         """The positive latents of `encode(x)` as selected pairs without a dense [B, d_sae] tensor, where the
@@ -114,9 +161,16 @@ class SparseAutoencoder(nn.Module):
         return None
 
     # -- training
-    def training_step(self, x: torch.Tensor, ctx: StepContext | None = None, reference: bool = False) -> StepOutput:
-        """Forward pass and loss on a (scaled) batch x [B, d_in]. `reference=True` runs the plain dense path
-        that an architecture's fast step (the TopK family's sparse one) is tested against."""
+    def training_step(
+        self,
+        x: torch.Tensor,
+        ctx: StepContext | None = None,
+        reference: bool = False,
+        target: torch.Tensor | None = None,
+    ) -> StepOutput:
+        """Forward pass and loss on a (scaled) batch x [B, d_in]: the reconstruction losses compare the output
+        with `target` [B, d_out] (a transcoder's, scaled), or with x itself. `reference=True` runs the plain
+        dense path that an architecture's fast step (the TopK family's sparse one) is tested against."""
         raise NotImplementedError
 
     def after_optimizer_step(self, out: StepOutput, ctx: StepContext) -> None:
@@ -142,14 +196,19 @@ class SparseAutoencoder(nn.Module):
     # -- SAELens's files
     def export_tensors(self) -> dict[str, torch.Tensor]:
         """Weights for raw (unscaled) inputs, in SAELens's names for the saved architecture."""
-        s = float(self.input_scale)
+        s, s_out = float(self.input_scale), float(self.output_scale)
+        b_enc = self.b_enc.detach().clone()
+        if self.transcoder:  # (s x − b_in) W_enc + b_enc = x (s W_enc) + (b_enc − b_in W_enc)
+            b_enc = b_enc - self.b_in.detach() @ self.W_enc.detach()
         tensors = {
             "W_enc": self.W_enc.detach() * s,
-            "b_enc": self.b_enc.detach().clone(),
-            "W_dec": self.W_dec.detach() / s,
-            "b_dec": self.b_dec.detach() / s,
+            "b_enc": b_enc,
+            "W_dec": self.W_dec.detach() / s_out,
+            "b_dec": self.b_dec.detach() / s_out,
             **self.extra_export_tensors(),
         }
+        if self.W_skip is not None:  # (s x) W_skip.T / s_out
+            tensors["W_skip"] = self.W_skip.detach() * (s / s_out)
         return {name: t.contiguous().cpu() for name, t in tensors.items()}
 
     def extra_export_tensors(self) -> dict[str, torch.Tensor]:
@@ -159,12 +218,20 @@ class SparseAutoencoder(nn.Module):
     @torch.no_grad()
     def load_saved_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Take the weights of SAELens-named tensors (a saved file's, or `export_tensors()`)."""
-        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec", *(("W_skip",) if self.skip else ())):
             getattr(self, name).copy_(tensors[name])
 
     def saved_config(self) -> dict:
         """The saved architecture's fields of cfg.json besides the sizes (TopK's k)."""
         return {}
+
+    def target_of(self, x: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+        """What a training step's reconstruction is compared with: the target, or the input itself."""
+        if target is None:
+            if self.transcoder:
+                raise ValueError("a transcoder's training step needs its target")
+            return x
+        return target
 
     @classmethod
     def options_from_saved(cls, saved: dict) -> ArchitectureOptions:  # noqa: ARG003  (TopK reads k)

@@ -56,7 +56,9 @@ class GatedSAE(SparseAutoencoder):
         x: torch.Tensor,
         ctx: StepContext | None = None,
         reference: bool = False,  # noqa: ARG002  (a dense step is its own reference)
+        target: torch.Tensor | None = None,
     ) -> StepOutput:
+        assert target is None, "a gated SAE is no transcoder (its facts say so)"
         ctx = ctx or StepContext()
         shared = (x - self.b_dec) @ self.W_enc  # [B, d_sae]: one matmul serves both paths (r_mag scales columns)
         gate_pre = shared + self.b_enc

@@ -50,22 +50,24 @@ class JumpReLUSAE(SparseAutoencoder):
         x: torch.Tensor,
         ctx: StepContext | None = None,
         reference: bool = False,  # noqa: ARG002  (a dense step is its own reference)
+        target: torch.Tensor | None = None,
     ) -> StepOutput:
         ctx = ctx or StepContext()
+        y = self.target_of(x, target)
         options, bandwidth = self.options, self.options.jumprelu_bandwidth
         pre = self.pre_activations(x)
         threshold = self.threshold.to(pre.dtype)
         z = JumpReLU.apply(pre, threshold, bandwidth)
-        x_hat = self.decode(z)
+        x_hat = self.decode(z, x)
         coefficient = self.penalty.coefficient(ctx)
         mode = options.jumprelu_sparsity_loss_mode
         if mode == "tanh":
             sparsity = torch.tanh(options.jumprelu_tanh_scale * z * self.W_dec.norm(dim=1)).sum(-1)
         else:
             per_token_l0 = Step.apply(pre, threshold, bandwidth).sum(-1)
-            target = options.target_l0
-            sparsity = per_token_l0 if mode == "step" or target is None else 2 / target * (per_token_l0 - target) ** 2
-        losses = {"mse": (x_hat - x).square().sum(-1).mean(), "sparsity": coefficient * sparsity.mean()}
+            aim = options.target_l0
+            sparsity = per_token_l0 if mode == "step" or aim is None else 2 / aim * (per_token_l0 - aim) ** 2
+        losses = {"mse": (x_hat - y).square().sum(-1).mean(), "sparsity": coefficient * sparsity.mean()}
         if options.pre_act_loss_coefficient is not None:
             losses["pre_act"] = options.pre_act_loss_coefficient * self.pre_act_loss(pre, threshold, ctx.dead_mask)
         out = self.dense_output(x_hat, z, losses)

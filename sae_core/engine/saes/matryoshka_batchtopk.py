@@ -26,13 +26,13 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         self.widths = self.options.effective_widths(d_sae)
 
     def reconstruction_losses(
-        self, x: torch.Tensor, selected: SelectedLatents
+        self, x: torch.Tensor, y: torch.Tensor, selected: SelectedLatents
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         rows = selected.layout.pair_rows
         assert rows is not None, "BatchTopK selects a flat list of pairs"
         bounds = torch.tensor(self.widths, device=selected.idx.device)
         level_of_pair = torch.searchsorted(bounds, selected.idx, right=True)  # the first prefix holding it
-        partial = self.b_dec.expand_as(x)
+        partial = self.decoder_offset(x).expand_as(y)
         inner: dict[str, torch.Tensor] = {}
         for level, width in enumerate(self.widths):
             with torch.no_grad():
@@ -41,12 +41,12 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
                 layout = LatentLayout(idx, self.d_sae, pair_rows, batch=len(x), kernels=self.kernels)
             partial = partial + sparse_decode(selected.vals[pairs], idx, self.W_dec, layout)
             if width < self.d_sae:
-                inner[f"inner_mse_{width}"] = SquaredError.apply(partial, x)
-        return partial, {"mse": SquaredError.apply(partial, x), **inner}
+                inner[f"inner_mse_{width}"] = SquaredError.apply(partial, y)
+        return partial, {"mse": SquaredError.apply(partial, y), **inner}
 
-    def dense_extra_losses(self, x: torch.Tensor, z: torch.Tensor) -> dict[str, torch.Tensor]:
+    def dense_extra_losses(self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> dict[str, torch.Tensor]:
         inner = {}
         for width in self.widths[:-1]:
-            partial = z[:, :width] @ self.W_dec[:width] + self.b_dec
-            inner[f"inner_mse_{width}"] = (partial - x).square().sum(-1).mean()
+            partial = z[:, :width] @ self.W_dec[:width] + self.decoder_offset(x)
+            inner[f"inner_mse_{width}"] = (partial - y).square().sum(-1).mean()
         return inner

@@ -27,12 +27,14 @@ class StandardSAE(SparseAutoencoder):
         x: torch.Tensor,
         ctx: StepContext | None = None,
         reference: bool = False,  # noqa: ARG002  (a dense step is its own reference)
+        target: torch.Tensor | None = None,
     ) -> StepOutput:
         ctx = ctx or StepContext()
+        y = self.target_of(x, target)
         z = self.pre_activations(x).relu()
-        x_hat = self.decode(z)
+        x_hat = self.decode(z, x)
         l1 = (z * self.W_dec.norm(dim=1)).sum(-1).mean()
-        losses = {"mse": (x_hat - x).square().sum(-1).mean(), "l1": self.penalty.coefficient(ctx) * l1}
+        losses = {"mse": (x_hat - y).square().sum(-1).mean(), "l1": self.penalty.coefficient(ctx) * l1}
         out = self.dense_output(x_hat, z, losses)
         out.stats = self.penalty.stats(ctx)
         return out

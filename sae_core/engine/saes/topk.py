@@ -45,7 +45,7 @@ class TopKSAE(SparseAutoencoder):
 
     def inference_selection(self, x: torch.Tensor) -> Selection | None:
         with torch.no_grad():
-            return self.select(torch.addmm(self.b_enc, x - self.b_dec, self.W_enc))
+            return self.select(torch.addmm(self.b_enc, x - self.encoder_centre, self.W_enc))
 
     def saved_config(self) -> dict:
         return {"k": self.k}
@@ -70,13 +70,20 @@ class TopKSAE(SparseAutoencoder):
         """What an architecture learns from the batch's selection (BatchTopK's threshold)."""
 
     # -- training
-    def training_step(self, x: torch.Tensor, ctx: StepContext | None = None, reference: bool = False) -> StepOutput:
+    def training_step(
+        self,
+        x: torch.Tensor,
+        ctx: StepContext | None = None,
+        reference: bool = False,
+        target: torch.Tensor | None = None,
+    ) -> StepOutput:
         ctx = ctx or StepContext()
+        y = self.target_of(x, target)
         if reference:
-            return self.dense_step(x, ctx)
+            return self.dense_step(x, y, ctx)
         selected = self.encode_selected(x)
-        x_hat, losses = self.reconstruction_losses(x, selected)
-        losses["aux"] = self.aux_loss(x, x_hat, selected, ctx.dead_mask)
+        x_hat, losses = self.reconstruction_losses(x, y, selected)
+        losses["aux"] = self.aux_loss(y, x_hat, selected, ctx.dead_mask)
         active = selected.vals > 0
         self.after_selection(selected.vals.detach(), active)
         # scatter_add rather than bincount: bincount's output size depends on the data (a host sync on CUDA)
@@ -86,38 +93,40 @@ class TopKSAE(SparseAutoencoder):
 
     def encode_selected(self, x: torch.Tensor) -> SelectedLatents:
         """The sparse step's encoder: no dense [B, d_sae] tensor in the backward pass."""
-        with torch.no_grad():  # b_dec's gradient through x_cent comes from SelectedPreActivations
-            x_cent = x - self.b_dec
+        centre = self.encoder_centre  # b_dec (its gradient through x_cent comes from SelectedPreActivations)
+        with torch.no_grad():
+            x_cent = x - centre
             pre = torch.addmm(self.b_enc.to(x.dtype), x_cent, self.W_enc.to(x.dtype))  # [B, d_sae]: the floor
             selection = self.select(pre)
             layout = LatentLayout(selection.idx, self.d_sae, selection.rows, batch=len(x), kernels=self.kernels)
         vals = SelectedPreActivations.apply(
-            x_cent, self.b_dec, self.W_enc, self.b_enc, selection.values, selection.idx, layout
+            x_cent, centre, self.W_enc, self.b_enc, selection.values, selection.idx, layout
         ).relu()
         return SelectedLatents(x_cent, pre, vals, selection.idx, layout)
 
     def reconstruction_losses(
-        self, x: torch.Tensor, selected: SelectedLatents
+        self, x: torch.Tensor, y: torch.Tensor, selected: SelectedLatents
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The reconstruction from the selected latents and its loss terms."""
-        x_hat = sparse_decode(selected.vals, selected.idx, self.W_dec, selected.layout) + self.b_dec
-        return x_hat, {"mse": SquaredError.apply(x_hat, x)}
+        """The reconstruction of y (x itself, or a transcoder's target) from the selected latents of x, and
+        its loss terms."""
+        x_hat = sparse_decode(selected.vals, selected.idx, self.W_dec, selected.layout) + self.decoder_offset(x)
+        return x_hat, {"mse": SquaredError.apply(x_hat, y)}
 
-    def dense_step(self, x: torch.Tensor, ctx: StepContext) -> StepOutput:
+    def dense_step(self, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> StepOutput:
         """The plain dense path the sparse step is tested against."""
         pre = self.pre_activations(x)
         z = self.dense_latents(pre)
-        x_hat = self.decode(z)
-        losses = {"mse": (x_hat - x).square().sum(-1).mean(), **self.dense_extra_losses(x, z)}
-        losses["aux"] = self.dense_aux_loss(x, x_hat, pre, ctx.dead_mask)
+        x_hat = self.decode(z, x)
+        losses = {"mse": (x_hat - y).square().sum(-1).mean(), **self.dense_extra_losses(x, y, z)}
+        losses["aux"] = self.dense_aux_loss(y, x_hat, pre, ctx.dead_mask)
         return self.dense_output(x_hat, z, losses)
 
-    def dense_extra_losses(self, x: torch.Tensor, z: torch.Tensor) -> dict[str, torch.Tensor]:  # noqa: ARG002
+    def dense_extra_losses(self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> dict[str, torch.Tensor]:  # noqa: ARG002
         """Loss terms beyond the full reconstruction on the dense path (Matryoshka's inner levels)."""
         return {}
 
-    # -- AuxK: the top dead latents reconstruct the residual of the live ones
-    def dense_aux_loss(self, x, x_hat, pre, dead_mask) -> torch.Tensor:
+    # -- AuxK: the top dead latents reconstruct the residual of the live ones (y: what x_hat reconstructs)
+    def dense_aux_loss(self, y, x_hat, pre, dead_mask) -> torch.Tensor:
         aux_k = self.options.effective_aux_k(self.d_in)
         if dead_mask is None or not self.options.aux_k_coefficient:
             return pre.new_zeros(())
@@ -125,9 +134,9 @@ class TopKSAE(SparseAutoencoder):
         vals, idx = masked.topk(min(aux_k, self.d_sae), dim=-1, sorted=False)
         vals = torch.where(dead_mask[idx], vals.relu(), torch.zeros_like(vals))
         aux_z = torch.zeros_like(pre).scatter_(-1, idx, vals)
-        return self.options.aux_k_coefficient * _aux_from_residual(aux_z @ self.W_dec, x, x_hat, dead_mask)
+        return self.options.aux_k_coefficient * _aux_from_residual(aux_z @ self.W_dec, y, x_hat, dead_mask)
 
-    def aux_loss(self, x, x_hat, selected: SelectedLatents, dead_mask) -> torch.Tensor:
+    def aux_loss(self, y, x_hat, selected: SelectedLatents, dead_mask) -> torch.Tensor:
         """AuxK as in `dense_aux_loss`, through the same sparse functions as the main selection."""
         if dead_mask is None or not self.options.aux_k_coefficient:
             return x_hat.new_zeros(())
@@ -139,17 +148,19 @@ class TopKSAE(SparseAutoencoder):
             layout = LatentLayout(aux_idx, self.d_sae, kernels=self.kernels)  # shared by both backward passes
         values = pre.gather(1, aux_idx)
         x_cent = selected.x_cent
-        aux_vals = SelectedPreActivations.apply(x_cent, self.b_dec, self.W_enc, self.b_enc, values, aux_idx, layout)
+        aux_vals = SelectedPreActivations.apply(
+            x_cent, self.encoder_centre, self.W_enc, self.b_enc, values, aux_idx, layout
+        )
         aux_vals = torch.where(dead_mask[aux_idx], aux_vals.relu(), torch.zeros_like(aux_vals))
         aux_hat = sparse_decode(aux_vals, aux_idx, self.W_dec, layout)
-        return self.options.aux_k_coefficient * _aux_from_residual(aux_hat, x, x_hat, dead_mask)
+        return self.options.aux_k_coefficient * _aux_from_residual(aux_hat, y, x_hat, dead_mask)
 
 
-def _aux_from_residual(aux_hat, x, x_hat, dead_mask) -> torch.Tensor:
+def _aux_from_residual(aux_hat, y, x_hat, dead_mask) -> torch.Tensor:
     """AuxK (Gao et al. 2024): the top dead latents reconstruct the residual of the live ones.
 
     Normalised by the number of tokens only, so the loss is the same whether a batch is split across ranks or
     not; multiplied by "any latent dead" on the device so that a caller's conservative guess costs time, never
     exactness."""
-    residual = (x - x_hat).detach()
+    residual = (y - x_hat).detach()
     return (aux_hat - residual).pow(2).sum(-1).mean() * dead_mask.any()
