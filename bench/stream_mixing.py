@@ -18,11 +18,12 @@ import numpy as np
 import torch
 
 from sae_core.config import ExtractConfig, TrainConfig
-from sae_core.data.stream_plan import rows_needed, stream_key
+from sae_core.data.stream_plan import rows_needed
 from sae_core.data.text import Specials, iter_pieces, kept_positions, pack_contexts
 from sae_core.engine.evaluation import evaluate
 from sae_core.model.loading import load_model, load_tokenizer
 from sae_core.model.stream import HoldoutRows, HooksReader
+from sae_core.model_source import stream_key
 from sae_core.sae import load
 from tests.hf_models import corpus
 

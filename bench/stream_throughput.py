@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 from sae_core.config import TrainConfig
-from sae_core.data.stream_plan import stream_key
 from sae_core.engine.distributed import DistEnv
 from sae_core.engine.sweep_trainer import SweepTrainer
 from sae_core.engine.trainer import Trainer
 from sae_core.model.stream import open_stream
+from sae_core.model_source import stream_key
 from sae_core.sweep import sweep_from_dict
 from tests.hf_models import corpus, save_tiny_model
 

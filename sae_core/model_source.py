@@ -9,12 +9,17 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from .architectures import ARCHITECTURES, TRANSCODER_ARCHITECTURES
-from .data.stream_plan import stream_key
 from .limits import HOOK_PATTERN, MAX_CONTEXT, MAX_PATH_CHARS
 
+STREAM_KEY_PREFIX = "out:"  # an SAE reads its hook's output: {"out:<hook>": rows}; a transcoder also "in:<hook>"
 _NO_SOURCE = object()  # neither activation_source nor model given: named with the other missing fields
 MAX_MIXING_CONTEXTS = 2**20
 DEFAULT_MIXING_CONTEXTS = 256
+
+
+def stream_key(hook: str, side: str = "out") -> str:
+    """The key of a hook's rows in a stream's batches: `out:<hook>` its output, `in:<hook>` its input."""
+    return f"{side}:{hook}"
 
 
 class ModelSourceFields(BaseModel):

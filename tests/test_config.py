@@ -253,7 +253,9 @@ def kinds_of(cls: type[StrictConfig], kind: type) -> list[str]:
 
 def test_every_config_class_is_covered():
     assert set(VALID) == set(StrictConfig.__subclasses__())
-    assert kinds_of(TrainConfig, bool) == ["prepend_bos", "exclude_special_tokens", "shuffle", "torch_compile"]
+    assert kinds_of(TrainConfig, bool) == [
+        "prepend_bos", "exclude_special_tokens", "transcoder", "transcoder_skip", "shuffle", "torch_compile"
+    ]  # fmt: skip
     assert kinds_of(ExtractConfig, bool) == ["prepend_bos", "exclude_special_tokens"]
 
 
@@ -283,6 +285,7 @@ def test_switches_take_only_true_or_false(cls):
     for field in kinds_of(cls, bool):
         # a training's stream fields belong to a config that streams from a model
         valid = STREAMED if cls is TrainConfig and field in ModelSourceFields.model_fields else VALID[cls]
+        valid = {**valid, "transcoder": True} if field == "transcoder_skip" else valid  # a skip term is a transcoder's
         for value in (1, 0, "yes", "false"):
             with pytest.raises(ConfigError, match=f"^{field}: must be true or false, got "):
                 cls.from_dict({**valid, field: value})

@@ -27,13 +27,12 @@ from ..files import (
     TRAIN_CONFIG_FILE,
     WEIGHTS_FILE,
 )
-from ..model_source import activation_files
+from ..model_source import activation_files, stream_key
 from ..outputs import sweep_members
 from ..text import brief
 from .activations import ActivationSet, open_activations
 from .formats import DatasetError
 from .stream_cache import cache_folder
-from .stream_plan import stream_key
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..files import MANIFEST_FILE
+from ..model_source import STREAM_KEY_PREFIX
 from ..text import brief
 from .catalog import OUTSIDE_ROOTS, in_data_roots
-from .stream_plan import STREAM_KEY_PREFIX
 
 INPUT_SUFFIX = ".input"  # the folder of a module's input (a transcoder's): `<cache_to>/<hook>.input`
 

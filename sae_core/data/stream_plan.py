@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-STREAM_KEY_PREFIX = "out:"  # an SAE reads its hook's output: {"out:<hook>": rows}; a transcoder also "in:<hook>"
 _STREAM_PLAN = 6  # the seed's stream for the context shuffle (order.py uses 1, 2, 4; the toy set 3; extraction 5)
 _WINDOW_SHUFFLE = 7  # the seed's stream for each window's row permutation
 
@@ -44,11 +43,6 @@ class StreamPlan:
     def permutation(self, index: int) -> np.ndarray:
         """The order in which window `index`'s rows (in context order) enter the stream."""
         return np.random.default_rng([self.seed, _WINDOW_SHUFFLE, index]).permutation(self.window_rows(index))
-
-
-def stream_key(hook: str, side: str = "out") -> str:
-    """The key of a hook's rows in a stream's batches: `out:<hook>` its output, `in:<hook>` its input."""
-    return f"{side}:{hook}"
 
 
 def rows_needed(batch_size: int, total_steps: int, holdout_tokens: int) -> int:

@@ -81,7 +81,8 @@ def test_a_streamed_transcoder_trains_against_its_target_and_loads_back(tmp_path
     # What was saved predicts the module's output from its input as the evaluation measured it.
     source = open_source(TrainConfig.from_dict(config), [f"in:{MLP}", f"out:{MLP}"], torch.device("cpu"))
     held = source.rows(source.plan.holdout)
-    x, y = held[f"in:{MLP}"][:128], held[f"out:{MLP}"][:128]
+    n = figures["holdout_tokens"]  # the held-out contexts' last rows, as the evaluation reads them
+    x, y = held[f"in:{MLP}"][-n:], held[f"out:{MLP}"][-n:]
     with torch.no_grad():
         fvu = (y - sae(x)).pow(2).sum() / (y - y.mean(0)).pow(2).sum()
     assert float(fvu) == pytest.approx(figures["fvu"], rel=1e-4)
