@@ -119,6 +119,20 @@ def write_json(path: Path, value: dict) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def kept_transcoder(hf, tmp_path_factory) -> dict[str, Path]:
+    """A TopK transcoder of the tiny GPT-2's first MLP block trained straight from the model, its stream kept
+    (cache_to: `<cache>/<mlp>.input` its input, `<cache>/<mlp>` its output)."""
+    from sae_core.train import main as train_main
+    from tests.model.test_stream import streamed
+
+    base = tmp_path_factory.mktemp("transcoder")
+    sae, cache, mlp = base / "sae", base / "cache", "transformer.h.0.mlp"
+    config = streamed(hf, hook=mlp, transcoder=True, total_steps=16, cache_to=str(cache))
+    assert train_main(["--config", str(write_json(base / "train.json", config)), "--out", str(sae)]) == 0
+    return {"sae": sae, "cache": cache, "base": base}
+
+
 # --------------------------------------------------------------------------- model evaluation (issue 14)
 
 

@@ -75,6 +75,9 @@ def overview(inspection: Inspection) -> int | None:
     cols[1].metric("Rows inspected", f"{summary.get('rows', 0):,}")
     cols[2].metric("Held out of training", f"{summary.get('held_out_rows', 0):,}")
     cols[3].metric("Dead", f"{summary.get('dead_latents', 0):,}")
+    note = explore.source_note(summary)
+    if note:
+        st.caption(md_text(note))
     histogram = frames.firing_histogram(explore.log10_frequencies(inspection))
     if not histogram.empty:
         st.vega_lite_chart(histogram, charts.firing_histogram_spec(), width="stretch", height=charts.WIDE_CHART_HEIGHT)

@@ -21,7 +21,7 @@ from sae_core.gpu import memory, scaling
 from sae_core.gpu.history import latest_probe
 from sae_core.jobs import submission
 from sae_core.jobs.gpus import gpu_statuses
-from sae_core.jobs.stream_checks import stream_source
+from sae_core.jobs.stream_checks import keys_of, stream_source
 from sae_core.jobs.submission import Submission
 from sae_core.model_source import DEFAULT_MIXING_CONTEXTS
 from sae_core.sweep import PLACEMENTS, Sweep
@@ -35,6 +35,7 @@ from sae_core.ui.forms import (
     form_to_config,
     form_to_sweep,
     path_mtime,
+    suggested_cache_to,
     sweep_fields,
     sweep_layouts,
     sweep_need,
@@ -106,10 +107,21 @@ SOURCES = ("Activation files", "From a model")
 
 
 def stream_widgets() -> tuple[StreamValues, object | None, list[str]]:
-    """ "From a model": the Extract page's model and text pickers, the hooks (several: a sweep over hook), the
-    context size, contexts per forward and the mixing window. (values, the model's facts, problems)."""
+    """ "From a model": the Extract page's model and text pickers, transcoder or not, the hooks (several: a sweep
+    over hook), the context size, contexts per forward, the mixing window, where the stream is kept and how many
+    held-out contexts the model evaluates on after training. (values, the model's facts, problems)."""
     model, facts, problem = model_picker("train")
     hooks: list[str] = []
+    t1, t2 = st.columns(2)
+    transcoder = t1.checkbox(
+        "Transcoder", key="train_transcoder",
+        help="Each SAE reads the input of the module a hook names and predicts that module's output",
+    )  # fmt: skip
+    skip = t2.checkbox("Skip term", key="train_transcoder_skip", disabled=not transcoder,
+                       help="A learned linear map from the module's input to its output (a skip transcoder)")  # fmt: skip
+    if transcoder:
+        st.caption("The hooks name the modules whose input is read and output predicted: MLP blocks such as "
+                   "transformer.h.N.mlp or model.layers.N.mlp.")  # fmt: skip
     if facts is not None:
         names = list(facts.hooks)
         hooks = st.multiselect(
@@ -126,7 +138,20 @@ def stream_widgets() -> tuple[StreamValues, object | None, list[str]]:
         help="The activations of this many contexts are shuffled together before they form batches; memory: "
         "2 × window × context size × d_in × 4 bytes per hook",
     )  # fmt: skip
-    values = StreamValues(model, hooks, dataset, field, split, int(context), int(per_forward), int(mixing))
+    k1, k2 = st.columns([2, 1])
+    cache_to = k1.text_input(
+        "Keep the stream in", key="train_cache_to", placeholder=suggested_cache_to(paths.datasets_dir(), model),
+        help="A folder (blank: the stream is not kept) that gets one activation folder per hook, in the extraction's "
+        "format: train on it again, or inspect the SAE's latents on it",
+    )  # fmt: skip
+    evaluate = k2.number_input(
+        "Evaluate with the model after training", value=0, step=64, min_value=0, key="train_evaluate_contexts",
+        help="Held-out contexts to score the SAE spliced into the model on (CE loss and KL recovered); 0: none",
+    )  # fmt: skip
+    values = StreamValues(
+        model, hooks, dataset, field, split, int(context), int(per_forward), int(mixing), cache_to, int(evaluate),
+        transcoder, transcoder and skip,
+    )  # fmt: skip
     return values, facts, [problem] if problem else []
 
 
@@ -300,7 +325,7 @@ errors += [e for e in config_errors if e not in MISSING]
 stream = None  # what a run streamed from a model holds on each GPU, for the estimates
 if cfg is not None and facts is not None and stream_values is not None:
     shared = cfg.shared if isinstance(cfg, Sweep) else cfg
-    stream = stream_source(shared, facts, stream_values.hooks, on_gpu=True)
+    stream = stream_source(shared, facts, stream_values.hooks, on_gpu=True, keys=keys_of(cfg))
 if not user.strip():
     missing.append(NAME_MISSING)
 

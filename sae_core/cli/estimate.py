@@ -14,7 +14,7 @@ from ..data.formats import DatasetError
 from ..gpu.memory import TERM_LABELS, GiB, MemoryEstimate, StreamSource, estimate, sweep_estimate
 from ..gpu.scaling import PCIE4_X16_BYTES_PER_S, predict_sweep
 from ..jobs.models import ModelProblem, model_facts
-from ..jobs.stream_checks import hooks_of, stream_d_in, stream_source
+from ..jobs.stream_checks import hooks_of, keys_of, stream_d_in, stream_source
 from ..model_source import activation_files
 from ..sweep import Sweep, read_training_config
 
@@ -97,7 +97,7 @@ def source_of(cfg: TrainConfig | Sweep, d_in: int | None) -> tuple[int, StreamSo
     missing = [hook for hook in hooks if hook not in facts.hooks]
     if missing:
         raise ModelProblem("hook", f"hook: {missing[0]!r} is not a module of this model (`hooks MODEL` lists them)")
-    stream = stream_source(shared, facts, hooks, on_gpu=True)
+    stream = stream_source(shared, facts, hooks, on_gpu=True, keys=keys_of(cfg))
     return (d_in if d_in is not None else stream_d_in(facts, hooks)), stream
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..architectures import SAVED_TRANSCODERS
 from ..config import MAX_EVAL_SAES, ConfigError, EvaluateConfig, ExtractConfig, InspectConfig, TrainConfig
 from ..files import (
     CFG_FILE,
@@ -27,7 +28,7 @@ from ..files import (
     TRAIN_CONFIG_FILE,
     WEIGHTS_FILE,
 )
-from ..model_source import activation_files, stream_key
+from ..model_source import activation_files
 from ..outputs import sweep_members
 from ..text import brief
 from .activations import ActivationSet, open_activations
@@ -309,17 +310,46 @@ def _training_source(sae_dir: Path) -> tuple[ActivationSet, int] | None:
 
 
 def kept_stream(train_cfg: TrainConfig) -> str:
-    """The activation folder a streamed training kept of its hook (cache_to), where inspection reads its rows (the
-    held-out contexts last, as in an extraction); ConfigError when it kept none."""
-    folder = cache_folder(train_cfg.cache_to, stream_key(str(train_cfg.hook))) if train_cfg.cache_to else None
+    """The activation folder a streamed training kept of what its SAE reads (cache_to): its hook's output, or a
+    transcoder's module input (`<hook>.input`); inspection reads its rows there (the held-out contexts last, as
+    in an extraction). ConfigError naming what to give when it kept none."""
+    key = str(train_cfg.input_key)
+    folder = cache_folder(train_cfg.cache_to, key) if train_cfg.cache_to else None
     if folder is None or not (folder / MANIFEST_FILE).is_file():
         kept = f" ({brief(folder)} holds no complete copy)" if folder is not None else ""
+        what = (
+            f"the input of {train_cfg.hook} (--activations: a kept stream's {train_cfg.hook}.input folder)"
+            if train_cfg.transcoder
+            else "that model and hook (--activations: an extraction)"
+        )
         raise ConfigError(
             f"activations: the SAE was trained straight from {brief(train_cfg.model, 200)} at {train_cfg.hook} and its "
-            f"stream was not kept{kept}; give activations of that model and hook to inspect it on (--activations: "
-            "an extraction), or train with cache_to"
+            f"stream was not kept{kept}; give activations of {what} to inspect it on, or train with cache_to"
         )
     return str(folder)
+
+
+def transcoder_module(sae_dir: Path) -> str | None:
+    """The module a transcoder replaces (its cfg.json metadata `hook_name`; "" when unnamed); None for an SAE.
+    A transcoder's latents are computed from that module's input."""
+    try:
+        cfg = json.loads((sae_dir / CFG_FILE).read_text())
+        if cfg.get("architecture") not in SAVED_TRANSCODERS:
+            return None
+        metadata = cfg.get("metadata")
+        return str(metadata.get("hook_name", "")) if isinstance(metadata, dict) else ""
+    except (OSError, ValueError, AttributeError):
+        return None  # sae_shape names an unreadable cfg.json
+
+
+def _require_module_input(data: ActivationSet, module: str) -> None:
+    """ConfigError when `data` is known to be the output of the transcoder's own module (not its input)."""
+    provenance = data.manifest.provenance if data.from_model else {}
+    if module and provenance.get("hook") == module and provenance.get("hook_side", "out") != "in":
+        raise ConfigError(
+            f"activations: {brief(data.source)} holds the output of {module}, but a transcoder's latents are "
+            f"computed from its module's input: give the input (a kept stream's {module}.input folder)"
+        )
 
 
 @dataclass(frozen=True)
@@ -332,6 +362,7 @@ class InspectPlan:
     held_out: int  # how many of them training never saw (0 when not known)
     model: str | None  # the model the rows came from (logit effects, token text), when known
     hook: str | None
+    transcoder: bool = False  # the rows are its module's input; its decoder writes to the module's output
 
     @property
     def rows(self) -> int:
@@ -340,15 +371,18 @@ class InspectPlan:
 
 def plan_inspection(cfg: InspectConfig) -> InspectPlan:
     """The SAE, the activations (the SAE's own unless `activations` is given) and which rows: checked
-    without torch, every error naming its field."""
+    without torch, every error naming its field. A transcoder's rows are its module's input (the kept stream's
+    `<hook>.input` folder), never the module's output."""
     sae_dir = Path(cfg.sae).expanduser()
     d_in, d_sae = sae_shape(sae_dir)
+    module = transcoder_module(sae_dir)
     holdout, source, key = 0, cfg.activations, "activations"
     if source is None:
         if not (sae_dir / TRAIN_CONFIG_FILE).is_file():
+            what = "the input of the module it replaces" if module is not None else "them"
             raise ConfigError(
-                "activations: the SAE was not trained by SAE Lab, so its activations are not known; give them "
-                "(--activations)"
+                "activations: the SAE was not trained by SAE Lab, so its activations are not known; give "
+                f"{what} (--activations)"
             )
         train_cfg = TrainConfig.from_json_file(sae_dir / TRAIN_CONFIG_FILE)
         files = kept_stream(train_cfg) if train_cfg.streamed else activation_files(train_cfg)
@@ -357,9 +391,13 @@ def plan_inspection(cfg: InspectConfig) -> InspectPlan:
         data = open_activations(source, key)
     except (DatasetError, OSError) as exc:
         raise DatasetError(f"activations: {brief(exc, 300)}") from None
+    if module is not None:
+        _require_module_input(data, module)
     if data.d_in != d_in:
         raise ConfigError(f"activations: rows are {data.d_in} wide but the SAE's d_in is {d_in}")
     first = max(0, data.n_rows - cfg.tokens)
     provenance = data.manifest.provenance if data.from_model else {}
     held_out = min(holdout, data.n_rows - first)
-    return InspectPlan(sae_dir, d_in, d_sae, data, first, held_out, provenance.get("model"), provenance.get("hook"))
+    return InspectPlan(
+        sae_dir, d_in, d_sae, data, first, held_out, provenance.get("model"), provenance.get("hook"), module is not None
+    )

@@ -26,6 +26,7 @@ PROVENANCE_FIELDS = (
     "model", "hook", "context_size", "tokenizer", "bos_token_id", "special_token_ids", "n_contexts", "dataset", "text_field",
     "split", "exclude_special_tokens",
     "held_out_rows",  # a kept stream (data/stream_cache.py): the last rows, whole contexts; those before are mixed
+    "hook_side",  # a kept stream of a module's input (a transcoder's): "in"; absent: the hook's output
 )  # fmt: skip
 
 

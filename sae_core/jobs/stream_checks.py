@@ -11,6 +11,7 @@ from ..config import TrainConfig
 from ..data.stream_cache import cache_to_problems
 from ..data.stream_plan import rows_needed
 from ..gpu.memory import StreamSource
+from ..model_source import stream_key
 from ..sweep import Sweep
 from .gate import Verdict, outside_roots
 from .models import ModelFacts, TextQuery, loaded_dtype
@@ -25,12 +26,24 @@ def hooks_of(cfg: TrainConfig | Sweep) -> list[str]:
     return list(dict.fromkeys(c.hook for c in configs if c.hook is not None))
 
 
+def keys_of(cfg: TrainConfig | Sweep) -> list[str]:
+    """The distinct stream keys the members read: each hook's output, and a transcoder's module input."""
+    configs = [m.config for m in cfg.members] if isinstance(cfg, Sweep) else [cfg]
+    return list(dict.fromkeys(key for c in configs for key in c.stream_keys))
+
+
 def check_stream(
-    cfg: TrainConfig, hooks: Sequence[str], verdict: Verdict, home: Path, count_rows: bool = True
+    cfg: TrainConfig,
+    hooks: Sequence[str],
+    verdict: Verdict,
+    home: Path,
+    count_rows: bool = True,
+    keys: Sequence[str] | None = None,
 ) -> StreamSource | None:
     """Record the stream's problems in `verdict` (and the model's facts in `verdict.model`); what the memory
-    estimate counts for it, or None when the model or a hook cannot be used. `count_rows` False leaves the
-    rows uncounted (the Train page while a person types: counting runs the tokenizer over the text)."""
+    estimate counts for it (the stream `keys` the members read, keys_of), or None when the model or a hook cannot
+    be used. `count_rows` False leaves the rows uncounted (the Train page while a person types: counting runs the
+    tokenizer over the text)."""
     assert cfg.model is not None and cfg.dataset is not None  # a streamed config names both
     if outside_roots(verdict, locations(cfg.model, cfg.dataset, home)):
         return None
@@ -45,7 +58,7 @@ def check_stream(
         note, short = enough_rows(text_query(cfg), needed, asked, FEWER_ROWS)
         verdict.add(short)
         verdict.notes += [note] if note else []
-    return stream_source(cfg, verdict.model, hooks, on_gpu=bool(verdict.gpus))
+    return stream_source(cfg, verdict.model, hooks, on_gpu=bool(verdict.gpus), keys=keys)
 
 
 def kept_and_evaluated(cfg: TrainConfig, hooks: Sequence[str], facts: ModelFacts | None, home: Path) -> list:
@@ -71,9 +84,18 @@ def text_query(cfg: TrainConfig) -> TextQuery:
     )
 
 
-def stream_source(cfg: TrainConfig, facts: ModelFacts, hooks: Sequence[str], on_gpu: bool) -> StreamSource:
+def stream_source(
+    cfg: TrainConfig, facts: ModelFacts, hooks: Sequence[str], on_gpu: bool, keys: Sequence[str] | None = None
+) -> StreamSource:
     """What a rank holds for the stream: the model in the dtype the job loads it in, a forward of
-    model_batch_size contexts, and a mixing window per distinct hook."""
+    model_batch_size contexts, and a mixing window per distinct stream key: each hook's output and, for a
+    transcoder, its module's input (`keys`, keys_of: what the members read; by default each hook's output, and its
+    input when `cfg` is a transcoder)."""
+    if keys is None:
+        keys = [stream_key(h, side) for h in hooks for side in (("in", "out") if cfg.transcoder else ("out",))]
+    # `hooks MODEL` lists each module's output width only: a module's input counts at its output's width (an
+    # MLP block, a transcoder's usual module, reads and writes the residual).
+    widths = tuple(facts.hooks[key.partition(":")[2]] for key in dict.fromkeys(keys))
     return StreamSource(
         parameters=facts.parameters,
         model_dtype=loaded_dtype(facts, cfg.model_dtype, on_gpu),
@@ -82,7 +104,7 @@ def stream_source(cfg: TrainConfig, facts: ModelFacts, hooks: Sequence[str], on_
         model_batch_size=cfg.model_batch_size,
         context_size=cfg.context_size,
         mixing_contexts=cfg.mixing_contexts,
-        hook_widths=tuple(facts.hooks[h] for h in dict.fromkeys(hooks)),
+        hook_widths=widths,
         kept=cfg.cache_to is not None,
     )
 

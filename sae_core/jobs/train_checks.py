@@ -74,13 +74,15 @@ def _check_data(
     planned_d_in: int | None,
     planned_rows: int | None,
     hooks: list[str] | None = None,
+    keys: list[str] | None = None,
 ) -> tuple[int | None, StreamSource | None]:
     """The activations (or, for a training queued behind its extraction, the rows it will write; or the model,
     `hooks` and text it streams from); their width when known, and what the stream holds."""
     if cfg.streamed and planned_d_in is None:
         home = store.engine_home(store.engine_or_default(engine))
         hooks = hooks or stream_checks.hooks_of(cfg)
-        stream = stream_checks.check_stream(cfg, hooks, verdict, home, count_rows=scan_values is not False)
+        keys = keys or stream_checks.keys_of(cfg)
+        stream = stream_checks.check_stream(cfg, hooks, verdict, home, count_rows=scan_values is not False, keys=keys)
         if stream is None or verdict.model is None:
             return None, None
         return stream_checks.stream_d_in(verdict.model, hooks), stream
@@ -137,7 +139,8 @@ def check_sweep(
     if verdict.placement_failed:
         return verdict
     hooks = stream_checks.hooks_of(sweep)
-    d_in, stream = _check_data(sweep.shared, verdict, engine, scan_values, planned_d_in, planned_rows, hooks)
+    keys = stream_checks.keys_of(sweep)
+    d_in, stream = _check_data(sweep.shared, verdict, engine, scan_values, planned_d_in, planned_rows, hooks, keys)
     count = ranks(verdict, submission)
     if verdict.gpus:
         statuses = list(statuses) if statuses is not None else gpu_statuses(engine)

@@ -6,6 +6,10 @@ last `tokens` of the activations (the tail, where training's holdout is), cut in
 rank r encodes every world-th chunk into its own LatentStats (engine/latent_stats.py), writes it to the job
 folder, and rank 0 merges them, adds the decoder's neighbours, ground-truth matches (toy sets), logit
 effects and token windows, and replaces `inspect/` atomically (written beside it, then renamed).
+
+A transcoder's rows are its module's input (data/heldout.py plans them): its latents fire on those; its decoder
+writes to the module's output, so its logit effects go through the unembedding when that output is as wide as
+the residual (an MLP block's is), and its nearest latents compare decoder rows as an SAE's do.
 """
 
 from __future__ import annotations
@@ -187,15 +191,17 @@ def token_windows(arrays: dict, plan: InspectPlan, shape: StatsShape) -> None:
 
 
 def model_extras(arrays: dict, plan: InspectPlan, sae) -> dict[str, str]:
-    """Logit effects through the model's unembedding (when it is as wide as the SAE's input), and the text of
-    every token id used; returns {id: text}."""
+    """Logit effects through the model's unembedding (when it is as wide as the SAE's decoder output: its input,
+    or a transcoder's module output, e.g. the residual an MLP block writes to), and the text of every token id
+    used; returns {id: text}."""
     assert plan.model is not None
     model_dir = resolve_model(plan.model)
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, "float32", torch.device("cpu"))
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None and head.weight.shape[1] == plan.d_in:
-        found = logit_effects(sae.W_dec.detach().cpu(), head.weight.detach())
+    W_dec = sae.W_dec.detach().cpu()  # [d_sae, d_out]: d_out = d_in but for a transcoder
+    if head is not None and head.weight.shape[1] == W_dec.shape[1]:
+        found = logit_effects(W_dec, head.weight.detach())
         for name, value in zip(("logit_top_ids", "logit_top", "logit_bottom_ids", "logit_bottom"), found, strict=True):
             arrays[name] = value
     used: set[int] = set()
@@ -237,7 +243,7 @@ def finish(cfg: InspectConfig, plan: InspectPlan, rank_files: list[Path], second
         "rows": stats.rows_seen, "first_row": plan.first_row, "held_out_rows": plan.held_out,
         "d_in": plan.d_in, "d_sae": plan.d_sae, "top_k": shape.top_k, "window_before": shape.before,
         "window_after": shape.after, "bands": shape.bands, "band_examples": shape.band_examples,
-        "dense_frequency": DENSE_FREQUENCY, "model": plan.model, "hook": plan.hook, "has_text": has_text,
+        "dense_frequency": DENSE_FREQUENCY, "model": plan.model, "hook": plan.hook, "transcoder": plan.transcoder, "has_text": has_text,
         "has_logits": "logit_top_ids" in arrays, "has_truth": "true_feature" in arrays,
         "dead_latents": int((stats.fired == 0).sum()), "seconds": seconds, "rows_per_s": stats.rows_seen / seconds,
         "written_at": time.time(),

@@ -16,6 +16,18 @@ SHADE_RGB = (255, 140, 0)  # the colour of an activation; its strength is the op
 FLAG_DEAD, FLAG_DENSE = "dead", "dense"
 
 
+def source_note(summary: dict) -> str | None:
+    """What the rows inspected are, when it is not an SAE's own input: a transcoder's latents fire on its
+    module's input and its decoder (logit effects, nearest latents) writes to the module's output."""
+    if not summary.get("transcoder"):
+        return None
+    module = summary.get("hook") or "its module"
+    return (
+        f"A transcoder of {module}: its latents are computed from the module's input (the rows and examples "
+        "below), and its decoder writes to the module's output (the logit effects and nearest latents)."
+    )
+
+
 def latents_table(inspection, search: str = "") -> pd.DataFrame:
     """One row per latent: frequency, max and mean activation, the tokens it raises most, its flags;
     `search` keeps latents whose number is the text or whose top tokens contain it (case ignored)."""

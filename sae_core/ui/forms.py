@@ -54,6 +54,16 @@ class StreamValues:
     context_size: int = 128
     model_batch_size: int = 32
     mixing_contexts: int = 256
+    cache_to: str = ""  # keep the stream here (one activation folder per key read); blank: not kept
+    evaluate_contexts: int = 0  # evaluate with the model after training on this many held-out contexts; 0: not
+    transcoder: bool = False  # every member a transcoder of its hook's module (reads its input, predicts its output)
+    transcoder_skip: bool = False
+
+
+def suggested_cache_to(datasets: Path, model: str) -> str:
+    """Where the Train page suggests keeping a model's stream: `<datasets>/<model's last name>-stream`."""
+    name = Path(model.strip().rstrip("/\\")).name or "model"
+    return str(datasets / f"{name}-stream")
 
 
 def _optional_number(text: str, name: str, kind: type, errors: list[str]) -> Any:
@@ -115,7 +125,9 @@ def _source_data(values: FormValues, errors: list[str]) -> dict[str, Any]:
     data = {
         "model": stream.model.strip(), "dataset": stream.dataset.strip(), "text_field": stream.text_field,
         "split": stream.split, "context_size": stream.context_size, "model_batch_size": stream.model_batch_size,
-        "mixing_contexts": stream.mixing_contexts,
+        "mixing_contexts": stream.mixing_contexts, "cache_to": stream.cache_to.strip() or None,
+        "evaluate_contexts": stream.evaluate_contexts, "transcoder": stream.transcoder,
+        "transcoder_skip": stream.transcoder_skip,
     }  # fmt: skip
     return {**data, "hook": stream.hooks[0]} if len(stream.hooks) == 1 else data
 

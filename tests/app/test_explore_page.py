@@ -108,3 +108,23 @@ def test_token_text_is_escaped_in_the_shaded_html():
     assert "<script>" not in markup and "&lt;script&gt;alert(1)&lt;/script&gt;" in markup
     assert " **b**" in markup and "↵" in markup  # markdown is not HTML: it stays as typed
     assert markup.count('class="sae-token"') == 3 and "outline" in markup.split('class="sae-token"')[2]
+
+
+def test_a_streamed_transcoder_opens_with_its_modules_input_as_the_examples(lab, kept_transcoder):
+    assert lab.engine
+    sae = lab.home / "jobs" / "5"
+    shutil.copytree(kept_transcoder["sae"], sae, ignore=shutil.ignore_patterns("inspect"))
+    lab.sample(fake.no_driver())
+    inspection = inspected(lab, sae)
+    assert inspection.summary["transcoder"] and inspection.summary["activations"].endswith(".mlp.input")
+    index = next(j for j in range(inspection.d_sae) if inspection.latent(j).top)
+    at = lab.page(None)
+    at.query_params["sae"] = "jobs/5"
+    at.query_params["latent"] = str(index)
+    at.switch_page("views/explore.py").run()
+    no_exception(at)
+    assert "A transcoder of transformer.h.0.mlp" in texts(at)
+    assert f"Latent {index}" in [s.value for s in at.subheader]
+    peak = inspection.latent(index).top[0]
+    assert any(peak.tokens[peak.peak].strip() in h.proto.body for h in at.get("html"))
+    assert len(at.dataframe) == 2  # the latents table, and the logit effects through the unembedding

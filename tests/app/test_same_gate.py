@@ -15,6 +15,7 @@ from sae_core.files import TOY_FILE
 from sae_core.jobs import store
 from sae_core.ui.forms import FormValues, StreamValues, SweepValues, form_to_config, form_to_sweep
 from tests.app.conftest import Lab
+from tests.app.test_app_pages import texts
 from tests.fakes import fake_pynvml as fake
 
 CASES = [
@@ -174,24 +175,47 @@ def test_page_and_cli_agree_on_sweeps(lab, tmp_path, capsys, machine, batch, pla
 # --------------------------------------------------------------------------- from a model: the same gate
 # The corpus gives 4,389 rows in contexts of 32; the run reads batch x steps + the holdout (4,096 by default).
 STREAM_CASES = [
-    # id, machine, steps, hooks, placement, accepted
-    ("streamed on the cpu", "cpu", 2, ["model.layers.1"], {"cpu": 1}, True),
-    ("streamed from too little text", "cpu", 3, ["model.layers.1"], {"cpu": 1}, False),
-    ("streamed from two hooks: a sweep over hook", "cpu", 2, ["model.layers.0", "model.layers.1"], {"cpu": 1}, True),
-    ("streamed on a busy gpu", "gpus", 2, ["model.layers.1"], {"gpus": [1]}, False),
-    ("streamed on an idle gpu", "gpus", 2, ["model.layers.1"], {"gpus": [2]}, True),
-]
+    # id, machine, steps, hooks, placement, accepted, more (the stream's other fields: StreamValues names)
+    ("streamed on the cpu", "cpu", 2, ["model.layers.1"], {"cpu": 1}, True, {}),
+    ("streamed from too little text", "cpu", 3, ["model.layers.1"], {"cpu": 1}, False, {}),
+    ("streamed from two hooks: a sweep over hook", "cpu", 2, ["model.layers.0", "model.layers.1"], {"cpu": 1}, True, {}),
+    ("streamed on a busy gpu", "gpus", 2, ["model.layers.1"], {"gpus": [1]}, False, {}),
+    ("streamed on an idle gpu", "gpus", 2, ["model.layers.1"], {"gpus": [2]}, True, {}),
+    ("a skip transcoder of an mlp block, kept and evaluated", "cpu", 2, ["model.layers.1.mlp"], {"cpu": 1}, True,
+     {"transcoder": True, "transcoder_skip": True, "cache_to": "datasets/kept", "evaluate_contexts": 2}),
+    ("transcoders of two mlp blocks: a sweep", "cpu", 2, ["model.layers.0.mlp", "model.layers.1.mlp"], {"cpu": 1},
+     True, {"transcoder": True}),
+    ("a stream kept outside the data roots", "cpu", 2, ["model.layers.1"], {"cpu": 1}, False, {"cache_to": "/etc/kept"}),
+    ("a stream kept where one is kept already", "cpu", 2, ["model.layers.1"], {"cpu": 1}, False,
+     {"cache_to": "datasets/taken"}),
+]  # fmt: skip
 
 
-def page_accepts_stream(lab: Lab, hf, steps: int, hooks: list[str], placement: dict) -> bool:
+def kept_in(lab: Lab, more: dict) -> dict:
+    """`more` with cache_to inside the lab's home (a relative one); `datasets/taken` holds a kept stream."""
+    taken = lab.home / "datasets" / "taken" / "model.layers.1"
+    taken.mkdir(parents=True, exist_ok=True)
+    (taken / "manifest.json").write_text("{}")
+    if "cache_to" in more and not more["cache_to"].startswith("/"):
+        return {**more, "cache_to": str(lab.home / more["cache_to"])}
+    return more
+
+
+def page_accepts_stream(lab: Lab, hf, steps: int, hooks: list[str], placement: dict, more: dict) -> bool:
     at = lab.page("views/train.py", user_name="ana")
     at.radio(key="train_source_kind").set_value("From a model").run()
     at.selectbox(key="train_model").set_value("Other…").run()
     at.text_input(key="train_model_typed").input(str(hf["llama"])).run()
+    if more.get("transcoder"):
+        at.checkbox(key="train_transcoder").check().run()
+        at.checkbox(key="train_transcoder_skip").set_value(more.get("transcoder_skip", False))
     at.multiselect(key="train_hooks").set_value(hooks)
     at.selectbox(key="train_text_dataset").set_value("Other…").run()
     at.text_input(key="train_text_dataset_typed").input(str(hf["corpus"]))
     at.number_input(key="train_context").set_value(32)
+    if "cache_to" in more:
+        at.text_input(key="train_cache_to").input(more["cache_to"])
+    at.number_input(key="train_evaluate_contexts").set_value(more.get("evaluate_contexts", 0))
     at.number_input(key="train_d_sae").set_value(64)
     at.number_input(key="train_batch").set_value(128)
     at.number_input(key="train_steps").set_value(steps)
@@ -204,6 +228,8 @@ def page_accepts_stream(lab: Lab, hf, steps: int, hooks: list[str], placement: d
         box.check()
     at.run()
     assert not at.exception, [e.value for e in at.exception]
+    if "cache_to" in more and more["cache_to"].endswith(("/etc/kept", "/taken")):
+        assert "cache_to: " in texts(at)  # refused for where the stream is kept, and said so
     if at.button(key="train_submit").disabled:
         return False
     before = len(store.list_jobs())
@@ -212,8 +238,8 @@ def page_accepts_stream(lab: Lab, hf, steps: int, hooks: list[str], placement: d
     return len(store.list_jobs()) > before
 
 
-def cli_accepts_stream(lab: Lab, hf, tmp_path, machine, steps, hooks, placement, capsys) -> bool:
-    stream = StreamValues(str(hf["llama"]), hooks, str(hf["corpus"]), context_size=32)
+def cli_accepts_stream(lab: Lab, hf, tmp_path, machine, steps, hooks, placement, more, capsys) -> bool:
+    stream = StreamValues(str(hf["llama"]), hooks, str(hf["corpus"]), context_size=32, **more)
     values = FormValues(activation_source="", d_sae=64, batch_size=128, total_steps=steps, stream=stream)
     values.device = "cpu" if machine == "cpu" else "auto"
     cfg, errors = form_to_config(values)
@@ -224,19 +250,20 @@ def cli_accepts_stream(lab: Lab, hf, tmp_path, machine, steps, hooks, placement,
 
 
 @pytest.mark.parametrize(
-    ("machine", "steps", "hooks", "placement", "accepted"),
+    ("machine", "steps", "hooks", "placement", "accepted", "more"),
     [c[1:] for c in STREAM_CASES],
     ids=[c[0] for c in STREAM_CASES],
 )
 def test_page_and_cli_agree_on_streamed_trainings(
-    lab, hf, tmp_path, capsys, machine, steps, hooks, placement, accepted
+    lab, hf, tmp_path, capsys, machine, steps, hooks, placement, accepted, more
 ):
     set_up_machine(lab, machine)
-    by_page = page_accepts_stream(lab, hf, steps, hooks, placement)
+    more = kept_in(lab, more)
+    by_page = page_accepts_stream(lab, hf, steps, hooks, placement, more)
     page_jobs = {j.id for j in store.list_jobs()}
     for job in store.list_jobs(["queued"]):
         store.request_cancel(job.id)
-    by_cli = cli_accepts_stream(lab, hf, tmp_path, machine, steps, hooks, placement, capsys)
+    by_cli = cli_accepts_stream(lab, hf, tmp_path, machine, steps, hooks, placement, more, capsys)
     assert (by_page, by_cli) == (accepted, accepted)
     if accepted:
         (page_job,) = [j for j in store.list_jobs() if j.id in page_jobs and j.status == "cancelled"]
@@ -249,3 +276,7 @@ def test_page_and_cli_agree_on_streamed_trainings(
         else:
             assert by_page_cfg.streamed and by_page_cfg.hook == hooks[0] and by_page_cfg.activation_source is None
             assert by_cli_cfg == by_page_cfg
+        configs = [m.config for m in by_page_cfg.members] if len(hooks) > 1 else [by_page_cfg]
+        asked = {"transcoder": False, "transcoder_skip": False, "cache_to": None, "evaluate_contexts": 0, **more}
+        for config in configs:
+            assert {name: getattr(config, name) for name in asked} == asked

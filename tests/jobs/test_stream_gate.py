@@ -163,3 +163,25 @@ def test_where_the_stream_is_kept_and_the_evaluation_after_training_are_checked(
     verdict = submission.check(TrainConfig.from_dict(bert), Submission(None, 1))
     assert ("evaluate_contexts", "evaluate_contexts: the model is not a causal language model (CE loss needs one); "
             "set it to 0") in problems(verdict)  # fmt: skip
+
+
+def test_a_transcoders_window_counts_its_modules_input_as_well(lab_home, hf, fake_gpus):  # noqa: F811
+    from sae_core.jobs.stream_checks import keys_of, stream_source
+
+    mlp = "model.layers.1.mlp"
+    facts = models.model_facts(str(hf["llama"]))
+    single = TrainConfig.from_dict(streamed(hf, hook=mlp, transcoder=True))
+    assert keys_of(single) == [f"in:{mlp}", f"out:{mlp}"]
+    stream = stream_source(single, facts, [mlp], on_gpu=True)  # the keys from the config: input and output
+    assert stream.hook_widths == (facts.hooks[mlp],) * 2
+    plain = stream_source(TrainConfig.from_dict(streamed(hf, hook=mlp)), facts, [mlp], on_gpu=True)
+    assert stream.terms()["mixing_window"] == 2 * plain.terms()["mixing_window"]
+    mixed = sweep_from_dict({**streamed(hf, hook=mlp), "sweep": {"transcoder": [False, True]}})
+    assert keys_of(mixed) == [f"out:{mlp}", f"in:{mlp}"]  # the shared config is no transcoder: the members say
+    fake_gpus.set(n_gpus=1)
+    verdict = submission.check(mixed, Submission("0", None))
+    assert verdict.ok, verdict.describe()
+    keyed = stream_source(mixed.shared, facts, [mlp], on_gpu=True, keys=keys_of(mixed))
+    need = memory.sweep_estimate(mixed, 1, 32, "batch", keyed).total_bytes
+    assert f"~{need / GiB:.1f} GiB per GPU" in verdict.notes[-1]
+    assert need > memory.sweep_estimate(mixed, 1, 32, "batch", plain).total_bytes

@@ -14,12 +14,16 @@ import torch
 
 from sae_core import files
 from sae_core.architectures import ARCHITECTURES
-from sae_core.config import TrainConfig
+from sae_core.config import InspectConfig, TrainConfig
+from sae_core.data.heldout import plan_inspection
+from sae_core.data.stream_cache import cache_folder
 from sae_core.engine.saelens import exported_copy
 from sae_core.engine.schedule import init_from_data
 from sae_core.jsonfile import ConfigError
+from sae_core.latents import read_inspection
 from sae_core.model.hooks import HookReader
-from sae_core.model.loading import load_model, resolve_model
+from sae_core.model.inspect import main as inspect_main
+from sae_core.model.loading import load_model, load_tokenizer, resolve_model
 from sae_core.model.splice import Splicer, SpliceTotals, input_mean, splice_batch
 from sae_core.model.stream import open_source
 from sae_core.outputs import sweep_members
@@ -203,3 +207,46 @@ def test_two_ranks_train_a_transcoder_as_one(tmp_path, hf):
     finish(run_train(config, tmp_path / "two", nproc=2))
     for name, tensor in weights(tmp_path / "one").items():
         torch.testing.assert_close(weights(tmp_path / "two")[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_inspecting_a_streamed_transcoder_reads_its_modules_kept_input(tmp_path, kept_transcoder):
+    sae_dir = kept_transcoder["sae"]
+    plan = plan_inspection(InspectConfig(sae=str(sae_dir), tokens=400))
+    assert plan.data.source == cache_folder(kept_transcoder["cache"], f"in:{MLP}") and plan.transcoder
+    assert plan.hook == MLP and plan.data.manifest.provenance["hook_side"] == "in"
+    config = write(tmp_path, {"sae": str(sae_dir), "tokens": 400, "top_k": 4, "chunk_rows": 150, "device": "cpu"}, "i")
+    assert inspect_main(["--config", str(config), "--out", str(tmp_path / "job")]) == 0
+    inspection = read_inspection(sae_dir)
+    summary = inspection.summary
+    assert summary["transcoder"] and summary["hook"] == MLP and summary["has_text"] and summary["has_logits"]
+    assert summary["activations"] == str(plan.data.source) and summary["rows"] == 400
+    # The top examples are the rows of the module's INPUT where each latent fires most.
+    sae = load(sae_dir)
+    rows = torch.from_numpy(plan.data.read(np.arange(plan.first_row, plan.data.n_rows)))
+    with torch.no_grad():
+        z = sae.encode(rows)
+    tokens = plan.data.row_index("token_ids", plan.first_row, plan.data.n_rows)
+    tokenizer = load_tokenizer(resolve_model(str(plan.model)))
+    fired = 0
+    for j in range(inspection.d_sae):
+        view = inspection.latent(j)
+        best = [v for v in z[:, j].topk(4).values.tolist() if v > 0]
+        assert [e.value for e in view.top] == pytest.approx(best, rel=1e-5)
+        for example in view.top:
+            local = example.row - plan.first_row
+            assert float(z[local, j]) == pytest.approx(example.value, rel=1e-5)
+            assert example.tokens[example.peak] == tokenizer.decode([int(tokens[local])])
+            fired += 1
+    assert fired > 50
+
+
+def test_inspecting_a_transcoder_refuses_its_modules_output_or_no_kept_stream(tmp_path, hf, kept_transcoder):
+    output = cache_folder(kept_transcoder["cache"], f"out:{MLP}")
+    with pytest.raises(ConfigError, match=r"holds the output of transformer\.h\.0\.mlp.*\.input folder"):
+        plan_inspection(InspectConfig(sae=str(kept_transcoder["sae"]), activations=str(output)))
+    given = cache_folder(kept_transcoder["cache"], f"in:{MLP}")
+    assert plan_inspection(InspectConfig(sae=str(kept_transcoder["sae"]), activations=str(given))).transcoder
+    bare = tmp_path / "bare"
+    assert main(["--config", str(write(tmp_path, transcoding(hf, total_steps=2), "bare")), "--out", str(bare)]) == 0
+    with pytest.raises(ConfigError, match=r"stream was not kept; give activations of the input of transformer\.h\.0"):
+        plan_inspection(InspectConfig(sae=str(bare)))

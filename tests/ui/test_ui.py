@@ -456,3 +456,11 @@ def test_chart_specs_are_fresh_copies():
     assert charts.gpu_history_spec()["mark"] != "mutated"
     assert "facet" in charts.metrics_spec()
     assert charts.firing_histogram_spec()["mark"]["type"] == "bar"
+
+
+def test_the_train_page_suggests_keeping_a_stream_beside_the_datasets(tmp_path):
+    from sae_core.ui.forms import suggested_cache_to
+
+    assert suggested_cache_to(tmp_path, "EleutherAI/pythia-70m") == str(tmp_path / "pythia-70m-stream")
+    assert suggested_cache_to(tmp_path, "/models/gpt2/") == str(tmp_path / "gpt2-stream")
+    assert suggested_cache_to(tmp_path, "") == str(tmp_path / "model-stream")
