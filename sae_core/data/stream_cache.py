@@ -29,17 +29,16 @@ def cache_folder(cache_to: str | Path, key: str) -> Path:
     return Path(cache_to).expanduser() / name
 
 
-def cache_to_problems(cache_to: str, hooks: list[str], home: Path) -> list[str]:
-    """What is wrong with keeping the stream of `hooks` (their outputs) in `cache_to`: it must lie inside the
-    lab's data roots (so the Train page lists it and a training may read it) and not hold a kept stream yet."""
+def cache_to_problems(cache_to: str, keys: list[str], home: Path) -> list[str]:
+    """What is wrong with keeping the stream of `keys` (`out:<hook>`, `in:<hook>`) in `cache_to`: it must lie inside
+    the lab's data roots (so the Train page lists it and a training may read it) and hold no kept stream there yet."""
     if not in_data_roots(cache_to, home):
         return [f"cache_to: {brief(cache_to)} is outside the data roots; {OUTSIDE_ROOTS}"]
     root = Path(cache_to).expanduser()
     if root.exists() and not root.is_dir():
         return [f"cache_to: {brief(cache_to)} is a file; name a folder"]
-    taken = [hook for hook in hooks if (cache_folder(root, STREAM_KEY_PREFIX + hook) / MANIFEST_FILE).exists()]
+    taken = [cache_folder(root, key) for key in keys if (cache_folder(root, key) / MANIFEST_FILE).exists()]
     return [
-        f"cache_to: {brief(cache_folder(root, STREAM_KEY_PREFIX + hook))} already holds activations; train on it "
-        "(activation_source) or choose another folder"
-        for hook in taken
+        f"cache_to: {brief(folder)} already holds activations; train on it (activation_source) or choose another folder"
+        for folder in taken
     ]

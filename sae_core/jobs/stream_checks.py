@@ -49,7 +49,8 @@ def check_stream(
         return None
     verdict.model, problems = model_and_hooks(cfg.model, hooks)
     text = first_document(cfg.dataset, cfg.text_field, cfg.split)
-    verdict.add(problems + text + kept_and_evaluated(cfg, hooks, verdict.model, home))
+    stream_keys = list(keys) if keys is not None else [stream_key(hook) for hook in hooks]
+    verdict.add(problems + text + kept_and_evaluated(cfg, stream_keys, verdict.model, home))
     if verdict.model is None or problems:
         return None
     if count_rows and not text:
@@ -61,10 +62,10 @@ def check_stream(
     return stream_source(cfg, verdict.model, hooks, on_gpu=bool(verdict.gpus), keys=keys)
 
 
-def kept_and_evaluated(cfg: TrainConfig, hooks: Sequence[str], facts: ModelFacts | None, home: Path) -> list:
+def kept_and_evaluated(cfg: TrainConfig, keys: Sequence[str], facts: ModelFacts | None, home: Path) -> list:
     """Where the stream is kept (`cache_to`: inside the data roots, not holding a kept stream yet), and whether the
     model can evaluate the SAEs after training (`evaluate_contexts`: a causal language model)."""
-    problems = [("cache_to", m) for m in cache_to_problems(cfg.cache_to, list(hooks), home)] if cfg.cache_to else []
+    problems = [("cache_to", m) for m in cache_to_problems(cfg.cache_to, list(keys), home)] if cfg.cache_to else []
     if cfg.evaluate_contexts and facts is not None and not facts.causal_lm:
         message = "evaluate_contexts: the model is not a causal language model (CE loss needs one); set it to 0"
         problems.append(("evaluate_contexts", message))

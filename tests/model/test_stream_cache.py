@@ -106,12 +106,16 @@ def test_a_streamed_sweep_evaluates_every_member_at_its_hook(tmp_path, hf):
 
 def test_cache_to_must_lie_in_the_data_roots_and_hold_no_kept_stream(tmp_path):
     home = tmp_path / "home"
-    assert cache_to_problems(str(tmp_path / "elsewhere"), ["h"], home)[0].startswith("cache_to: ")
+    assert cache_to_problems(str(tmp_path / "elsewhere"), ["out:h"], home)[0].startswith("cache_to: ")
     inside = home / "datasets" / "kept"
-    assert cache_to_problems(str(inside), ["h"], home) == []
+    assert cache_to_problems(str(inside), ["out:h"], home) == []
     (inside / "h").mkdir(parents=True)
     (inside / "h" / files.MANIFEST_FILE).write_text("{}")
-    assert "already holds" in cache_to_problems(str(inside), ["h", "g"], home)[0]
+    assert "already holds" in cache_to_problems(str(inside), ["out:h", "out:g"], home)[0]
+    (inside / "g.input").mkdir()  # a transcoder's module input, kept before
+    (inside / "g.input" / files.MANIFEST_FILE).write_text("{}")
+    assert cache_to_problems(str(inside), ["out:g"], home) == []
+    assert "g.input already holds" in cache_to_problems(str(inside), ["in:g", "out:g"], home)[0]
 
 
 def test_a_streamed_config_rejects_shuffle_off(hf):
