@@ -154,11 +154,25 @@ def running_lab(tmp_path: Path, scenario: dict | None = None, **extra_env: str):
     assert not processes_of(home), "a lab process outlived the test"
 
 
-def fill(page, label: str, value: str) -> None:
-    """Type into the field labelled `label` and commit it (Enter), as a person would."""
+def fill(page, label: str, value: str, attempts: int = 3) -> None:
+    """Type into the field labelled `label` and commit it (Enter), as a person would; again if a rerun of the page
+    that was still running when it was typed put the old value back."""
     field = page.get_by_label(label, exact=True)
-    field.fill(value)
-    field.press("Enter")
+    for _ in range(attempts):
+        field.fill(value)
+        field.press("Enter")
+        page.wait_for_timeout(400)  # the rerun the Enter started
+        if same_value(field.input_value(), value):
+            return
+    raise AssertionError(f"{label}: {value!r} did not stay in the field (it shows {field.input_value()!r})")
+
+
+def same_value(shown: str, typed: str) -> bool:
+    """A number field shows what was typed in its own format (2 -> 2.00)."""
+    try:
+        return float(shown.replace(",", "")) == float(typed.replace(",", ""))
+    except ValueError:
+        return shown == typed
 
 
 def button(page, label: str):

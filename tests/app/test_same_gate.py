@@ -39,23 +39,37 @@ def set_up_machine(lab: Lab, machine: str) -> None:
     lab.sample(n_gpus=4, overrides={1: {"processes": [fake.process(4242, 30 * fake.GiB)]}})
 
 
-def page_accepts(lab: Lab, batch: int, placement: dict) -> bool:
-    at = lab.page("views/train.py", user_name="ana")
-    at.number_input(key="train_batch").set_value(batch)
+def placed(at, placement: dict) -> bool:
+    """Set the page's placement widgets and run it; False when a chosen GPU cannot be picked (the page does not
+    let it be chosen)."""
     if "cpu" in placement:
         at.number_input(key="train_cpu_procs").set_value(placement["cpu"])
     for index in placement.get("gpus", []):
         box = at.checkbox(key=f"train_gpu_pick_{index}")
         if box.disabled:
-            return False  # the page does not let it be chosen
+            return False
         box.check()
     at.run()
     assert not at.exception, [e.value for e in at.exception]
+    return True
+
+
+def submitted(at) -> bool:
+    """Whether the page's Submit queues a job (False: disabled, or refused by the gate)."""
     if at.button(key="train_submit").disabled:
         return False
     before = len(store.list_jobs())
     at.button(key="train_submit").click().run()
+    assert not at.exception, [e.value for e in at.exception]
     return len(store.list_jobs()) > before
+
+
+def page_accepts(lab: Lab, batch: int, placement: dict) -> bool:
+    at = lab.page("views/train.py", user_name="ana")
+    at.number_input(key="train_batch").set_value(batch)
+    if not placed(at, placement):
+        return False
+    return submitted(at)
 
 
 def cli_submits(path, placement: dict, capsys) -> bool:
@@ -122,20 +136,9 @@ def page_accepts_sweep(lab: Lab, batch: int, placement: dict, layout: str) -> bo
     for name, text in GRID.items():
         at.text_input(key=f"train_sweep_{name}").input(text)
     at.radio(key="train_sweep_placement").set_value(layout)
-    if "cpu" in placement:
-        at.number_input(key="train_cpu_procs").set_value(placement["cpu"])
-    for index in placement.get("gpus", []):
-        box = at.checkbox(key=f"train_gpu_pick_{index}")
-        if box.disabled:
-            return False
-        box.check()
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    if at.button(key="train_submit").disabled:
+    if not placed(at, placement):
         return False
-    before = len(store.list_jobs())
-    at.button(key="train_submit").click().run()
-    return len(store.list_jobs()) > before
+    return submitted(at)
 
 
 def cli_accepts_sweep(lab: Lab, tmp_path, machine: str, batch: int, placement: dict, layout: str, capsys) -> bool:
@@ -219,23 +222,11 @@ def page_accepts_stream(lab: Lab, hf, steps: int, hooks: list[str], placement: d
     at.number_input(key="train_d_sae").set_value(64)
     at.number_input(key="train_batch").set_value(128)
     at.number_input(key="train_steps").set_value(steps)
-    if "cpu" in placement:
-        at.number_input(key="train_cpu_procs").set_value(placement["cpu"])
-    for index in placement.get("gpus", []):
-        box = at.checkbox(key=f"train_gpu_pick_{index}")
-        if box.disabled:
-            return False
-        box.check()
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
+    if not placed(at, placement):
+        return False
     if "cache_to" in more and more["cache_to"].endswith(("/etc/kept", "/taken")):
         assert "cache_to: " in texts(at)  # refused for where the stream is kept, and said so
-    if at.button(key="train_submit").disabled:
-        return False
-    before = len(store.list_jobs())
-    at.button(key="train_submit").click().run()
-    assert not at.exception, [e.value for e in at.exception]
-    return len(store.list_jobs()) > before
+    return submitted(at)
 
 
 def cli_accepts_stream(lab: Lab, hf, tmp_path, machine, steps, hooks, placement, more, capsys) -> bool:

@@ -57,13 +57,13 @@ def test_a_long_document_packs_to_the_tokens_of_the_whole(tmp_path, hf):
 MEMORY_SCRIPT = r"""
 import json, resource, sys
 from sae_core.config import ExtractConfig
-from sae_core.jobs.extract_checks import first_document
+from sae_core.jobs.source_checks import first_document
 from sae_core.model.run import Source, pack
 
 cfg = ExtractConfig(model=sys.argv[1], hook="transformer.h.0", dataset=sys.argv[2], n_tokens=4096, context_size=128)
 source = Source(cfg)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-assert first_document(cfg) == []
+assert first_document(cfg.dataset, cfg.text_field, cfg.split) == []
 tokens = pack(cfg, source)
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"grew_kib": after - before, "contexts": len(tokens)}))
