@@ -13,6 +13,7 @@ from sae_core.gpu import memory
 from sae_core.jobs import scheduler, store
 from sae_core.jobs.placement import Submission
 from sae_core.sweep import read_training_config
+from tests.cli.test_cli_jobs import submit
 from tests.fakes import fixtures
 
 fake_gpus = fixtures.fake_gpus  # the fake-NVML fixture, registered in this module
@@ -25,12 +26,6 @@ def write_sweep(tmp_path, toy_path, **overrides):
     path = tmp_path / "sweep.json"
     path.write_text(json.dumps(cfg))
     return path
-
-
-def submit(capsys, *args: str) -> tuple[int, str, str]:
-    code = cli_jobs.cli_submit([*args, "--no-daemon"])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 NAMES = ["d_sae=64,k=4", "d_sae=64,k=8", "d_sae=128,k=4", "d_sae=128,k=8"]
