@@ -32,7 +32,7 @@ from ..sweep import Sweep
 from .checkpoint import CheckpointError
 from .distributed import DistEnv
 from .sinks import MetricsSink
-from .trainer import Trainer, data_order, open_feed, progress_line
+from .trainer import Trainer, data_order, open_feed
 
 
 class SharedSink:
@@ -210,12 +210,5 @@ class SweepTrainer:
         result = {"members": members}
         (self.out_dir / SWEEP_RESULT_FILE).write_text(json.dumps(result, indent=2))
         done = sum(m["status"] == "completed" for m in members)
-        print(progress_line_of_sweep(done, len(members)), flush=True)
+        print(f"sweep: {done} of {len(members)} members completed", flush=True)
         return result
-
-
-def progress_line_of_sweep(done: int, total: int) -> str:
-    return f"sweep: {done} of {total} members completed"
-
-
-__all__ = ["SweepTrainer", "progress_line"]

@@ -88,6 +88,11 @@ def cli_submits(path, placement: dict, capsys) -> bool:
 def cli_accepts(lab: Lab, tmp_path, machine: str, batch: int, placement: dict, capsys) -> bool:
     # The page's own form with the same values: the CLI gets exactly the config the page would queue.
     values = FormValues(activation_source=str(lab.home / "datasets" / TOY_FILE), batch_size=batch)
+    return cli_accepts_form(values, machine, tmp_path, placement, capsys)
+
+
+def cli_accepts_form(values: FormValues, machine: str, tmp_path, placement: dict, capsys) -> bool:
+    """`submit` of the config the page's form builds from `values` on `machine`."""
     values.device = "cpu" if machine == "cpu" else "auto"
     cfg, errors = form_to_config(values)
     assert cfg is not None, errors
@@ -232,12 +237,7 @@ def page_accepts_stream(lab: Lab, hf, steps: int, hooks: list[str], placement: d
 def cli_accepts_stream(lab: Lab, hf, tmp_path, machine, steps, hooks, placement, more, capsys) -> bool:
     stream = StreamValues(str(hf["llama"]), hooks, str(hf["corpus"]), context_size=32, **more)
     values = FormValues(activation_source="", d_sae=64, batch_size=128, total_steps=steps, stream=stream)
-    values.device = "cpu" if machine == "cpu" else "auto"
-    cfg, errors = form_to_config(values)
-    assert cfg is not None, errors
-    path = tmp_path / "cfg.json"
-    path.write_text(cfg.model_dump_json())
-    return cli_submits(path, placement, capsys)
+    return cli_accepts_form(values, machine, tmp_path, placement, capsys)
 
 
 @pytest.mark.parametrize(
